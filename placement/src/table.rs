@@ -1,0 +1,908 @@
+//! The node table: every known node in one dense array, plus the candidate indexes placement
+//! walks instead of scanning.
+//!
+//! Layout (why not pure struct-of-arrays): a decision touches ~20 random nodes and reads nearly
+//! every placement field of each. One 64-byte, cache-line-aligned hot record per node makes that
+//! one cache miss per candidate instead of one per field; fields no decision reads (the id, the
+//! labels) live in side arrays or in the node's class.
+//!
+//! Indexes: nodes sharing zone, arch, runtimes and labels form a *class* (Nomad's computed node
+//! class), so those filters run once per class. Each class splits its members into *tiers* by
+//! Vivaldi height (the access-link delay), so the search can visit the fastest nodes of the
+//! nearest zone first. Zones keep a running centroid and a cached nearest-first order.
+
+use rustc_hash::FxHashMap;
+
+use crate::node::{Arch, Bandwidth, NodeId, NodeSpec, NodeState, Resources, RuntimeSet};
+use crate::vivaldi::{Coordinate, DIMENSIONS};
+
+/// Number of height tiers per class.
+pub const TIERS: usize = 6;
+/// Lowest height (ms) of each tier: access links of fibre, cable, DSL, then wireless and worse.
+pub const TIER_FLOOR_MS: [f32; TIERS] = [0.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+
+/// Most nodes one table can hold (slot indexes are `u32`, one value is reserved).
+pub const MAX_NODES: usize = u32::MAX as usize - 1;
+/// Most zones one table can hold (zone indexes are `u16`).
+pub const MAX_ZONES: usize = u16::MAX as usize;
+
+const VACANT: u8 = u8::MAX;
+
+/// Dense index of a node inside one table; valid until that node leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(pub u32);
+
+/// Dense index of a zone (a city or metro area) inside one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ZoneId(pub u16);
+
+/// Dense index of a region (a group of zones) inside one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId(pub u16);
+
+/// Interned label key or value.
+pub(crate) type Sym = u32;
+
+/// What a table operation refused; the table is unchanged after any of these.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TableError {
+    /// A node with this id is already in the table.
+    #[error("node {0} has already joined")]
+    DuplicateNode(NodeId),
+    /// No node with this id is in the table.
+    #[error("node {0} is not in the table")]
+    UnknownNode(NodeId),
+    /// The node's declaration is inconsistent.
+    #[error("node {id}: {reason}")]
+    InvalidSpec {
+        /// The node that declared it.
+        id: NodeId,
+        /// What is wrong, in words.
+        reason: &'static str,
+    },
+    /// The table is at its size limit.
+    #[error("the table is full: at most {0} {1}")]
+    Full(usize, &'static str),
+    /// A reservation asked for more than the node has free.
+    #[error("node {id} has {free:?} free, cannot reserve {asked:?}")]
+    InsufficientCapacity {
+        /// The node.
+        id: NodeId,
+        /// What was asked for.
+        asked: Resources,
+        /// What the node had free.
+        free: Resources,
+    },
+}
+
+/// Result alias for table operations.
+pub type Result<T, E = TableError> = std::result::Result<T, E>;
+
+/// The per-node record every decision reads: exactly one cache line.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(crate) struct HotNode {
+    pub coord: Coordinate,
+    pub free: Resources,
+    pub cap: Resources,
+    pub bandwidth: Bandwidth,
+    pub reputation: f32,
+    pub class: u32,
+    pub bucket_pos: u32,
+    pub zone: u16,
+    pub state: u8,
+    pub tier: u8,
+}
+
+const _: () = assert!(size_of::<HotNode>() == 64);
+
+impl HotNode {
+    const EMPTY: HotNode = HotNode {
+        coord: Coordinate::ORIGIN,
+        free: Resources::new(0, 0, 0),
+        cap: Resources::new(0, 0, 0),
+        bandwidth: Bandwidth {
+            uplink_kbps: 0,
+            downlink_kbps: 0,
+        },
+        reputation: 0.0,
+        class: u32::MAX,
+        bucket_pos: u32::MAX,
+        zone: u16::MAX,
+        state: VACANT,
+        tier: 0,
+    };
+}
+
+/// Nodes that share every stable attribute placement filters on.
+#[derive(Clone, Debug)]
+pub(crate) struct Class {
+    pub zone: u16,
+    pub region: u16,
+    pub arch: Arch,
+    pub runtimes: RuntimeSet,
+    pub labels: u32,
+    /// Member slots per height tier.
+    pub tiers: [Vec<u32>; TIERS],
+}
+
+impl Class {
+    pub fn len(&self) -> usize {
+        self.tiers.iter().map(Vec::len).sum()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Zone {
+    pub name: String,
+    pub region: u16,
+    pub classes: Vec<u32>,
+    pub count: u32,
+    vec_sum: [f64; DIMENSIONS],
+    pub centroid: [f32; DIMENSIONS],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ClassKey {
+    zone: u16,
+    arch: Arch,
+    runtimes: RuntimeSet,
+    labels: u32,
+}
+
+/// A read-only copy of one node's placement-relevant state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeView<'a> {
+    /// Stable identity.
+    pub id: NodeId,
+    /// Region name.
+    pub region: &'a str,
+    /// Zone name.
+    pub zone: &'a str,
+    /// Zone index in this table.
+    pub zone_id: ZoneId,
+    /// CPU architecture.
+    pub arch: Arch,
+    /// Offered runtimes.
+    pub runtimes: RuntimeSet,
+    /// Total capacity.
+    pub capacity: Resources,
+    /// Free capacity (after reservations).
+    pub free: Resources,
+    /// Link bandwidth.
+    pub bandwidth: Bandwidth,
+    /// Reputation in [0, 1].
+    pub reputation: f32,
+    /// Vivaldi coordinate.
+    pub coordinate: Coordinate,
+    /// Lifecycle state.
+    pub state: NodeState,
+}
+
+/// Every node known to a placement engine, with the indexes decisions walk.
+#[derive(Clone, Debug, Default)]
+pub struct NodeTable {
+    pub(crate) hot: Vec<HotNode>,
+    pub(crate) ids: Vec<NodeId>,
+    by_id: FxHashMap<NodeId, u32>,
+    free_slots: Vec<u32>,
+    live: usize,
+    regions: Vec<String>,
+    region_by_name: FxHashMap<String, u16>,
+    pub(crate) zones: Vec<Zone>,
+    zone_by_name: FxHashMap<(u16, String), u16>,
+    pub(crate) classes: Vec<Class>,
+    class_by_key: FxHashMap<ClassKey, u32>,
+    symbols: Vec<String>,
+    symbol_by_name: FxHashMap<String, Sym>,
+    labelsets: Vec<Box<[(Sym, Sym)]>>,
+    labelset_by_key: FxHashMap<Box<[(Sym, Sym)]>, u32>,
+    /// Row `z` lists all zones by centroid distance from zone `z`, nearest first.
+    zone_order: Vec<u16>,
+    zone_order_stale: bool,
+    moves_since_order: usize,
+}
+
+/// Maps a Vivaldi height to its tier.
+#[inline]
+pub(crate) fn tier_of(height_ms: f32) -> u8 {
+    let mut t = 0;
+    while t + 1 < TIERS && height_ms >= TIER_FLOOR_MS[t + 1] {
+        t += 1;
+    }
+    t as u8
+}
+
+impl NodeTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty table with room for `nodes` nodes before it reallocates.
+    pub fn with_capacity(nodes: usize) -> Self {
+        let mut t = Self::default();
+        t.hot.reserve_exact(nodes);
+        t.ids.reserve_exact(nodes);
+        t.by_id.reserve(nodes);
+        t
+    }
+
+    /// Number of nodes in the table (any state).
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether the table holds no node.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// One past the highest slot index; iterate `0..slot_bound()` and skip vacant slots.
+    pub fn slot_bound(&self) -> u32 {
+        self.hot.len() as u32
+    }
+
+    /// Whether `slot` currently holds a node.
+    #[inline]
+    pub fn is_live(&self, slot: Slot) -> bool {
+        self.hot
+            .get(slot.0 as usize)
+            .is_some_and(|h| h.state != VACANT)
+    }
+
+    /// The slot of node `id`, if it is in the table.
+    #[inline]
+    pub fn slot_of(&self, id: NodeId) -> Option<Slot> {
+        self.by_id.get(&id).map(|s| Slot(*s))
+    }
+
+    /// The node in `slot`, if any.
+    pub fn id_of(&self, slot: Slot) -> Option<NodeId> {
+        self.is_live(slot).then(|| self.ids[slot.0 as usize])
+    }
+
+    /// A read-only view of the node in `slot`.
+    pub fn node(&self, slot: Slot) -> Option<NodeView<'_>> {
+        if !self.is_live(slot) {
+            return None;
+        }
+        let h = &self.hot[slot.0 as usize];
+        let class = &self.classes[h.class as usize];
+        let zone = &self.zones[h.zone as usize];
+        Some(NodeView {
+            id: self.ids[slot.0 as usize],
+            region: &self.regions[zone.region as usize],
+            zone: &zone.name,
+            zone_id: ZoneId(h.zone),
+            arch: class.arch,
+            runtimes: class.runtimes,
+            capacity: h.cap,
+            free: h.free,
+            bandwidth: h.bandwidth,
+            reputation: h.reputation,
+            coordinate: h.coord,
+            state: NodeState::from_u8(h.state).unwrap_or(NodeState::Down),
+        })
+    }
+
+    /// The labels of the node in `slot`, as `(key, value)` pairs sorted by key.
+    pub fn labels(&self, slot: Slot) -> Vec<(&str, &str)> {
+        if !self.is_live(slot) {
+            return Vec::new();
+        }
+        let class = &self.classes[self.hot[slot.0 as usize].class as usize];
+        self.labelsets[class.labels as usize]
+            .iter()
+            .map(|(k, v)| {
+                (
+                    self.symbols[*k as usize].as_str(),
+                    self.symbols[*v as usize].as_str(),
+                )
+            })
+            .collect()
+    }
+
+    /// Looks a region up by name.
+    pub fn region_id(&self, name: &str) -> Option<RegionId> {
+        self.region_by_name.get(name).map(|r| RegionId(*r))
+    }
+
+    /// Looks a zone up by region and zone name.
+    pub fn zone_id(&self, region: &str, zone: &str) -> Option<ZoneId> {
+        let r = *self.region_by_name.get(region)?;
+        self.zone_by_name
+            .get(&(r, zone.to_owned()))
+            .map(|z| ZoneId(*z))
+    }
+
+    /// Number of zones ever seen (zones are never removed).
+    pub fn zone_count(&self) -> usize {
+        self.zones.len()
+    }
+
+    /// `(region, zone)` names of a zone.
+    pub fn zone_name(&self, zone: ZoneId) -> Option<(&str, &str)> {
+        let z = self.zones.get(zone.0 as usize)?;
+        Some((&self.regions[z.region as usize], &z.name))
+    }
+
+    /// Number of nodes currently in a zone.
+    pub fn zone_len(&self, zone: ZoneId) -> usize {
+        self.zones
+            .get(zone.0 as usize)
+            .map_or(0, |z| z.count as usize)
+    }
+
+    /// Number of node classes (equivalence classes of stable attributes).
+    pub fn class_count(&self) -> usize {
+        self.classes.len()
+    }
+
+    pub(crate) fn symbol(&self, name: &str) -> Option<Sym> {
+        self.symbol_by_name.get(name).copied()
+    }
+
+    pub(crate) fn labelset(&self, id: u32) -> &[(Sym, Sym)] {
+        &self.labelsets[id as usize]
+    }
+
+    /// Adds a node; everything about it is checked first, so a refusal changes nothing.
+    pub fn join(&mut self, spec: NodeSpec) -> Result<Slot> {
+        let id = spec.id;
+        let invalid = |reason| TableError::InvalidSpec { id, reason };
+        if self.by_id.contains_key(&id) {
+            return Err(TableError::DuplicateNode(id));
+        }
+        if !(spec.reputation.is_finite() && (0.0..=1.0).contains(&spec.reputation)) {
+            return Err(invalid("reputation must be a number within [0, 1]"));
+        }
+        if !spec.coordinate.is_valid() {
+            return Err(invalid(
+                "coordinate must be finite with a non-negative height",
+            ));
+        }
+        if !spec.free.fits_in(&spec.capacity) {
+            return Err(invalid("free capacity exceeds total capacity"));
+        }
+        if spec.region.is_empty() || spec.zone.is_empty() {
+            return Err(invalid("region and zone must be non-empty"));
+        }
+        if spec.labels.iter().any(|(k, _)| k.is_empty()) {
+            return Err(invalid("label keys must be non-empty"));
+        }
+        let mut keys: Vec<&str> = spec.labels.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid("label keys must be unique"));
+        }
+        if self.live >= MAX_NODES {
+            return Err(TableError::Full(MAX_NODES, "nodes"));
+        }
+        let new_zone = self
+            .region_by_name
+            .get(&spec.region)
+            .and_then(|r| self.zone_by_name.get(&(*r, spec.zone.clone())))
+            .is_none();
+        if new_zone && self.zones.len() >= MAX_ZONES {
+            return Err(TableError::Full(MAX_ZONES, "zones"));
+        }
+
+        // Validated: from here on nothing fails.
+        let zone = self.intern_zone(&spec.region, &spec.zone);
+        let labels = self.intern_labels(&spec.labels);
+        let class = self.intern_class(ClassKey {
+            zone,
+            arch: spec.arch,
+            runtimes: spec.runtimes,
+            labels,
+        });
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.hot.push(HotNode::EMPTY);
+                self.ids.push(id);
+                (self.hot.len() - 1) as u32
+            }
+        };
+        let tier = tier_of(spec.coordinate.height_ms);
+        let bucket = &mut self.classes[class as usize].tiers[tier as usize];
+        bucket.push(slot);
+        self.hot[slot as usize] = HotNode {
+            coord: spec.coordinate,
+            free: spec.free,
+            cap: spec.capacity,
+            bandwidth: spec.bandwidth,
+            reputation: spec.reputation,
+            class,
+            bucket_pos: (bucket.len() - 1) as u32,
+            zone,
+            state: spec.state as u8,
+            tier,
+        };
+        self.ids[slot as usize] = id;
+        self.by_id.insert(id, slot);
+        let z = &mut self.zones[zone as usize];
+        z.count += 1;
+        for (s, v) in z.vec_sum.iter_mut().zip(spec.coordinate.vec) {
+            *s += f64::from(v);
+        }
+        self.live += 1;
+        self.moves_since_order += 1;
+        Ok(Slot(slot))
+    }
+
+    /// Removes a node; its slot may be reused by a later join.
+    pub fn leave(&mut self, id: NodeId) -> Result<()> {
+        let slot = self.by_id.remove(&id).ok_or(TableError::UnknownNode(id))?;
+        let h = self.hot[slot as usize];
+        self.unlink(slot, h.class, h.tier, h.bucket_pos);
+        let z = &mut self.zones[h.zone as usize];
+        z.count -= 1;
+        for (s, v) in z.vec_sum.iter_mut().zip(h.coord.vec) {
+            *s -= f64::from(v);
+        }
+        self.hot[slot as usize] = HotNode::EMPTY;
+        self.free_slots.push(slot);
+        self.live -= 1;
+        self.moves_since_order += 1;
+        Ok(())
+    }
+
+    /// Replaces the free capacity a heartbeat reported (capped at the node's capacity).
+    pub fn set_free(&mut self, id: NodeId, free: Resources) -> Result<()> {
+        let slot = self.slot_checked(id)?;
+        let h = &mut self.hot[slot as usize];
+        if !free.fits_in(&h.cap) {
+            return Err(TableError::InvalidSpec {
+                id,
+                reason: "free capacity exceeds total capacity",
+            });
+        }
+        h.free = free;
+        Ok(())
+    }
+
+    /// Sets a node's reputation (a committed transition in the control plane).
+    pub fn set_reputation(&mut self, id: NodeId, reputation: f32) -> Result<()> {
+        let slot = self.slot_checked(id)?;
+        if !(reputation.is_finite() && (0.0..=1.0).contains(&reputation)) {
+            return Err(TableError::InvalidSpec {
+                id,
+                reason: "reputation must be a number within [0, 1]",
+            });
+        }
+        self.hot[slot as usize].reputation = reputation;
+        Ok(())
+    }
+
+    /// Sets a node's lifecycle state.
+    pub fn set_state(&mut self, id: NodeId, state: NodeState) -> Result<()> {
+        let slot = self.slot_checked(id)?;
+        self.hot[slot as usize].state = state as u8;
+        Ok(())
+    }
+
+    /// Moves a node to a new Vivaldi coordinate, re-filing it if its height tier changed.
+    pub fn set_coordinate(&mut self, id: NodeId, coordinate: Coordinate) -> Result<()> {
+        let slot = self.slot_checked(id)?;
+        if !coordinate.is_valid() {
+            return Err(TableError::InvalidSpec {
+                id,
+                reason: "coordinate must be finite with a non-negative height",
+            });
+        }
+        let h = self.hot[slot as usize];
+        let z = &mut self.zones[h.zone as usize];
+        for ((s, new), old) in z.vec_sum.iter_mut().zip(coordinate.vec).zip(h.coord.vec) {
+            *s += f64::from(new) - f64::from(old);
+        }
+        let tier = tier_of(coordinate.height_ms);
+        if tier != h.tier {
+            self.unlink(slot, h.class, h.tier, h.bucket_pos);
+            let bucket = &mut self.classes[h.class as usize].tiers[tier as usize];
+            bucket.push(slot);
+            let pos = (bucket.len() - 1) as u32;
+            let hm = &mut self.hot[slot as usize];
+            hm.tier = tier;
+            hm.bucket_pos = pos;
+        }
+        self.hot[slot as usize].coord = coordinate;
+        self.moves_since_order += 1;
+        Ok(())
+    }
+
+    /// Takes `amount` from a node's free capacity, or refuses without changing anything.
+    pub fn reserve(&mut self, id: NodeId, amount: &Resources) -> Result<()> {
+        let slot = self.slot_checked(id)?;
+        self.reserve_slot(Slot(slot), amount)
+    }
+
+    /// Gives `amount` back to a node (capped at its capacity).
+    pub fn release(&mut self, id: NodeId, amount: &Resources) -> Result<()> {
+        let slot = self.slot_checked(id)?;
+        let h = &mut self.hot[slot as usize];
+        h.free = h.free.add_capped(amount, &h.cap);
+        Ok(())
+    }
+
+    pub(crate) fn reserve_slot(&mut self, slot: Slot, amount: &Resources) -> Result<()> {
+        let h = &mut self.hot[slot.0 as usize];
+        match h.free.checked_sub(amount) {
+            Some(left) => {
+                h.free = left;
+                Ok(())
+            }
+            None => Err(TableError::InsufficientCapacity {
+                id: self.ids[slot.0 as usize],
+                asked: *amount,
+                free: h.free,
+            }),
+        }
+    }
+
+    fn slot_checked(&self, id: NodeId) -> Result<u32> {
+        self.by_id
+            .get(&id)
+            .copied()
+            .ok_or(TableError::UnknownNode(id))
+    }
+
+    /// Removes `slot` from its class bucket in O(1), fixing the position of the node moved.
+    fn unlink(&mut self, slot: u32, class: u32, tier: u8, pos: u32) {
+        let bucket = &mut self.classes[class as usize].tiers[tier as usize];
+        debug_assert_eq!(bucket[pos as usize], slot);
+        bucket.swap_remove(pos as usize);
+        if let Some(&moved) = bucket.get(pos as usize) {
+            self.hot[moved as usize].bucket_pos = pos;
+        }
+    }
+
+    fn intern_zone(&mut self, region: &str, zone: &str) -> u16 {
+        let r = match self.region_by_name.get(region) {
+            Some(r) => *r,
+            None => {
+                let r = self.regions.len() as u16;
+                self.regions.push(region.to_owned());
+                self.region_by_name.insert(region.to_owned(), r);
+                r
+            }
+        };
+        let key = (r, zone.to_owned());
+        if let Some(z) = self.zone_by_name.get(&key) {
+            return *z;
+        }
+        let z = self.zones.len() as u16;
+        self.zones.push(Zone {
+            name: zone.to_owned(),
+            region: r,
+            classes: Vec::new(),
+            count: 0,
+            vec_sum: [0.0; DIMENSIONS],
+            centroid: [0.0; DIMENSIONS],
+        });
+        self.zone_by_name.insert(key, z);
+        self.zone_order_stale = true;
+        z
+    }
+
+    fn intern_symbol(&mut self, s: &str) -> Sym {
+        if let Some(v) = self.symbol_by_name.get(s) {
+            return *v;
+        }
+        let v = self.symbols.len() as Sym;
+        self.symbols.push(s.to_owned());
+        self.symbol_by_name.insert(s.to_owned(), v);
+        v
+    }
+
+    fn intern_labels(&mut self, labels: &[(String, String)]) -> u32 {
+        let mut set: Vec<(Sym, Sym)> = labels
+            .iter()
+            .map(|(k, v)| (self.intern_symbol(k), self.intern_symbol(v)))
+            .collect();
+        set.sort_unstable();
+        let set = set.into_boxed_slice();
+        if let Some(id) = self.labelset_by_key.get(&set) {
+            return *id;
+        }
+        let id = self.labelsets.len() as u32;
+        self.labelsets.push(set.clone());
+        self.labelset_by_key.insert(set, id);
+        id
+    }
+
+    fn intern_class(&mut self, key: ClassKey) -> u32 {
+        if let Some(c) = self.class_by_key.get(&key) {
+            return *c;
+        }
+        let c = self.classes.len() as u32;
+        self.classes.push(Class {
+            zone: key.zone,
+            region: self.zones[key.zone as usize].region,
+            arch: key.arch,
+            runtimes: key.runtimes,
+            labels: key.labels,
+            tiers: Default::default(),
+        });
+        self.zones[key.zone as usize].classes.push(c);
+        self.class_by_key.insert(key, c);
+        c
+    }
+
+    /// Recomputes zone centroids and each zone's nearest-first order of the other zones.
+    pub fn refresh_zone_order(&mut self) {
+        for z in &mut self.zones {
+            if z.count > 0 {
+                for (c, s) in z.centroid.iter_mut().zip(z.vec_sum) {
+                    *c = (s / f64::from(z.count)) as f32;
+                }
+            }
+        }
+        let n = self.zones.len();
+        self.zone_order.clear();
+        self.zone_order.reserve(n * n);
+        let mut row: Vec<(f32, u16)> = Vec::with_capacity(n);
+        for from in &self.zones {
+            let from_c = Coordinate {
+                vec: from.centroid,
+                height_ms: 0.0,
+            };
+            row.clear();
+            row.extend(self.zones.iter().enumerate().map(|(i, z)| {
+                // Empty zones go last: nothing to find there.
+                let d = if z.count == 0 {
+                    f32::INFINITY
+                } else {
+                    from_c.vec_distance_ms(&z.centroid)
+                };
+                (d, i as u16)
+            }));
+            row.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            self.zone_order.extend(row.iter().map(|(_, i)| *i));
+        }
+        self.zone_order_stale = false;
+        self.moves_since_order = 0;
+    }
+
+    /// Refreshes the zone order when zones appeared or many nodes moved since the last time.
+    pub(crate) fn ensure_zone_order(&mut self) {
+        if self.zone_order_stale || self.moves_since_order > (self.live / 4).max(4096) {
+            self.refresh_zone_order();
+        }
+    }
+
+    /// Zones nearest-first from `zone` (needs a fresh order; see `ensure_zone_order`).
+    pub(crate) fn zones_near(&self, zone: u16) -> &[u16] {
+        let n = self.zones.len();
+        let start = zone as usize * n;
+        &self.zone_order[start..start + n]
+    }
+
+    /// The zone whose centroid is nearest to `coord` (a linear pass over zones).
+    pub(crate) fn nearest_zone(&self, coord: &Coordinate) -> Option<u16> {
+        let mut best: Option<(f32, u16)> = None;
+        for (i, z) in self.zones.iter().enumerate() {
+            if z.count == 0 {
+                continue;
+            }
+            let d = coord.vec_distance_ms(&z.centroid);
+            if best.is_none_or(|(bd, _)| d < bd) {
+                best = Some((d, i as u16));
+            }
+        }
+        best.map(|(_, z)| z)
+    }
+
+    /// Region names, indexed by `RegionId`.
+    pub fn region_names(&self) -> &[String] {
+        &self.regions
+    }
+
+    /// Checks the internal indexes against the node records (for tests; O(n)).
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let mut seen = 0usize;
+        for (ci, class) in self.classes.iter().enumerate() {
+            for (t, bucket) in class.tiers.iter().enumerate() {
+                for (pos, &slot) in bucket.iter().enumerate() {
+                    let h = &self.hot[slot as usize];
+                    if h.state == VACANT {
+                        return Err(format!("vacant slot {slot} indexed"));
+                    }
+                    if h.class as usize != ci
+                        || h.zone != class.zone
+                        || h.tier as usize != t
+                        || h.bucket_pos as usize != pos
+                    {
+                        return Err(format!("slot {slot} indexed at the wrong place"));
+                    }
+                    if tier_of(h.coord.height_ms) as usize != t {
+                        return Err(format!(
+                            "slot {slot} in tier {t} with height {}",
+                            h.coord.height_ms
+                        ));
+                    }
+                    if !h.free.fits_in(&h.cap) {
+                        return Err(format!("slot {slot} overcommitted"));
+                    }
+                    seen += 1;
+                }
+            }
+        }
+        if seen != self.live || self.by_id.len() != self.live {
+            return Err(format!(
+                "{seen} indexed, {} mapped, {} live",
+                self.by_id.len(),
+                self.live
+            ));
+        }
+        let counted: usize = self.zones.iter().map(|z| z.count as usize).sum();
+        if counted != self.live {
+            return Err(format!("zones count {counted}, {} live", self.live));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Bandwidth, NodeSpec};
+
+    pub(crate) fn spec(id: u64, zone: &str, height: f32) -> NodeSpec {
+        NodeSpec {
+            id: NodeId(id),
+            region: "cn-east".into(),
+            zone: zone.into(),
+            arch: Arch::Aarch64,
+            runtimes: RuntimeSet::WASM,
+            capacity: Resources::new(4000, 4096, 10_000),
+            free: Resources::new(4000, 4096, 10_000),
+            bandwidth: Bandwidth {
+                uplink_kbps: 20_000,
+                downlink_kbps: 100_000,
+            },
+            reputation: 0.9,
+            labels: vec![("isp".into(), "telecom".into())],
+            coordinate: Coordinate {
+                vec: [id as f32, 0.0, 0.0],
+                height_ms: height,
+            },
+            state: NodeState::Ready,
+        }
+    }
+
+    #[test]
+    fn hot_record_is_one_cache_line() {
+        assert_eq!(size_of::<HotNode>(), 64);
+        assert_eq!(align_of::<HotNode>(), 64);
+    }
+
+    #[test]
+    fn tiers_follow_the_floors() {
+        assert_eq!(tier_of(0.0), 0);
+        assert_eq!(tier_of(1.99), 0);
+        assert_eq!(tier_of(2.0), 1);
+        assert_eq!(tier_of(31.0), 4);
+        assert_eq!(tier_of(500.0), 5);
+    }
+
+    #[test]
+    fn join_leave_and_slot_reuse_keep_indexes_consistent() {
+        let mut t = NodeTable::new();
+        for i in 0..100 {
+            t.join(spec(
+                i,
+                if i % 2 == 0 { "shanghai" } else { "hangzhou" },
+                i as f32 % 40.0,
+            ))
+            .unwrap();
+        }
+        t.check_invariants().unwrap();
+        for i in (0..100).step_by(3) {
+            t.leave(NodeId(i)).unwrap();
+        }
+        t.check_invariants().unwrap();
+        assert_eq!(t.len(), 66);
+        let reused = t.join(spec(1000, "suzhou", 1.0)).unwrap();
+        assert!(reused.0 < 100, "a vacant slot is reused");
+        assert_eq!(t.id_of(reused), Some(NodeId(1000)));
+        t.check_invariants().unwrap();
+        assert_eq!(t.zone_count(), 3);
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let mut t = NodeTable::new();
+        t.join(spec(1, "shanghai", 1.0)).unwrap();
+        assert_eq!(
+            t.join(spec(1, "shanghai", 1.0)),
+            Err(TableError::DuplicateNode(NodeId(1)))
+        );
+        let mut bad = spec(2, "shanghai", 1.0);
+        bad.reputation = f32::NAN;
+        assert!(matches!(t.join(bad), Err(TableError::InvalidSpec { .. })));
+        let mut bad = spec(3, "newzone", 1.0);
+        bad.free.memory_mib = bad.capacity.memory_mib + 1;
+        assert!(matches!(t.join(bad), Err(TableError::InvalidSpec { .. })));
+        let mut bad = spec(4, "shanghai", 1.0);
+        bad.labels.push(("isp".into(), "unicom".into()));
+        assert!(matches!(t.join(bad), Err(TableError::InvalidSpec { .. })));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.zone_count(), 1, "a refused join must not create its zone");
+        assert_eq!(t.leave(NodeId(9)), Err(TableError::UnknownNode(NodeId(9))));
+        assert!(t.set_reputation(NodeId(1), 1.5).is_err());
+        assert!(
+            t.set_coordinate(
+                NodeId(1),
+                Coordinate {
+                    vec: [0.0; 3],
+                    height_ms: -1.0
+                }
+            )
+            .is_err()
+        );
+        t.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn coordinate_updates_move_nodes_between_tiers() {
+        let mut t = NodeTable::new();
+        for i in 0..10 {
+            t.join(spec(i, "shanghai", 1.0)).unwrap();
+        }
+        t.set_coordinate(
+            NodeId(3),
+            Coordinate {
+                vec: [0.0; 3],
+                height_ms: 20.0,
+            },
+        )
+        .unwrap();
+        t.check_invariants().unwrap();
+        let slot = t.slot_of(NodeId(3)).unwrap();
+        assert_eq!(t.hot[slot.0 as usize].tier, tier_of(20.0));
+        assert_eq!(t.node(slot).unwrap().coordinate.height_ms, 20.0);
+    }
+
+    #[test]
+    fn reserve_refuses_overcommit_and_release_is_capped() {
+        let mut t = NodeTable::new();
+        t.join(spec(1, "shanghai", 1.0)).unwrap();
+        let big = Resources::new(3000, 1000, 0);
+        t.reserve(NodeId(1), &big).unwrap();
+        let err = t.reserve(NodeId(1), &big).unwrap_err();
+        assert!(matches!(err, TableError::InsufficientCapacity { .. }));
+        let slot = t.slot_of(NodeId(1)).unwrap();
+        assert_eq!(t.node(slot).unwrap().free.cpu_millis, 1000);
+        t.release(NodeId(1), &big).unwrap();
+        t.release(NodeId(1), &big).unwrap();
+        assert_eq!(t.node(slot).unwrap().free, t.node(slot).unwrap().capacity);
+    }
+
+    #[test]
+    fn zone_order_is_nearest_first() {
+        let mut t = NodeTable::new();
+        for (i, (zone, x)) in [("a", 0.0), ("b", 100.0), ("c", 10.0)].iter().enumerate() {
+            let mut s = spec(i as u64, zone, 1.0);
+            s.coordinate.vec = [*x, 0.0, 0.0];
+            t.join(s).unwrap();
+        }
+        t.ensure_zone_order();
+        let a = t.zone_id("cn-east", "a").unwrap().0;
+        let names: Vec<&str> = t
+            .zones_near(a)
+            .iter()
+            .map(|z| t.zone_name(ZoneId(*z)).unwrap().1)
+            .collect();
+        assert_eq!(names, ["a", "c", "b"]);
+        let near_b = Coordinate {
+            vec: [90.0, 0.0, 0.0],
+            height_ms: 0.0,
+        };
+        assert_eq!(
+            t.nearest_zone(&near_b),
+            t.zone_id("cn-east", "b").map(|z| z.0)
+        );
+    }
+}

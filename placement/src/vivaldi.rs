@@ -1,0 +1,329 @@
+//! Vivaldi network coordinates with height (Dabek et al., SIGCOMM 2004), in the form Serf's
+//! `coordinate` package uses: adaptive timestep weighted by confidence, a height for the access
+//! link, and a weak gravity toward the origin so coordinates do not drift.
+//!
+//! Workers feed [`VivaldiNode::observe`] with RTT samples to peers; the table stores the
+//! resulting [`Coordinate`] and placement estimates latency as `distance_ms`.
+
+use rand::Rng;
+
+/// Euclidean dimensions of a coordinate; heights model the access link on top of them.
+pub const DIMENSIONS: usize = 3;
+
+/// Compact coordinate as stored in the node table and carried in heartbeats (milliseconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Coordinate {
+    /// Position in the Euclidean part of the space.
+    pub vec: [f32; DIMENSIONS],
+    /// Access-link delay that every path to this node pays.
+    pub height_ms: f32,
+}
+
+impl Coordinate {
+    /// The starting point of every new node.
+    pub const ORIGIN: Coordinate = Coordinate {
+        vec: [0.0; DIMENSIONS],
+        height_ms: 0.0,
+    };
+
+    /// Estimated round-trip time to `other`: Euclidean distance plus both heights.
+    #[inline]
+    pub fn distance_ms(&self, other: &Coordinate) -> f32 {
+        euclidean(&self.vec, &other.vec) + self.height_ms + other.height_ms
+    }
+
+    /// Euclidean part of the distance only (used for zone centroids, which have no height).
+    #[inline]
+    pub fn vec_distance_ms(&self, other: &[f32; DIMENSIONS]) -> f32 {
+        euclidean(&self.vec, other)
+    }
+
+    /// Whether every component is finite and the height non-negative; others are refused.
+    pub fn is_valid(&self) -> bool {
+        self.vec.iter().all(|v| v.is_finite())
+            && self.height_ms.is_finite()
+            && self.height_ms >= 0.0
+    }
+}
+
+#[inline]
+fn euclidean(a: &[f32; DIMENSIONS], b: &[f32; DIMENSIONS]) -> f32 {
+    let mut sum = 0.0f32;
+    for i in 0..DIMENSIONS {
+        let d = a[i] - b[i];
+        sum += d * d;
+    }
+    sum.sqrt()
+}
+
+/// Tuning constants; the defaults are Serf's, converted from seconds to milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VivaldiConfig {
+    /// How fast the error estimate follows new samples (`ce` in the paper).
+    pub error_gain: f64,
+    /// How far one sample moves the coordinate (`cc` in the paper).
+    pub move_gain: f64,
+    /// Ceiling of the error estimate; also the error of a brand-new node.
+    pub error_max: f64,
+    /// Smallest height, so heights never collapse to zero.
+    pub height_min_ms: f64,
+    /// Gravity radius: the larger, the weaker the pull toward the origin.
+    pub gravity_rho_ms: f64,
+    /// Largest RTT accepted as a sample; larger ones are measurement faults.
+    pub rtt_max_ms: f64,
+}
+
+impl Default for VivaldiConfig {
+    fn default() -> Self {
+        VivaldiConfig {
+            error_gain: 0.25,
+            move_gain: 0.25,
+            error_max: 1.5,
+            height_min_ms: 0.01,
+            gravity_rho_ms: 150_000.0,
+            rtt_max_ms: 10_000.0,
+        }
+    }
+}
+
+/// A sample that cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum VivaldiError {
+    /// The RTT was negative, NaN or larger than `rtt_max_ms`.
+    #[error("rtt sample {0} ms is not a usable round-trip time")]
+    InvalidRtt(f64),
+    /// The peer's coordinate or error has non-finite components.
+    #[error("peer coordinate is not finite")]
+    InvalidPeer,
+}
+
+const ZERO_THRESHOLD: f64 = 1.0e-6;
+
+/// One node's Vivaldi state at full precision, kept by the worker that owns it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VivaldiNode {
+    vec: [f64; DIMENSIONS],
+    height: f64,
+    error: f64,
+}
+
+impl VivaldiNode {
+    /// A node at the origin with maximal error (it trusts nothing it knows yet).
+    pub fn new(config: &VivaldiConfig) -> Self {
+        VivaldiNode {
+            vec: [0.0; DIMENSIONS],
+            height: config.height_min_ms,
+            error: config.error_max,
+        }
+    }
+
+    /// The compact coordinate to publish in heartbeats.
+    pub fn coordinate(&self) -> Coordinate {
+        let mut vec = [0.0f32; DIMENSIONS];
+        for (out, v) in vec.iter_mut().zip(self.vec) {
+            *out = v as f32;
+        }
+        Coordinate {
+            vec,
+            height_ms: self.height as f32,
+        }
+    }
+
+    /// Confidence in the coordinate: the running relative error (lower is better).
+    pub fn error(&self) -> f64 {
+        self.error
+    }
+
+    /// Folds one RTT sample to a peer into the coordinate; a bad sample changes nothing.
+    pub fn observe<R: Rng + ?Sized>(
+        &mut self,
+        config: &VivaldiConfig,
+        peer: &Coordinate,
+        peer_error: f64,
+        rtt_ms: f64,
+        rng: &mut R,
+    ) -> Result<(), VivaldiError> {
+        if !(rtt_ms.is_finite() && rtt_ms >= 0.0 && rtt_ms <= config.rtt_max_ms) {
+            return Err(VivaldiError::InvalidRtt(rtt_ms));
+        }
+        if !peer.is_valid() || !peer_error.is_finite() {
+            return Err(VivaldiError::InvalidPeer);
+        }
+        let peer_vec = peer.vec.map(f64::from);
+        let peer_height = f64::from(peer.height_ms);
+        let rtt = rtt_ms.max(ZERO_THRESHOLD);
+        let dist = self.distance_to(&peer_vec, peer_height);
+
+        let wrongness = (dist - rtt).abs() / rtt;
+        let total_error = (self.error + peer_error.max(0.0)).max(ZERO_THRESHOLD);
+        let weight = self.error / total_error;
+        self.error = (config.error_gain * weight * wrongness
+            + self.error * (1.0 - config.error_gain * weight))
+            .min(config.error_max);
+
+        let force = config.move_gain * weight * (rtt - dist);
+        self.apply_force(config, force, &peer_vec, peer_height, rng);
+
+        // Gravity: a small pull toward the origin keeps the whole system from drifting.
+        let origin = [0.0; DIMENSIONS];
+        let from_origin = self.distance_to(&origin, 0.0);
+        let gravity = -(from_origin / config.gravity_rho_ms).powi(2);
+        self.apply_force(config, gravity, &origin, 0.0, rng);
+        Ok(())
+    }
+
+    fn distance_to(&self, vec: &[f64; DIMENSIONS], height: f64) -> f64 {
+        let mut sum = 0.0;
+        for (a, b) in self.vec.iter().zip(vec) {
+            sum += (a - b) * (a - b);
+        }
+        sum.sqrt() + self.height + height
+    }
+
+    fn apply_force<R: Rng + ?Sized>(
+        &mut self,
+        config: &VivaldiConfig,
+        force: f64,
+        other: &[f64; DIMENSIONS],
+        other_height: f64,
+        rng: &mut R,
+    ) {
+        let mut unit = [0.0; DIMENSIONS];
+        let mut mag = 0.0;
+        for i in 0..DIMENSIONS {
+            unit[i] = self.vec[i] - other[i];
+            mag += unit[i] * unit[i];
+        }
+        mag = mag.sqrt();
+        if mag > ZERO_THRESHOLD {
+            for u in &mut unit {
+                *u /= mag;
+            }
+        } else {
+            // Two nodes at the same spot: push apart in a random direction.
+            let mut norm = 0.0;
+            for u in &mut unit {
+                *u = rng.random::<f64>() - 0.5;
+                norm += *u * *u;
+            }
+            let norm = norm.sqrt().max(ZERO_THRESHOLD);
+            for u in &mut unit {
+                *u /= norm;
+            }
+        }
+        for i in 0..DIMENSIONS {
+            self.vec[i] += unit[i] * force;
+        }
+        if mag > ZERO_THRESHOLD {
+            self.height = ((self.height + other_height) * force / mag + self.height)
+                .max(config.height_min_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_pcg::Pcg64Mcg;
+
+    /// A synthetic metric space: points on a plane (1 unit = 1 ms) plus access heights.
+    struct Space {
+        pos: Vec<(f64, f64)>,
+        access: Vec<f64>,
+    }
+
+    impl Space {
+        fn rtt(&self, a: usize, b: usize) -> f64 {
+            let (dx, dy) = (self.pos[a].0 - self.pos[b].0, self.pos[a].1 - self.pos[b].1);
+            (dx * dx + dy * dy).sqrt() + self.access[a] + self.access[b]
+        }
+    }
+
+    fn converge(n: usize, rounds: usize, seed: u64) -> f64 {
+        let mut rng = Pcg64Mcg::seed_from_u64(seed);
+        let space = Space {
+            pos: (0..n)
+                .map(|_| (rng.random_range(0.0..80.0), rng.random_range(0.0..50.0)))
+                .collect(),
+            access: (0..n).map(|_| rng.random_range(1.0..20.0)).collect(),
+        };
+        let cfg = VivaldiConfig::default();
+        let mut nodes = vec![VivaldiNode::new(&cfg); n];
+        for _ in 0..rounds {
+            for i in 0..n {
+                let j = (i + rng.random_range(1..n)) % n;
+                let peer = nodes[j];
+                nodes[i]
+                    .observe(
+                        &cfg,
+                        &peer.coordinate(),
+                        peer.error(),
+                        space.rtt(i, j),
+                        &mut rng,
+                    )
+                    .unwrap();
+            }
+        }
+        let mut errs = Vec::new();
+        for i in 0..n {
+            for j in (i + 1)..n {
+                let est = f64::from(nodes[i].coordinate().distance_ms(&nodes[j].coordinate()));
+                let truth = space.rtt(i, j);
+                errs.push((est - truth).abs() / truth);
+            }
+        }
+        errs.sort_by(f64::total_cmp);
+        errs[errs.len() / 2]
+    }
+
+    #[test]
+    fn converges_on_a_synthetic_metric_space() {
+        let median = converge(200, 200, 7);
+        assert!(median < 0.10, "median relative error {median}");
+    }
+
+    #[test]
+    fn a_fresh_node_is_far_from_converged() {
+        // Guards the test above: without samples the error is large, so convergence is real.
+        let median = converge(200, 0, 7);
+        assert!(median > 0.5, "median relative error {median}");
+    }
+
+    #[test]
+    fn bad_samples_change_nothing() {
+        let cfg = VivaldiConfig::default();
+        let mut rng = Pcg64Mcg::seed_from_u64(1);
+        let mut node = VivaldiNode::new(&cfg);
+        let before = node;
+        let peer = Coordinate::ORIGIN;
+        for rtt in [f64::NAN, -1.0, f64::INFINITY, 1e9] {
+            assert!(matches!(
+                node.observe(&cfg, &peer, 1.0, rtt, &mut rng),
+                Err(VivaldiError::InvalidRtt(_))
+            ));
+        }
+        let bad_peer = Coordinate {
+            vec: [f32::NAN, 0.0, 0.0],
+            height_ms: 0.0,
+        };
+        assert_eq!(
+            node.observe(&cfg, &bad_peer, 1.0, 10.0, &mut rng),
+            Err(VivaldiError::InvalidPeer)
+        );
+        assert_eq!(node, before);
+    }
+
+    #[test]
+    fn coincident_nodes_separate_and_heights_stay_positive() {
+        let cfg = VivaldiConfig::default();
+        let mut rng = Pcg64Mcg::seed_from_u64(3);
+        let mut a = VivaldiNode::new(&cfg);
+        let b = VivaldiNode::new(&cfg);
+        a.observe(&cfg, &b.coordinate(), b.error(), 30.0, &mut rng)
+            .unwrap();
+        let moved = a.coordinate().vec_distance_ms(&b.coordinate().vec);
+        assert!(moved > 1.0, "moved {moved}");
+        assert!(a.coordinate().height_ms > 0.0);
+    }
+}
