@@ -1,1 +1,57 @@
-fn main() {}
+//! One placement decision (single-replica function) at 10k, 100k and 1M nodes.
+//!
+//! Run with `cargo bench -p stellar-load --bench decision`. Each iteration places one request
+//! from the simulator's stream and releases it again, so the table's state stays the same.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_main};
+use stellar_load::workload::{self, RequestClass};
+use stellar_load::world::{World, WorldConfig};
+use stellar_placement::{NodeTable, Placer, PlacerConfig};
+
+fn decision(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decision");
+    group.sample_size(50);
+    for nodes in [10_000usize, 100_000, 1_000_000] {
+        let world = World::generate(&WorldConfig {
+            nodes,
+            clients: 5_000,
+            warmup_rounds: 64,
+            seed: 1,
+        });
+        let mut table = NodeTable::new();
+        for spec in &world.specs {
+            table.join(spec.clone()).expect("generated nodes are valid");
+        }
+        table.refresh_zone_order();
+        let requests: Vec<_> = workload::generate(&world, 20_000, 1)
+            .into_iter()
+            .filter(|r| r.class == RequestClass::SingleFunction)
+            .map(|r| r.request)
+            .collect();
+        let mut placer = Placer::new(PlacerConfig::default(), 1);
+        let resolver = Placer::new(PlacerConfig::default(), 1);
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::from_parameter(nodes), &nodes, |b, _| {
+            b.iter(|| {
+                let req = &requests[i % requests.len()];
+                i += 1;
+                if let Ok(out) = placer.place(&mut table, black_box(req)) {
+                    let ask = resolver.resolve(&table, req).map(|r| r.ask()).unwrap_or_default();
+                    for p in out {
+                        let _ = table.release(p.node, &ask);
+                    }
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The generated group function has no doc comment of its own.
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::decision);
+}
+criterion_main!(group::benches);

@@ -1,1 +1,8 @@
-//! placeholder
+//! StellarCloud's load tools: the million-node placement simulator and, as the control plane
+//! and workers arrive, cluster load generators and benchmarks. See the crate README.
+
+pub mod alloc;
+pub mod baselines;
+pub mod sim;
+pub mod workload;
+pub mod world;

@@ -349,7 +349,8 @@ mod tests {
 
     #[test]
     fn invalid_requests_are_typed_errors() {
-        let cases: Vec<(PlacementRequest, fn(&RequestError) -> bool)> = vec![
+        type Check = fn(&RequestError) -> bool;
+        let cases: Vec<(PlacementRequest, Check)> = vec![
             (
                 PlacementRequest {
                     cpu_cores: -1.0,

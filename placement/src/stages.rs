@@ -304,14 +304,16 @@ pub struct Score {
     pub zone_spread: f32,
 }
 
-/// Relative weights of the scorers; the defaults favour latency, the product's promise.
+/// Relative weights of the scorers. The defaults make latency dominant, because nearness to
+/// the caller is what the product sells; reputation is already floored by a filter and mostly
+/// breaks ties among equally near nodes; fit (bin-pack or spread) breaks the remaining ties.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Weights {
-    /// Latency to the origin (default 0.6).
+    /// Latency to the origin (default 0.8).
     pub latency: f32,
-    /// Node reputation (default 0.2).
+    /// Node reputation (default 0.15).
     pub reputation: f32,
-    /// Bin-pack or spread fit (default 0.15).
+    /// Bin-pack or spread fit (default 0.05).
     pub fit: f32,
     /// Zone spread among replicas, when a replica already exists (default 0.05).
     pub zone_spread: f32,
@@ -320,9 +322,9 @@ pub struct Weights {
 impl Default for Weights {
     fn default() -> Self {
         Weights {
-            latency: 0.6,
-            reputation: 0.2,
-            fit: 0.15,
+            latency: 0.8,
+            reputation: 0.15,
+            fit: 0.05,
             zone_spread: 0.05,
         }
     }
@@ -427,6 +429,14 @@ pub struct Diagnosis {
 }
 
 impl Diagnosis {
+    /// A diagnosis of `total` nodes with nothing recorded, for algorithms that do not count.
+    pub fn unexamined(total: u64) -> Self {
+        Diagnosis {
+            total,
+            counts: [0; FilterKind::ALL.len()],
+        }
+    }
+
     pub(crate) fn reset(&mut self, total: u64) {
         self.total = total;
         self.counts = [0; FilterKind::ALL.len()];

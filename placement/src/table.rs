@@ -17,9 +17,12 @@ use crate::node::{Arch, Bandwidth, NodeId, NodeSpec, NodeState, Resources, Runti
 use crate::vivaldi::{Coordinate, DIMENSIONS};
 
 /// Number of height tiers per class.
-pub const TIERS: usize = 6;
-/// Lowest height (ms) of each tier: access links of fibre, cable, DSL, then wireless and worse.
-pub const TIER_FLOOR_MS: [f32; TIERS] = [0.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+pub const TIERS: usize = 12;
+/// Lowest height (ms) of each tier: fine where fibre access links sit (a millisecond there is
+/// a large share of a metro RTT), coarse for cable, DSL and wireless links.
+pub const TIER_FLOOR_MS: [f32; TIERS] = [
+    0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0,
+];
 
 /// Most nodes one table can hold (slot indexes are `u32`, one value is reserved).
 pub const MAX_NODES: usize = u32::MAX as usize - 1;
@@ -781,10 +784,12 @@ mod tests {
     #[test]
     fn tiers_follow_the_floors() {
         assert_eq!(tier_of(0.0), 0);
-        assert_eq!(tier_of(1.99), 0);
-        assert_eq!(tier_of(2.0), 1);
-        assert_eq!(tier_of(31.0), 4);
-        assert_eq!(tier_of(500.0), 5);
+        assert_eq!(tier_of(0.99), 0);
+        assert_eq!(tier_of(1.99), 2);
+        assert_eq!(tier_of(1.2), 1);
+        assert_eq!(tier_of(2.0), 3);
+        assert_eq!(tier_of(31.0), 10);
+        assert_eq!(tier_of(500.0), 11);
     }
 
     #[test]

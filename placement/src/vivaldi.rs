@@ -117,7 +117,7 @@ impl VivaldiNode {
         }
     }
 
-    /// The compact coordinate to publish in heartbeats.
+    /// The compact coordinate to publish in heartbeats and store in the node table.
     pub fn coordinate(&self) -> Coordinate {
         let mut vec = [0.0f32; DIMENSIONS];
         for (out, v) in vec.iter_mut().zip(self.vec) {
@@ -180,6 +180,12 @@ impl VivaldiNode {
         sum.sqrt() + self.height + height
     }
 
+    /// Moves the coordinate by `force` along the height vector from `other` to `self`.
+    ///
+    /// The direction is the paper's height-vector unit, `[x_i - x_j, h_i + h_j]` divided by
+    /// its norm `|x_i - x_j| + h_i + h_j`. (Serf divides by `|x_i - x_j|` alone, which blows
+    /// heights up between nodes whose Euclidean parts nearly coincide, e.g. two homes in one
+    /// city; the simulator's same-city error halves with the paper's form.)
     fn apply_force<R: Rng + ?Sized>(
         &mut self,
         config: &VivaldiConfig,
@@ -195,12 +201,9 @@ impl VivaldiNode {
             mag += unit[i] * unit[i];
         }
         mag = mag.sqrt();
-        if mag > ZERO_THRESHOLD {
-            for u in &mut unit {
-                *u /= mag;
-            }
-        } else {
+        if mag <= ZERO_THRESHOLD {
             // Two nodes at the same spot: push apart in a random direction.
+            mag = 0.0;
             let mut norm = 0.0;
             for u in &mut unit {
                 *u = rng.random::<f64>() - 0.5;
@@ -210,14 +213,18 @@ impl VivaldiNode {
             for u in &mut unit {
                 *u /= norm;
             }
+        } else {
+            for u in &mut unit {
+                *u /= mag;
+            }
         }
-        for i in 0..DIMENSIONS {
-            self.vec[i] += unit[i] * force;
+        let heights = self.height + other_height;
+        let norm = (mag + heights).max(ZERO_THRESHOLD);
+        let planar = if mag > 0.0 { mag / norm } else { 1.0 };
+        for (v, u) in self.vec.iter_mut().zip(unit) {
+            *v += u * force * planar;
         }
-        if mag > ZERO_THRESHOLD {
-            self.height = ((self.height + other_height) * force / mag + self.height)
-                .max(config.height_min_ms);
-        }
+        self.height = (self.height + force * heights / norm).max(config.height_min_ms);
     }
 }
 
