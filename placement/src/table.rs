@@ -126,12 +126,63 @@ pub(crate) struct Class {
     pub runtimes: RuntimeSet,
     pub labels: u32,
     /// Member slots per height tier.
-    pub tiers: [Vec<u32>; TIERS],
+    tiers: [Vec<u32>; TIERS],
+    /// Members in all tiers.
+    len: u32,
+    /// Bit `t` set when tier `t` has members.
+    occupied: u16,
 }
 
 impl Class {
+    fn new(zone: u16, region: u16, arch: Arch, runtimes: RuntimeSet, labels: u32) -> Self {
+        Class {
+            zone,
+            region,
+            arch,
+            runtimes,
+            labels,
+            tiers: Default::default(),
+            len: 0,
+            occupied: 0,
+        }
+    }
+
+    /// Members in all tiers.
+    #[inline]
     pub fn len(&self) -> usize {
-        self.tiers.iter().map(Vec::len).sum()
+        self.len as usize
+    }
+
+    /// Bit `t` set when tier `t` has members.
+    #[inline]
+    pub fn occupied(&self) -> u16 {
+        self.occupied
+    }
+
+    /// The members of one tier.
+    #[inline]
+    pub fn tier(&self, tier: usize) -> &[u32] {
+        &self.tiers[tier]
+    }
+
+    /// Files `slot` in `tier`; returns its position there.
+    fn push(&mut self, tier: u8, slot: u32) -> u32 {
+        let bucket = &mut self.tiers[tier as usize];
+        bucket.push(slot);
+        self.len += 1;
+        self.occupied |= 1 << tier;
+        (bucket.len() - 1) as u32
+    }
+
+    /// Removes the member at `pos` of `tier` in O(1); returns the slot moved into `pos`.
+    fn swap_remove(&mut self, tier: u8, pos: u32) -> Option<u32> {
+        let bucket = &mut self.tiers[tier as usize];
+        bucket.swap_remove(pos as usize);
+        self.len -= 1;
+        if bucket.is_empty() {
+            self.occupied &= !(1 << tier);
+        }
+        bucket.get(pos as usize).copied()
     }
 }
 
@@ -409,8 +460,7 @@ impl NodeTable {
             }
         };
         let tier = tier_of(spec.coordinate.height_ms);
-        let bucket = &mut self.classes[class as usize].tiers[tier as usize];
-        bucket.push(slot);
+        let bucket_pos = self.classes[class as usize].push(tier, slot);
         self.hot[slot as usize] = HotNode {
             coord: spec.coordinate,
             free: spec.free,
@@ -418,7 +468,7 @@ impl NodeTable {
             bandwidth: spec.bandwidth,
             reputation: spec.reputation,
             class,
-            bucket_pos: (bucket.len() - 1) as u32,
+            bucket_pos,
             zone,
             state: spec.state as u8,
             tier,
@@ -503,9 +553,7 @@ impl NodeTable {
         let tier = tier_of(coordinate.height_ms);
         if tier != h.tier {
             self.unlink(slot, h.class, h.tier, h.bucket_pos);
-            let bucket = &mut self.classes[h.class as usize].tiers[tier as usize];
-            bucket.push(slot);
-            let pos = (bucket.len() - 1) as u32;
+            let pos = self.classes[h.class as usize].push(tier, slot);
             let hm = &mut self.hot[slot as usize];
             hm.tier = tier;
             hm.bucket_pos = pos;
@@ -553,10 +601,9 @@ impl NodeTable {
 
     /// Removes `slot` from its class bucket in O(1), fixing the position of the node moved.
     fn unlink(&mut self, slot: u32, class: u32, tier: u8, pos: u32) {
-        let bucket = &mut self.classes[class as usize].tiers[tier as usize];
-        debug_assert_eq!(bucket[pos as usize], slot);
-        bucket.swap_remove(pos as usize);
-        if let Some(&moved) = bucket.get(pos as usize) {
+        let class = &mut self.classes[class as usize];
+        debug_assert_eq!(class.tier(tier as usize)[pos as usize], slot);
+        if let Some(moved) = class.swap_remove(tier, pos) {
             self.hot[moved as usize].bucket_pos = pos;
         }
     }
@@ -620,14 +667,13 @@ impl NodeTable {
             return *c;
         }
         let c = self.classes.len() as u32;
-        self.classes.push(Class {
-            zone: key.zone,
-            region: self.zones[key.zone as usize].region,
-            arch: key.arch,
-            runtimes: key.runtimes,
-            labels: key.labels,
-            tiers: Default::default(),
-        });
+        self.classes.push(Class::new(
+            key.zone,
+            self.zones[key.zone as usize].region,
+            key.arch,
+            key.runtimes,
+            key.labels,
+        ));
         self.zones[key.zone as usize].classes.push(c);
         self.class_by_key.insert(key, c);
         c
@@ -706,6 +752,16 @@ impl NodeTable {
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let mut seen = 0usize;
         for (ci, class) in self.classes.iter().enumerate() {
+            let members: usize = class.tiers.iter().map(Vec::len).sum();
+            let occupied = class
+                .tiers
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| !b.is_empty())
+                .fold(0u16, |m, (t, _)| m | 1 << t);
+            if members != class.len() || occupied != class.occupied {
+                return Err(format!("class {ci} counts are stale"));
+            }
             for (t, bucket) in class.tiers.iter().enumerate() {
                 for (pos, &slot) in bucket.iter().enumerate() {
                     let h = &self.hot[slot as usize];

@@ -1,0 +1,130 @@
+//! The `stellar-load sim` command as a user runs it: one JSON object on stdout, clear errors.
+
+use std::process::Command;
+
+fn sim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_stellar-load"))
+        .arg("sim")
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn json_output_is_exactly_one_object_with_every_field() {
+    let out = sim(&[
+        "--nodes",
+        "2000",
+        "--requests",
+        "600",
+        "--seed",
+        "7",
+        "--clients",
+        "200",
+        "--warmup-rounds",
+        "32",
+        "--score-sample",
+        "100",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "one line of JSON: {stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    for key in [
+        "nodes",
+        "requests",
+        "seed",
+        "bytes_per_node",
+        "vivaldi_median_rel_error",
+        "algorithms",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["nodes"], 2000);
+    assert_eq!(v["seed"], 7);
+    let algos = v["algorithms"].as_array().unwrap();
+    let names: Vec<&str> = algos.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "stellar",
+            "exhaustive",
+            "kube-adaptive",
+            "nomad-log2",
+            "random"
+        ]
+    );
+    for a in algos {
+        for key in [
+            "placements_per_sec",
+            "decision_p50_us",
+            "decision_p99_us",
+            "score_ratio",
+            "mean_rtt_ms",
+            "optimal_rtt_ms",
+            "max_node_utilisation",
+            "failed",
+        ] {
+            assert!(a[key].is_number(), "{} lacks {key}", a["name"]);
+        }
+    }
+    // The table's own accounting is counted by the binary's allocator.
+    let bytes = v["bytes_per_node"].as_f64().unwrap();
+    assert!(bytes > 64.0 && bytes < 256.0, "bytes per node {bytes}");
+}
+
+#[test]
+fn table_output_names_every_algorithm() {
+    let out = sim(&[
+        "--nodes",
+        "500",
+        "--requests",
+        "100",
+        "--clients",
+        "50",
+        "--warmup-rounds",
+        "8",
+        "--algorithms",
+        "stellar,random",
+    ]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("stellar") && stdout.contains("random"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("nomad-log2"));
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message() {
+    let out = sim(&[
+        "--algorithms",
+        "fastest",
+        "--nodes",
+        "10",
+        "--requests",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("unknown algorithm `fastest`"), "{stderr}");
+    let out = sim(&["--weights", "latency=-1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("non-negative")
+    );
+    let out = sim(&["--nodes", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh machine of this kind: first installs what the
+# machine lacks, then checks formatting and lints, then runs the whole suite.
+#
+#   scripts/test.sh            # everything
+#   QUICK=1 scripts/test.sh    # skip fmt and clippy (while iterating)
+#
+# Needs: rustup's toolchain with cargo (the machine has it). Installs, when missing: the
+# Debian packages listed below (after `apt-get update`), the rustfmt and clippy components.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '[test.sh] %s\n' "$*" >&2; }
+
+# Debian packages the suite needs beyond the base image (protobuf-compiler, etcd and ffmpeg
+# join this list with the crates that use them).
+APT_PACKAGES=()
+
+ensure_debian_packages() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if ((${#missing[@]} == 0)); then
+    return
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=()
+  [[ $(id -u) -ne 0 ]] && sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+ensure_rust_components() {
+  local c
+  for c in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+      log "installing rustup component $c"
+      rustup component add "$c" || {
+        log "cannot install $c: the rust toolchain mirror is unreachable; install it by hand"
+        exit 1
+      }
+    fi
+  done
+}
+
+ensure_debian_packages
+ensure_rust_components
+
+if [[ -z "${QUICK:-}" ]]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+log "test suite"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  # nextest does not run doc tests.
+  cargo test --workspace --locked --doc
+else
+  log "cargo-nextest not found; using cargo test"
+  cargo test --workspace --locked --no-fail-fast
+fi
