@@ -26,6 +26,10 @@ pub trait Algorithm {
         table: &mut NodeTable,
         req: &PlacementRequest,
     ) -> Result<Vec<Placement>, PlacementError>;
+    /// A line about the work done, for the simulator's log.
+    fn summary(&self) -> Option<String> {
+        None
+    }
 }
 
 /// StellarCloud's own placer.
@@ -41,6 +45,25 @@ impl Algorithm for Stellar {
         req: &PlacementRequest,
     ) -> Result<Vec<Placement>, PlacementError> {
         self.0.place(table, req)
+    }
+    fn summary(&self) -> Option<String> {
+        let s = self.0.stats();
+        let per = |x: u64| x as f64 / s.searches.max(1) as f64;
+        let refused: Vec<String> = stellar_placement::FilterKind::NODE_LEVEL
+            .iter()
+            .filter(|k| s.refused_by[**k as usize] > 0)
+            .map(|k| format!("{} {:.1}", k.name(), per(s.refused_by[*k as usize])))
+            .collect();
+        Some(format!(
+            "{} searches; per search: {:.1} nodes visited, {:.1} scored, {:.2} units, \
+             {:.2} zones; refused per search: {}",
+            s.searches,
+            per(s.nodes_visited),
+            per(s.candidates_scored),
+            per(s.units_probed),
+            per(s.zones_expanded),
+            refused.join(", ")
+        ))
     }
 }
 

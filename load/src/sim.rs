@@ -228,6 +228,9 @@ pub fn run(cfg: &SimConfig, log: &mut dyn FnMut(&str)) -> Result<SimReport, SimE
         };
         let mut report = replay.run(algorithm.as_mut(), table.clone(), &order);
         report.sampled = !full;
+        if let Some(line) = algorithm.summary() {
+            log(&format!("{}: {line}", algorithm.name()));
+        }
         reports.push(report);
     }
     Ok(SimReport {

@@ -195,31 +195,20 @@ struct AccessKind {
     uplink_mbps: (f32, f32),
 }
 
+const fn kind(share: f64, delay_ms: (f32, f32), uplink_mbps: (f32, f32)) -> AccessKind {
+    AccessKind {
+        share,
+        delay_ms,
+        uplink_mbps,
+    }
+}
+
+/// FTTH, cable, DSL, 4G/5G home router.
 const ACCESS: [AccessKind; 4] = [
-    // FTTH.
-    AccessKind {
-        share: 0.55,
-        delay_ms: (0.5, 3.0),
-        uplink_mbps: (20.0, 200.0),
-    },
-    // Cable.
-    AccessKind {
-        share: 0.15,
-        delay_ms: (3.0, 8.0),
-        uplink_mbps: (5.0, 50.0),
-    },
-    // DSL.
-    AccessKind {
-        share: 0.20,
-        delay_ms: (6.0, 20.0),
-        uplink_mbps: (1.0, 20.0),
-    },
-    // 4G/5G home router.
-    AccessKind {
-        share: 0.10,
-        delay_ms: (15.0, 45.0),
-        uplink_mbps: (5.0, 50.0),
-    },
+    kind(0.55, (0.5, 3.0), (20.0, 200.0)),
+    kind(0.15, (3.0, 8.0), (5.0, 50.0)),
+    kind(0.20, (6.0, 20.0), (1.0, 20.0)),
+    kind(0.10, (15.0, 45.0), (5.0, 50.0)),
 ];
 
 /// Draws an access delay and an uplink (Mbit/s, log-uniform within the kind's range).

@@ -18,8 +18,9 @@ use rand_pcg::Pcg64Mcg;
 use crate::error::{PlacementError, Result};
 use crate::node::NodeId;
 use crate::request::{PlacementRequest, RequestError, ResolvedRequest, WorkloadKind};
-use crate::stages::{Diagnosis, Score, Weights};
+use crate::stages::{Diagnosis, FilterKind, Score, Weights};
 use crate::table::{NodeTable, Slot, TIER_FLOOR_MS, TIERS, ZoneId};
+use crate::vivaldi::Coordinate;
 
 /// Extra key (ms) for zones that already hold a replica: visited after every other zone
 /// within a second, which is what "preferably distinct zones" means here.
@@ -96,6 +97,23 @@ struct Scratch {
     candidates: Vec<Candidate>,
 }
 
+/// Running totals of the search's work, for dashboards and for tuning the index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchStats {
+    /// Searches run (one per replica of a function, one per batch).
+    pub searches: u64,
+    /// Nodes probed by the node filters.
+    pub nodes_visited: u64,
+    /// Feasible nodes scored.
+    pub candidates_scored: u64,
+    /// Zone-tier units probed.
+    pub units_probed: u64,
+    /// Zones whose classes were filtered.
+    pub zones_expanded: u64,
+    /// Probed nodes refused, per node filter (indexed by `FilterKind as usize`).
+    pub refused_by: [u64; FilterKind::ALL.len()],
+}
+
 /// Makes placement decisions against a [`NodeTable`]; deterministic for a given seed.
 #[derive(Clone, Debug)]
 pub struct Placer {
@@ -103,6 +121,7 @@ pub struct Placer {
     rng: Pcg64Mcg,
     scratch: Scratch,
     diagnosis: Diagnosis,
+    stats: SearchStats,
 }
 
 impl Placer {
@@ -113,7 +132,13 @@ impl Placer {
             rng: Pcg64Mcg::seed_from_u64(seed),
             scratch: Scratch::default(),
             diagnosis: Diagnosis::default(),
+            stats: SearchStats::default(),
         }
+    }
+
+    /// Work done by all searches so far.
+    pub fn stats(&self) -> SearchStats {
+        self.stats
     }
 
     /// The configuration in force.
@@ -227,8 +252,7 @@ impl Placer {
 
     fn rollback(table: &mut NodeTable, placed: &[Placement], rr: &ResolvedRequest) {
         for p in placed {
-            let h = &mut table.hot[p.slot.0 as usize];
-            h.free = h.free.add_capped(&rr.ask, &h.cap);
+            table.release_slot(p.slot, &rr.ask);
         }
     }
 
@@ -252,7 +276,9 @@ impl Placer {
             rng,
             scratch: s,
             diagnosis,
+            stats,
         } = self;
+        stats.searches += 1;
         s.candidates.clear();
         s.heap.clear();
         s.zone_classes.clear();
@@ -269,7 +295,7 @@ impl Placer {
             budget: want.saturating_mul(config.visit_budget_per_candidate),
         };
         let home_zone = rr.origin_zone.unwrap_or_else(|| random_zone(table, rng));
-        let home = table.zones[home_zone as usize].centroid;
+        let home = table.zones[home_zone as usize].centroid();
         let order = table.zones_near(home_zone);
         let mut next = 0;
         let mut visits = 0;
@@ -281,14 +307,11 @@ impl Placer {
                     next += 1;
                     continue;
                 }
-                let mut key = match &rr.origin {
-                    Some(o) => o.vec_distance_ms(&zone.centroid),
-                    None => crate::vivaldi::Coordinate {
-                        vec: home,
-                        height_ms: 0.0,
-                    }
-                    .vec_distance_ms(&zone.centroid),
-                };
+                let from = rr.origin.unwrap_or(Coordinate {
+                    vec: home,
+                    height_ms: 0.0,
+                });
+                let mut key = from.vec_distance_ms(&zone.centroid());
                 // A penalised zone is expanded at once: its units sink to the bottom of the
                 // heap, and it must not hold back the nearer zones behind it in the order.
                 let penalised = rr.avoid_zones.binary_search(&z).is_ok();
@@ -302,14 +325,21 @@ impl Placer {
                     break;
                 }
                 next += 1;
+                stats.zones_expanded += 1;
                 walk.expand_zone(z, key, s, diagnosis);
             }
             let Some(Reverse(unit)) = s.heap.pop() else {
                 break;
             };
+            stats.units_probed += 1;
             if walk.probe_unit(unit, &mut visits, rng, s, diagnosis) {
                 break;
             }
+        }
+        stats.nodes_visited += visits as u64;
+        stats.candidates_scored += s.candidates.len() as u64;
+        for kind in FilterKind::NODE_LEVEL {
+            stats.refused_by[kind as usize] += diagnosis.removed_by(kind);
         }
     }
 }

@@ -258,7 +258,7 @@ impl ResolvedRequest {
                         region: region.clone(),
                         zone: zone.clone(),
                     })?;
-                let centroid = table.zones[z.0 as usize].centroid;
+                let centroid = table.zones[z.0 as usize].centroid();
                 (
                     Some(Coordinate {
                         vec: centroid,

@@ -61,6 +61,17 @@ impl FilterKind {
         FilterKind::Uplink,
     ];
 
+    /// The filters that look at one node's changing state (the others judge whole classes).
+    pub const NODE_LEVEL: [FilterKind; 7] = [
+        FilterKind::State,
+        FilterKind::AntiAffinity,
+        FilterKind::Reputation,
+        FilterKind::Cpu,
+        FilterKind::Memory,
+        FilterKind::Disk,
+        FilterKind::Uplink,
+    ];
+
     /// Short stable name, for JSON and metrics.
     pub fn name(self) -> &'static str {
         match self {

@@ -16,13 +16,32 @@ use rustc_hash::FxHashMap;
 use crate::node::{Arch, Bandwidth, NodeId, NodeSpec, NodeState, Resources, RuntimeSet};
 use crate::vivaldi::{Coordinate, DIMENSIONS};
 
-/// Number of height tiers per class.
-pub const TIERS: usize = 12;
+/// Number of tiers per class: 12 by Vivaldi height, then one for parked nodes.
+pub const TIERS: usize = 13;
 /// Lowest height (ms) of each tier: fine where fibre access links sit (a millisecond there is
-/// a large share of a metro RTT), coarse for cable, DSL and wireless links.
+/// a large share of a metro RTT), coarse for cable, DSL and wireless links. The last tier
+/// holds parked nodes whatever their height; its floor puts it after every other tier.
 pub const TIER_FLOOR_MS: [f32; TIERS] = [
-    0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0,
+    0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 10_000.0,
 ];
+/// The tier of nodes that cannot take work now (not ready) or have too little free to take
+/// any workload worth placing: they stay findable (a refusal must be exact) but are probed
+/// only after every other node.
+pub const PARKED_TIER: u8 = (TIERS - 1) as u8;
+/// Below this much free CPU a node counts as saturated.
+pub const SATURATED_CPU_MILLIS: u32 = 50;
+/// Below this much free memory a node counts as saturated.
+pub const SATURATED_MEMORY_MIB: u32 = 64;
+/// Below this much free CPU a node counts as tight: typical functions may not fit any more.
+pub const TIGHT_CPU_MILLIS: u32 = 500;
+/// Below this much free memory a node counts as tight.
+pub const TIGHT_MEMORY_MIB: u32 = 512;
+/// Below this reputation a node is filed as if tight: most requests' floors refuse it, and
+/// since the scores pass it over it would otherwise stay roomy in the best tiers for ever.
+pub const LOW_REPUTATION: f32 = 0.5;
+/// Tiers a tight or low-reputation node is filed below its height tier, so roomy nodes
+/// nearly as near are probed first and the walk wastes fewer probes on likely refusals.
+pub const TIGHT_TIER_SHIFT: u8 = 3;
 
 /// Most nodes one table can hold (slot indexes are `u32`, one value is reserved).
 pub const MAX_NODES: usize = u32::MAX as usize - 1;
@@ -193,7 +212,15 @@ pub(crate) struct Zone {
     pub classes: Vec<u32>,
     pub count: u32,
     vec_sum: [f64; DIMENSIONS],
-    pub centroid: [f32; DIMENSIONS],
+}
+
+impl Zone {
+    /// Mean position of the zone's members (origin when empty); always current.
+    #[inline]
+    pub fn centroid(&self) -> [f32; DIMENSIONS] {
+        let n = f64::from(self.count.max(1));
+        self.vec_sum.map(|s| (s / n) as f32)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -261,10 +288,30 @@ pub struct NodeTable {
 #[inline]
 pub(crate) fn tier_of(height_ms: f32) -> u8 {
     let mut t = 0;
-    while t + 1 < TIERS && height_ms >= TIER_FLOOR_MS[t + 1] {
+    while t + 1 < PARKED_TIER as usize && height_ms >= TIER_FLOOR_MS[t + 1] {
         t += 1;
     }
     t as u8
+}
+
+/// The tier a node belongs in: its height tier; a few tiers lower when it is tight or of
+/// low reputation; the parked tier when it is not ready or saturated.
+#[inline]
+pub(crate) fn tier_for(node: &HotNode) -> u8 {
+    let free = &node.free;
+    if node.state != NodeState::Ready as u8
+        || free.cpu_millis < SATURATED_CPU_MILLIS
+        || free.memory_mib < SATURATED_MEMORY_MIB
+    {
+        PARKED_TIER
+    } else if free.cpu_millis < TIGHT_CPU_MILLIS
+        || free.memory_mib < TIGHT_MEMORY_MIB
+        || node.reputation < LOW_REPUTATION
+    {
+        (tier_of(node.coord.height_ms) + TIGHT_TIER_SHIFT).min(PARKED_TIER - 1)
+    } else {
+        tier_of(node.coord.height_ms)
+    }
 }
 
 impl NodeTable {
@@ -459,20 +506,21 @@ impl NodeTable {
                 (self.hot.len() - 1) as u32
             }
         };
-        let tier = tier_of(spec.coordinate.height_ms);
-        let bucket_pos = self.classes[class as usize].push(tier, slot);
-        self.hot[slot as usize] = HotNode {
+        let mut node = HotNode {
             coord: spec.coordinate,
             free: spec.free,
             cap: spec.capacity,
             bandwidth: spec.bandwidth,
             reputation: spec.reputation,
             class,
-            bucket_pos,
+            bucket_pos: 0,
             zone,
             state: spec.state as u8,
-            tier,
+            tier: 0,
         };
+        node.tier = tier_for(&node);
+        node.bucket_pos = self.classes[class as usize].push(node.tier, slot);
+        self.hot[slot as usize] = node;
         self.ids[slot as usize] = id;
         self.by_id.insert(id, slot);
         let z = &mut self.zones[zone as usize];
@@ -513,6 +561,7 @@ impl NodeTable {
             });
         }
         h.free = free;
+        self.refile(slot);
         Ok(())
     }
 
@@ -526,6 +575,7 @@ impl NodeTable {
             });
         }
         self.hot[slot as usize].reputation = reputation;
+        self.refile(slot);
         Ok(())
     }
 
@@ -533,6 +583,7 @@ impl NodeTable {
     pub fn set_state(&mut self, id: NodeId, state: NodeState) -> Result<()> {
         let slot = self.slot_checked(id)?;
         self.hot[slot as usize].state = state as u8;
+        self.refile(slot);
         Ok(())
     }
 
@@ -550,15 +601,8 @@ impl NodeTable {
         for ((s, new), old) in z.vec_sum.iter_mut().zip(coordinate.vec).zip(h.coord.vec) {
             *s += f64::from(new) - f64::from(old);
         }
-        let tier = tier_of(coordinate.height_ms);
-        if tier != h.tier {
-            self.unlink(slot, h.class, h.tier, h.bucket_pos);
-            let pos = self.classes[h.class as usize].push(tier, slot);
-            let hm = &mut self.hot[slot as usize];
-            hm.tier = tier;
-            hm.bucket_pos = pos;
-        }
         self.hot[slot as usize].coord = coordinate;
+        self.refile(slot);
         self.moves_since_order += 1;
         Ok(())
     }
@@ -572,9 +616,14 @@ impl NodeTable {
     /// Gives `amount` back to a node (capped at its capacity).
     pub fn release(&mut self, id: NodeId, amount: &Resources) -> Result<()> {
         let slot = self.slot_checked(id)?;
-        let h = &mut self.hot[slot as usize];
-        h.free = h.free.add_capped(amount, &h.cap);
+        self.release_slot(Slot(slot), amount);
         Ok(())
+    }
+
+    pub(crate) fn release_slot(&mut self, slot: Slot, amount: &Resources) {
+        let h = &mut self.hot[slot.0 as usize];
+        h.free = h.free.add_capped(amount, &h.cap);
+        self.refile(slot.0);
     }
 
     pub(crate) fn reserve_slot(&mut self, slot: Slot, amount: &Resources) -> Result<()> {
@@ -582,6 +631,7 @@ impl NodeTable {
         match h.free.checked_sub(amount) {
             Some(left) => {
                 h.free = left;
+                self.refile(slot.0);
                 Ok(())
             }
             None => Err(TableError::InsufficientCapacity {
@@ -597,6 +647,20 @@ impl NodeTable {
             .get(&id)
             .copied()
             .ok_or(TableError::UnknownNode(id))
+    }
+
+    /// Moves a node to the tier its height and free capacity call for, if it changed.
+    #[inline]
+    fn refile(&mut self, slot: u32) {
+        let h = self.hot[slot as usize];
+        let tier = tier_for(&h);
+        if tier != h.tier {
+            self.unlink(slot, h.class, h.tier, h.bucket_pos);
+            let pos = self.classes[h.class as usize].push(tier, slot);
+            let hm = &mut self.hot[slot as usize];
+            hm.tier = tier;
+            hm.bucket_pos = pos;
+        }
     }
 
     /// Removes `slot` from its class bucket in O(1), fixing the position of the node moved.
@@ -629,7 +693,6 @@ impl NodeTable {
             classes: Vec::new(),
             count: 0,
             vec_sum: [0.0; DIMENSIONS],
-            centroid: [0.0; DIMENSIONS],
         });
         self.zone_by_name.insert(key, z);
         self.zone_order_stale = true;
@@ -679,22 +742,17 @@ impl NodeTable {
         c
     }
 
-    /// Recomputes zone centroids and each zone's nearest-first order of the other zones.
+    /// Recomputes each zone's nearest-first order of the other zones (decisions call it when
+    /// zones appeared or many nodes moved; call it yourself after a bulk load).
     pub fn refresh_zone_order(&mut self) {
-        for z in &mut self.zones {
-            if z.count > 0 {
-                for (c, s) in z.centroid.iter_mut().zip(z.vec_sum) {
-                    *c = (s / f64::from(z.count)) as f32;
-                }
-            }
-        }
         let n = self.zones.len();
+        let centroids: Vec<[f32; DIMENSIONS]> = self.zones.iter().map(Zone::centroid).collect();
         self.zone_order.clear();
         self.zone_order.reserve(n * n);
         let mut row: Vec<(f32, u16)> = Vec::with_capacity(n);
-        for from in &self.zones {
+        for from in &centroids {
             let from_c = Coordinate {
-                vec: from.centroid,
+                vec: *from,
                 height_ms: 0.0,
             };
             row.clear();
@@ -703,7 +761,7 @@ impl NodeTable {
                 let d = if z.count == 0 {
                     f32::INFINITY
                 } else {
-                    from_c.vec_distance_ms(&z.centroid)
+                    from_c.vec_distance_ms(&centroids[i])
                 };
                 (d, i as u16)
             }));
@@ -735,7 +793,7 @@ impl NodeTable {
             if z.count == 0 {
                 continue;
             }
-            let d = coord.vec_distance_ms(&z.centroid);
+            let d = coord.vec_distance_ms(&z.centroid());
             if best.is_none_or(|(bd, _)| d < bd) {
                 best = Some((d, i as u16));
             }
@@ -775,7 +833,7 @@ impl NodeTable {
                     {
                         return Err(format!("slot {slot} indexed at the wrong place"));
                     }
-                    if tier_of(h.coord.height_ms) as usize != t {
+                    if tier_for(h) as usize != t {
                         return Err(format!(
                             "slot {slot} in tier {t} with height {}",
                             h.coord.height_ms
@@ -846,6 +904,40 @@ mod tests {
         assert_eq!(tier_of(2.0), 3);
         assert_eq!(tier_of(31.0), 10);
         assert_eq!(tier_of(500.0), 11);
+        let node = |height_ms, free, reputation, state: NodeState| HotNode {
+            coord: Coordinate {
+                vec: [0.0; 3],
+                height_ms,
+            },
+            free,
+            reputation,
+            state: state as u8,
+            ..HotNode::EMPTY
+        };
+        let roomy = Resources::new(1000, 1024, 0);
+        let tight = Resources::new(400, 1024, 0);
+        assert_eq!(tier_for(&node(0.5, roomy, 0.9, NodeState::Ready)), 0);
+        assert_eq!(
+            tier_for(&node(0.5, tight, 0.9, NodeState::Ready)),
+            TIGHT_TIER_SHIFT
+        );
+        assert_eq!(
+            tier_for(&node(0.5, roomy, 0.1, NodeState::Ready)),
+            TIGHT_TIER_SHIFT
+        );
+        assert_eq!(
+            tier_for(&node(500.0, tight, 0.9, NodeState::Ready)),
+            PARKED_TIER - 1
+        );
+        let full = Resources::new(10, 1024, 0);
+        assert_eq!(
+            tier_for(&node(0.5, full, 0.9, NodeState::Ready)),
+            PARKED_TIER
+        );
+        assert_eq!(
+            tier_for(&node(0.5, roomy, 0.9, NodeState::Down)),
+            PARKED_TIER
+        );
     }
 
     #[test]
@@ -936,7 +1028,11 @@ mod tests {
         assert!(matches!(err, TableError::InsufficientCapacity { .. }));
         let slot = t.slot_of(NodeId(1)).unwrap();
         assert_eq!(t.node(slot).unwrap().free.cpu_millis, 1000);
+        t.reserve(NodeId(1), &Resources::new(990, 0, 0)).unwrap();
+        assert_eq!(t.hot[slot.0 as usize].tier, PARKED_TIER);
+        t.check_invariants().unwrap();
         t.release(NodeId(1), &big).unwrap();
+        assert_ne!(t.hot[slot.0 as usize].tier, PARKED_TIER);
         t.release(NodeId(1), &big).unwrap();
         assert_eq!(t.node(slot).unwrap().free, t.node(slot).unwrap().capacity);
     }
