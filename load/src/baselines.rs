@@ -49,7 +49,7 @@ impl Algorithm for Stellar {
     fn summary(&self) -> Option<String> {
         let s = self.0.stats();
         let per = |x: u64| x as f64 / s.searches.max(1) as f64;
-        let refused: Vec<String> = stellar_placement::FilterKind::NODE_LEVEL
+        let refused: Vec<String> = stellar_placement::FilterKind::ALL
             .iter()
             .filter(|k| s.refused_by[**k as usize] > 0)
             .map(|k| format!("{} {:.1}", k.name(), per(s.refused_by[*k as usize])))

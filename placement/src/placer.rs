@@ -338,7 +338,7 @@ impl Placer {
         }
         stats.nodes_visited += visits as u64;
         stats.candidates_scored += s.candidates.len() as u64;
-        for kind in FilterKind::NODE_LEVEL {
+        for kind in FilterKind::ALL.into_iter().filter(|k| k.is_node_level()) {
             stats.refused_by[kind as usize] += diagnosis.removed_by(kind);
         }
     }

@@ -61,16 +61,10 @@ impl FilterKind {
         FilterKind::Uplink,
     ];
 
-    /// The filters that look at one node's changing state (the others judge whole classes).
-    pub const NODE_LEVEL: [FilterKind; 7] = [
-        FilterKind::State,
-        FilterKind::AntiAffinity,
-        FilterKind::Reputation,
-        FilterKind::Cpu,
-        FilterKind::Memory,
-        FilterKind::Disk,
-        FilterKind::Uplink,
-    ];
+    /// Whether the filter looks at one node's changing state (the others judge whole classes).
+    pub fn is_node_level(self) -> bool {
+        self >= FilterKind::State
+    }
 
     /// Short stable name, for JSON and metrics.
     pub fn name(self) -> &'static str {

@@ -916,28 +916,19 @@ mod tests {
         };
         let roomy = Resources::new(1000, 1024, 0);
         let tight = Resources::new(400, 1024, 0);
-        assert_eq!(tier_for(&node(0.5, roomy, 0.9, NodeState::Ready)), 0);
-        assert_eq!(
-            tier_for(&node(0.5, tight, 0.9, NodeState::Ready)),
-            TIGHT_TIER_SHIFT
-        );
-        assert_eq!(
-            tier_for(&node(0.5, roomy, 0.1, NodeState::Ready)),
-            TIGHT_TIER_SHIFT
-        );
-        assert_eq!(
-            tier_for(&node(500.0, tight, 0.9, NodeState::Ready)),
-            PARKED_TIER - 1
-        );
         let full = Resources::new(10, 1024, 0);
-        assert_eq!(
-            tier_for(&node(0.5, full, 0.9, NodeState::Ready)),
-            PARKED_TIER
-        );
-        assert_eq!(
-            tier_for(&node(0.5, roomy, 0.9, NodeState::Down)),
-            PARKED_TIER
-        );
+        let ready = NodeState::Ready;
+        let cases = [
+            (node(0.5, roomy, 0.9, ready), 0),
+            (node(0.5, tight, 0.9, ready), TIGHT_TIER_SHIFT),
+            (node(0.5, roomy, 0.1, ready), TIGHT_TIER_SHIFT),
+            (node(500.0, tight, 0.9, ready), PARKED_TIER - 1),
+            (node(0.5, full, 0.9, ready), PARKED_TIER),
+            (node(0.5, roomy, 0.9, NodeState::Down), PARKED_TIER),
+        ];
+        for (n, tier) in cases {
+            assert_eq!(tier_for(&n), tier, "{n:?}");
+        }
     }
 
     #[test]
