@@ -15,7 +15,12 @@ use stellar_placement::{NodeTable, Placer, PlacerConfig};
 fn decision(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision");
     group.sample_size(50);
-    for nodes in [10_000usize, 100_000, 1_000_000] {
+    // STELLAR_BENCH_NODES=1000000 limits the run to some sizes (generating worlds takes time).
+    let sizes: Vec<usize> = std::env::var("STELLAR_BENCH_NODES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 100_000, 1_000_000]);
+    for nodes in sizes {
         let world = World::generate(&WorldConfig {
             nodes,
             clients: 5_000,

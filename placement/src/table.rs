@@ -9,7 +9,9 @@
 //! Indexes: nodes sharing zone, arch, runtimes and labels form a *class* (Nomad's computed node
 //! class), so those filters run once per class. Each class splits its members into *tiers* by
 //! Vivaldi height (the access-link delay), so the search can visit the fastest nodes of the
-//! nearest zone first. Zones keep a running centroid and a cached nearest-first order.
+//! nearest zone first; nodes likely to be refused (tight, low reputation) are filed lower and
+//! nodes that cannot take work (not ready, saturated) are parked in a last tier. Zones keep a
+//! running coordinate sum (their centroid) and a cached nearest-first order.
 
 use rustc_hash::FxHashMap;
 
