@@ -77,9 +77,10 @@ fn json_output_is_exactly_one_object_with_every_field() {
             assert!(a[key].is_number(), "{} lacks {key}", a["name"]);
         }
     }
-    // The table's own accounting is counted by the binary's allocator.
+    // The table's heap is counted by the binary's allocator: at least the 64-byte record per
+    // node; small tables also pay for their per-class buckets (the 1M-node figure is ~145).
     let bytes = v["bytes_per_node"].as_f64().unwrap();
-    assert!(bytes > 64.0 && bytes < 256.0, "bytes per node {bytes}");
+    assert!(bytes > 64.0 && bytes < 1024.0, "bytes per node {bytes}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! The candidate source is a best-first walk over *units* — one zone's feasible classes in one
 //! height tier — keyed by a lower bound on latency from the origin (distance to the zone's
 //! centroid plus the tier's floor). Inside a unit, nodes are probed from a random position
-//! (seeded RNG), 32 at a time with their records prefetched, until `k` feasible candidates are
+//! (seeded RNG) along records stored back to back, until `k` feasible candidates are
 //! scored (the limit stage; `k = max(2, ceil(log2 N))` by default, Nomad's rule). A decision
 //! therefore touches a few dozen nodes however large the table is. Only when the visit budget
 //! runs out with nothing feasible does the walk go on to the end, so a refusal is exact.
@@ -25,7 +25,7 @@ use crate::vivaldi::Coordinate;
 /// Extra key (ms) for zones that already hold a replica: visited after every other zone
 /// within a second, which is what "preferably distinct zones" means here.
 const SPREAD_PENALTY_MS: f32 = 1000.0;
-/// Nodes probed per batch of prefetches (a decision wants ~20 at a million nodes).
+/// Records prefetched per run (a decision wants ~20 at a million nodes).
 const CHUNK: usize = 32;
 
 /// How many feasible candidates one decision scores (the limit stage).
@@ -245,7 +245,7 @@ impl Placer {
         Ok(Placement {
             node: table.ids[c.slot as usize],
             slot,
-            zone: ZoneId(table.hot[c.slot as usize].zone),
+            zone: ZoneId(table.rec(c.slot).zone),
             score: c.score,
         })
     }
@@ -414,31 +414,20 @@ impl Walk<'_> {
             ci += 1;
         }
         let mut remaining = total;
-        let mut window = [0u32; CHUNK];
         while remaining > 0 {
-            let mut n = 0;
-            while n < CHUNK && remaining > 0 {
-                let b = bucket(ci);
-                let take = (b.len() - pos).min(CHUNK - n).min(remaining);
-                window[n..n + take].copy_from_slice(&b[pos..pos + take]);
-                n += take;
-                pos += take;
-                remaining -= take;
-                if pos >= b.len() {
-                    pos = 0;
-                    ci = (ci + 1) % classes.len();
-                }
+            // A run of records stored back to back: prefetch it whole, then judge each.
+            let b = bucket(ci);
+            let take = (b.len() - pos).min(CHUNK).min(remaining);
+            let run = &b[pos..pos + take];
+            for node in run {
+                prefetch(node);
             }
-            for &slot in &window[..n] {
-                prefetch(&self.table.hot[slot as usize]);
-            }
-            for &slot in &window[..n] {
+            for node in run {
                 *visits += 1;
-                let node = &self.table.hot[slot as usize];
-                match self.rr.node_refusal(node, slot) {
+                match self.rr.node_refusal(node, node.slot) {
                     Some(kind) => diagnosis.add(kind, 1),
                     None => s.candidates.push(Candidate {
-                        slot,
+                        slot: node.slot,
                         score: self.rr.score_node(node),
                     }),
                 }
@@ -446,6 +435,12 @@ impl Walk<'_> {
                 if have >= self.want || (*visits >= self.budget && have >= self.need) {
                     return true;
                 }
+            }
+            pos += take;
+            remaining -= take;
+            if pos >= b.len() {
+                pos = 0;
+                ci = (ci + 1) % classes.len();
             }
         }
         false

@@ -286,7 +286,7 @@ impl ResolvedRequest {
         for id in &req.existing {
             if let Some(slot) = table.slot_of(*id) {
                 avoid.push(slot.0);
-                avoid_zones.push(table.hot[slot.0 as usize].zone);
+                avoid_zones.push(table.rec(slot.0).zone);
             }
         }
         avoid.sort_unstable();

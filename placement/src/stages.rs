@@ -264,14 +264,14 @@ impl ResolvedRequest {
 
     /// Why the node in `slot` cannot host this request, or `None` if it can.
     pub fn refusal(&self, table: &NodeTable, slot: Slot) -> Option<FilterKind> {
-        let node = &table.hot[slot.0 as usize];
+        let node = table.rec(slot.0);
         self.class_refusal(table, &table.classes[node.class as usize])
             .or_else(|| self.node_refusal(node, slot.0))
     }
 
     /// The score the node in `slot` would get (it must be live; feasibility is not checked).
     pub fn score(&self, table: &NodeTable, slot: Slot) -> Score {
-        self.score_node(&table.hot[slot.0 as usize])
+        self.score_node(table.rec(slot.0))
     }
 
     #[inline]

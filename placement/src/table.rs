@@ -1,10 +1,12 @@
 //! The node table: every known node in one dense array, plus the candidate indexes placement
 //! walks instead of scanning.
 //!
-//! Layout (why not pure struct-of-arrays): a decision touches ~20 random nodes and reads nearly
-//! every placement field of each. One 64-byte, cache-line-aligned hot record per node makes that
-//! one cache miss per candidate instead of one per field; fields no decision reads (the id, the
-//! labels) live in side arrays or in the node's class.
+//! Layout (why not pure struct-of-arrays): a decision probes ~20 nodes of one index bucket and
+//! reads nearly every placement field of each. So each node has one 64-byte, cache-line-aligned
+//! hot record, and the records are stored *in* their bucket: a probe window is a contiguous run
+//! of memory (one TLB entry, sequential prefetch) instead of 20 random cache misses across the
+//! whole table. A slot (stable for the node's life) finds its record through a small location
+//! array; fields no decision reads (the id, the labels) live in side arrays or in the class.
 //!
 //! Indexes: nodes sharing zone, arch, runtimes and labels form a *class* (Nomad's computed node
 //! class), so those filters run once per class. Each class splits its members into *tiers* by
@@ -49,8 +51,6 @@ pub const TIGHT_TIER_SHIFT: u8 = 3;
 pub const MAX_NODES: usize = u32::MAX as usize - 1;
 /// Most zones one table can hold (zone indexes are `u16`).
 pub const MAX_ZONES: usize = u16::MAX as usize;
-
-const VACANT: u8 = u8::MAX;
 
 /// Dense index of a node inside one table; valid until that node leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -112,7 +112,8 @@ pub(crate) struct HotNode {
     pub bandwidth: Bandwidth,
     pub reputation: f32,
     pub class: u32,
-    pub bucket_pos: u32,
+    /// The node's stable slot (the record itself moves between buckets).
+    pub slot: u32,
     pub zone: u16,
     pub state: u8,
     pub tier: u8,
@@ -120,6 +121,7 @@ pub(crate) struct HotNode {
 
 const _: () = assert!(size_of::<HotNode>() == 64);
 
+#[cfg(test)]
 impl HotNode {
     const EMPTY: HotNode = HotNode {
         coord: Coordinate::ORIGIN,
@@ -131,9 +133,9 @@ impl HotNode {
         },
         reputation: 0.0,
         class: u32::MAX,
-        bucket_pos: u32::MAX,
+        slot: u32::MAX,
         zone: u16::MAX,
-        state: VACANT,
+        state: NodeState::Down as u8,
         tier: 0,
     };
 }
@@ -146,8 +148,8 @@ pub(crate) struct Class {
     pub arch: Arch,
     pub runtimes: RuntimeSet,
     pub labels: u32,
-    /// Member slots per height tier.
-    tiers: [Vec<u32>; TIERS],
+    /// Member records per tier.
+    tiers: [Vec<HotNode>; TIERS],
     /// Members in all tiers.
     len: u32,
     /// Bit `t` set when tier `t` has members.
@@ -180,32 +182,58 @@ impl Class {
         self.occupied
     }
 
-    /// The members of one tier.
+    /// The member records of one tier.
     #[inline]
-    pub fn tier(&self, tier: usize) -> &[u32] {
+    pub fn tier(&self, tier: usize) -> &[HotNode] {
         &self.tiers[tier]
     }
 
-    /// Files `slot` in `tier`; returns its position there.
-    fn push(&mut self, tier: u8, slot: u32) -> u32 {
-        let bucket = &mut self.tiers[tier as usize];
-        bucket.push(slot);
+    /// Files a record in its tier; returns its position there.
+    fn push(&mut self, node: HotNode) -> u32 {
+        let bucket = &mut self.tiers[node.tier as usize];
+        bucket.push(node);
         self.len += 1;
-        self.occupied |= 1 << tier;
+        self.occupied |= 1 << node.tier;
         (bucket.len() - 1) as u32
     }
 
-    /// Removes the member at `pos` of `tier` in O(1); returns the slot moved into `pos`.
-    fn swap_remove(&mut self, tier: u8, pos: u32) -> Option<u32> {
+    /// Takes the record at `pos` of `tier` out in O(1); also returns the slot of the record
+    /// moved into `pos`, whose location must be updated.
+    fn swap_remove(&mut self, tier: u8, pos: u32) -> (HotNode, Option<u32>) {
         let bucket = &mut self.tiers[tier as usize];
-        bucket.swap_remove(pos as usize);
+        let node = bucket.swap_remove(pos as usize);
         self.len -= 1;
         if bucket.is_empty() {
             self.occupied &= !(1 << tier);
         }
-        bucket.get(pos as usize).copied()
+        (node, bucket.get(pos as usize).map(|n| n.slot))
     }
 }
+
+/// Where a slot's record is: class (28 bits), tier (4 bits), position (32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc(u64);
+
+impl Loc {
+    const VACANT: Loc = Loc(u64::MAX);
+
+    fn new(class: u32, tier: u8, pos: u32) -> Self {
+        debug_assert!(class < 1 << 28 && (tier as usize) < 16);
+        Loc(u64::from(class) << 36 | u64::from(tier) << 32 | u64::from(pos))
+    }
+    fn class(self) -> usize {
+        (self.0 >> 36) as usize
+    }
+    fn tier(self) -> usize {
+        ((self.0 >> 32) & 0xF) as usize
+    }
+    fn pos(self) -> usize {
+        (self.0 & 0xFFFF_FFFF) as usize
+    }
+}
+
+/// Most node classes one table can hold (a location packs the class into 28 bits).
+pub const MAX_CLASSES: usize = 1 << 28;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Zone {
@@ -265,7 +293,8 @@ pub struct NodeView<'a> {
 /// Every node known to a placement engine, with the indexes decisions walk.
 #[derive(Clone, Debug, Default)]
 pub struct NodeTable {
-    pub(crate) hot: Vec<HotNode>,
+    /// Slot -> where its record is.
+    locs: Vec<Loc>,
     pub(crate) ids: Vec<NodeId>,
     by_id: FxHashMap<NodeId, u32>,
     free_slots: Vec<u32>,
@@ -325,7 +354,7 @@ impl NodeTable {
     /// An empty table with room for `nodes` nodes before it reallocates.
     pub fn with_capacity(nodes: usize) -> Self {
         let mut t = Self::default();
-        t.hot.reserve_exact(nodes);
+        t.locs.reserve_exact(nodes);
         t.ids.reserve_exact(nodes);
         t.by_id.reserve(nodes);
         t
@@ -343,15 +372,40 @@ impl NodeTable {
 
     /// One past the highest slot index; iterate `0..slot_bound()` and skip vacant slots.
     pub fn slot_bound(&self) -> u32 {
-        self.hot.len() as u32
+        self.locs.len() as u32
+    }
+
+    /// Every live slot, in the order the records are stored (bucket by bucket), so a full
+    /// scan in this order reads memory sequentially.
+    pub fn slots_in_storage_order(&self) -> Vec<Slot> {
+        let mut out = Vec::with_capacity(self.live);
+        for class in &self.classes {
+            for bucket in &class.tiers {
+                out.extend(bucket.iter().map(|n| Slot(n.slot)));
+            }
+        }
+        out
     }
 
     /// Whether `slot` currently holds a node.
     #[inline]
     pub fn is_live(&self, slot: Slot) -> bool {
-        self.hot
+        self.locs
             .get(slot.0 as usize)
-            .is_some_and(|h| h.state != VACANT)
+            .is_some_and(|l| *l != Loc::VACANT)
+    }
+
+    /// The record of a live slot.
+    #[inline]
+    pub(crate) fn rec(&self, slot: u32) -> &HotNode {
+        let l = self.locs[slot as usize];
+        &self.classes[l.class()].tiers[l.tier()][l.pos()]
+    }
+
+    #[inline]
+    fn rec_mut(&mut self, slot: u32) -> &mut HotNode {
+        let l = self.locs[slot as usize];
+        &mut self.classes[l.class()].tiers[l.tier()][l.pos()]
     }
 
     /// The slot of node `id`, if it is in the table.
@@ -370,7 +424,7 @@ impl NodeTable {
         if !self.is_live(slot) {
             return None;
         }
-        let h = &self.hot[slot.0 as usize];
+        let h = self.rec(slot.0);
         let class = &self.classes[h.class as usize];
         let zone = &self.zones[h.zone as usize];
         Some(NodeView {
@@ -394,7 +448,7 @@ impl NodeTable {
         if !self.is_live(slot) {
             return Vec::new();
         }
-        let class = &self.classes[self.hot[slot.0 as usize].class as usize];
+        let class = &self.classes[self.rec(slot.0).class as usize];
         self.labelsets[class.labels as usize]
             .iter()
             .map(|(k, v)| {
@@ -490,6 +544,9 @@ impl NodeTable {
         if new_zone && self.zones.len() >= MAX_ZONES {
             return Err(TableError::Full(MAX_ZONES, "zones"));
         }
+        if self.classes.len() >= MAX_CLASSES {
+            return Err(TableError::Full(MAX_CLASSES, "node classes"));
+        }
 
         // Validated: from here on nothing fails.
         let zone = self.intern_zone(&spec.region, &spec.zone);
@@ -503,9 +560,9 @@ impl NodeTable {
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
-                self.hot.push(HotNode::EMPTY);
+                self.locs.push(Loc::VACANT);
                 self.ids.push(id);
-                (self.hot.len() - 1) as u32
+                (self.locs.len() - 1) as u32
             }
         };
         let mut node = HotNode {
@@ -515,14 +572,14 @@ impl NodeTable {
             bandwidth: spec.bandwidth,
             reputation: spec.reputation,
             class,
-            bucket_pos: 0,
+            slot,
             zone,
             state: spec.state as u8,
             tier: 0,
         };
         node.tier = tier_for(&node);
-        node.bucket_pos = self.classes[class as usize].push(node.tier, slot);
-        self.hot[slot as usize] = node;
+        let pos = self.classes[class as usize].push(node);
+        self.locs[slot as usize] = Loc::new(class, node.tier, pos);
         self.ids[slot as usize] = id;
         self.by_id.insert(id, slot);
         let z = &mut self.zones[zone as usize];
@@ -538,14 +595,13 @@ impl NodeTable {
     /// Removes a node; its slot may be reused by a later join.
     pub fn leave(&mut self, id: NodeId) -> Result<()> {
         let slot = self.by_id.remove(&id).ok_or(TableError::UnknownNode(id))?;
-        let h = self.hot[slot as usize];
-        self.unlink(slot, h.class, h.tier, h.bucket_pos);
+        let h = self.unlink(slot);
+        self.locs[slot as usize] = Loc::VACANT;
         let z = &mut self.zones[h.zone as usize];
         z.count -= 1;
         for (s, v) in z.vec_sum.iter_mut().zip(h.coord.vec) {
             *s -= f64::from(v);
         }
-        self.hot[slot as usize] = HotNode::EMPTY;
         self.free_slots.push(slot);
         self.live -= 1;
         self.moves_since_order += 1;
@@ -555,14 +611,13 @@ impl NodeTable {
     /// Replaces the free capacity a heartbeat reported (capped at the node's capacity).
     pub fn set_free(&mut self, id: NodeId, free: Resources) -> Result<()> {
         let slot = self.slot_checked(id)?;
-        let h = &mut self.hot[slot as usize];
-        if !free.fits_in(&h.cap) {
+        if !free.fits_in(&self.rec(slot).cap) {
             return Err(TableError::InvalidSpec {
                 id,
                 reason: "free capacity exceeds total capacity",
             });
         }
-        h.free = free;
+        self.rec_mut(slot).free = free;
         self.refile(slot);
         Ok(())
     }
@@ -576,7 +631,7 @@ impl NodeTable {
                 reason: "reputation must be a number within [0, 1]",
             });
         }
-        self.hot[slot as usize].reputation = reputation;
+        self.rec_mut(slot).reputation = reputation;
         self.refile(slot);
         Ok(())
     }
@@ -584,7 +639,7 @@ impl NodeTable {
     /// Sets a node's lifecycle state.
     pub fn set_state(&mut self, id: NodeId, state: NodeState) -> Result<()> {
         let slot = self.slot_checked(id)?;
-        self.hot[slot as usize].state = state as u8;
+        self.rec_mut(slot).state = state as u8;
         self.refile(slot);
         Ok(())
     }
@@ -598,12 +653,12 @@ impl NodeTable {
                 reason: "coordinate must be finite with a non-negative height",
             });
         }
-        let h = self.hot[slot as usize];
+        let h = *self.rec(slot);
         let z = &mut self.zones[h.zone as usize];
         for ((s, new), old) in z.vec_sum.iter_mut().zip(coordinate.vec).zip(h.coord.vec) {
             *s += f64::from(new) - f64::from(old);
         }
-        self.hot[slot as usize].coord = coordinate;
+        self.rec_mut(slot).coord = coordinate;
         self.refile(slot);
         self.moves_since_order += 1;
         Ok(())
@@ -623,13 +678,13 @@ impl NodeTable {
     }
 
     pub(crate) fn release_slot(&mut self, slot: Slot, amount: &Resources) {
-        let h = &mut self.hot[slot.0 as usize];
+        let h = self.rec_mut(slot.0);
         h.free = h.free.add_capped(amount, &h.cap);
         self.refile(slot.0);
     }
 
     pub(crate) fn reserve_slot(&mut self, slot: Slot, amount: &Resources) -> Result<()> {
-        let h = &mut self.hot[slot.0 as usize];
+        let h = self.rec_mut(slot.0);
         match h.free.checked_sub(amount) {
             Some(left) => {
                 h.free = left;
@@ -639,7 +694,7 @@ impl NodeTable {
             None => Err(TableError::InsufficientCapacity {
                 id: self.ids[slot.0 as usize],
                 asked: *amount,
-                free: h.free,
+                free: self.rec(slot.0).free,
             }),
         }
     }
@@ -651,27 +706,29 @@ impl NodeTable {
             .ok_or(TableError::UnknownNode(id))
     }
 
-    /// Moves a node to the tier its height and free capacity call for, if it changed.
+    /// Moves a node's record to the tier its state calls for, if that changed.
     #[inline]
     fn refile(&mut self, slot: u32) {
-        let h = self.hot[slot as usize];
+        let h = *self.rec(slot);
         let tier = tier_for(&h);
         if tier != h.tier {
-            self.unlink(slot, h.class, h.tier, h.bucket_pos);
-            let pos = self.classes[h.class as usize].push(tier, slot);
-            let hm = &mut self.hot[slot as usize];
-            hm.tier = tier;
-            hm.bucket_pos = pos;
+            let mut node = self.unlink(slot);
+            node.tier = tier;
+            let pos = self.classes[node.class as usize].push(node);
+            self.locs[slot as usize] = Loc::new(node.class, tier, pos);
         }
     }
 
-    /// Removes `slot` from its class bucket in O(1), fixing the position of the node moved.
-    fn unlink(&mut self, slot: u32, class: u32, tier: u8, pos: u32) {
-        let class = &mut self.classes[class as usize];
-        debug_assert_eq!(class.tier(tier as usize)[pos as usize], slot);
-        if let Some(moved) = class.swap_remove(tier, pos) {
-            self.hot[moved as usize].bucket_pos = pos;
+    /// Takes `slot`'s record out of its bucket in O(1), fixing the location of the record
+    /// moved into its place; the slot's own location is left for the caller to set.
+    fn unlink(&mut self, slot: u32) -> HotNode {
+        let l = self.locs[slot as usize];
+        let (node, moved) = self.classes[l.class()].swap_remove(l.tier() as u8, l.pos() as u32);
+        debug_assert_eq!(node.slot, slot);
+        if let Some(moved) = moved {
+            self.locs[moved as usize] = l;
         }
+        node
     }
 
     fn intern_zone(&mut self, region: &str, zone: &str) -> u16 {
@@ -823,17 +880,19 @@ impl NodeTable {
                 return Err(format!("class {ci} counts are stale"));
             }
             for (t, bucket) in class.tiers.iter().enumerate() {
-                for (pos, &slot) in bucket.iter().enumerate() {
-                    let h = &self.hot[slot as usize];
-                    if h.state == VACANT {
-                        return Err(format!("vacant slot {slot} indexed"));
+                for (pos, h) in bucket.iter().enumerate() {
+                    let slot = h.slot;
+                    let here = Loc::new(ci as u32, t as u8, pos as u32);
+                    if self.locs.get(slot as usize) != Some(&here) {
+                        return Err(format!(
+                            "slot {slot}'s location does not point at its record"
+                        ));
                     }
-                    if h.class as usize != ci
-                        || h.zone != class.zone
-                        || h.tier as usize != t
-                        || h.bucket_pos as usize != pos
-                    {
-                        return Err(format!("slot {slot} indexed at the wrong place"));
+                    if self.by_id.get(&self.ids[slot as usize]) != Some(&slot) {
+                        return Err(format!("slot {slot} is not mapped from its id"));
+                    }
+                    if h.class as usize != ci || h.zone != class.zone || h.tier as usize != t {
+                        return Err(format!("slot {slot} filed in the wrong class or tier"));
                     }
                     if tier_for(h) as usize != t {
                         return Err(format!(
@@ -1007,7 +1066,7 @@ mod tests {
         .unwrap();
         t.check_invariants().unwrap();
         let slot = t.slot_of(NodeId(3)).unwrap();
-        assert_eq!(t.hot[slot.0 as usize].tier, tier_of(20.0));
+        assert_eq!(t.rec(slot.0).tier, tier_of(20.0));
         assert_eq!(t.node(slot).unwrap().coordinate.height_ms, 20.0);
     }
 
@@ -1022,10 +1081,10 @@ mod tests {
         let slot = t.slot_of(NodeId(1)).unwrap();
         assert_eq!(t.node(slot).unwrap().free.cpu_millis, 1000);
         t.reserve(NodeId(1), &Resources::new(990, 0, 0)).unwrap();
-        assert_eq!(t.hot[slot.0 as usize].tier, PARKED_TIER);
+        assert_eq!(t.rec(slot.0).tier, PARKED_TIER);
         t.check_invariants().unwrap();
         t.release(NodeId(1), &big).unwrap();
-        assert_ne!(t.hot[slot.0 as usize].tier, PARKED_TIER);
+        assert_ne!(t.rec(slot.0).tier, PARKED_TIER);
         t.release(NodeId(1), &big).unwrap();
         assert_eq!(t.node(slot).unwrap().free, t.node(slot).unwrap().capacity);
     }
