@@ -37,7 +37,7 @@ fn decision(c: &mut Criterion) {
             .filter(|r| r.class == RequestClass::SingleFunction)
             .map(|r| r.request)
             .collect();
-        let mut placer = Placer::new(PlacerConfig::default(), 1);
+        let mut placer = Placer::new(PlacerConfig::default(), 1).expect("default config is valid");
         let asks: Vec<_> = requests
             .iter()
             .map(|r| {

@@ -12,8 +12,8 @@
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use stellar_placement::{
-    Diagnosis, NodeTable, Placement, PlacementError, PlacementRequest, Placer, PlacerConfig,
-    ResolvedRequest, Score, Slot,
+    ConfigError, Diagnosis, NodeTable, Placement, PlacementError, PlacementRequest, Placer,
+    PlacerConfig, ResolvedRequest, Score, Slot,
 };
 
 /// A placement algorithm under test.
@@ -87,21 +87,17 @@ pub struct Baseline {
     rng: Pcg64Mcg,
     /// kube-scheduler's `nextStartNodeIndex`.
     next_start: u32,
-    /// The node list the scanning rules walk: slots in storage order, so a scan reads memory
-    /// sequentially (kinder to them than kube's and Nomad's pointer lists).
-    scan_order: Vec<Slot>,
 }
 
 impl Baseline {
     /// A baseline scoring with `config`'s weights, seeded for reproducibility.
-    pub fn new(rule: Rule, config: PlacerConfig, seed: u64) -> Self {
-        Baseline {
+    pub fn new(rule: Rule, config: PlacerConfig, seed: u64) -> Result<Self, ConfigError> {
+        Ok(Baseline {
             rule,
-            resolver: Placer::new(config, seed),
+            resolver: Placer::new(config, seed)?,
             rng: Pcg64Mcg::seed_from_u64(seed),
             next_start: 0,
-            scan_order: Vec::new(),
-        }
+        })
     }
 
     /// kube-scheduler's number of feasible nodes to find before scoring.
@@ -116,41 +112,39 @@ impl Baseline {
         if bound == 0 {
             return None;
         }
-        if self.scan_order.len() != table.len() {
-            self.scan_order = table.slots_in_storage_order();
-        }
-        let order = &self.scan_order;
         let mut best: Option<(Slot, Score)> = None;
         let consider = |slot: Slot, best: &mut Option<(Slot, Score)>| {
-            let s = rr.score(table, slot);
-            if best.is_none_or(|(_, b)| s.total > b.total) {
+            if let Some(s) = rr.score(table, slot)
+                && best.is_none_or(|(_, b)| s.total > b.total)
+            {
                 *best = Some((slot, s));
             }
         };
-        let feasible = |slot: Slot| table.is_live(slot) && rr.refusal(table, slot).is_none();
+        let feasible = |slot: Slot| rr.refusal(table, slot).is_none();
         match self.rule {
             Rule::Exhaustive => {
-                for &slot in order {
+                // Order does not matter to a full scan: walk the records as they are stored.
+                table.for_each_slot(|slot| {
                     if feasible(slot) {
                         consider(slot, &mut best);
                     }
-                }
+                });
             }
             Rule::KubeAdaptive => {
+                // kube's node list interleaves zones; join order (slot order) does too here.
                 let want = Self::kube_nodes_to_find(table.len());
-                let n = order.len() as u32;
-                let start = self.next_start % n;
+                let start = self.next_start % bound;
                 let mut found = 0;
                 let mut processed = 0;
-                while processed < n && found < want {
-                    let slot = order[((start + processed) % n) as usize];
+                while processed < bound && found < want {
+                    let slot = Slot((start + processed) % bound);
                     processed += 1;
                     if feasible(slot) {
                         found += 1;
                         consider(slot, &mut best);
                     }
                 }
-                self.next_start = (start + processed) % n;
+                self.next_start = (start + processed) % bound;
             }
             Rule::NomadLog2 => {
                 let want = self.resolver.sample_size(table.len());

@@ -15,7 +15,7 @@ pub use error::{PlacementError, Result};
 pub use node::{
     Arch, ArchSet, Bandwidth, NodeId, NodeSpec, NodeState, Resources, Runtime, RuntimeSet,
 };
-pub use placer::{Placement, Placer, PlacerConfig, SampleSize, SearchStats};
+pub use placer::{ConfigError, Placement, Placer, PlacerConfig, SampleSize, SearchStats};
 pub use request::{
     Fit, LabelConstraint, LabelOp, Origin, PlacementRequest, RequestError, ResolvedRequest,
     WorkloadKind,

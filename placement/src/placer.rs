@@ -54,6 +54,50 @@ pub struct PlacerConfig {
     pub min_reputation: f32,
 }
 
+/// A placer configuration that would make scores meaningless.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// A weight is negative, NaN or infinite, or all weights are zero.
+    #[error("scorer weights must be finite and non-negative, and not all zero: {0:?}")]
+    Weights(Weights),
+    /// The latency scale is not a positive number.
+    #[error("latency_scale_ms must be a positive number, got {0}")]
+    LatencyScale(f32),
+    /// The default reputation floor is outside [0, 1].
+    #[error("min_reputation must be within [0, 1], got {0}")]
+    MinReputation(f32),
+    /// The batch probe ratio is below 1 or not finite.
+    #[error("batch_probe_ratio must be a number of at least 1, got {0}")]
+    ProbeRatio(f32),
+    /// A fixed sample size of zero, or a zero visit budget.
+    #[error("sample size and visit budget must be at least 1")]
+    ZeroLimit,
+}
+
+impl PlacerConfig {
+    /// Checks the configuration; `Placer::new` refuses what this refuses.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        let w = &self.weights;
+        let all = [w.latency, w.reputation, w.fit, w.zone_spread];
+        if all.iter().any(|x| !x.is_finite() || *x < 0.0) || all.iter().all(|x| *x == 0.0) {
+            return Err(ConfigError::Weights(*w));
+        }
+        if !(self.latency_scale_ms.is_finite() && self.latency_scale_ms > 0.0) {
+            return Err(ConfigError::LatencyScale(self.latency_scale_ms));
+        }
+        if !(self.min_reputation.is_finite() && (0.0..=1.0).contains(&self.min_reputation)) {
+            return Err(ConfigError::MinReputation(self.min_reputation));
+        }
+        if !(self.batch_probe_ratio.is_finite() && self.batch_probe_ratio >= 1.0) {
+            return Err(ConfigError::ProbeRatio(self.batch_probe_ratio));
+        }
+        if self.sample == SampleSize::Fixed(0) || self.visit_budget_per_candidate == 0 {
+            return Err(ConfigError::ZeroLimit);
+        }
+        Ok(())
+    }
+}
+
 impl Default for PlacerConfig {
     fn default() -> Self {
         PlacerConfig {
@@ -125,15 +169,16 @@ pub struct Placer {
 }
 
 impl Placer {
-    /// A placer whose random choices all follow from `seed`.
-    pub fn new(config: PlacerConfig, seed: u64) -> Self {
-        Placer {
+    /// A placer whose random choices all follow from `seed`; refuses an invalid config.
+    pub fn new(config: PlacerConfig, seed: u64) -> std::result::Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Placer {
             config,
             rng: Pcg64Mcg::seed_from_u64(seed),
             scratch: Scratch::default(),
             diagnosis: Diagnosis::default(),
             stats: SearchStats::default(),
-        }
+        })
     }
 
     /// Work done by all searches so far.
@@ -182,6 +227,13 @@ impl Placer {
         let mut rr = self.resolve(table, req)?;
         let k = self.sample_size(table.len());
         let count = rr.count as usize;
+        if count > table.len() {
+            return Err(RequestError::CountExceedsNodes {
+                count: rr.count,
+                nodes: table.len(),
+            }
+            .into());
+        }
         let mut out = Vec::with_capacity(count);
         match rr.kind {
             WorkloadKind::Function => {
@@ -192,7 +244,13 @@ impl Placer {
                         Self::rollback(table, &out, &rr);
                         return Err(self.shortfall(rr.count, placed));
                     };
-                    let p = Self::commit(table, best, &rr)?;
+                    let p = match Self::commit(table, best, &rr) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            Self::rollback(table, &out, &rr);
+                            return Err(e);
+                        }
+                    };
                     rr.avoid_slot(p.slot.0, p.zone.0);
                     out.push(p);
                 }
@@ -545,7 +603,7 @@ mod tests {
     #[test]
     fn picks_a_fast_node_in_the_nearest_zone() {
         let mut t = table();
-        let mut p = Placer::new(PlacerConfig::default(), 1);
+        let mut p = Placer::new(PlacerConfig::default(), 1).unwrap();
         let req = PlacementRequest {
             origin: near(99.0),
             ..Default::default()
@@ -568,7 +626,7 @@ mod tests {
         let mut t = NodeTable::new();
         t.join(node(1, "a", 0.0, 1.0)).unwrap();
         t.join(node(2, "a", 0.0, 30.0)).unwrap();
-        let mut p = Placer::new(PlacerConfig::default(), 1);
+        let mut p = Placer::new(PlacerConfig::default(), 1).unwrap();
         let req = PlacementRequest {
             cpu_cores: 1.5,
             ..Default::default()
@@ -595,7 +653,7 @@ mod tests {
     fn refusal_counts_every_node_once() {
         let mut t = table();
         t.set_state(NodeId(0), NodeState::Down).unwrap();
-        let mut p = Placer::new(PlacerConfig::default(), 1);
+        let mut p = Placer::new(PlacerConfig::default(), 1).unwrap();
         let req = PlacementRequest {
             runtime: Runtime::Container,
             arch: ArchSet::only(Arch::Aarch64),
@@ -627,7 +685,7 @@ mod tests {
     #[test]
     fn replicas_go_to_distinct_nodes_and_zones() {
         let mut t = table();
-        let mut p = Placer::new(PlacerConfig::default(), 9);
+        let mut p = Placer::new(PlacerConfig::default(), 9).unwrap();
         let req = PlacementRequest {
             count: 3,
             origin: near(0.0),
@@ -652,7 +710,7 @@ mod tests {
     #[test]
     fn region_constraint_and_unknown_region() {
         let mut t = table();
-        let mut p = Placer::new(PlacerConfig::default(), 2);
+        let mut p = Placer::new(PlacerConfig::default(), 2).unwrap();
         let req = PlacementRequest {
             region: Some("west".into()),
             origin: near(0.0),
@@ -675,7 +733,7 @@ mod tests {
     fn batch_is_all_or_nothing() {
         let mut t = table();
         let before = t.clone();
-        let mut p = Placer::new(PlacerConfig::default(), 3);
+        let mut p = Placer::new(PlacerConfig::default(), 3).unwrap();
         let req = PlacementRequest {
             kind: WorkloadKind::Batch,
             count: 50,
@@ -689,15 +747,23 @@ mod tests {
         nodes.sort();
         nodes.dedup();
         assert_eq!(nodes.len(), 50);
-        let huge = PlacementRequest { count: 601, ..req };
+        // 300 nodes are on telecom: 301 tasks cannot all fit, so none is placed.
+        let huge = PlacementRequest {
+            count: 301,
+            labels: vec![LabelConstraint {
+                key: "isp".into(),
+                op: LabelOp::Equals("telecom".into()),
+            }],
+            ..req
+        };
         let mut t2 = before.clone();
         let err = p.place(&mut t2, &huge).unwrap_err();
         assert!(
             matches!(
                 err,
                 PlacementError::NotEnoughNodes {
-                    wanted: 601,
-                    found: 600,
+                    wanted: 301,
+                    found: 300,
                     ..
                 }
             ),
@@ -715,7 +781,7 @@ mod tests {
     fn same_seed_same_placements() {
         let run = |seed| {
             let mut t = table();
-            let mut p = Placer::new(PlacerConfig::default(), seed);
+            let mut p = Placer::new(PlacerConfig::default(), seed).unwrap();
             (0..50)
                 .map(|i| {
                     let req = PlacementRequest {
@@ -735,8 +801,115 @@ mod tests {
     }
 
     #[test]
+    fn more_replicas_than_nodes_is_refused_at_once() {
+        let mut t = table();
+        let mut p = Placer::new(PlacerConfig::default(), 1).unwrap();
+        let req = PlacementRequest {
+            count: u32::MAX,
+            ..Default::default()
+        };
+        let err = p.place(&mut t, &req).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlacementError::Invalid(RequestError::CountExceedsNodes { nodes: 600, .. })
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        let bad = [
+            PlacerConfig {
+                latency_scale_ms: 0.0,
+                ..Default::default()
+            },
+            PlacerConfig {
+                weights: Weights {
+                    latency: f32::NAN,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            PlacerConfig {
+                weights: Weights {
+                    latency: 0.0,
+                    reputation: 0.0,
+                    fit: 0.0,
+                    zone_spread: 0.0,
+                },
+                ..Default::default()
+            },
+            PlacerConfig {
+                sample: SampleSize::Fixed(0),
+                ..Default::default()
+            },
+            PlacerConfig {
+                batch_probe_ratio: 0.5,
+                ..Default::default()
+            },
+            PlacerConfig {
+                min_reputation: 2.0,
+                ..Default::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(Placer::new(cfg, 0).is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn a_zone_that_empties_and_refills_is_found_again() {
+        let mut t = table();
+        let mut p = Placer::new(PlacerConfig::default(), 4).unwrap();
+        let in_a: Vec<NodeSpec> = (0..200).map(|i| node(i, "a", 0.0, 1.0)).collect();
+        for s in &in_a {
+            t.leave(s.id).unwrap();
+        }
+        // Decide once with zone a empty, so the cached order puts it last.
+        p.place(&mut t, &PlacementRequest::default()).unwrap();
+        for s in in_a {
+            t.join(s).unwrap();
+        }
+        let out = p
+            .place(
+                &mut t,
+                &PlacementRequest {
+                    origin: near(0.0),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(t.node(out[0].slot).unwrap().zone, "a");
+    }
+
+    #[test]
+    fn vacant_slots_are_refused_not_a_panic() {
+        let mut t = table();
+        let p = Placer::new(PlacerConfig::default(), 4).unwrap();
+        let slot = t.slot_of(NodeId(5)).unwrap();
+        t.leave(NodeId(5)).unwrap();
+        let rr = p.resolve(&t, &PlacementRequest::default()).unwrap();
+        assert_eq!(rr.refusal(&t, slot), Some(FilterKind::State));
+        assert_eq!(rr.score(&t, slot), None);
+        assert_eq!(rr.refusal(&t, Slot(1_000_000)), Some(FilterKind::State));
+    }
+
+    #[test]
+    fn empty_table_refuses_with_a_diagnosis() {
+        let mut t = NodeTable::new();
+        let mut p = Placer::new(PlacerConfig::default(), 4).unwrap();
+        let err = p.place(&mut t, &PlacementRequest::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("count 1 exceeds the 0 nodes"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn sample_size_follows_log2() {
-        let p = Placer::new(PlacerConfig::default(), 0);
+        let p = Placer::new(PlacerConfig::default(), 0).unwrap();
         assert_eq!(p.sample_size(0), 2);
         assert_eq!(p.sample_size(3), 2);
         assert_eq!(p.sample_size(10_000), 14);

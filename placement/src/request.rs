@@ -138,6 +138,16 @@ pub enum RequestError {
     /// Zero replicas or tasks.
     #[error("count must be at least 1 (zero replicas or tasks were asked for)")]
     ZeroCount,
+    /// More replicas or tasks than nodes: each needs a node of its own.
+    #[error(
+        "count {count} exceeds the {nodes} nodes known; each replica or task needs its own node"
+    )]
+    CountExceedsNodes {
+        /// Replicas or tasks asked for.
+        count: u32,
+        /// Nodes in the table.
+        nodes: usize,
+    },
     /// The region constraint names a region no node is in.
     #[error("unknown region `{name}`; known regions: {known}")]
     UnknownRegion {

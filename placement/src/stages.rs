@@ -262,16 +262,23 @@ impl ResolvedRequest {
             CpuFilter, MemoryFilter, DiskFilter, UplinkFilter)
     }
 
-    /// Why the node in `slot` cannot host this request, or `None` if it can.
+    /// Why the node in `slot` cannot host this request, or `None` if it can; a slot that
+    /// holds no node is refused as not ready.
     pub fn refusal(&self, table: &NodeTable, slot: Slot) -> Option<FilterKind> {
+        if !table.is_live(slot) {
+            return Some(FilterKind::State);
+        }
         let node = table.rec(slot.0);
         self.class_refusal(table, &table.classes[node.class as usize])
             .or_else(|| self.node_refusal(node, slot.0))
     }
 
-    /// The score the node in `slot` would get (it must be live; feasibility is not checked).
-    pub fn score(&self, table: &NodeTable, slot: Slot) -> Score {
-        self.score_node(table.rec(slot.0))
+    /// The score the node in `slot` would get (feasibility is not checked), or `None` if the
+    /// slot holds no node.
+    pub fn score(&self, table: &NodeTable, slot: Slot) -> Option<Score> {
+        table
+            .is_live(slot)
+            .then(|| self.score_node(table.rec(slot.0)))
     }
 
     #[inline]

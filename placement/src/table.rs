@@ -49,8 +49,9 @@ pub const TIGHT_TIER_SHIFT: u8 = 3;
 
 /// Most nodes one table can hold (slot indexes are `u32`, one value is reserved).
 pub const MAX_NODES: usize = u32::MAX as usize - 1;
-/// Most zones one table can hold (zone indexes are `u16`).
-pub const MAX_ZONES: usize = u16::MAX as usize;
+/// Most zones one table can hold: the nearest-first order is a zones x zones matrix, rebuilt
+/// when zones appear (32 MB and well under a second at this limit; cities, not streets).
+pub const MAX_ZONES: usize = 4096;
 
 /// Dense index of a node inside one table; valid until that node leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -375,16 +376,16 @@ impl NodeTable {
         self.locs.len() as u32
     }
 
-    /// Every live slot, in the order the records are stored (bucket by bucket), so a full
-    /// scan in this order reads memory sequentially.
-    pub fn slots_in_storage_order(&self) -> Vec<Slot> {
-        let mut out = Vec::with_capacity(self.live);
+    /// Calls `f` with every live slot, in the order the records are stored (bucket by
+    /// bucket), so a full scan reads memory sequentially.
+    pub fn for_each_slot(&self, mut f: impl FnMut(Slot)) {
         for class in &self.classes {
             for bucket in &class.tiers {
-                out.extend(bucket.iter().map(|n| Slot(n.slot)));
+                for n in bucket {
+                    f(Slot(n.slot));
+                }
             }
         }
-        out
     }
 
     /// Whether `slot` currently holds a node.
@@ -587,6 +588,10 @@ impl NodeTable {
         for (s, v) in z.vec_sum.iter_mut().zip(spec.coordinate.vec) {
             *s += f64::from(v);
         }
+        if z.count == 1 {
+            // A zone that was empty sits last in the cached order: re-sort before relying on it.
+            self.zone_order_stale = true;
+        }
         self.live += 1;
         self.moves_since_order += 1;
         Ok(Slot(slot))
@@ -602,13 +607,19 @@ impl NodeTable {
         for (s, v) in z.vec_sum.iter_mut().zip(h.coord.vec) {
             *s -= f64::from(v);
         }
+        if z.count == 0 {
+            z.vec_sum = [0.0; DIMENSIONS];
+            self.zone_order_stale = true;
+        }
         self.free_slots.push(slot);
         self.live -= 1;
         self.moves_since_order += 1;
         Ok(())
     }
 
-    /// Replaces the free capacity a heartbeat reported (capped at the node's capacity).
+    /// Replaces the free capacity a heartbeat reported. The caller accounts for reservations
+    /// the worker has not seen yet (the control plane subtracts in-flight allocations), or
+    /// the next decision may overcommit the node.
     pub fn set_free(&mut self, id: NodeId, free: Resources) -> Result<()> {
         let slot = self.slot_checked(id)?;
         if !free.fits_in(&self.rec(slot).cap) {
@@ -670,7 +681,7 @@ impl NodeTable {
         self.reserve_slot(Slot(slot), amount)
     }
 
-    /// Gives `amount` back to a node (capped at its capacity).
+    /// Gives `amount` back to a node, capped at its capacity: release each reservation once.
     pub fn release(&mut self, id: NodeId, amount: &Resources) -> Result<()> {
         let slot = self.slot_checked(id)?;
         self.release_slot(Slot(slot), amount);

@@ -95,6 +95,24 @@ pub enum VivaldiError {
     /// The peer's coordinate or error has non-finite components.
     #[error("peer coordinate is not finite")]
     InvalidPeer,
+    /// A gain, bound or radius of the configuration is not a positive finite number.
+    #[error("vivaldi configuration has a non-positive or non-finite constant: {0:?}")]
+    InvalidConfig(VivaldiConfig),
+}
+
+impl VivaldiConfig {
+    /// Whether every constant is a positive finite number (gains at most 1).
+    pub fn is_valid(&self) -> bool {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        positive(self.error_gain)
+            && self.error_gain <= 1.0
+            && positive(self.move_gain)
+            && self.move_gain <= 1.0
+            && positive(self.error_max)
+            && positive(self.height_min_ms)
+            && positive(self.gravity_rho_ms)
+            && positive(self.rtt_max_ms)
+    }
 }
 
 const ZERO_THRESHOLD: f64 = 1.0e-6;
@@ -143,6 +161,9 @@ impl VivaldiNode {
         rtt_ms: f64,
         rng: &mut R,
     ) -> Result<(), VivaldiError> {
+        if !config.is_valid() {
+            return Err(VivaldiError::InvalidConfig(*config));
+        }
         if !(rtt_ms.is_finite() && rtt_ms >= 0.0 && rtt_ms <= config.rtt_max_ms) {
             return Err(VivaldiError::InvalidRtt(rtt_ms));
         }
@@ -318,6 +339,22 @@ mod tests {
             node.observe(&cfg, &bad_peer, 1.0, 10.0, &mut rng),
             Err(VivaldiError::InvalidPeer)
         );
+        assert_eq!(node, before);
+    }
+
+    #[test]
+    fn an_invalid_config_is_refused() {
+        let mut rng = Pcg64Mcg::seed_from_u64(1);
+        let cfg = VivaldiConfig {
+            gravity_rho_ms: 0.0,
+            ..VivaldiConfig::default()
+        };
+        let mut node = VivaldiNode::new(&VivaldiConfig::default());
+        let before = node;
+        assert!(matches!(
+            node.observe(&cfg, &Coordinate::ORIGIN, 1.0, 10.0, &mut rng),
+            Err(VivaldiError::InvalidConfig(_))
+        ));
         assert_eq!(node, before);
     }
 

@@ -140,7 +140,7 @@ proptest! {
         table.refresh_zone_order();
         let initial = free_of(&table);
         let mut taken = vec![Resources::default(); table.slot_bound() as usize];
-        let mut placer = Placer::new(PlacerConfig::default(), seed);
+        let mut placer = Placer::new(PlacerConfig::default(), seed).unwrap();
         for req in &reqs {
             let before = table.clone();
             let resolved = match placer.resolve(&before, req) {
@@ -180,6 +180,10 @@ proptest! {
                     prop_assert!(feasible < wanted as usize, "{} feasible for {}", feasible, wanted);
                     prop_assert!(found as usize <= feasible);
                 }
+                Err(PlacementError::Invalid(RequestError::CountExceedsNodes { count, nodes })) => {
+                    prop_assert!(count as usize > nodes);
+                    prop_assert_eq!(free_of(&table), free_of(&before), "refusal changed the table");
+                }
                 Err(other) => prop_assert!(false, "unexpected error {}", other),
             }
             table.check_invariants().map_err(TestCaseError::fail)?;
@@ -195,7 +199,7 @@ proptest! {
     ) {
         let run = || {
             let mut table = random_table(n, seed);
-            let mut placer = Placer::new(PlacerConfig::default(), seed);
+            let mut placer = Placer::new(PlacerConfig::default(), seed).unwrap();
             reqs.iter()
                 .map(|r| placer.place(&mut table, r).map(|v| v.iter().map(|p| p.node).collect::<Vec<_>>()).ok())
                 .collect::<Vec<_>>()
@@ -207,7 +211,7 @@ proptest! {
     #[test]
     fn anti_affinity_with_existing_replicas(n in 10usize..300, seed in any::<u64>(), count in 1u32..5) {
         let mut table = random_table(n, seed);
-        let mut placer = Placer::new(PlacerConfig::default(), seed);
+        let mut placer = Placer::new(PlacerConfig::default(), seed).unwrap();
         let base = PlacementRequest { min_reputation: Some(0.0), cpu_cores: 0.0, memory_mib: 0.0, ..Default::default() };
         if let Ok(first) = placer.place(&mut table, &base) {
             let req = PlacementRequest { count, existing: vec![first[0].node], ..base };
