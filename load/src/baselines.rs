@@ -124,9 +124,9 @@ impl Baseline {
         match self.rule {
             Rule::Exhaustive => {
                 // Order does not matter to a full scan: walk the records as they are stored.
-                table.for_each_slot(|slot| {
-                    if feasible(slot) {
-                        consider(slot, &mut best);
+                rr.for_each_feasible(table, |slot, s| {
+                    if best.is_none_or(|(_, b)| s.total > b.total) {
+                        best = Some((slot, s));
                     }
                 });
             }

@@ -384,13 +384,7 @@ impl Replay<'_> {
     fn oracle(&self, table: &NodeTable, sim: &SimRequest) -> Option<(f64, f64)> {
         let rr = self.resolver.resolve(table, &sim.request).ok()?;
         let mut best: Option<(f64, f64)> = None;
-        table.for_each_slot(|slot| {
-            let Some(score) = rr.score(table, slot) else {
-                return;
-            };
-            if rr.refusal(table, slot).is_some() {
-                return;
-            }
+        rr.for_each_feasible(table, |slot, score| {
             let score = f64::from(score.total);
             let rtt = f64::from(self.rtt(sim, slot));
             best = Some(match best {

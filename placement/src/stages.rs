@@ -16,7 +16,7 @@ use std::fmt;
 
 use crate::node::NodeState;
 use crate::request::{Fit, ResolvedLabel, ResolvedRequest};
-use crate::table::{Class, HotNode, NodeTable, Slot};
+use crate::table::{Class, HotNode, NodeTable, Slot, TIERS};
 
 /// The filter stages, in the order they run; the names appear in refusals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -279,6 +279,24 @@ impl ResolvedRequest {
         table
             .is_live(slot)
             .then(|| self.score_node(table.rec(slot.0)))
+    }
+
+    /// Calls `f` with every feasible node and its score, walking the records as stored and
+    /// judging class filters once per class. A full scan: for baselines, oracles and
+    /// diagnostics, never for decisions.
+    pub fn for_each_feasible(&self, table: &NodeTable, mut f: impl FnMut(Slot, Score)) {
+        for class in &table.classes {
+            if class.len() == 0 || self.class_refusal(table, class).is_some() {
+                continue;
+            }
+            for tier in 0..TIERS {
+                for node in class.tier(tier) {
+                    if self.node_refusal(node, node.slot).is_none() {
+                        f(Slot(node.slot), self.score_node(node));
+                    }
+                }
+            }
+        }
     }
 
     #[inline]

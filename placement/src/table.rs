@@ -376,18 +376,6 @@ impl NodeTable {
         self.locs.len() as u32
     }
 
-    /// Calls `f` with every live slot, in the order the records are stored (bucket by
-    /// bucket), so a full scan reads memory sequentially.
-    pub fn for_each_slot(&self, mut f: impl FnMut(Slot)) {
-        for class in &self.classes {
-            for bucket in &class.tiers {
-                for n in bucket {
-                    f(Slot(n.slot));
-                }
-            }
-        }
-    }
-
     /// Whether `slot` currently holds a node.
     #[inline]
     pub fn is_live(&self, slot: Slot) -> bool {

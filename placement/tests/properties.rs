@@ -152,6 +152,14 @@ proptest! {
                     continue;
                 }
             };
+            let mut scanned = Vec::new();
+            resolved.for_each_feasible(&before, |slot, _| scanned.push(slot));
+            scanned.sort();
+            let brute: Vec<Slot> = (0..before.slot_bound())
+                .map(Slot)
+                .filter(|s| resolved.refusal(&before, *s).is_none())
+                .collect();
+            prop_assert_eq!(scanned, brute, "the full scan disagrees with the filters");
             match placer.place(&mut table, req) {
                 Ok(out) => {
                     prop_assert_eq!(out.len(), req.count as usize);
@@ -171,6 +179,7 @@ proptest! {
                 Err(PlacementError::NoFeasibleNode(d)) => {
                     prop_assert_eq!(free_of(&table), free_of(&before), "refusal changed the table");
                     let feasible = (0..before.slot_bound()).filter(|s| resolved.refusal(&before, Slot(*s)).is_none()).count();
+
                     prop_assert_eq!(feasible, 0, "refused although a node was feasible");
                     prop_assert_eq!(d.removed_total(), before.len() as u64);
                 }
