@@ -56,9 +56,9 @@ fi
 
 log "test suite"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
-  # nextest does not run doc tests.
+  # nextest does not run doc tests; run them first so nextest's summary closes the output.
   cargo test --workspace --locked --doc
+  cargo nextest run --workspace --locked --no-fail-fast
 else
   log "cargo-nextest not found; using cargo test"
   cargo test --workspace --locked --no-fail-fast
