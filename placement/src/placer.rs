@@ -19,7 +19,7 @@ use crate::error::{PlacementError, Result};
 use crate::node::NodeId;
 use crate::request::{PlacementRequest, RequestError, ResolvedRequest, WorkloadKind};
 use crate::stages::{Diagnosis, FilterKind, Score, Weights};
-use crate::table::{NodeTable, Slot, TIER_FLOOR_MS, TIERS, ZoneId};
+use crate::table::{Loc, NodeTable, Slot, TIER_FLOOR_MS, TIERS, ZoneId};
 use crate::vivaldi::Coordinate;
 
 /// Extra key (ms) for zones that already hold a replica: visited after every other zone
@@ -127,6 +127,8 @@ pub struct Placement {
 #[derive(Clone, Copy, Debug)]
 struct Candidate {
     slot: u32,
+    /// Where the record was when scored (a hint: batch commits may move records).
+    loc: Loc,
     score: Score,
 }
 
@@ -298,12 +300,11 @@ impl Placer {
     }
 
     fn commit(table: &mut NodeTable, c: Candidate, rr: &ResolvedRequest) -> Result<Placement> {
-        let slot = Slot(c.slot);
-        table.reserve_slot(slot, &rr.ask)?;
+        let (node, zone) = table.reserve_at(c.slot, c.loc, &rr.ask)?;
         Ok(Placement {
-            node: table.ids[c.slot as usize],
-            slot,
-            zone: ZoneId(table.rec(c.slot).zone),
+            node,
+            slot: Slot(c.slot),
+            zone: ZoneId(zone),
             score: c.score,
         })
     }
@@ -480,12 +481,13 @@ impl Walk<'_> {
             for node in run {
                 prefetch(node);
             }
-            for node in run {
+            for (i, node) in run.iter().enumerate() {
                 *visits += 1;
                 match self.rr.node_refusal(node, node.slot) {
                     Some(kind) => diagnosis.add(kind, 1),
                     None => s.candidates.push(Candidate {
                         slot: node.slot,
+                        loc: Loc::new(classes[ci], tier as u8, (pos + i) as u32),
                         score: self.rr.score_node(node),
                     }),
                 }

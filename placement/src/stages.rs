@@ -235,7 +235,7 @@ impl NodeFilter for UplinkFilter {
     const KIND: FilterKind = FilterKind::Uplink;
     #[inline]
     fn admits(req: &ResolvedRequest, node: &HotNode, _: u32) -> bool {
-        req.min_uplink_kbps <= node.bandwidth.uplink_kbps
+        req.min_uplink_kbps <= node.uplink_kbps
     }
 }
 
@@ -399,12 +399,12 @@ impl FitScorer {
         let cpu = free_pct(
             node.free.cpu_millis,
             req.ask.cpu_millis,
-            node.cap.cpu_millis,
+            node.cap_cpu_millis,
         );
         let mem = free_pct(
             node.free.memory_mib,
             req.ask.memory_mib,
-            node.cap.memory_mib,
+            node.cap_memory_mib,
         );
         // 10^x for x in [0, 1]; the sum runs from 2 (both full) to 20 (both empty).
         let total = (cpu * std::f32::consts::LN_10).exp() + (mem * std::f32::consts::LN_10).exp();

@@ -107,10 +107,14 @@ pub type Result<T, E = TableError> = std::result::Result<T, E>;
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
 pub(crate) struct HotNode {
+    /// Here rather than in a side array: committing a decision then needs no other miss.
+    pub id: NodeId,
     pub coord: Coordinate,
     pub free: Resources,
-    pub cap: Resources,
-    pub bandwidth: Bandwidth,
+    /// CPU and memory capacity (what the fit score needs); disk capacity is cold.
+    pub cap_cpu_millis: u32,
+    pub cap_memory_mib: u32,
+    pub uplink_kbps: u32,
     pub reputation: f32,
     pub class: u32,
     /// The node's stable slot (the record itself moves between buckets).
@@ -125,13 +129,12 @@ const _: () = assert!(size_of::<HotNode>() == 64);
 #[cfg(test)]
 impl HotNode {
     const EMPTY: HotNode = HotNode {
+        id: NodeId(0),
         coord: Coordinate::ORIGIN,
         free: Resources::new(0, 0, 0),
-        cap: Resources::new(0, 0, 0),
-        bandwidth: Bandwidth {
-            uplink_kbps: 0,
-            downlink_kbps: 0,
-        },
+        cap_cpu_millis: 0,
+        cap_memory_mib: 0,
+        uplink_kbps: 0,
         reputation: 0.0,
         class: u32::MAX,
         slot: u32::MAX,
@@ -213,12 +216,19 @@ impl Class {
 
 /// Where a slot's record is: class (28 bits), tier (4 bits), position (32 bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Loc(u64);
+pub(crate) struct Loc(u64);
+
+/// The fields no decision reads, per slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct ColdNode {
+    disk_cap_mib: u32,
+    downlink_kbps: u32,
+}
 
 impl Loc {
     const VACANT: Loc = Loc(u64::MAX);
 
-    fn new(class: u32, tier: u8, pos: u32) -> Self {
+    pub(crate) fn new(class: u32, tier: u8, pos: u32) -> Self {
         debug_assert!(class < 1 << 28 && (tier as usize) < 16);
         Loc(u64::from(class) << 36 | u64::from(tier) << 32 | u64::from(pos))
     }
@@ -296,7 +306,8 @@ pub struct NodeView<'a> {
 pub struct NodeTable {
     /// Slot -> where its record is.
     locs: Vec<Loc>,
-    pub(crate) ids: Vec<NodeId>,
+    /// Slot -> fields no decision reads.
+    cold: Vec<ColdNode>,
     by_id: FxHashMap<NodeId, u32>,
     free_slots: Vec<u32>,
     live: usize,
@@ -356,7 +367,7 @@ impl NodeTable {
     pub fn with_capacity(nodes: usize) -> Self {
         let mut t = Self::default();
         t.locs.reserve_exact(nodes);
-        t.ids.reserve_exact(nodes);
+        t.cold.reserve_exact(nodes);
         t.by_id.reserve(nodes);
         t
     }
@@ -397,6 +408,16 @@ impl NodeTable {
         &mut self.classes[l.class()].tiers[l.tier()][l.pos()]
     }
 
+    /// The full capacity of a live slot (disk capacity lives in the cold array).
+    fn capacity(&self, slot: u32) -> Resources {
+        let h = self.rec(slot);
+        Resources::new(
+            h.cap_cpu_millis,
+            h.cap_memory_mib,
+            self.cold[slot as usize].disk_cap_mib,
+        )
+    }
+
     /// The slot of node `id`, if it is in the table.
     #[inline]
     pub fn slot_of(&self, id: NodeId) -> Option<Slot> {
@@ -405,7 +426,7 @@ impl NodeTable {
 
     /// The node in `slot`, if any.
     pub fn id_of(&self, slot: Slot) -> Option<NodeId> {
-        self.is_live(slot).then(|| self.ids[slot.0 as usize])
+        self.is_live(slot).then(|| self.rec(slot.0).id)
     }
 
     /// A read-only view of the node in `slot`.
@@ -417,15 +438,18 @@ impl NodeTable {
         let class = &self.classes[h.class as usize];
         let zone = &self.zones[h.zone as usize];
         Some(NodeView {
-            id: self.ids[slot.0 as usize],
+            id: h.id,
             region: &self.regions[zone.region as usize],
             zone: &zone.name,
             zone_id: ZoneId(h.zone),
             arch: class.arch,
             runtimes: class.runtimes,
-            capacity: h.cap,
+            capacity: self.capacity(slot.0),
             free: h.free,
-            bandwidth: h.bandwidth,
+            bandwidth: Bandwidth {
+                uplink_kbps: h.uplink_kbps,
+                downlink_kbps: self.cold[slot.0 as usize].downlink_kbps,
+            },
             reputation: h.reputation,
             coordinate: h.coord,
             state: NodeState::from_u8(h.state).unwrap_or(NodeState::Down),
@@ -550,15 +574,17 @@ impl NodeTable {
             Some(s) => s,
             None => {
                 self.locs.push(Loc::VACANT);
-                self.ids.push(id);
+                self.cold.push(ColdNode::default());
                 (self.locs.len() - 1) as u32
             }
         };
         let mut node = HotNode {
+            id,
             coord: spec.coordinate,
             free: spec.free,
-            cap: spec.capacity,
-            bandwidth: spec.bandwidth,
+            cap_cpu_millis: spec.capacity.cpu_millis,
+            cap_memory_mib: spec.capacity.memory_mib,
+            uplink_kbps: spec.bandwidth.uplink_kbps,
             reputation: spec.reputation,
             class,
             slot,
@@ -569,7 +595,10 @@ impl NodeTable {
         node.tier = tier_for(&node);
         let pos = self.classes[class as usize].push(node);
         self.locs[slot as usize] = Loc::new(class, node.tier, pos);
-        self.ids[slot as usize] = id;
+        self.cold[slot as usize] = ColdNode {
+            disk_cap_mib: spec.capacity.disk_mib,
+            downlink_kbps: spec.bandwidth.downlink_kbps,
+        };
         self.by_id.insert(id, slot);
         let z = &mut self.zones[zone as usize];
         z.count += 1;
@@ -610,7 +639,7 @@ impl NodeTable {
     /// the next decision may overcommit the node.
     pub fn set_free(&mut self, id: NodeId, free: Resources) -> Result<()> {
         let slot = self.slot_checked(id)?;
-        if !free.fits_in(&self.rec(slot).cap) {
+        if !free.fits_in(&self.capacity(slot)) {
             return Err(TableError::InvalidSpec {
                 id,
                 reason: "free capacity exceeds total capacity",
@@ -677,25 +706,48 @@ impl NodeTable {
     }
 
     pub(crate) fn release_slot(&mut self, slot: Slot, amount: &Resources) {
+        let cap = self.capacity(slot.0);
         let h = self.rec_mut(slot.0);
-        h.free = h.free.add_capped(amount, &h.cap);
+        h.free = h.free.add_capped(amount, &cap);
         self.refile(slot.0);
     }
 
     pub(crate) fn reserve_slot(&mut self, slot: Slot, amount: &Resources) -> Result<()> {
-        let h = self.rec_mut(slot.0);
-        match h.free.checked_sub(amount) {
-            Some(left) => {
-                h.free = left;
-                self.refile(slot.0);
-                Ok(())
-            }
-            None => Err(TableError::InsufficientCapacity {
-                id: self.ids[slot.0 as usize],
+        let loc = self.locs[slot.0 as usize];
+        self.reserve_at(slot.0, loc, amount).map(|_| ())
+    }
+
+    /// Reserves on the record at `hint` if it still holds `slot` (a decision just found it
+    /// there: no location lookup, no id lookup), else wherever `slot` is now. Returns the
+    /// node's id and zone.
+    pub(crate) fn reserve_at(
+        &mut self,
+        slot: u32,
+        hint: Loc,
+        amount: &Resources,
+    ) -> Result<(NodeId, u16)> {
+        let at_hint = self
+            .classes
+            .get(hint.class())
+            .and_then(|c| c.tiers.get(hint.tier()))
+            .and_then(|b| b.get(hint.pos()));
+        let loc = if at_hint.is_some_and(|h| h.slot == slot) {
+            hint
+        } else {
+            self.locs[slot as usize]
+        };
+        let h = &mut self.classes[loc.class()].tiers[loc.tier()][loc.pos()];
+        let Some(left) = h.free.checked_sub(amount) else {
+            return Err(TableError::InsufficientCapacity {
+                id: h.id,
                 asked: *amount,
-                free: self.rec(slot.0).free,
-            }),
-        }
+                free: h.free,
+            });
+        };
+        h.free = left;
+        let placed = (h.id, h.zone);
+        self.refile_at(slot, loc);
+        Ok(placed)
     }
 
     fn slot_checked(&self, id: NodeId) -> Result<u32> {
@@ -708,10 +760,17 @@ impl NodeTable {
     /// Moves a node's record to the tier its state calls for, if that changed.
     #[inline]
     fn refile(&mut self, slot: u32) {
-        let h = *self.rec(slot);
-        let tier = tier_for(&h);
+        let loc = self.locs[slot as usize];
+        self.refile_at(slot, loc);
+    }
+
+    /// `refile` for a record whose location is known.
+    #[inline]
+    fn refile_at(&mut self, slot: u32, loc: Loc) {
+        let h = &self.classes[loc.class()].tiers[loc.tier()][loc.pos()];
+        let tier = tier_for(h);
         if tier != h.tier {
-            let mut node = self.unlink(slot);
+            let mut node = self.unlink_at(slot, loc);
             node.tier = tier;
             let pos = self.classes[node.class as usize].push(node);
             self.locs[slot as usize] = Loc::new(node.class, tier, pos);
@@ -721,7 +780,11 @@ impl NodeTable {
     /// Takes `slot`'s record out of its bucket in O(1), fixing the location of the record
     /// moved into its place; the slot's own location is left for the caller to set.
     fn unlink(&mut self, slot: u32) -> HotNode {
-        let l = self.locs[slot as usize];
+        let loc = self.locs[slot as usize];
+        self.unlink_at(slot, loc)
+    }
+
+    fn unlink_at(&mut self, slot: u32, l: Loc) -> HotNode {
         let (node, moved) = self.classes[l.class()].swap_remove(l.tier() as u8, l.pos() as u32);
         debug_assert_eq!(node.slot, slot);
         if let Some(moved) = moved {
@@ -887,7 +950,7 @@ impl NodeTable {
                             "slot {slot}'s location does not point at its record"
                         ));
                     }
-                    if self.by_id.get(&self.ids[slot as usize]) != Some(&slot) {
+                    if self.by_id.get(&h.id) != Some(&slot) {
                         return Err(format!("slot {slot} is not mapped from its id"));
                     }
                     if h.class as usize != ci || h.zone != class.zone || h.tier as usize != t {
@@ -899,7 +962,7 @@ impl NodeTable {
                             h.coord.height_ms
                         ));
                     }
-                    if !h.free.fits_in(&h.cap) {
+                    if !h.free.fits_in(&self.capacity(slot)) {
                         return Err(format!("slot {slot} overcommitted"));
                     }
                     seen += 1;
