@@ -780,6 +780,44 @@ mod tests {
     }
 
     #[test]
+    fn batch_commits_that_move_records_reserve_the_right_nodes() {
+        // One class, one tier: every commit turns a node tight and moves its record, so the
+        // later candidates' location hints go stale and must fall back to the slot's location.
+        let mut t = NodeTable::new();
+        for i in 0..40 {
+            let mut s = node(i, "a", 0.0, 1.0);
+            s.labels.clear();
+            s.capacity = Resources::new(1000, 1024, 10_000);
+            s.free = s.capacity;
+            t.join(s).unwrap();
+        }
+        let mut p = Placer::new(PlacerConfig::default(), 8).unwrap();
+        let req = PlacementRequest {
+            kind: WorkloadKind::Batch,
+            count: 20,
+            cpu_cores: 0.6,
+            memory_mib: 100.0,
+            ..Default::default()
+        };
+        let out = p.place(&mut t, &req).unwrap();
+        t.check_invariants().unwrap();
+        let mut nodes: Vec<_> = out.iter().map(|p| p.node).collect();
+        nodes.sort();
+        nodes.dedup();
+        assert_eq!(nodes.len(), 20);
+        for p in &out {
+            let v = t.node(p.slot).unwrap();
+            assert_eq!(v.id, p.node);
+            assert_eq!(v.free.cpu_millis, 400, "600 m taken from exactly this node");
+        }
+        let untouched = (0..t.slot_bound())
+            .filter_map(|s| t.node(Slot(s)))
+            .filter(|v| v.free.cpu_millis == 1000)
+            .count();
+        assert_eq!(untouched, 20);
+    }
+
+    #[test]
     fn same_seed_same_placements() {
         let run = |seed| {
             let mut t = table();

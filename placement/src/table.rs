@@ -6,7 +6,8 @@
 //! hot record, and the records are stored *in* their bucket: a probe window is a contiguous run
 //! of memory (one TLB entry, sequential prefetch) instead of 20 random cache misses across the
 //! whole table. A slot (stable for the node's life) finds its record through a small location
-//! array; fields no decision reads (the id, the labels) live in side arrays or in the class.
+//! array; fields no decision reads (disk capacity, downlink) live in a side array, the labels
+//! in the class.
 //!
 //! Indexes: nodes sharing zone, arch, runtimes and labels form a *class* (Nomad's computed node
 //! class), so those filters run once per class. Each class splits its members into *tiers* by
