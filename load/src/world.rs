@@ -584,24 +584,13 @@ mod tests {
 
     #[test]
     fn rtt_grows_with_distance_and_access_delay() {
-        let a = Truth {
-            x_km: 0.0,
+        let at = |x_km, city| Truth {
+            x_km,
             y_km: 0.0,
             access_ms: 1.0,
-            city: 0,
+            city,
         };
-        let near = Truth {
-            x_km: 10.0,
-            y_km: 0.0,
-            access_ms: 1.0,
-            city: 0,
-        };
-        let far = Truth {
-            x_km: 2000.0,
-            y_km: 0.0,
-            access_ms: 1.0,
-            city: 1,
-        };
+        let (a, near, far) = (at(0.0, 0), at(10.0, 0), at(2000.0, 1));
         let slow = Truth {
             access_ms: 30.0,
             ..near
