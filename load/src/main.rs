@@ -65,7 +65,7 @@ struct SimArgs {
     /// (unnamed scorers keep their defaults).
     #[arg(long, value_parser = parse_weights)]
     weights: Option<Weights>,
-    /// RTT in ms at which the latency score falls to one half.
+    /// RTT in ms at which the latency score falls to one half (default 20).
     #[arg(long)]
     latency_scale_ms: Option<f32>,
 }

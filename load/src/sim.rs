@@ -123,8 +123,8 @@ pub enum SimError {
         "unknown algorithm `{0}`; known: stellar, exhaustive, kube-adaptive, nomad-log2, random"
     )]
     UnknownAlgorithm(String),
-    /// Zero nodes or zero requests.
-    #[error("--nodes and --requests must both be at least 1")]
+    /// Zero nodes, requests or callers.
+    #[error("--nodes, --requests and --clients must all be at least 1")]
     Empty,
     /// A generated node was refused by the table (a generator bug).
     #[error("node table refused a generated node: {0}")]
@@ -148,7 +148,7 @@ fn make_algorithm(name: &str, cfg: &SimConfig) -> Result<Box<dyn Algorithm>, Sim
 
 /// Runs the simulation; progress goes to stderr through `log`.
 pub fn run(cfg: &SimConfig, log: &mut dyn FnMut(&str)) -> Result<SimReport, SimError> {
-    if cfg.nodes == 0 || cfg.requests == 0 {
+    if cfg.nodes == 0 || cfg.requests == 0 || cfg.clients == 0 {
         return Err(SimError::Empty);
     }
     let mut algorithms = Vec::new();
