@@ -356,6 +356,11 @@ impl Placer {
         let home_zone = rr.origin_zone.unwrap_or_else(|| random_zone(table, rng));
         let home = table.zones[home_zone as usize].centroid();
         let order = table.zones_near(home_zone);
+        // Zone keys are distances from the origin, or from the home zone without one.
+        let from = rr.origin.unwrap_or(Coordinate {
+            vec: home,
+            height_ms: 0.0,
+        });
         let mut next = 0;
         let mut visits = 0;
         loop {
@@ -366,10 +371,6 @@ impl Placer {
                     next += 1;
                     continue;
                 }
-                let from = rr.origin.unwrap_or(Coordinate {
-                    vec: home,
-                    height_ms: 0.0,
-                });
                 let mut key = from.vec_distance_ms(&zone.centroid());
                 // A penalised zone is expanded at once: its units sink to the bottom of the
                 // heap, and it must not hold back the nearer zones behind it in the order.

@@ -333,11 +333,6 @@ impl ResolvedRequest {
         self.count
     }
 
-    /// Whether the request places function replicas or batch tasks.
-    pub fn kind(&self) -> WorkloadKind {
-        self.kind
-    }
-
     /// Marks `slot` as taken by this request (its zone becomes one to spread away from).
     pub fn avoid_slot(&mut self, slot: u32, zone: u16) {
         if let Err(i) = self.avoid.binary_search(&slot) {

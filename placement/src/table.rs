@@ -498,13 +498,6 @@ impl NodeTable {
         Some((&self.regions[z.region as usize], &z.name))
     }
 
-    /// Number of nodes currently in a zone.
-    pub fn zone_len(&self, zone: ZoneId) -> usize {
-        self.zones
-            .get(zone.0 as usize)
-            .map_or(0, |z| z.count as usize)
-    }
-
     /// Number of node classes (equivalence classes of stable attributes).
     pub fn class_count(&self) -> usize {
         self.classes.len()
