@@ -1,0 +1,26 @@
+//! Generates the gRPC and message code from `stellar/v1/*.proto`.
+//!
+//! Uses the `protoc` named by `PROTOC` (e.g. Debian's) when set, otherwise the vendored
+//! binary, so a fresh machine needs no system package.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    const PROTOS: [&str; 5] = [
+        "stellar/v1/common.proto",
+        "stellar/v1/control.proto",
+        "stellar/v1/agent.proto",
+        "stellar/v1/raft.proto",
+        "stellar/v1/state.proto",
+    ];
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure().compile_with_config(config, &PROTOS, &["."])?;
+    Ok(())
+}

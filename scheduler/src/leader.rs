@@ -1,0 +1,301 @@
+//! The leader's soft state: the placement table (free capacity, coordinates), plans in
+//! flight, and node liveness. None of it goes through Raft; a new leader rebuilds it from the
+//! committed state and gives every node a grace period before judging it down.
+
+use std::collections::HashMap;
+
+use stellar_placement::{
+    ArchSet, Bandwidth, Coordinate, Fit, LabelConstraint, LabelOp, NodeId, NodeSpec, NodeState,
+    NodeTable, Origin, PlacementRequest, Placer, PlacerConfig, Resources, Runtime, WorkloadKind,
+};
+
+use crate::error::{Error, Result};
+use crate::state::{Allocation, Effects, FunctionVersion, Node, StateMachine};
+
+/// The placer's CPU request for an exact millicore amount: the placement library rounds
+/// `cores × 1000` up, so aim half a millicore low to land exactly on `millis`.
+pub fn cores_for_millis(millis: u32) -> f64 {
+    (f64::from(millis) - 0.5).max(0.0) / 1000.0
+}
+
+/// Soft state kept only on the leader.
+pub struct LeaderState {
+    table: NodeTable,
+    placer: Placer,
+    /// Nodes chosen by plans proposed but not yet applied, per function id.
+    inflight: HashMap<u32, Vec<u64>>,
+    /// Last tick each managed node was heard from.
+    last_seen: HashMap<u64, u64>,
+    /// Nodes heard from since they were marked down (to be marked back up).
+    back: Vec<u64>,
+    grace_until: u64,
+}
+
+impl std::fmt::Debug for LeaderState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderState")
+            .field("nodes", &self.table.len())
+            .field("inflight", &self.inflight.len())
+            .finish()
+    }
+}
+
+fn spec_of(state: &StateMachine, id: u64, n: &Node) -> NodeSpec {
+    let (region, zone) = state.node_location(n);
+    NodeSpec {
+        id: NodeId(id),
+        region: region.to_string(),
+        zone: zone.to_string(),
+        arch: n.arch,
+        runtimes: n.runtimes,
+        capacity: n.capacity,
+        free: n.capacity.checked_sub(&n.allocated).unwrap_or_default(),
+        bandwidth: Bandwidth {
+            uplink_kbps: n.uplink_kbps,
+            downlink_kbps: n.downlink_kbps,
+        },
+        reputation: n.reputation,
+        labels: state
+            .node_labels(n)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        coordinate: Coordinate::default(),
+        state: n.state,
+    }
+}
+
+impl LeaderState {
+    /// Builds the table from committed nodes; every managed node gets `grace_ticks` to
+    /// heartbeat before it can be judged down.
+    pub fn build(
+        state: &StateMachine,
+        seed: u64,
+        now: u64,
+        grace_ticks: u64,
+    ) -> Result<LeaderState> {
+        let mut table = NodeTable::with_capacity(state.nodes().len());
+        for (&id, n) in state.nodes() {
+            table
+                .join(spec_of(state, id, n))
+                .map_err(|e| Error::Config(format!("node {id:016x} cannot join the table: {e}")))?;
+        }
+        let placer =
+            Placer::new(PlacerConfig::default(), seed).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(LeaderState {
+            table,
+            placer,
+            inflight: HashMap::new(),
+            last_seen: HashMap::new(),
+            back: Vec::new(),
+            grace_until: now + grace_ticks,
+        })
+    }
+
+    /// Nodes in the placement table.
+    pub fn nodes(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Chooses `count` nodes for replicas of `version` of function `fid` and reserves their
+    /// capacity in the soft table until the plan is applied or refused.
+    pub fn plan(
+        &mut self,
+        state: &StateMachine,
+        fid: Option<u32>,
+        version: &FunctionVersion,
+        count: u32,
+        origin: Origin,
+    ) -> Result<Vec<u64>> {
+        let mut existing: Vec<NodeId> = Vec::new();
+        if let Some(fid) = fid {
+            if let Some(f) = state.function_by_id(fid)
+                && f.current().is_some_and(|c| c.version == version.version)
+            {
+                existing.extend(f.on_nodes.keys().map(|&n| NodeId(n)));
+            }
+            if let Some(nodes) = self.inflight.get(&fid) {
+                existing.extend(nodes.iter().map(|&n| NodeId(n)));
+            }
+        }
+        let labels = version
+            .constraints
+            .iter()
+            .map(|c| LabelConstraint {
+                key: c.key.clone(),
+                op: if c.absent {
+                    LabelOp::Absent
+                } else if c.value.is_empty() {
+                    LabelOp::Exists
+                } else {
+                    LabelOp::Equals(c.value.clone())
+                },
+            })
+            .collect();
+        let req = PlacementRequest {
+            kind: WorkloadKind::Function,
+            runtime: Runtime::Wasm,
+            arch: ArchSet::ANY,
+            cpu_cores: cores_for_millis(version.limits.cpu_millis),
+            memory_mib: f64::from(version.limits.memory_mib),
+            disk_mib: 0.0,
+            min_uplink_mbps: 0.0,
+            count,
+            region: (!version.region.is_empty()).then(|| version.region.clone()),
+            origin,
+            min_reputation: None,
+            labels,
+            existing,
+            fit: Fit::Spread,
+        };
+        let placed = self.placer.place(&mut self.table, &req)?;
+        let nodes: Vec<u64> = placed.iter().map(|p| p.node.0).collect();
+        if let Some(fid) = fid {
+            self.inflight.entry(fid).or_default().extend(&nodes);
+        }
+        Ok(nodes)
+    }
+
+    /// A plan of ours was applied or refused: forget it as in flight, and give back its
+    /// reservations if it was refused.
+    pub fn plan_done(&mut self, fid: Option<u32>, nodes: &[u64], ask: Resources, accepted: bool) {
+        if let Some(fid) = fid
+            && let Some(list) = self.inflight.get_mut(&fid)
+        {
+            for n in nodes {
+                if let Some(i) = list.iter().position(|x| x == n) {
+                    list.swap_remove(i);
+                }
+            }
+            if list.is_empty() {
+                self.inflight.remove(&fid);
+            }
+        }
+        if !accepted {
+            for &n in nodes {
+                let _ = self.table.release(NodeId(n), &ask);
+            }
+        }
+    }
+
+    /// Mirrors committed changes that did not come from our own accepted plans.
+    pub fn observe(&mut self, state: &StateMachine, fx: &Effects, own_placed: bool) {
+        if !own_placed {
+            for a in &fx.placed {
+                let _ = self.table.reserve(NodeId(a.node), &a.resources);
+            }
+        }
+        for a in &fx.removed {
+            let _ = self.table.release(NodeId(a.node), &a.resources);
+        }
+        for &id in fx.nodes_joined.iter().chain(&fx.nodes_changed) {
+            let Some(n) = state.nodes().get(&id) else {
+                continue;
+            };
+            if self.table.slot_of(NodeId(id)).is_some() {
+                let _ = self.table.set_state(NodeId(id), n.state);
+                let _ = self.table.set_reputation(NodeId(id), n.reputation);
+                if fx.nodes_joined.contains(&id) {
+                    let free = n.capacity.checked_sub(&n.allocated).unwrap_or_default();
+                    let _ = self.table.set_free(NodeId(id), free);
+                }
+            } else if let Err(e) = self.table.join(spec_of(state, id, n)) {
+                tracing::warn!(node = %NodeId(id), error = %e, "node could not join the placement table");
+            }
+        }
+    }
+
+    /// A managed node was heard from: liveness, and its network coordinate.
+    pub fn heartbeat(
+        &mut self,
+        state: &StateMachine,
+        node: u64,
+        now: u64,
+        coordinate: Option<Coordinate>,
+    ) {
+        self.last_seen.insert(node, now);
+        if let Some(c) = coordinate
+            && c.is_valid()
+        {
+            let _ = self.table.set_coordinate(NodeId(node), c);
+        }
+        if state
+            .nodes()
+            .get(&node)
+            .is_some_and(|n| n.state == NodeState::Down)
+        {
+            self.back.push(node);
+        }
+    }
+
+    /// Liveness transitions to commit now: managed ready nodes silent for `down_after` ticks
+    /// go down (after the grace period), down nodes heard from again come back.
+    pub fn liveness_transitions(
+        &mut self,
+        state: &StateMachine,
+        now: u64,
+        down_after: u64,
+        max: usize,
+    ) -> Vec<(u64, NodeState)> {
+        let mut out: Vec<(u64, NodeState)> = Vec::new();
+        for n in self.back.drain(..) {
+            if state
+                .nodes()
+                .get(&n)
+                .is_some_and(|x| x.state == NodeState::Down)
+            {
+                out.push((n, NodeState::Ready));
+            }
+        }
+        out.sort_unstable_by_key(|x| x.0);
+        out.dedup_by_key(|x| x.0);
+        if now < self.grace_until {
+            return out;
+        }
+        for (&id, n) in state.nodes() {
+            if out.len() >= max {
+                break;
+            }
+            if !n.managed || n.state != NodeState::Ready {
+                continue;
+            }
+            let seen = self.last_seen.get(&id).copied().unwrap_or(self.grace_until);
+            if now.saturating_sub(seen) >= down_after {
+                out.push((id, NodeState::Down));
+            }
+        }
+        out
+    }
+
+    /// Allocations that sit on nodes no longer ready: the leader re-places them.
+    pub fn lost_allocations(state: &StateMachine, nodes: &[u64]) -> Vec<Allocation> {
+        let mut out = Vec::new();
+        for &n in nodes {
+            if state
+                .nodes()
+                .get(&n)
+                .is_some_and(|x| matches!(x.state, NodeState::Down | NodeState::Quarantined))
+            {
+                out.extend(
+                    state
+                        .allocations_on(n)
+                        .filter_map(|a| state.allocations().get(&a).copied()),
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_for_millis_rounds_back_exactly() {
+        for m in 0..=64_000u32 {
+            let back = (cores_for_millis(m) * 1000.0).ceil() as u32;
+            assert_eq!(back, m, "millis {m}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! StellarCloud's control plane: a Raft-replicated state machine (tikv's raft-rs on
+//! raft-engine storage) that places functions on home nodes with stellar-placement and serves
+//! the `Control`, `Agent` and `Raft` gRPC services.
+//!
+//! ```text
+//!  gRPC (service) ──▶ driver thread (node) ──▶ Replica (replica) ──▶ RawNode + DiskStorage
+//!                                               │ apply ──▶ StateMachine (state)
+//!                                               └ leader ──▶ LeaderState (placement, liveness)
+//! ```
+
+pub mod error;
+pub mod leader;
+pub mod logger;
+pub mod replica;
+pub mod state;
+pub mod storage;
+
+pub use error::{ApplyError, Error, Result};
+pub use replica::{Output, Query, Replica, ReplicaConfig, Reply, Request};
+pub use state::StateMachine;

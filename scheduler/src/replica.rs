@@ -1,0 +1,1458 @@
+//! One control-plane replica without threads or sockets: the raft-rs `RawNode`, the state
+//! machine, the leader's soft state and the bookkeeping that answers clients.
+//!
+//! A driver (the server's replica thread, or the deterministic test harness) feeds it ticks,
+//! peer messages, client requests and reads, calls [`Replica::process`], and delivers the
+//! [`Output`]s. `process` follows raft-rs's Ready protocol exactly:
+//!
+//! ```text
+//!  propose queued batch ─▶ ready() ─▶ send messages ─▶ install snapshot ─▶ apply committed
+//!      ─▶ persist entries + HardState (fsync) ─▶ send persisted messages
+//!      ─▶ advance() ─▶ record commit ─▶ send ─▶ apply committed ─▶ advance_apply()
+//!      ─▶ answer reads whose index is applied ─▶ snapshot + compact if due
+//! ```
+//!
+//! Nothing is stepped or proposed between `ready()` and `advance()`: work that apply creates
+//! (re-plans, lost replicas) is queued and proposed on the next round. If the disk refuses the
+//! persist step, the Ready is kept and retried; until then no new work is accepted.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+};
+use raft::{RawNode, Ready, SnapshotStatus, StateRole};
+use raft_proto::ConfChangeI;
+use sha2::{Digest, Sha256};
+use stellar_placement::{Coordinate, NodeState, Origin, Resources};
+use stellar_proto::v1 as pb;
+
+use crate::error::{ApplyError, Error, Result};
+use crate::leader::LeaderState;
+use crate::logger::raft_logger;
+use crate::state::{
+    Effects, FunctionVersion, StateMachine, node_state_from_pb, node_state_to_pb, result_of,
+};
+use crate::storage::DiskStorage;
+
+/// How many times a plan refused as stale is re-planned before the client is told.
+pub const MAX_PLAN_ATTEMPTS: u32 = 5;
+
+/// Static settings of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This replica's id (non-zero, unique in the cluster).
+    pub id: u64,
+    /// Where the log, HardState and snapshot live.
+    pub data_dir: PathBuf,
+    /// The static peer list (`id`, client/raft address), this replica included. Empty means
+    /// "join": wait to be added to a running cluster.
+    pub peers: Vec<(u64, String)>,
+    /// Ticks without a leader before a follower campaigns (raft-rs `election_tick`).
+    pub election_tick: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_tick: usize,
+    /// Randomise election timeouts in [election, 2×election) (production); the harness turns
+    /// it off and randomises tick delivery itself, so schedules replay exactly.
+    pub randomized_election: bool,
+    /// Applied entries between local snapshots.
+    pub snapshot_every: u64,
+    /// Entries kept behind a snapshot for followers that lag a little.
+    pub keep_entries: u64,
+    /// Largest batch entry (many commands per Raft entry).
+    pub max_batch_bytes: usize,
+    /// Seed of the leader's placement RNG.
+    pub seed: u64,
+    /// Ticks without a heartbeat before a managed node is marked down.
+    pub node_down_after_ticks: u64,
+    /// Ticks a new leader waits before judging any node down.
+    pub node_grace_ticks: u64,
+    /// Ticks between liveness sweeps on the leader.
+    pub liveness_every_ticks: u64,
+}
+
+impl ReplicaConfig {
+    /// Production defaults for a replica ticking every 50 ms: elections after 0.5–1 s,
+    /// heartbeats every 100 ms, nodes down after 15 s of silence, 30 s grace for a new leader.
+    pub fn new(id: u64, data_dir: PathBuf, peers: Vec<(u64, String)>) -> Self {
+        ReplicaConfig {
+            id,
+            data_dir,
+            peers,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            randomized_election: true,
+            snapshot_every: 20_000,
+            keep_entries: 5_000,
+            max_batch_bytes: 1 << 20,
+            seed: id,
+            node_down_after_ticks: 300,
+            node_grace_ticks: 600,
+            liveness_every_ticks: 20,
+        }
+    }
+}
+
+/// A client write.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// A command applied as is.
+    Command(pb::Command),
+    /// A new function version; the leader plans its replicas into the command.
+    Deploy(pb::Command),
+    /// One more replica of a function (one allocation, planned on the leader).
+    Allocate {
+        /// Makes retries safe.
+        request_id: Vec<u8>,
+        /// Owning tenant.
+        tenant: String,
+        /// Function name.
+        function: String,
+    },
+    /// Adds a voter (ConfChangeV2).
+    AddReplica {
+        /// The new replica's id.
+        id: u64,
+        /// Its address.
+        address: String,
+    },
+    /// Removes a voter (ConfChangeV2).
+    RemoveReplica {
+        /// The replica to remove.
+        id: u64,
+    },
+}
+
+/// A client read.
+#[derive(Debug, Clone)]
+pub enum Query {
+    /// One function with its allocations.
+    Function {
+        /// Owning tenant.
+        tenant: String,
+        /// Function name.
+        name: String,
+    },
+    /// Functions of a tenant (all tenants if `None`).
+    Functions {
+        /// Filter.
+        tenant: Option<String>,
+    },
+    /// Nodes, filtered.
+    Nodes {
+        /// Region filter.
+        region: Option<String>,
+        /// State filter.
+        state: Option<NodeState>,
+        /// Most nodes returned.
+        limit: usize,
+    },
+}
+
+/// What a request or read is answered with.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A write was committed and applied.
+    Applied(pb::CommandResult),
+    /// One function.
+    Function(pb::FunctionStatus),
+    /// A function listing.
+    Functions(Vec<pb::FunctionStatus>),
+    /// A node listing.
+    Nodes(pb::ListNodesResponse),
+    /// Membership after a change.
+    Membership(Vec<pb::ReplicaInfo>),
+}
+
+/// What the driver must do after `process`.
+#[derive(Debug)]
+pub enum Output {
+    /// Answer the request or read with this token.
+    Reply {
+        /// The driver's token.
+        token: u64,
+        /// The answer.
+        result: Result<Reply>,
+    },
+    /// Deliver these messages to their `to` replicas (loss is tolerated).
+    Send(Vec<Message>),
+}
+
+#[derive(Debug)]
+enum PendingKind {
+    Plain,
+    Plan {
+        request: Option<Box<Request>>,
+        fid: Option<u32>,
+        nodes: Vec<u64>,
+        ask: Resources,
+        attempt: u32,
+        /// Lost allocations this plan replaces (internal re-placement).
+        lost: Vec<u64>,
+    },
+}
+
+#[derive(Debug)]
+struct Pending {
+    token: u64,
+    kind: PendingKind,
+}
+
+/// Where a stalled Ready stopped (the disk refused a write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Snapshot,
+    Persist,
+}
+
+/// One replica; see the module docs.
+pub struct Replica {
+    cfg: ReplicaConfig,
+    raw: RawNode<DiskStorage>,
+    state: StateMachine,
+    leader: Option<LeaderState>,
+    role: StateRole,
+    leader_id: u64,
+    ticks: u64,
+    next_seq: u64,
+    /// Proposed batches by sequence number, one entry per command.
+    pending: BTreeMap<(u64, u64), Vec<Pending>>,
+    /// Requests waiting to be proposed, with their attempt count.
+    queued: VecDeque<(u64, Request, u32)>,
+    /// Internal commands (liveness, re-placement) waiting to be proposed.
+    internal: VecDeque<(pb::Command, PendingKind)>,
+    /// A membership change in flight: (term, seq, token).
+    pending_conf: Option<(u64, u64, u64)>,
+    reads: HashMap<u64, Query>,
+    ready_reads: Vec<(u64, u64)>,
+    replacing: std::collections::HashSet<u64>,
+    addresses: BTreeMap<u64, String>,
+    outputs: Vec<Output>,
+    stalled: Option<(Ready, Stage)>,
+    storage_error: Option<String>,
+    removed: bool,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.cfg.id)
+            .field("role", &self.role)
+            .field("applied", &self.state.applied_index())
+            .finish()
+    }
+}
+
+/// An entry's proposer, the term it was proposed in and a per-process sequence number: the
+/// term makes it unique across restarts (a restarted replica leads only in a later term).
+fn context(proposer: u64, term: u64, seq: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&proposer.to_be_bytes());
+    v.extend_from_slice(&term.to_be_bytes());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v
+}
+
+fn parse_context(ctx: &[u8]) -> Option<(u64, u64, u64)> {
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_be_bytes(
+            ctx.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    Some((word(0)?, word(1)?, word(2)?))
+}
+
+fn command(request_id: Vec<u8>, kind: pb::command::Kind) -> pb::Command {
+    pb::Command {
+        request_id,
+        kind: Some(kind),
+    }
+}
+
+impl Replica {
+    /// Opens the replica's storage and state: a new data dir bootstraps from the peer list; an
+    /// existing one restores its snapshot and replays its log, and refuses a peer list that
+    /// contradicts the membership it stored.
+    pub fn open(cfg: ReplicaConfig) -> Result<Replica> {
+        if cfg.id == 0 {
+            return Err(Error::Config("replica id must be non-zero".into()));
+        }
+        let mut store = DiskStorage::open(&cfg.data_dir)?;
+        let voters: Vec<u64> = cfg.peers.iter().map(|p| p.0).collect();
+        if !cfg.peers.is_empty() && !voters.contains(&cfg.id) {
+            return Err(Error::Config(format!(
+                "--peers lists {voters:?} but not this replica's id {}; add `{}=ADDR`",
+                cfg.id, cfg.id
+            )));
+        }
+        if store.is_fresh() {
+            if !cfg.peers.is_empty() {
+                store.bootstrap(&voters)?;
+            }
+        } else {
+            check_membership(&cfg, &store)?;
+        }
+        let mut state = StateMachine::new();
+        if let Some((meta, data)) = store.read_snapshot_file()? {
+            let snap = pb::StateSnapshot::decode(&data[..]).map_err(|e| {
+                Error::Storage(format!(
+                    "snapshot at index {} does not decode: {e}",
+                    meta.index
+                ))
+            })?;
+            state = StateMachine::from_snapshot(snap)
+                .map_err(|e| Error::Storage(format!("snapshot is inconsistent: {e}")))?;
+            state.set_applied_index(meta.index);
+        }
+        let applied = state.applied_index();
+        let mut rc = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            max_uncommitted_size: 512 << 20,
+            max_committed_size_per_ready: 16 << 20,
+            ..Default::default()
+        };
+        if !cfg.randomized_election {
+            rc.min_election_tick = cfg.election_tick;
+            rc.max_election_tick = cfg.election_tick + 1;
+        }
+        rc.validate()
+            .map_err(|e| Error::Config(format!("raft configuration: {e}")))?;
+        let raw = RawNode::new(&rc, store, &raft_logger(cfg.id))
+            .map_err(|e| Error::Config(format!("raft: {e}")))?;
+        let mut addresses: BTreeMap<u64, String> = cfg.peers.iter().cloned().collect();
+        for (id, a) in state.replica_addresses() {
+            addresses.insert(*id, a.clone());
+        }
+        for (id, a) in raw.store().members() {
+            addresses.entry(id).or_insert(a);
+        }
+        Ok(Replica {
+            cfg,
+            raw,
+            state,
+            leader: None,
+            role: StateRole::Follower,
+            leader_id: 0,
+            ticks: 0,
+            next_seq: 1,
+            pending: BTreeMap::new(),
+            queued: VecDeque::new(),
+            internal: VecDeque::new(),
+            pending_conf: None,
+            reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            replacing: Default::default(),
+            addresses,
+            outputs: Vec::new(),
+            stalled: None,
+            storage_error: None,
+            removed: false,
+        })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+
+    /// The committed state (as applied here).
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// Whether this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.role == StateRole::Leader
+    }
+
+    /// The leader's id as far as this replica knows (0 = unknown).
+    pub fn leader_id(&self) -> u64 {
+        self.leader_id
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// The commit index.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// The address of replica `id`, from the peer list and committed membership.
+    pub fn address_of(&self, id: u64) -> Option<&str> {
+        self.addresses.get(&id).map(String::as_str)
+    }
+
+    /// Every known replica address.
+    pub fn addresses(&self) -> &BTreeMap<u64, String> {
+        &self.addresses
+    }
+
+    /// Whether this replica was removed from the cluster (it should shut down).
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
+    /// The storage error that stalls this replica, if any.
+    pub fn storage_error(&self) -> Option<&str> {
+        self.storage_error.as_deref()
+    }
+
+    /// Takes what the driver must deliver.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader = (self.leader_id != 0).then_some(self.leader_id);
+        Error::NotLeader {
+            leader,
+            address: leader.and_then(|l| self.address_of(l).map(str::to_string)),
+        }
+    }
+
+    fn reply(&mut self, token: u64, result: Result<Reply>) {
+        if token != 0 {
+            self.outputs.push(Output::Reply { token, result });
+        }
+    }
+
+    /// Advances logical time by one tick (the driver's clock, e.g. every 50 ms).
+    pub fn tick(&mut self) {
+        if self.stalled.is_some() {
+            return;
+        }
+        self.ticks += 1;
+        self.raw.tick();
+        if self.is_leader() && self.ticks % self.cfg.liveness_every_ticks.max(1) == 0 {
+            self.liveness_sweep();
+        }
+    }
+
+    /// Steps a message from a peer; messages are dropped while the replica is stalled.
+    pub fn step(&mut self, msg: Message) {
+        if self.stalled.is_some() {
+            return;
+        }
+        if let Err(e) = self.raw.step(msg) {
+            tracing::debug!(replica = self.cfg.id, error = %e, "dropped a raft message");
+        }
+    }
+
+    /// Queues a client write; it is answered after commit and apply (or refused now).
+    pub fn submit(&mut self, token: u64, request: Request) {
+        if let Some(e) = &self.storage_error {
+            let e = Error::Storage(format!("{e}; writes resume when the disk accepts them"));
+            self.reply(token, Err(e));
+            return;
+        }
+        self.queued.push_back((token, request, 0));
+    }
+
+    /// A linearizable read (ReadIndex), or a read of local state if `stale`.
+    pub fn read(&mut self, token: u64, query: Query, stale: bool) {
+        if stale {
+            let r = self.answer(&query);
+            self.reply(token, r);
+            return;
+        }
+        self.reads.insert(token, query);
+        self.raw.read_index(token.to_be_bytes().to_vec());
+    }
+
+    /// A read timed out in the driver: forget it.
+    pub fn cancel_read(&mut self, token: u64) {
+        self.reads.remove(&token);
+    }
+
+    /// A managed node's heartbeat reached this replica (only the leader keeps liveness).
+    pub fn heartbeat(&mut self, node: u64, coordinate: Option<Coordinate>) -> Result<()> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        if !self.state.nodes().contains_key(&node) {
+            return Err(
+                ApplyError::NotFound(format!("node `{node:016x}` is not registered")).into(),
+            );
+        }
+        let now = self.ticks;
+        self.ensure_leader_state()?;
+        let leader = self.leader.as_mut().expect("ensured");
+        leader.heartbeat(&self.state, node, now, coordinate);
+        Ok(())
+    }
+
+    /// A peer could not be reached.
+    pub fn report_unreachable(&mut self, id: u64) {
+        if self.stalled.is_none() {
+            self.raw.report_unreachable(id);
+        }
+    }
+
+    /// A snapshot send finished.
+    pub fn report_snapshot(&mut self, id: u64, ok: bool) {
+        if self.stalled.is_none() {
+            let status = if ok {
+                SnapshotStatus::Finish
+            } else {
+                SnapshotStatus::Failure
+            };
+            self.raw.report_snapshot(id, status);
+        }
+    }
+
+    /// Asks raft to hand leadership to `id` (used before removing the leader).
+    pub fn transfer_leader(&mut self, id: u64) {
+        if self.stalled.is_none() {
+            self.raw.transfer_leader(id);
+        }
+    }
+
+    fn ensure_leader_state(&mut self) -> Result<&mut LeaderState> {
+        if self.leader.is_none() {
+            let seed = self.cfg.seed ^ self.raw.raft.term.rotate_left(17);
+            let built =
+                LeaderState::build(&self.state, seed, self.ticks, self.cfg.node_grace_ticks)?;
+            tracing::info!(
+                replica = self.cfg.id,
+                term = self.raw.raft.term,
+                nodes = built.nodes(),
+                "leader soft state rebuilt from committed state"
+            );
+            self.leader = Some(built);
+        }
+        Ok(self.leader.as_mut().expect("just built"))
+    }
+
+    /// Proposes queued work and runs the Ready protocol until raft has nothing more.
+    pub fn process(&mut self) {
+        for _ in 0..16 {
+            if let Some((rd, stage)) = self.stalled.take() {
+                self.resume_ready(rd, stage);
+                if self.stalled.is_some() {
+                    return;
+                }
+            }
+            self.propose_queued();
+            if !self.raw.has_ready() {
+                break;
+            }
+            let mut rd = self.raw.ready();
+            if !rd.messages().is_empty() {
+                self.outputs.push(Output::Send(rd.take_messages()));
+            }
+            self.resume_ready(rd, Stage::Snapshot);
+            if self.stalled.is_some() {
+                return;
+            }
+        }
+        self.maybe_snapshot();
+    }
+
+    fn resume_ready(&mut self, mut rd: Ready, stage: Stage) {
+        if stage == Stage::Snapshot {
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot().clone();
+                if let Err(e) = self.install_snapshot(&snap) {
+                    self.stall(rd, Stage::Snapshot, e);
+                    return;
+                }
+            }
+            let committed = rd.take_committed_entries();
+            self.apply_entries(committed);
+        }
+        if let Err(e) = self.raw.mut_store().persist(
+            rd.entries(),
+            rd.hs(),
+            rd.must_sync() || !rd.entries().is_empty(),
+        ) {
+            self.stall(rd, Stage::Persist, e);
+            return;
+        }
+        if self.storage_error.take().is_some() {
+            tracing::info!(replica = self.cfg.id, "storage accepts writes again");
+        }
+        if !rd.persisted_messages().is_empty() {
+            self.outputs
+                .push(Output::Send(rd.take_persisted_messages()));
+        }
+        for rs in rd.take_read_states() {
+            if let Ok(bytes) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
+                self.ready_reads.push((rs.index, u64::from_be_bytes(bytes)));
+            }
+        }
+        if let Some(ss) = rd.ss() {
+            let (role, leader) = (ss.raft_state, ss.leader_id);
+            self.on_soft_state(role, leader);
+        }
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index()
+            && let Err(e) = self.raw.mut_store().set_commit(commit)
+        {
+            tracing::warn!(replica = self.cfg.id, error = %e, "could not record the commit index");
+        }
+        let msgs = light.take_messages();
+        if !msgs.is_empty() {
+            self.outputs.push(Output::Send(msgs));
+        }
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed);
+        self.raw.advance_apply();
+        self.serve_reads();
+    }
+
+    fn stall(&mut self, rd: Ready, stage: Stage, e: Error) {
+        if self.storage_error.is_none() {
+            tracing::error!(
+                replica = self.cfg.id,
+                error = %e,
+                "storage refused a write; this replica pauses (committed data is intact) and retries"
+            );
+        }
+        self.storage_error = Some(e.to_string());
+        let queued: Vec<u64> = self.queued.drain(..).map(|q| q.0).collect();
+        for token in queued {
+            self.reply(token, Err(Error::Storage(e.to_string())));
+        }
+        self.stalled = Some((rd, stage));
+    }
+
+    fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<()> {
+        let decoded = pb::StateSnapshot::decode(&snap.data[..])
+            .map_err(|e| Error::Storage(format!("received snapshot does not decode: {e}")))?;
+        let mut state = StateMachine::from_snapshot(decoded)
+            .map_err(|e| Error::Storage(format!("received snapshot is inconsistent: {e}")))?;
+        self.raw.mut_store().apply_snapshot(snap)?;
+        state.set_applied_index(snap.get_metadata().index);
+        for (id, a) in state.replica_addresses() {
+            self.addresses.insert(*id, a.clone());
+        }
+        self.state = state;
+        self.leader = None;
+        tracing::info!(
+            replica = self.cfg.id,
+            index = snap.get_metadata().index,
+            "installed a snapshot from the leader"
+        );
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, role: StateRole, leader: u64) {
+        let was_leader = self.role == StateRole::Leader;
+        if role != self.role || leader != self.leader_id {
+            tracing::info!(
+                replica = self.cfg.id,
+                term = self.raw.raft.term,
+                ?role,
+                leader,
+                "role changed"
+            );
+        }
+        self.role = role;
+        self.leader_id = leader;
+        let term = self.raw.raft.term;
+        let stale_pending = self.pending.keys().any(|(t, _)| *t != term);
+        if (was_leader && role != StateRole::Leader) || stale_pending {
+            self.leader = None;
+            self.replacing.clear();
+            self.internal.clear();
+            let pending: Vec<Pending> = std::mem::take(&mut self.pending)
+                .into_values()
+                .flatten()
+                .collect();
+            for p in pending {
+                self.reply(p.token, Err(Error::OutcomeUnknown));
+            }
+            if let Some((_, _, token)) = self.pending_conf.take() {
+                self.reply(token, Err(Error::OutcomeUnknown));
+            }
+        }
+    }
+
+    fn propose_queued(&mut self) {
+        if self.queued.is_empty() && self.internal.is_empty() {
+            return;
+        }
+        if !self.is_leader() {
+            let err = self.not_leader();
+            let queued: Vec<u64> = self.queued.drain(..).map(|q| q.0).collect();
+            for token in queued {
+                self.reply(token, Err(err.clone()));
+            }
+            self.internal.clear();
+            return;
+        }
+        let mut batch = pb::CommandBatch::default();
+        let mut batch_pending: Vec<Pending> = Vec::new();
+        let mut bytes = 0usize;
+        while let Some((cmd, kind)) = self.internal.pop_front() {
+            bytes += cmd.encoded_len();
+            batch.commands.push(cmd);
+            batch_pending.push(Pending { token: 0, kind });
+        }
+        while let Some((token, request, attempt)) = self.queued.pop_front() {
+            match self.prepare(token, request, attempt) {
+                Ok(Some((cmd, kind))) => {
+                    let len = cmd.encoded_len();
+                    if bytes + len > self.cfg.max_batch_bytes && !batch.commands.is_empty() {
+                        self.propose_batch(
+                            std::mem::take(&mut batch),
+                            std::mem::take(&mut batch_pending),
+                        );
+                        bytes = 0;
+                    }
+                    bytes += len;
+                    batch.commands.push(cmd);
+                    batch_pending.push(Pending { token, kind });
+                }
+                Ok(None) => {}
+                Err(e) => self.reply(token, Err(e)),
+            }
+        }
+        if !batch.commands.is_empty() {
+            self.propose_batch(batch, batch_pending);
+        }
+    }
+
+    fn propose_batch(&mut self, batch: pb::CommandBatch, pending: Vec<Pending>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let data = batch.encode_to_vec();
+        let term = self.raw.raft.term;
+        match self.raw.propose(context(self.cfg.id, term, seq), data) {
+            Ok(()) => {
+                self.pending.insert((term, seq), pending);
+            }
+            Err(e) => {
+                let err = match e {
+                    raft::Error::ProposalDropped if self.is_leader() => Error::Overloaded,
+                    _ => self.not_leader(),
+                };
+                for p in pending {
+                    self.undo_plan(&p.kind);
+                    self.reply(p.token, Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn undo_plan(&mut self, kind: &PendingKind) {
+        if let PendingKind::Plan {
+            fid,
+            nodes,
+            ask,
+            lost,
+            ..
+        } = kind
+        {
+            if let Some(l) = self.leader.as_mut() {
+                l.plan_done(*fid, nodes, *ask, false);
+            }
+            for a in lost {
+                self.replacing.remove(a);
+            }
+        }
+    }
+
+    /// Turns a request into the command to propose (planning placements on the leader).
+    fn prepare(
+        &mut self,
+        token: u64,
+        request: Request,
+        attempt: u32,
+    ) -> Result<Option<(pb::Command, PendingKind)>> {
+        match request {
+            Request::Command(cmd) => Ok(Some((cmd, PendingKind::Plain))),
+            Request::Deploy(cmd) => {
+                if let Some(r) = self.state.deduped(&cmd.request_id) {
+                    let r = r.clone();
+                    self.reply(token, result_of(r).map(Reply::Applied).map_err(Error::from));
+                    return Ok(None);
+                }
+                self.prepare_deploy(cmd, attempt).map(Some)
+            }
+            Request::Allocate {
+                request_id,
+                tenant,
+                function,
+            } => {
+                if let Some(r) = self.state.deduped(&request_id) {
+                    let r = r.clone();
+                    self.reply(token, result_of(r).map(Reply::Applied).map_err(Error::from));
+                    return Ok(None);
+                }
+                let (fid, f) = self.state.function(&tenant, &function).ok_or_else(|| {
+                    ApplyError::NotFound(format!("function `{tenant}/{function}` not found"))
+                })?;
+                let version = f.current().expect("live function has a version").clone();
+                let original = Request::Allocate {
+                    request_id: request_id.clone(),
+                    tenant: tenant.clone(),
+                    function: function.clone(),
+                };
+                let nodes = self.plan(Some(fid), &version, 1)?;
+                let cmd = command(
+                    request_id,
+                    pb::command::Kind::Plan(pb::PlanCmd {
+                        tenant,
+                        function,
+                        version: version.version,
+                        place_on: nodes.clone(),
+                        stop: vec![],
+                        lost: vec![],
+                        grow: true,
+                    }),
+                );
+                Ok(Some((
+                    cmd,
+                    PendingKind::Plan {
+                        request: Some(Box::new(original)),
+                        fid: Some(fid),
+                        nodes,
+                        ask: version.reservation(),
+                        attempt,
+                        lost: vec![],
+                    },
+                )))
+            }
+            Request::AddReplica { id, address } => {
+                self.propose_conf_change(token, id, Some(address))?;
+                Ok(None)
+            }
+            Request::RemoveReplica { id } => {
+                self.propose_conf_change(token, id, None)?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn plan(
+        &mut self,
+        fid: Option<u32>,
+        version: &FunctionVersion,
+        count: u32,
+    ) -> Result<Vec<u64>> {
+        self.ensure_leader_state()?;
+        let leader = self.leader.as_mut().expect("ensured");
+        leader.plan(&self.state, fid, version, count, Origin::Anywhere)
+    }
+
+    fn prepare_deploy(
+        &mut self,
+        mut cmd: pb::Command,
+        attempt: u32,
+    ) -> Result<(pb::Command, PendingKind)> {
+        let Some(pb::command::Kind::Deploy(d)) = cmd.kind.as_mut() else {
+            return Err(Error::Apply(ApplyError::Invalid("not a deploy".into())));
+        };
+        crate::state::validate_name("function", &d.name)?;
+        if !self.state.has_tenant(&d.tenant) {
+            return Err(ApplyError::NotFound(format!("tenant `{}` not found", d.tenant)).into());
+        }
+        if d.module_sha256.is_empty() && !d.module.is_empty() {
+            d.module_sha256 = Sha256::digest(&d.module).to_vec();
+        }
+        if let Ok(sha) = <[u8; 32]>::try_from(d.module_sha256.as_slice())
+            && self.state.module(&sha).is_some()
+        {
+            d.module.clear();
+        }
+        let version = FunctionVersion {
+            version: 0,
+            module_sha256: [0; 32],
+            limits: d.limits.unwrap_or_default(),
+            replicas: d.replicas,
+            region: d.region.clone(),
+            constraints: d.constraints.clone(),
+            idempotent: d.idempotent,
+        };
+        if version.limits.memory_mib == 0 {
+            return Err(ApplyError::Invalid("memory must be at least 1 MiB".into()).into());
+        }
+        if d.replicas == 0 || d.replicas > crate::state::MAX_REPLICAS {
+            return Err(ApplyError::Invalid(format!(
+                "replicas must be 1..={}, got {}",
+                crate::state::MAX_REPLICAS,
+                d.replicas
+            ))
+            .into());
+        }
+        let fid = self.state.function(&d.tenant, &d.name).map(|(id, _)| id);
+        let nodes = self.plan(None, &version, d.replicas)?;
+        d.place_on = nodes.clone();
+        let original = Request::Deploy(cmd.clone());
+        Ok((
+            cmd,
+            PendingKind::Plan {
+                request: Some(Box::new(original)),
+                fid,
+                nodes,
+                ask: version.reservation(),
+                attempt,
+                lost: vec![],
+            },
+        ))
+    }
+
+    fn propose_conf_change(&mut self, token: u64, id: u64, address: Option<String>) -> Result<()> {
+        if self.pending_conf.is_some() || self.raw.raft.has_pending_conf() {
+            return Err(Error::Apply(ApplyError::Invalid(
+                "another membership change is in progress; retry when it completes".into(),
+            )));
+        }
+        if id == 0 {
+            return Err(Error::Apply(ApplyError::Invalid(
+                "replica id 0 is reserved".into(),
+            )));
+        }
+        let voters = self.voters();
+        match &address {
+            Some(a) => {
+                if voters.contains(&id) {
+                    return Err(ApplyError::AlreadyExists(format!(
+                        "replica {id} is already a member"
+                    ))
+                    .into());
+                }
+                if a.is_empty() {
+                    return Err(
+                        ApplyError::Invalid("the new replica needs an address".into()).into(),
+                    );
+                }
+            }
+            None => {
+                if !voters.contains(&id) {
+                    return Err(
+                        ApplyError::NotFound(format!("replica {id} is not a member")).into(),
+                    );
+                }
+                if voters.len() == 1 {
+                    return Err(ApplyError::Invalid("cannot remove the last replica".into()).into());
+                }
+                if id == self.cfg.id {
+                    let to = voters
+                        .iter()
+                        .copied()
+                        .find(|v| *v != id)
+                        .expect("more than one");
+                    self.raw.transfer_leader(to);
+                    return Err(self.not_leader());
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut single = ConfChangeSingle {
+            node_id: id,
+            ..Default::default()
+        };
+        single.set_change_type(if address.is_some() {
+            ConfChangeType::AddNode
+        } else {
+            ConfChangeType::RemoveNode
+        });
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        let term = self.raw.raft.term;
+        let ctx = format!(
+            "{} {} {} {}",
+            self.cfg.id,
+            term,
+            seq,
+            address.unwrap_or_default()
+        );
+        self.raw
+            .propose_conf_change(ctx.into_bytes(), cc)
+            .map_err(|_| self.not_leader())?;
+        self.pending_conf = Some((term, seq, token));
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&e),
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    if cc.merge_from_bytes(&e.data).is_ok() {
+                        self.apply_conf_change(&cc, &e.context);
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    if cc.merge_from_bytes(&e.data).is_ok() {
+                        let v2 = cc.into_v2();
+                        self.apply_conf_change(&v2, &e.context);
+                    }
+                }
+            }
+            self.state.set_applied_index(e.index);
+        }
+    }
+
+    fn apply_normal(&mut self, e: &Entry) {
+        if e.data.is_empty() {
+            return;
+        }
+        let batch = match pb::CommandBatch::decode(&e.data[..]) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(replica = self.cfg.id, index = e.index, error = %err, "undecodable log entry skipped");
+                return;
+            }
+        };
+        let mut mine = match parse_context(&e.context) {
+            Some((proposer, term, seq)) if proposer == self.cfg.id => {
+                self.pending.remove(&(term, seq))
+            }
+            _ => None,
+        };
+        for (i, cmd) in batch.commands.into_iter().enumerate() {
+            let mut fx = Effects::default();
+            let result = self.state.apply(e.index, cmd, &mut fx);
+            let accepted = result.error_code.is_empty();
+            let pending = mine
+                .as_mut()
+                .and_then(|m| m.get_mut(i))
+                .map(|p| (p.token, std::mem::replace(&mut p.kind, PendingKind::Plain)));
+            let mut own_placed = false;
+            if let Some((token, kind)) = pending {
+                match kind {
+                    PendingKind::Plain => self.reply(
+                        token,
+                        result_of(result).map(Reply::Applied).map_err(Error::from),
+                    ),
+                    PendingKind::Plan {
+                        request,
+                        fid,
+                        nodes,
+                        ask,
+                        attempt,
+                        lost,
+                    } => {
+                        if let Some(l) = self.leader.as_mut() {
+                            l.plan_done(fid, &nodes, ask, accepted);
+                            own_placed = accepted;
+                        }
+                        for a in &lost {
+                            self.replacing.remove(a);
+                        }
+                        let stale = result.error_code == "stale_plan";
+                        match request {
+                            Some(req) if stale && attempt + 1 < MAX_PLAN_ATTEMPTS => {
+                                tracing::debug!(replica = self.cfg.id, attempt, reason = %result.error_message, "re-planning a stale plan");
+                                self.queued.push_back((token, *req, attempt + 1));
+                            }
+                            _ => self.reply(
+                                token,
+                                result_of(result).map(Reply::Applied).map_err(Error::from),
+                            ),
+                        }
+                    }
+                }
+            }
+            if let Some(l) = self.leader.as_mut() {
+                l.observe(&self.state, &fx, own_placed);
+            }
+            if self.is_leader() && !fx.nodes_down.is_empty() {
+                self.queue_replacements(&fx.nodes_down);
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, cc: &ConfChangeV2, ctx: &[u8]) {
+        let ctx = String::from_utf8_lossy(ctx).into_owned();
+        let mut parts = ctx.splitn(4, ' ');
+        let proposer: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let term: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let seq: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let address = parts.next().unwrap_or("").to_string();
+        let result = self.raw.apply_conf_change(cc);
+        let mine = proposer == self.cfg.id
+            && self
+                .pending_conf
+                .is_some_and(|(t, s, _)| t == term && s == seq);
+        let token = if mine {
+            self.pending_conf.take().map(|(_, _, t)| t).unwrap_or(0)
+        } else {
+            0
+        };
+        match result {
+            Ok(cs) => {
+                for c in cc.get_changes() {
+                    match c.get_change_type() {
+                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            if !address.is_empty() {
+                                self.state
+                                    .set_replica_address(c.node_id, Some(address.clone()));
+                                self.addresses.insert(c.node_id, address.clone());
+                            }
+                        }
+                        ConfChangeType::RemoveNode => {
+                            self.state.set_replica_address(c.node_id, None);
+                            if c.node_id == self.cfg.id {
+                                self.removed = true;
+                            }
+                        }
+                    }
+                }
+                let members: Vec<(u64, String)> = cs
+                    .voters
+                    .iter()
+                    .map(|&id| (id, self.addresses.get(&id).cloned().unwrap_or_default()))
+                    .collect();
+                if let Err(e) = self.raw.mut_store().set_members(&members) {
+                    tracing::warn!(replica = self.cfg.id, error = %e, "could not record membership");
+                }
+                tracing::info!(replica = self.cfg.id, voters = ?cs.voters, "membership changed");
+                let info = self.membership();
+                self.reply(token, Ok(Reply::Membership(info)));
+            }
+            Err(e) => {
+                self.reply(
+                    token,
+                    Err(ApplyError::Invalid(format!("membership change refused: {e}")).into()),
+                );
+            }
+        }
+    }
+
+    /// Current voter ids.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raw.raft.prs().conf().voters().ids().iter().collect()
+    }
+
+    /// Current voters with their addresses.
+    pub fn membership(&self) -> Vec<pb::ReplicaInfo> {
+        self.voters()
+            .into_iter()
+            .map(|id| pb::ReplicaInfo {
+                id,
+                address: self.addresses.get(&id).cloned().unwrap_or_default(),
+                voter: true,
+            })
+            .collect()
+    }
+
+    fn queue_replacements(&mut self, nodes: &[u64]) {
+        let lost = LeaderState::lost_allocations(&self.state, nodes);
+        for a in lost {
+            if !self.replacing.insert(a.id) {
+                continue;
+            }
+            let Some(f) = self.state.function_by_id(a.function) else {
+                continue;
+            };
+            let Some(version) = f.current().cloned() else {
+                continue;
+            };
+            let (tenant, name) = (f.tenant.clone(), f.name.clone());
+            let nodes = match self.plan(Some(a.function), &version, 1) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(replica = self.cfg.id, function = %name, error = %e, "lost replica cannot be re-placed now");
+                    Vec::new()
+                }
+            };
+            let cmd = command(
+                Vec::new(),
+                pb::command::Kind::Plan(pb::PlanCmd {
+                    tenant,
+                    function: name,
+                    version: version.version,
+                    place_on: nodes.clone(),
+                    stop: vec![],
+                    lost: vec![a.id],
+                    grow: false,
+                }),
+            );
+            self.internal.push_back((
+                cmd,
+                PendingKind::Plan {
+                    request: None,
+                    fid: Some(a.function),
+                    nodes,
+                    ask: version.reservation(),
+                    attempt: 0,
+                    lost: vec![a.id],
+                },
+            ));
+        }
+    }
+
+    fn liveness_sweep(&mut self) {
+        let now = self.ticks;
+        let down_after = self.cfg.node_down_after_ticks;
+        if self.ensure_leader_state().is_err() {
+            return;
+        }
+        let leader = self.leader.as_mut().expect("ensured");
+        let transitions = leader.liveness_transitions(&self.state, now, down_after, 10_000);
+        if !transitions.is_empty() {
+            let down = transitions
+                .iter()
+                .filter(|t| t.1 == NodeState::Down)
+                .count();
+            tracing::info!(
+                replica = self.cfg.id,
+                down,
+                back = transitions.len() - down,
+                "committing node liveness transitions"
+            );
+            let cmd = command(
+                Vec::new(),
+                pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
+                    transitions: transitions
+                        .into_iter()
+                        .map(|(node, s)| pb::NodeTransition {
+                            node,
+                            state: node_state_to_pb(s) as i32,
+                        })
+                        .collect(),
+                }),
+            );
+            self.internal.push_back((cmd, PendingKind::Plain));
+        }
+        // Replicas still on down nodes (a previous leader's unfinished work, or no room then).
+        let down_nodes: Vec<u64> = self
+            .state
+            .nodes()
+            .iter()
+            .filter(|(_, n)| {
+                n.allocations > 0 && matches!(n.state, NodeState::Down | NodeState::Quarantined)
+            })
+            .map(|(&id, _)| id)
+            .take(1000)
+            .collect();
+        if !down_nodes.is_empty() {
+            self.queue_replacements(&down_nodes);
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        if self.ready_reads.is_empty() {
+            return;
+        }
+        let applied = self.state.applied_index();
+        let ready: Vec<(u64, u64)> = std::mem::take(&mut self.ready_reads);
+        for (index, token) in ready {
+            if index <= applied {
+                if let Some(q) = self.reads.remove(&token) {
+                    let r = self.answer(&q);
+                    self.reply(token, r);
+                }
+            } else {
+                self.ready_reads.push((index, token));
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        let applied = self.state.applied_index();
+        let snap_index = self.raw.store().snapshot_metadata().index;
+        let wanted = self.raw.store().snapshot_wanted();
+        let due = applied >= snap_index + self.cfg.snapshot_every;
+        let asked = wanted > 0 && applied >= wanted && applied > snap_index;
+        if !(due || asked) || applied == 0 || self.stalled.is_some() {
+            return;
+        }
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        let data = self.state.to_snapshot().encode_to_vec();
+        let keep = self.cfg.keep_entries;
+        match self.raw.mut_store().save_snapshot(applied, cs, &data, keep) {
+            Ok(()) => tracing::info!(
+                replica = self.cfg.id,
+                index = applied,
+                bytes = data.len(),
+                "saved a snapshot and compacted the log"
+            ),
+            Err(e) => {
+                tracing::warn!(replica = self.cfg.id, error = %e, "snapshot failed; will retry")
+            }
+        }
+    }
+
+    /// Answers a read from the applied state.
+    pub fn answer(&self, q: &Query) -> Result<Reply> {
+        match q {
+            Query::Function { tenant, name } => {
+                let (fid, _) = self.state.function(tenant, name).ok_or_else(|| {
+                    ApplyError::NotFound(format!(
+                        "function `{name}` not found in tenant `{tenant}`"
+                    ))
+                })?;
+                Ok(Reply::Function(self.function_status(fid)))
+            }
+            Query::Functions { tenant } => Ok(Reply::Functions(
+                self.state
+                    .functions(tenant.as_deref())
+                    .into_iter()
+                    .map(|(id, _)| self.function_status(id))
+                    .collect(),
+            )),
+            Query::Nodes {
+                region,
+                state,
+                limit,
+            } => {
+                let mut out = pb::ListNodesResponse::default();
+                for (&id, n) in self.state.nodes() {
+                    if region
+                        .as_deref()
+                        .is_some_and(|r| self.state.node_location(n).0 != r)
+                    {
+                        continue;
+                    }
+                    if state.is_some_and(|s| s != n.state) {
+                        continue;
+                    }
+                    out.total += 1;
+                    if out.nodes.len() < *limit {
+                        out.nodes.push(pb::NodeInfo {
+                            id,
+                            attributes: Some(self.state.node_attributes_pb(n)),
+                            state: node_state_to_pb(n.state) as i32,
+                            reputation: n.reputation,
+                            allocated: Some(pb::Resources {
+                                cpu_millis: n.allocated.cpu_millis,
+                                memory_mib: n.allocated.memory_mib,
+                                disk_mib: n.allocated.disk_mib,
+                            }),
+                            allocations: n.allocations,
+                        });
+                    }
+                }
+                Ok(Reply::Nodes(out))
+            }
+        }
+    }
+
+    fn function_status(&self, fid: u32) -> pb::FunctionStatus {
+        let f = self.state.function_by_id(fid).expect("caller checked");
+        let v = f.current().expect("live function has a version");
+        pb::FunctionStatus {
+            tenant: f.tenant.clone(),
+            name: f.name.clone(),
+            version: v.version,
+            module_sha256: hex::encode(v.module_sha256),
+            limits: Some(v.limits),
+            replicas: v.replicas,
+            region: v.region.clone(),
+            allocations: f
+                .on_nodes
+                .values()
+                .filter_map(|a| self.state.allocations().get(a))
+                .map(|a| self.state.allocation_pb(a))
+                .collect(),
+        }
+    }
+
+    /// Status as this replica sees it.
+    pub fn status(&self) -> pb::ClusterStatusResponse {
+        let (nodes, allocations, functions) = self.state.counts();
+        pb::ClusterStatusResponse {
+            id: self.cfg.id,
+            leader: self.leader_id,
+            term: self.raw.raft.term,
+            commit_index: self.commit_index(),
+            applied_index: self.state.applied_index(),
+            replicas: self.membership(),
+            role: format!("{:?}", self.role).to_lowercase(),
+            snapshot_index: self.raw.store().snapshot_metadata().index,
+            nodes: nodes as u64,
+            allocations: allocations as u64,
+            functions: functions as u64,
+        }
+    }
+
+    /// Flushes unsynced metadata (commit index, membership) on a clean shutdown.
+    pub fn shutdown(&mut self) {
+        if let Err(e) = self.raw.mut_store().sync() {
+            tracing::warn!(replica = self.cfg.id, error = %e, "final sync failed");
+        }
+    }
+}
+
+/// Refuses a restart whose `--peers` contradicts the membership stored in the data dir.
+fn check_membership(cfg: &ReplicaConfig, store: &DiskStorage) -> Result<()> {
+    if cfg.peers.is_empty() {
+        return Ok(());
+    }
+    let stored = store.members();
+    let stored: Vec<(u64, String)> = if stored.is_empty() {
+        let st = raft::Storage::initial_state(store).map_err(|e| Error::Storage(e.to_string()))?;
+        st.conf_state
+            .voters
+            .iter()
+            .map(|&v| (v, String::new()))
+            .collect()
+    } else {
+        stored
+    };
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let mut want: Vec<u64> = cfg.peers.iter().map(|p| p.0).collect();
+    let mut have: Vec<u64> = stored.iter().map(|p| p.0).collect();
+    want.sort_unstable();
+    have.sort_unstable();
+    let addr_conflict = cfg.peers.iter().find(|(id, a)| {
+        stored
+            .iter()
+            .any(|(sid, sa)| sid == id && !sa.is_empty() && sa != a)
+    });
+    if want != have || addr_conflict.is_some() {
+        let show = |v: &[(u64, String)]| {
+            v.iter()
+                .map(|(id, a)| {
+                    if a.is_empty() {
+                        id.to_string()
+                    } else {
+                        format!("{id}={a}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        return Err(Error::Config(format!(
+            "--peers {} contradicts the membership stored in {}: {}. The stored membership is \
+             authoritative: start without --peers, or with exactly the stored list; change \
+             membership with `stellar cluster add|remove`",
+            show(&cfg.peers),
+            cfg.data_dir.display(),
+            show(&stored)
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the `Deploy` command a client sends (module hashed here so apply can verify it).
+pub fn deploy_command(request_id: Vec<u8>, mut d: pb::DeployCmd) -> pb::Command {
+    if d.module_sha256.is_empty() {
+        d.module_sha256 = Sha256::digest(&d.module).to_vec();
+    }
+    command(request_id, pb::command::Kind::Deploy(d))
+}
+
+/// Builds the node-state command an admin sends (drain, quarantine, return to service).
+pub fn node_state_command(request_id: Vec<u8>, node: u64, state: i32) -> Result<pb::Command> {
+    node_state_from_pb(state)?;
+    Ok(command(
+        request_id,
+        pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
+            transitions: vec![pb::NodeTransition { node, state }],
+        }),
+    ))
+}

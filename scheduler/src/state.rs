@@ -1,0 +1,1513 @@
+//! The replicated state machine: tenants, tokens, functions, modules, nodes, allocations and
+//! usage totals.
+//!
+//! `apply` is deterministic: no clock, no randomness, no I/O; every time or random choice was
+//! made by the proposer and travels in the command. Every command is validated here, against
+//! the state it is applied to, and a refused command changes nothing. Maps are ordered so a
+//! snapshot's bytes depend only on the logical state (replicas compare digests of it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use stellar_placement::{Arch, NodeState, Resources, Runtime, RuntimeSet};
+use stellar_proto::v1 as pb;
+
+use crate::error::ApplyError;
+
+/// Largest accepted module; a home node downloads it over a residential link.
+pub const MAX_MODULE_BYTES: usize = 16 << 20;
+/// Total module bytes the replicated state keeps (every replica holds all of them in memory).
+pub const MAX_MODULES_TOTAL_BYTES: u64 = 1 << 30;
+/// Retried request ids remembered, oldest forgotten first.
+pub const DEDUPE_CAPACITY: usize = 200_000;
+/// Invocation ids remembered for usage deduplication, oldest forgotten first.
+pub const SEEN_INVOCATIONS_CAPACITY: usize = 1_000_000;
+/// Most nodes one registration command may carry (keeps an entry under a few MiB).
+pub const MAX_NODES_PER_COMMAND: usize = 10_000;
+/// Most replicas of one function.
+pub const MAX_REPLICAS: u32 = 10_000;
+/// Most labels on a node or constraints on a function.
+pub const MAX_LABELS: usize = 32;
+
+type Result<T> = std::result::Result<T, ApplyError>;
+
+/// Interned strings (region, zone, label keys and values), so a million nodes share them.
+#[derive(Debug, Default, Clone)]
+struct Symbols {
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+}
+
+impl Symbols {
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.ids.get(s) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        let a: Arc<str> = Arc::from(s);
+        self.names.push(a.clone());
+        self.ids.insert(a, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+}
+
+/// A committed node: its static attributes, lifecycle state, reputation and committed load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// The worker's ed25519 public key (zeros when registered by an admin without one).
+    pub public_key: [u8; 32],
+    region: u32,
+    zone: u32,
+    /// CPU architecture.
+    pub arch: Arch,
+    /// Sandboxes offered.
+    pub runtimes: RuntimeSet,
+    /// Capacity lent by the owner.
+    pub capacity: Resources,
+    /// Upload rate in kbit/s.
+    pub uplink_kbps: u32,
+    /// Download rate in kbit/s.
+    pub downlink_kbps: u32,
+    labels: u32,
+    /// Lifecycle state (transitions are committed; heartbeats are not).
+    pub state: NodeState,
+    /// Reputation in [0, 1].
+    pub reputation: f32,
+    /// Whether a worker agent heartbeats for it (only such nodes can be marked down).
+    pub managed: bool,
+    /// Sum of the resources of its live allocations.
+    pub allocated: Resources,
+    /// Number of live allocations.
+    pub allocations: u32,
+}
+
+/// One version of a function: what it runs and with which limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionVersion {
+    /// 1, 2, ...
+    pub version: u32,
+    /// The module's content address.
+    pub module_sha256: [u8; 32],
+    /// Per-invocation limits and the per-replica reservation.
+    pub limits: pb::FunctionLimits,
+    /// Desired replica count.
+    pub replicas: u32,
+    /// Region preference (empty = anywhere).
+    pub region: String,
+    /// Label constraints on nodes.
+    pub constraints: Vec<pb::LabelConstraint>,
+    /// Whether an invocation may be retried on another instance.
+    pub idempotent: bool,
+}
+
+impl FunctionVersion {
+    /// What one replica reserves on its node.
+    pub fn reservation(&self) -> Resources {
+        Resources::new(self.limits.cpu_millis, self.limits.memory_mib, 0)
+    }
+}
+
+/// A tenant's function and its version history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Function {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name, unique within the tenant.
+    pub name: String,
+    /// Every version ever deployed, oldest first.
+    pub versions: Vec<FunctionVersion>,
+    /// Deleted functions keep their id (allocation records point at it) until redeployed.
+    pub deleted: bool,
+    /// Live allocations by node: a function never has two replicas on one node.
+    pub on_nodes: BTreeMap<u64, u64>,
+}
+
+impl Function {
+    /// The version new replicas run.
+    pub fn current(&self) -> Option<&FunctionVersion> {
+        self.versions.last()
+    }
+}
+
+/// A committed placement of one replica of a function version on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Cluster-unique id, assigned in apply.
+    pub id: u64,
+    /// Index into the function arena.
+    pub function: u32,
+    /// The version it runs.
+    pub version: u32,
+    /// Where it runs.
+    pub node: u64,
+    /// Pending until the worker reports it running.
+    pub state: pb::AllocationState,
+    /// What it reserves on the node.
+    pub resources: Resources,
+}
+
+/// Usage totals per (function, node): the tenant's bill and the owner's credit come from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    /// Invocations counted.
+    pub invocations: u64,
+    /// Fuel consumed (the deterministic compute unit).
+    pub fuel: u64,
+    /// Wall-clock microseconds.
+    pub wall_us: u64,
+    /// Request bytes.
+    pub bytes_in: u64,
+    /// Response bytes.
+    pub bytes_out: u64,
+    /// Peak memory in MiB times wall milliseconds.
+    pub memory_mib_ms: u64,
+}
+
+/// The whole replicated state; see the module docs for the rules `apply` follows.
+#[derive(Debug, Clone, Default)]
+pub struct StateMachine {
+    applied_index: u64,
+    symbols: Symbols,
+    label_sets: Vec<Vec<(u32, u32)>>,
+    label_set_ids: HashMap<Vec<(u32, u32)>, u32>,
+    tenants: BTreeSet<String>,
+    tokens: BTreeMap<Vec<u8>, (String, bool)>,
+    functions: Vec<Function>,
+    function_ids: BTreeMap<(String, String), u32>,
+    modules: BTreeMap<[u8; 32], Arc<[u8]>>,
+    module_bytes: u64,
+    nodes: BTreeMap<u64, Node>,
+    allocations: BTreeMap<u64, Allocation>,
+    node_allocations: BTreeSet<(u64, u64)>,
+    next_allocation_id: u64,
+    usage: BTreeMap<(u32, u64), UsageTotals>,
+    seen_invocations: HashSet<Vec<u8>>,
+    seen_order: VecDeque<Vec<u8>>,
+    dedupe: HashMap<Vec<u8>, (u64, pb::CommandResult)>,
+    dedupe_order: VecDeque<Vec<u8>>,
+    replicas: BTreeMap<u64, String>,
+}
+
+/// What applying one command changed, for the leader's soft state (placement table).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Effects {
+    /// Allocations created (node, resources).
+    pub placed: Vec<Allocation>,
+    /// Allocations removed (stopped, lost or replaced).
+    pub removed: Vec<Allocation>,
+    /// Nodes registered or re-registered.
+    pub nodes_joined: Vec<u64>,
+    /// Nodes whose state or reputation changed.
+    pub nodes_changed: Vec<u64>,
+    /// Nodes that went down with live allocations: the leader re-places them.
+    pub nodes_down: Vec<u64>,
+}
+
+fn invalid(msg: impl Into<String>) -> ApplyError {
+    ApplyError::Invalid(msg.into())
+}
+
+fn not_found(what: &str, name: impl std::fmt::Display) -> ApplyError {
+    ApplyError::NotFound(format!("{what} `{name}` not found"))
+}
+
+/// Checks a tenant or function name: 1–63 of `[a-z0-9-]`, starting with a letter or digit.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what} name `{name}` must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'"
+        )))
+    }
+}
+
+fn sha32(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
+    bytes
+        .try_into()
+        .map_err(|_| invalid(format!("{what} must be 32 bytes, got {}", bytes.len())))
+}
+
+/// Maps the wire node state to the placement model's; `Unspecified` is refused.
+pub fn node_state_from_pb(s: i32) -> Result<NodeState> {
+    match pb::NodeState::try_from(s) {
+        Ok(pb::NodeState::Ready) => Ok(NodeState::Ready),
+        Ok(pb::NodeState::Draining) => Ok(NodeState::Draining),
+        Ok(pb::NodeState::Down) => Ok(NodeState::Down),
+        Ok(pb::NodeState::Quarantined) => Ok(NodeState::Quarantined),
+        _ => Err(invalid(format!(
+            "node state {s} is not one of ready, draining, down, quarantined"
+        ))),
+    }
+}
+
+/// Maps the placement model's node state to the wire's.
+pub fn node_state_to_pb(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Ready => pb::NodeState::Ready,
+        NodeState::Draining => pb::NodeState::Draining,
+        NodeState::Down => pb::NodeState::Down,
+        NodeState::Quarantined => pb::NodeState::Quarantined,
+    }
+}
+
+fn check_limits(limits: &pb::FunctionLimits) -> Result<()> {
+    if limits.memory_mib == 0 || limits.memory_mib > 64 * 1024 {
+        return Err(invalid(format!(
+            "memory must be 1..=65536 MiB, got {}",
+            limits.memory_mib
+        )));
+    }
+    if limits.cpu_millis > 64_000 {
+        return Err(invalid(format!(
+            "cpu must be at most 64 cores (64000 millicores), got {}",
+            limits.cpu_millis
+        )));
+    }
+    if limits.timeout_ms == 0 || limits.timeout_ms > 15 * 60 * 1000 {
+        return Err(invalid(format!(
+            "timeout must be 1 ms ..= 15 min, got {} ms",
+            limits.timeout_ms
+        )));
+    }
+    Ok(())
+}
+
+fn check_constraints(constraints: &[pb::LabelConstraint]) -> Result<()> {
+    if constraints.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "at most {MAX_LABELS} constraints, got {}",
+            constraints.len()
+        )));
+    }
+    if let Some(c) = constraints.iter().find(|c| c.key.is_empty()) {
+        return Err(invalid(format!(
+            "constraint with empty key (value `{}`)",
+            c.value
+        )));
+    }
+    Ok(())
+}
+
+impl StateMachine {
+    /// An empty state (a new cluster).
+    pub fn new() -> Self {
+        StateMachine {
+            next_allocation_id: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The log index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Records that every entry up to `index` has been applied (conf changes, empty entries).
+    pub fn set_applied_index(&mut self, index: u64) {
+        debug_assert!(index >= self.applied_index);
+        self.applied_index = index;
+    }
+
+    /// Committed nodes by id.
+    pub fn nodes(&self) -> &BTreeMap<u64, Node> {
+        &self.nodes
+    }
+
+    /// A node's region and zone names.
+    pub fn node_location(&self, node: &Node) -> (&str, &str) {
+        (self.symbols.get(node.region), self.symbols.get(node.zone))
+    }
+
+    /// A node's labels.
+    pub fn node_labels(&self, node: &Node) -> Vec<(&str, &str)> {
+        self.label_sets[node.labels as usize]
+            .iter()
+            .map(|&(k, v)| (self.symbols.get(k), self.symbols.get(v)))
+            .collect()
+    }
+
+    /// Live allocations by id.
+    pub fn allocations(&self) -> &BTreeMap<u64, Allocation> {
+        &self.allocations
+    }
+
+    /// Live allocation ids on `node`.
+    pub fn allocations_on(&self, node: u64) -> impl Iterator<Item = u64> + '_ {
+        self.node_allocations
+            .range((node, 0)..=(node, u64::MAX))
+            .map(|&(_, a)| a)
+    }
+
+    /// The function arena (deleted ones included); allocation records index into it.
+    pub fn function_by_id(&self, id: u32) -> Option<&Function> {
+        self.functions.get(id as usize)
+    }
+
+    /// A live function by tenant and name, with its arena id.
+    pub fn function(&self, tenant: &str, name: &str) -> Option<(u32, &Function)> {
+        let id = *self
+            .function_ids
+            .get(&(tenant.to_string(), name.to_string()))?;
+        let f = &self.functions[id as usize];
+        (!f.deleted).then_some((id, f))
+    }
+
+    /// Live functions, optionally of one tenant, in name order.
+    pub fn functions(&self, tenant: Option<&str>) -> Vec<(u32, &Function)> {
+        self.function_ids
+            .iter()
+            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
+            .map(|(_, &id)| (id, &self.functions[id as usize]))
+            .filter(|(_, f)| !f.deleted)
+            .collect()
+    }
+
+    /// A stored module by content address.
+    pub fn module(&self, sha256: &[u8; 32]) -> Option<Arc<[u8]>> {
+        self.modules.get(sha256).cloned()
+    }
+
+    /// Whether a tenant exists.
+    pub fn has_tenant(&self, name: &str) -> bool {
+        self.tenants.contains(name)
+    }
+
+    /// The tenant and admin flag of a token hash.
+    pub fn token(&self, sha256: &[u8]) -> Option<(&str, bool)> {
+        self.tokens.get(sha256).map(|(t, a)| (t.as_str(), *a))
+    }
+
+    /// Usage totals per (function id, node).
+    pub fn usage(&self) -> &BTreeMap<(u32, u64), UsageTotals> {
+        &self.usage
+    }
+
+    /// Client addresses of replicas, by replica id, as committed.
+    pub fn replica_addresses(&self) -> &BTreeMap<u64, String> {
+        &self.replicas
+    }
+
+    /// Sets or removes a replica's client address (from conf-change entries).
+    pub fn set_replica_address(&mut self, id: u64, address: Option<String>) {
+        match address {
+            Some(a) => {
+                self.replicas.insert(id, a);
+            }
+            None => {
+                self.replicas.remove(&id);
+            }
+        }
+    }
+
+    /// The result a request id was answered with, if it is still remembered.
+    pub fn deduped(&self, request_id: &[u8]) -> Option<&pb::CommandResult> {
+        self.dedupe.get(request_id).map(|(_, r)| r)
+    }
+
+    /// Applies one command at `index` and answers it; a refused command changes nothing.
+    pub fn apply(
+        &mut self,
+        index: u64,
+        cmd: pb::Command,
+        effects: &mut Effects,
+    ) -> pb::CommandResult {
+        self.applied_index = self.applied_index.max(index);
+        if !cmd.request_id.is_empty() {
+            if cmd.request_id.len() > 64 {
+                return error_result(&invalid("request id longer than 64 bytes"));
+            }
+            if let Some((_, r)) = self.dedupe.get(&cmd.request_id) {
+                return r.clone();
+            }
+        }
+        let result = match cmd.kind {
+            None => Err(invalid("empty command")),
+            Some(kind) => self.apply_kind(kind, effects),
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => error_result(&e),
+        };
+        if !cmd.request_id.is_empty() {
+            self.remember(cmd.request_id, index, result.clone());
+        }
+        result
+    }
+
+    fn remember(&mut self, id: Vec<u8>, index: u64, result: pb::CommandResult) {
+        if self.dedupe_order.len() >= DEDUPE_CAPACITY
+            && let Some(old) = self.dedupe_order.pop_front()
+        {
+            self.dedupe.remove(&old);
+        }
+        self.dedupe_order.push_back(id.clone());
+        self.dedupe.insert(id, (index, result));
+    }
+
+    fn apply_kind(
+        &mut self,
+        kind: pb::command::Kind,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        use pb::command::Kind;
+        match kind {
+            Kind::CreateTenant(c) => self.create_tenant(c),
+            Kind::PutToken(c) => self.put_token(c),
+            Kind::RevokeToken(c) => {
+                self.tokens
+                    .remove(&c.token_sha256)
+                    .ok_or_else(|| not_found("token", hex::encode(&c.token_sha256)))?;
+                Ok(ok_result())
+            }
+            Kind::Deploy(c) => self.deploy(c, fx),
+            Kind::DeleteFunction(c) => self.delete_function(c, fx),
+            Kind::RegisterNodes(c) => self.register_nodes(c, fx),
+            Kind::NodeTransitions(c) => self.node_transitions(c, fx),
+            Kind::Reputations(c) => self.reputations(c, fx),
+            Kind::Plan(c) => self.plan(c, fx),
+            Kind::Usage(c) => self.record_usage(c),
+            Kind::ReplicaAddress(c) => {
+                if c.id == 0 {
+                    return Err(invalid("replica id 0 is reserved"));
+                }
+                let addr = (!c.remove).then_some(c.address);
+                self.set_replica_address(c.id, addr);
+                Ok(ok_result())
+            }
+            Kind::AllocationStates(c) => self.allocation_states(c, fx),
+        }
+    }
+
+    fn create_tenant(&mut self, c: pb::CreateTenantCmd) -> Result<pb::CommandResult> {
+        validate_name("tenant", &c.name)?;
+        if self.tenants.contains(&c.name) {
+            return Err(ApplyError::AlreadyExists(format!(
+                "tenant `{}` already exists",
+                c.name
+            )));
+        }
+        if !c.token_sha256.is_empty() {
+            sha32(&c.token_sha256, "token hash")?;
+            if self.tokens.contains_key(&c.token_sha256) {
+                return Err(invalid("token hash already in use"));
+            }
+            self.tokens.insert(c.token_sha256, (c.name.clone(), false));
+        }
+        self.tenants.insert(c.name);
+        Ok(ok_result())
+    }
+
+    fn put_token(&mut self, c: pb::PutTokenCmd) -> Result<pb::CommandResult> {
+        sha32(&c.token_sha256, "token hash")?;
+        if !c.admin && !self.tenants.contains(&c.tenant) {
+            return Err(not_found("tenant", c.tenant));
+        }
+        if self.tokens.contains_key(&c.token_sha256) {
+            return Err(invalid("token hash already in use"));
+        }
+        self.tokens.insert(c.token_sha256, (c.tenant, c.admin));
+        Ok(ok_result())
+    }
+
+    fn deploy(&mut self, c: pb::DeployCmd, fx: &mut Effects) -> Result<pb::CommandResult> {
+        validate_name("function", &c.name)?;
+        if !self.tenants.contains(&c.tenant) {
+            return Err(not_found("tenant", c.tenant));
+        }
+        let limits = c.limits.unwrap_or_default();
+        check_limits(&limits)?;
+        check_constraints(&c.constraints)?;
+        if c.replicas == 0 || c.replicas > MAX_REPLICAS {
+            return Err(invalid(format!(
+                "replicas must be 1..={MAX_REPLICAS}, got {}",
+                c.replicas
+            )));
+        }
+        if c.place_on.len() > c.replicas as usize {
+            return Err(invalid("plan places more replicas than requested"));
+        }
+        let sha = sha32(&c.module_sha256, "module sha256")?;
+        let new_module = if c.module.is_empty() {
+            if !self.modules.contains_key(&sha) {
+                return Err(not_found("module", hex::encode(sha)));
+            }
+            None
+        } else {
+            if c.module.len() > MAX_MODULE_BYTES {
+                return Err(ApplyError::Limit(format!(
+                    "module is {} bytes; the limit is {MAX_MODULE_BYTES}",
+                    c.module.len()
+                )));
+            }
+            if !c.module.starts_with(b"\0asm") {
+                return Err(invalid("module is not WebAssembly (no \\0asm header)"));
+            }
+            let actual: [u8; 32] = Sha256::digest(&c.module).into();
+            if actual != sha {
+                return Err(invalid(format!(
+                    "module sha256 mismatch: declared {}, content {}",
+                    hex::encode(sha),
+                    hex::encode(actual)
+                )));
+            }
+            if !self.modules.contains_key(&sha)
+                && self.module_bytes + c.module.len() as u64 > MAX_MODULES_TOTAL_BYTES
+            {
+                return Err(ApplyError::Limit(format!(
+                    "module store is full ({} bytes); delete unused functions",
+                    self.module_bytes
+                )));
+            }
+            Some(c.module)
+        };
+        let key = (c.tenant.clone(), c.name.clone());
+        let existing = self.function_ids.get(&key).copied();
+        let next_version = existing.map_or(1, |id| {
+            self.functions[id as usize]
+                .versions
+                .last()
+                .map_or(1, |v| v.version + 1)
+        });
+        let version = FunctionVersion {
+            version: next_version,
+            module_sha256: sha,
+            limits,
+            replicas: c.replicas,
+            region: c.region,
+            constraints: c.constraints,
+            idempotent: c.idempotent,
+        };
+        // The old version's replicas stop; the plan must hold once they are gone.
+        let stopping: Vec<u64> = existing
+            .map(|id| {
+                self.functions[id as usize]
+                    .on_nodes
+                    .values()
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stop_set: BTreeSet<u64> = stopping.iter().copied().collect();
+        self.check_placements(existing, &version, &c.place_on, &stop_set)?;
+
+        // Validated: mutate.
+        if let Some(bytes) = new_module
+            && !self.modules.contains_key(&sha)
+        {
+            self.module_bytes += bytes.len() as u64;
+            self.modules.insert(sha, Arc::from(bytes));
+        }
+        let fid = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.functions.len() as u32;
+                self.functions.push(Function {
+                    tenant: c.tenant,
+                    name: c.name,
+                    versions: Vec::new(),
+                    deleted: false,
+                    on_nodes: BTreeMap::new(),
+                });
+                self.function_ids.insert(key, id);
+                id
+            }
+        };
+        for a in stopping {
+            self.remove_allocation(a, fx);
+        }
+        let f = &mut self.functions[fid as usize];
+        f.deleted = false;
+        f.versions.push(version);
+        let mut result = ok_result();
+        result.version = next_version;
+        for node in c.place_on {
+            let a = self.add_allocation(fid, next_version, node, fx);
+            result.allocations.push(self.allocation_pb(&a));
+        }
+        Ok(result)
+    }
+
+    /// Verifies that `nodes` can each take one replica of `version` of function `fid`, once
+    /// the allocations in `stopping` are gone.
+    fn check_placements(
+        &self,
+        fid: Option<u32>,
+        version: &FunctionVersion,
+        nodes: &[u64],
+        stopping: &BTreeSet<u64>,
+    ) -> Result<()> {
+        let ask = version.reservation();
+        let mut seen = BTreeSet::new();
+        for &n in nodes {
+            if !seen.insert(n) {
+                return Err(ApplyError::StalePlan(format!(
+                    "node {n:016x} appears twice in the plan"
+                )));
+            }
+            let node = self
+                .nodes
+                .get(&n)
+                .ok_or_else(|| ApplyError::StalePlan(format!("node {n:016x} is not registered")))?;
+            if node.state != NodeState::Ready {
+                return Err(ApplyError::StalePlan(format!(
+                    "node {n:016x} is {}",
+                    node.state
+                )));
+            }
+            let mut allocated = node.allocated;
+            if let Some(f) = fid.map(|id| &self.functions[id as usize]) {
+                if let Some(a) = f.on_nodes.get(&n) {
+                    if !stopping.contains(a) {
+                        return Err(ApplyError::StalePlan(format!(
+                            "node {n:016x} already runs a replica of `{}`",
+                            f.name
+                        )));
+                    }
+                    // Its replica of the old version stops first.
+                    allocated = sub(allocated, self.allocations[a].resources);
+                }
+            }
+            let cpu = allocated.cpu_millis as u64 + ask.cpu_millis as u64;
+            let mem = allocated.memory_mib as u64 + ask.memory_mib as u64;
+            if cpu > node.capacity.cpu_millis as u64 || mem > node.capacity.memory_mib as u64 {
+                return Err(ApplyError::StalePlan(format!(
+                    "node {n:016x} has {}m CPU / {} MiB committed of {}m / {} MiB; the replica needs {}m / {} MiB",
+                    allocated.cpu_millis,
+                    allocated.memory_mib,
+                    node.capacity.cpu_millis,
+                    node.capacity.memory_mib,
+                    ask.cpu_millis,
+                    ask.memory_mib
+                )));
+            }
+            if !version.region.is_empty() && self.symbols.get(node.region) != version.region {
+                return Err(invalid(format!(
+                    "node {n:016x} is in {} but the function is pinned to {}",
+                    self.symbols.get(node.region),
+                    version.region
+                )));
+            }
+            let labels = self.node_labels(node);
+            for c in &version.constraints {
+                let has = labels.iter().find(|(k, _)| *k == c.key).map(|(_, v)| *v);
+                let holds = if c.absent {
+                    has.is_none()
+                } else if c.value.is_empty() {
+                    has.is_some()
+                } else {
+                    has == Some(c.value.as_str())
+                };
+                if !holds {
+                    return Err(invalid(format!(
+                        "node {n:016x} does not satisfy constraint {}{}{}",
+                        c.key,
+                        if c.absent { " absent" } else { "=" },
+                        c.value
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_allocation(
+        &mut self,
+        fid: u32,
+        version: u32,
+        node: u64,
+        fx: &mut Effects,
+    ) -> Allocation {
+        let f = &mut self.functions[fid as usize];
+        let resources = f
+            .versions
+            .iter()
+            .rev()
+            .find(|v| v.version == version)
+            .map(FunctionVersion::reservation)
+            .unwrap_or_default();
+        let a = Allocation {
+            id: self.next_allocation_id,
+            function: fid,
+            version,
+            node,
+            state: pb::AllocationState::Pending,
+            resources,
+        };
+        self.next_allocation_id += 1;
+        f.on_nodes.insert(node, a.id);
+        let n = self.nodes.get_mut(&node).expect("checked before mutation");
+        n.allocated = add(n.allocated, resources);
+        n.allocations += 1;
+        self.allocations.insert(a.id, a);
+        self.node_allocations.insert((node, a.id));
+        fx.placed.push(a);
+        a
+    }
+
+    fn remove_allocation(&mut self, id: u64, fx: &mut Effects) {
+        let Some(a) = self.allocations.remove(&id) else {
+            return;
+        };
+        self.node_allocations.remove(&(a.node, id));
+        let f = &mut self.functions[a.function as usize];
+        if f.on_nodes.get(&a.node) == Some(&id) {
+            f.on_nodes.remove(&a.node);
+        }
+        if let Some(n) = self.nodes.get_mut(&a.node) {
+            n.allocated = sub(n.allocated, a.resources);
+            n.allocations -= 1;
+        }
+        fx.removed.push(a);
+    }
+
+    fn delete_function(
+        &mut self,
+        c: pb::DeleteFunctionCmd,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        let (fid, f) = self
+            .function(&c.tenant, &c.name)
+            .ok_or_else(|| not_found("function", format!("{}/{}", c.tenant, c.name)))?;
+        let allocs: Vec<u64> = f.on_nodes.values().copied().collect();
+        let mut result = ok_result();
+        result.count = allocs.len() as u32;
+        for a in allocs {
+            self.remove_allocation(a, fx);
+        }
+        self.functions[fid as usize].deleted = true;
+        Ok(result)
+    }
+
+    fn register_nodes(
+        &mut self,
+        c: pb::RegisterNodesCmd,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        if c.nodes.len() > MAX_NODES_PER_COMMAND {
+            return Err(invalid(format!(
+                "at most {MAX_NODES_PER_COMMAND} nodes per registration, got {}",
+                c.nodes.len()
+            )));
+        }
+        let mut ids = BTreeSet::new();
+        for n in &c.nodes {
+            validate_node(n)?;
+            if !ids.insert(n.id) {
+                return Err(invalid(format!("node {:016x} appears twice", n.id)));
+            }
+        }
+        let count = c.nodes.len() as u32;
+        for n in c.nodes {
+            let node = self.node_from_record(n.clone());
+            let entry = self.nodes.entry(n.id);
+            match entry {
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    // Re-registration: new attributes, committed load and state kept.
+                    let old = o.get();
+                    let (allocated, allocations, state) =
+                        (old.allocated, old.allocations, old.state);
+                    let slot = o.get_mut();
+                    *slot = node;
+                    slot.allocated = allocated;
+                    slot.allocations = allocations;
+                    slot.state = state;
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(node);
+                }
+            }
+            fx.nodes_joined.push(n.id);
+        }
+        let mut result = ok_result();
+        result.count = count;
+        Ok(result)
+    }
+
+    fn node_from_record(&mut self, r: pb::NodeRecord) -> Node {
+        let a = r.attributes.unwrap_or_default();
+        let mut runtimes = RuntimeSet::NONE;
+        for rt in &a.runtimes {
+            if let Ok(rt) = rt.parse::<Runtime>() {
+                runtimes = runtimes.with(rt);
+            }
+        }
+        let mut labels: Vec<(u32, u32)> = a
+            .labels
+            .iter()
+            .map(|l| (self.symbols.intern(&l.key), self.symbols.intern(&l.value)))
+            .collect();
+        labels.sort_unstable_by(|x, y| self.symbols.get(x.0).cmp(self.symbols.get(y.0)));
+        let labels = match self.label_set_ids.get(&labels) {
+            Some(&id) => id,
+            None => {
+                let id = self.label_sets.len() as u32;
+                self.label_sets.push(labels.clone());
+                self.label_set_ids.insert(labels, id);
+                id
+            }
+        };
+        let cap = a.capacity.unwrap_or_default();
+        let mut public_key = [0u8; 32];
+        if r.public_key.len() == 32 {
+            public_key.copy_from_slice(&r.public_key);
+        }
+        Node {
+            public_key,
+            region: self.symbols.intern(&a.region),
+            zone: self.symbols.intern(&a.zone),
+            arch: a.arch.parse().unwrap_or(Arch::X86_64),
+            runtimes,
+            capacity: Resources::new(cap.cpu_millis, cap.memory_mib, cap.disk_mib),
+            uplink_kbps: a.uplink_kbps,
+            downlink_kbps: a.downlink_kbps,
+            labels,
+            state: node_state_from_pb(r.state).unwrap_or(NodeState::Ready),
+            reputation: r.reputation,
+            managed: r.managed,
+            allocated: Resources::default(),
+            allocations: 0,
+        }
+    }
+
+    fn node_transitions(
+        &mut self,
+        c: pb::NodeTransitionsCmd,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        let mut parsed = Vec::with_capacity(c.transitions.len());
+        for t in &c.transitions {
+            let state = node_state_from_pb(t.state)?;
+            if !self.nodes.contains_key(&t.node) {
+                return Err(not_found("node", format!("{:016x}", t.node)));
+            }
+            parsed.push((t.node, state));
+        }
+        let mut result = ok_result();
+        if let [(node, _)] = parsed.as_slice() {
+            result.previous_state = node_state_to_pb(self.nodes[node].state) as i32;
+        }
+        for (id, state) in parsed {
+            let n = self.nodes.get_mut(&id).expect("checked above");
+            if n.state == state {
+                continue;
+            }
+            n.state = state;
+            result.count += 1;
+            fx.nodes_changed.push(id);
+            if matches!(state, NodeState::Down | NodeState::Quarantined) && n.allocations > 0 {
+                fx.nodes_down.push(id);
+            }
+        }
+        Ok(result)
+    }
+
+    fn reputations(
+        &mut self,
+        c: pb::ReputationsCmd,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        for u in &c.updates {
+            if !(0.0..=1.0).contains(&u.reputation) {
+                return Err(invalid(format!(
+                    "reputation of node {:016x} must be in [0, 1], got {}",
+                    u.node, u.reputation
+                )));
+            }
+            if !self.nodes.contains_key(&u.node) {
+                return Err(not_found("node", format!("{:016x}", u.node)));
+            }
+        }
+        for u in c.updates {
+            self.nodes.get_mut(&u.node).expect("checked").reputation = u.reputation;
+            fx.nodes_changed.push(u.node);
+        }
+        Ok(ok_result())
+    }
+
+    fn plan(&mut self, c: pb::PlanCmd, fx: &mut Effects) -> Result<pb::CommandResult> {
+        let (fid, f) = self
+            .function(&c.tenant, &c.function)
+            .ok_or_else(|| not_found("function", format!("{}/{}", c.tenant, c.function)))?;
+        let current = f.current().expect("a live function has a version").clone();
+        if c.version != current.version {
+            return Err(ApplyError::StalePlan(format!(
+                "plan is for version {} but `{}` is at version {}",
+                c.version, c.function, current.version
+            )));
+        }
+        let mut gone = BTreeSet::new();
+        for &a in c.stop.iter().chain(&c.lost) {
+            let alloc = self
+                .allocations
+                .get(&a)
+                .filter(|x| x.function == fid)
+                .ok_or_else(|| {
+                    ApplyError::StalePlan(format!(
+                        "allocation {a} is not a live replica of `{}`",
+                        c.function
+                    ))
+                })?;
+            if !gone.insert(a) {
+                return Err(invalid(format!("allocation {a} listed twice")));
+            }
+            if c.lost.contains(&a)
+                && self
+                    .nodes
+                    .get(&alloc.node)
+                    .is_some_and(|n| n.state == NodeState::Ready)
+            {
+                return Err(ApplyError::StalePlan(format!(
+                    "allocation {a} is not lost: node {:016x} is ready",
+                    alloc.node
+                )));
+            }
+        }
+        let live = f.on_nodes.len() - gone.len() + c.place_on.len();
+        let desired = if c.grow {
+            current.replicas as usize + c.place_on.len()
+        } else {
+            current.replicas as usize
+        };
+        if live > desired.min(MAX_REPLICAS as usize) {
+            return Err(ApplyError::StalePlan(format!(
+                "plan would run {live} replicas of `{}`; {desired} are wanted",
+                c.function
+            )));
+        }
+        self.check_placements(Some(fid), &current, &c.place_on, &gone)?;
+        for a in gone {
+            self.remove_allocation(a, fx);
+        }
+        if c.grow {
+            let f = &mut self.functions[fid as usize];
+            let v = f.versions.last_mut().expect("checked");
+            v.replicas += c.place_on.len() as u32;
+        }
+        let mut result = ok_result();
+        result.version = current.version;
+        for node in c.place_on {
+            let a = self.add_allocation(fid, current.version, node, fx);
+            result.allocations.push(self.allocation_pb(&a));
+        }
+        Ok(result)
+    }
+
+    fn record_usage(&mut self, c: pb::UsageCmd) -> Result<pb::CommandResult> {
+        let mut resolved = Vec::with_capacity(c.records.len());
+        let mut batch_ids = HashSet::new();
+        for r in &c.records {
+            if r.invocation_id.is_empty() || r.invocation_id.len() > 32 {
+                return Err(invalid("invocation id must be 1..=32 bytes"));
+            }
+            let (fid, _) = self
+                .function_ids
+                .get(&(r.tenant.clone(), r.function.clone()))
+                .map(|&id| (id, ()))
+                .ok_or_else(|| not_found("function", format!("{}/{}", r.tenant, r.function)))?;
+            if !self.nodes.contains_key(&r.node) {
+                return Err(not_found("node", format!("{:016x}", r.node)));
+            }
+            let fresh = !self.seen_invocations.contains(&r.invocation_id)
+                && batch_ids.insert(r.invocation_id.clone());
+            resolved.push((fid, fresh));
+        }
+        let mut counted = 0;
+        for (r, (fid, fresh)) in c.records.into_iter().zip(resolved) {
+            if !fresh {
+                continue;
+            }
+            counted += 1;
+            let t = self.usage.entry((fid, r.node)).or_default();
+            t.invocations += 1;
+            t.fuel = t.fuel.saturating_add(r.fuel);
+            t.wall_us = t.wall_us.saturating_add(r.wall_us);
+            t.bytes_in = t.bytes_in.saturating_add(r.bytes_in);
+            t.bytes_out = t.bytes_out.saturating_add(r.bytes_out);
+            let mib_ms = (r.peak_memory_bytes >> 20).saturating_mul(r.wall_us / 1000);
+            t.memory_mib_ms = t.memory_mib_ms.saturating_add(mib_ms);
+            if self.seen_order.len() >= SEEN_INVOCATIONS_CAPACITY
+                && let Some(old) = self.seen_order.pop_front()
+            {
+                self.seen_invocations.remove(&old);
+            }
+            self.seen_order.push_back(r.invocation_id.clone());
+            self.seen_invocations.insert(r.invocation_id);
+        }
+        let mut result = ok_result();
+        result.count = counted;
+        Ok(result)
+    }
+
+    fn allocation_states(
+        &mut self,
+        c: pb::AllocationStatesCmd,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        for u in &c.updates {
+            let state = pb::AllocationState::try_from(u.state)
+                .map_err(|_| invalid(format!("allocation state {} is unknown", u.state)))?;
+            if !matches!(
+                state,
+                pb::AllocationState::Running | pb::AllocationState::Stopped
+            ) {
+                return Err(invalid(
+                    "workers report allocations running or stopped only",
+                ));
+            }
+            if !self.allocations.contains_key(&u.allocation) {
+                return Err(not_found("allocation", u.allocation.to_string()));
+            }
+        }
+        let mut result = ok_result();
+        for u in c.updates {
+            if u.state == pb::AllocationState::Stopped as i32 {
+                self.remove_allocation(u.allocation, fx);
+            } else if let Some(a) = self.allocations.get_mut(&u.allocation) {
+                a.state = pb::AllocationState::Running;
+            }
+            result.count += 1;
+        }
+        Ok(result)
+    }
+
+    /// The wire form of an allocation.
+    pub fn allocation_pb(&self, a: &Allocation) -> pb::Allocation {
+        let f = &self.functions[a.function as usize];
+        pb::Allocation {
+            id: a.id,
+            tenant: f.tenant.clone(),
+            function: f.name.clone(),
+            version: a.version,
+            node: a.node,
+            state: a.state as i32,
+            resources: Some(pb::Resources {
+                cpu_millis: a.resources.cpu_millis,
+                memory_mib: a.resources.memory_mib,
+                disk_mib: a.resources.disk_mib,
+            }),
+        }
+    }
+
+    /// The wire form of a node's attributes.
+    pub fn node_attributes_pb(&self, n: &Node) -> pb::NodeAttributes {
+        let (region, zone) = self.node_location(n);
+        pb::NodeAttributes {
+            region: region.to_string(),
+            zone: zone.to_string(),
+            arch: n.arch.as_str().to_string(),
+            runtimes: [Runtime::Wasm, Runtime::Container]
+                .into_iter()
+                .filter(|r| n.runtimes.contains(*r))
+                .map(|r| r.as_str().to_string())
+                .collect(),
+            capacity: Some(pb::Resources {
+                cpu_millis: n.capacity.cpu_millis,
+                memory_mib: n.capacity.memory_mib,
+                disk_mib: n.capacity.disk_mib,
+            }),
+            uplink_kbps: n.uplink_kbps,
+            downlink_kbps: n.downlink_kbps,
+            labels: self
+                .node_labels(n)
+                .into_iter()
+                .map(|(k, v)| pb::Label {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The whole state in its canonical encoding (snapshot contents).
+    pub fn to_snapshot(&self) -> pb::StateSnapshot {
+        pb::StateSnapshot {
+            applied_index: self.applied_index,
+            tenants: self
+                .tenants
+                .iter()
+                .map(|t| pb::TenantRecord { name: t.clone() })
+                .collect(),
+            tokens: self
+                .tokens
+                .iter()
+                .map(|(h, (t, admin))| pb::TokenRecord {
+                    token_sha256: h.clone(),
+                    tenant: t.clone(),
+                    admin: *admin,
+                })
+                .collect(),
+            functions: self
+                .functions
+                .iter()
+                .map(|f| pb::FunctionRecord {
+                    tenant: f.tenant.clone(),
+                    name: f.name.clone(),
+                    deleted: f.deleted,
+                    versions: f
+                        .versions
+                        .iter()
+                        .map(|v| pb::FunctionVersionRecord {
+                            version: v.version,
+                            module_sha256: v.module_sha256.to_vec(),
+                            limits: Some(v.limits),
+                            replicas: v.replicas,
+                            region: v.region.clone(),
+                            constraints: v.constraints.clone(),
+                            idempotent: v.idempotent,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            modules: self
+                .modules
+                .iter()
+                .map(|(h, b)| pb::ModuleRecord {
+                    sha256: h.to_vec(),
+                    bytes: b.to_vec(),
+                })
+                .collect(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(&id, n)| pb::NodeRecord {
+                    id,
+                    public_key: n.public_key.to_vec(),
+                    attributes: Some(self.node_attributes_pb(n)),
+                    state: node_state_to_pb(n.state) as i32,
+                    reputation: n.reputation,
+                    managed: n.managed,
+                })
+                .collect(),
+            allocations: self
+                .allocations
+                .values()
+                .map(|a| self.allocation_pb(a))
+                .collect(),
+            usage: self
+                .usage
+                .iter()
+                .map(|(&(fid, node), t)| {
+                    let f = &self.functions[fid as usize];
+                    pb::UsageTotal {
+                        tenant: f.tenant.clone(),
+                        function: f.name.clone(),
+                        node,
+                        invocations: t.invocations,
+                        fuel: t.fuel,
+                        wall_us: t.wall_us,
+                        bytes_in: t.bytes_in,
+                        bytes_out: t.bytes_out,
+                        memory_mib_ms: t.memory_mib_ms,
+                    }
+                })
+                .collect(),
+            dedupe: self
+                .dedupe_order
+                .iter()
+                .map(|id| {
+                    let (index, r) = &self.dedupe[id];
+                    pb::DedupeRecord {
+                        request_id: id.clone(),
+                        index: *index,
+                        result: r.encode_to_vec(),
+                    }
+                })
+                .collect(),
+            replicas: self
+                .replicas
+                .iter()
+                .map(|(&id, a)| pb::ReplicaAddress {
+                    id,
+                    address: a.clone(),
+                })
+                .collect(),
+            next_allocation_id: self.next_allocation_id,
+            seen_invocations: self.seen_order.iter().cloned().collect(),
+        }
+    }
+
+    /// A digest of the canonical encoding: equal states have equal digests.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.to_snapshot().encode_to_vec()).into()
+    }
+
+    /// Rebuilds the state from a snapshot; a snapshot that does not decode or is inconsistent
+    /// is refused (the replica then refuses to start rather than serve a wrong state).
+    pub fn from_snapshot(s: pb::StateSnapshot) -> std::result::Result<StateMachine, ApplyError> {
+        let mut m = StateMachine::new();
+        m.applied_index = s.applied_index;
+        m.tenants = s.tenants.into_iter().map(|t| t.name).collect();
+        m.tokens = s
+            .tokens
+            .into_iter()
+            .map(|t| (t.token_sha256, (t.tenant, t.admin)))
+            .collect();
+        for f in s.functions {
+            let id = m.functions.len() as u32;
+            let mut versions = Vec::with_capacity(f.versions.len());
+            for v in f.versions {
+                versions.push(FunctionVersion {
+                    version: v.version,
+                    module_sha256: sha32(&v.module_sha256, "snapshot module sha256")?,
+                    limits: v.limits.unwrap_or_default(),
+                    replicas: v.replicas,
+                    region: v.region,
+                    constraints: v.constraints,
+                    idempotent: v.idempotent,
+                });
+            }
+            m.function_ids
+                .insert((f.tenant.clone(), f.name.clone()), id);
+            m.functions.push(Function {
+                tenant: f.tenant,
+                name: f.name,
+                versions,
+                deleted: f.deleted,
+                on_nodes: BTreeMap::new(),
+            });
+        }
+        for md in s.modules {
+            let h = sha32(&md.sha256, "snapshot module sha256")?;
+            m.module_bytes += md.bytes.len() as u64;
+            m.modules.insert(h, Arc::from(md.bytes));
+        }
+        for n in s.nodes {
+            let id = n.id;
+            let node = m.node_from_record(n);
+            m.nodes.insert(id, node);
+        }
+        let mut fx = Effects::default();
+        for a in s.allocations {
+            let fid = *m
+                .function_ids
+                .get(&(a.tenant.clone(), a.function.clone()))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "snapshot allocation {} names an unknown function",
+                        a.id
+                    ))
+                })?;
+            if !m.nodes.contains_key(&a.node) {
+                return Err(invalid(format!(
+                    "snapshot allocation {} names an unknown node",
+                    a.id
+                )));
+            }
+            let r = a.resources.unwrap_or_default();
+            let alloc = Allocation {
+                id: a.id,
+                function: fid,
+                version: a.version,
+                node: a.node,
+                state: pb::AllocationState::try_from(a.state)
+                    .unwrap_or(pb::AllocationState::Pending),
+                resources: Resources::new(r.cpu_millis, r.memory_mib, r.disk_mib),
+            };
+            m.functions[fid as usize].on_nodes.insert(a.node, a.id);
+            let n = m.nodes.get_mut(&a.node).expect("checked");
+            n.allocated = add(n.allocated, alloc.resources);
+            n.allocations += 1;
+            m.allocations.insert(a.id, alloc);
+            m.node_allocations.insert((a.node, a.id));
+        }
+        fx.placed.clear();
+        for u in s.usage {
+            let fid = *m
+                .function_ids
+                .get(&(u.tenant.clone(), u.function.clone()))
+                .ok_or_else(|| invalid("snapshot usage names an unknown function"))?;
+            m.usage.insert(
+                (fid, u.node),
+                UsageTotals {
+                    invocations: u.invocations,
+                    fuel: u.fuel,
+                    wall_us: u.wall_us,
+                    bytes_in: u.bytes_in,
+                    bytes_out: u.bytes_out,
+                    memory_mib_ms: u.memory_mib_ms,
+                },
+            );
+        }
+        for d in s.dedupe {
+            let r = pb::CommandResult::decode(d.result.as_slice())
+                .map_err(|e| invalid(format!("snapshot dedupe record: {e}")))?;
+            m.dedupe_order.push_back(d.request_id.clone());
+            m.dedupe.insert(d.request_id, (d.index, r));
+        }
+        m.replicas = s.replicas.into_iter().map(|r| (r.id, r.address)).collect();
+        m.next_allocation_id = s.next_allocation_id.max(1);
+        for id in s.seen_invocations {
+            m.seen_invocations.insert(id.clone());
+            m.seen_order.push_back(id);
+        }
+        Ok(m)
+    }
+
+    /// Counts for status pages: (nodes, live allocations, live functions).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let live = self.functions.iter().filter(|f| !f.deleted).count();
+        (self.nodes.len(), self.allocations.len(), live)
+    }
+
+    /// Invariant: each node's recorded load is the sum of its live allocations.
+    pub fn check_load_accounting(&self) -> std::result::Result<(), String> {
+        let mut load: BTreeMap<u64, (Resources, u32)> = BTreeMap::new();
+        for a in self.allocations.values() {
+            let e = load.entry(a.node).or_default();
+            e.0 = add(e.0, a.resources);
+            e.1 += 1;
+        }
+        for (id, n) in &self.nodes {
+            let (l, c) = load.remove(id).unwrap_or_default();
+            if l != n.allocated || c != n.allocations {
+                return Err(format!(
+                    "node {id:016x}: recorded load {:?} x{} differs from its allocations {l:?} x{c}",
+                    n.allocated, n.allocations
+                ));
+            }
+        }
+        match load.keys().next() {
+            Some(id) => Err(format!("allocations on unregistered node {id:016x}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Invariant: no node is overcommitted by committed allocations.
+    pub fn check_capacity(&self) -> std::result::Result<(), String> {
+        for (id, n) in &self.nodes {
+            if n.allocated.cpu_millis > n.capacity.cpu_millis
+                || n.allocated.memory_mib > n.capacity.memory_mib
+            {
+                return Err(format!(
+                    "node {id:016x} overcommitted: {:?} allocated of {:?}",
+                    n.allocated, n.capacity
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant: a function's live replicas are on distinct nodes.
+    pub fn check_distinct_replicas(&self) -> std::result::Result<(), String> {
+        let mut seen: BTreeSet<(u32, u64)> = BTreeSet::new();
+        for a in self.allocations.values() {
+            if !seen.insert((a.function, a.node)) {
+                let f = &self.functions[a.function as usize];
+                return Err(format!(
+                    "function `{}/{}` has two replicas on node {:016x}",
+                    f.tenant, f.name, a.node
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_node(n: &pb::NodeRecord) -> Result<()> {
+    let id = n.id;
+    if id == 0 {
+        return Err(invalid("node id 0 is reserved"));
+    }
+    if !n.public_key.is_empty() && n.public_key.len() != 32 {
+        return Err(invalid(format!(
+            "node {id:016x}: public key must be 32 bytes (ed25519), got {}",
+            n.public_key.len()
+        )));
+    }
+    let a = n
+        .attributes
+        .as_ref()
+        .ok_or_else(|| invalid(format!("node {id:016x}: attributes missing")))?;
+    for (what, v) in [("region", &a.region), ("zone", &a.zone)] {
+        if v.is_empty() || v.len() > 64 {
+            return Err(invalid(format!(
+                "node {id:016x}: {what} must be 1-64 characters"
+            )));
+        }
+    }
+    a.arch
+        .parse::<Arch>()
+        .map_err(|e| invalid(format!("node {id:016x}: {e}")))?;
+    if a.runtimes.is_empty() {
+        return Err(invalid(format!("node {id:016x}: offers no runtime")));
+    }
+    for r in &a.runtimes {
+        r.parse::<Runtime>()
+            .map_err(|e| invalid(format!("node {id:016x}: {e}")))?;
+    }
+    let cap = a.capacity.unwrap_or_default();
+    if cap.cpu_millis == 0 || cap.memory_mib == 0 {
+        return Err(invalid(format!(
+            "node {id:016x}: capacity must have CPU and memory"
+        )));
+    }
+    if a.labels.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "node {id:016x}: at most {MAX_LABELS} labels"
+        )));
+    }
+    if a.labels.iter().any(|l| l.key.is_empty()) {
+        return Err(invalid(format!("node {id:016x}: label with an empty key")));
+    }
+    if !(0.0..=1.0).contains(&n.reputation) {
+        return Err(invalid(format!(
+            "node {id:016x}: reputation must be in [0, 1], got {}",
+            n.reputation
+        )));
+    }
+    if n.state != 0 {
+        node_state_from_pb(n.state)?;
+    }
+    Ok(())
+}
+
+fn add(a: Resources, b: Resources) -> Resources {
+    Resources::new(
+        a.cpu_millis.saturating_add(b.cpu_millis),
+        a.memory_mib.saturating_add(b.memory_mib),
+        a.disk_mib.saturating_add(b.disk_mib),
+    )
+}
+
+fn sub(a: Resources, b: Resources) -> Resources {
+    Resources::new(
+        a.cpu_millis.saturating_sub(b.cpu_millis),
+        a.memory_mib.saturating_sub(b.memory_mib),
+        a.disk_mib.saturating_sub(b.disk_mib),
+    )
+}
+
+fn ok_result() -> pb::CommandResult {
+    pb::CommandResult::default()
+}
+
+/// The stored form of a refusal.
+pub fn error_result(e: &ApplyError) -> pb::CommandResult {
+    pb::CommandResult {
+        error_code: e.code().to_string(),
+        error_message: e.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Splits a stored result into success or the refusal it records.
+pub fn result_of(r: pb::CommandResult) -> std::result::Result<pb::CommandResult, ApplyError> {
+    if r.error_code.is_empty() {
+        Ok(r)
+    } else {
+        Err(ApplyError::from_code(&r.error_code, &r.error_message))
+    }
+}
