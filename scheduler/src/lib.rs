@@ -8,12 +8,17 @@
 //!                                               └ leader ──▶ LeaderState (placement, liveness)
 //! ```
 
+pub mod client;
 pub mod error;
 pub mod leader;
 pub mod logger;
+pub mod node;
 pub mod replica;
+pub mod server;
+pub mod service;
 pub mod state;
 pub mod storage;
+pub mod transport;
 
 pub use error::{ApplyError, Error, Result};
 pub use replica::{Output, Query, Replica, ReplicaConfig, Reply, Request};

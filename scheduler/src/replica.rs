@@ -234,6 +234,7 @@ pub struct Replica {
     stalled: Option<(Ready, Stage)>,
     storage_error: Option<String>,
     removed: bool,
+    snapshots_installed: u64,
 }
 
 impl std::fmt::Debug for Replica {
@@ -357,6 +358,7 @@ impl Replica {
             stalled: None,
             storage_error: None,
             removed: false,
+            snapshots_installed: 0,
         })
     }
 
@@ -641,6 +643,7 @@ impl Replica {
         }
         self.state = state;
         self.leader = None;
+        self.snapshots_installed += 1;
         tracing::info!(
             replica = self.cfg.id,
             index = snap.get_metadata().index,
@@ -1374,6 +1377,8 @@ impl Replica {
             nodes: nodes as u64,
             allocations: allocations as u64,
             functions: functions as u64,
+            snapshots_installed: self.snapshots_installed,
+            storage_error: self.storage_error.clone().unwrap_or_default(),
         }
     }
 

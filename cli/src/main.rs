@@ -1,0 +1,68 @@
+//! `stellar`: one binary for every role of StellarCloud (like `nomad agent`, `consul agent`).
+//!
+//! ```text
+//! stellar scheduler --id 1 --peers 1=127.0.0.1:7001,2=...,3=... --data-dir /var/lib/stellar
+//! stellar cluster status --endpoint 127.0.0.1:7001
+//! stellar cluster add --id 4 --address 127.0.0.1:7004 --endpoint 127.0.0.1:7001
+//! ```
+
+mod cluster;
+mod scheduler;
+
+use clap::{Parser, Subcommand};
+
+/// StellarCloud: edge function computing on home nodes.
+#[derive(Debug, Parser)]
+#[command(name = "stellar", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one control-plane replica (Raft-replicated; 3 or 5 make a cluster).
+    Scheduler(scheduler::SchedulerArgs),
+    /// Inspect and change control-plane membership.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Scheduler(args) => scheduler::run(args).await,
+            Command::Cluster(cmd) => cluster::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `stellar scheduler`: one control-plane replica in the foreground.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stellar_scheduler::ReplicaConfig;
+use stellar_scheduler::server::{ServerConfig, serve};
+
+/// Arguments of `stellar scheduler`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+EXAMPLES:
+  # a 3-replica cluster on one machine
+  stellar scheduler --id 1 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir d1
+  stellar scheduler --id 2 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir d2
+  stellar scheduler --id 3 --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir d3
+
+  # a fourth replica joins an existing cluster, then is added from any replica
+  stellar scheduler --id 4 --join --listen 127.0.0.1:7004 --data-dir d4
+  stellar cluster add --id 4 --address 127.0.0.1:7004 --endpoint 127.0.0.1:7001
+
+On restart the data dir's stored membership is authoritative: --peers may be omitted, and a
+list that contradicts it is refused. Logs go to stderr; set STELLAR_LOG=debug for more.")]
+pub struct SchedulerArgs {
+    /// This replica's id (non-zero, unique in the cluster).
+    #[arg(long)]
+    id: u64,
+    /// The cluster's replicas as ID=HOST:PORT, comma-separated, this one included.
+    #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+    peers: Vec<(u64, String)>,
+    /// Where the Raft log, HardState and snapshots live (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address to listen on; defaults to this replica's entry in --peers.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Start empty and wait to be added with `stellar cluster add` (no --peers).
+    #[arg(long, conflicts_with = "peers")]
+    join: bool,
+    /// The logical clock period in milliseconds (elections after 10-20 ticks).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=1000))]
+    tick_ms: u64,
+    /// Applied entries between state-machine snapshots (the log is compacted behind them).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..))]
+    snapshot_every: u64,
+    /// Log entries kept behind a snapshot for followers that lag a little.
+    #[arg(long, default_value_t = 5_000)]
+    keep_entries: u64,
+}
+
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("peer `{s}` must be ID=HOST:PORT, e.g. 1=127.0.0.1:7001"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("peer id `{id}` in `{s}` is not a number"))?;
+    if id == 0 {
+        return Err("peer id 0 is reserved".into());
+    }
+    if !addr.contains(':') {
+        return Err(format!("peer address `{addr}` needs a port (HOST:PORT)"));
+    }
+    Ok((id, addr.to_string()))
+}
+
+/// Runs the replica until SIGINT or SIGTERM.
+pub async fn run(args: SchedulerArgs) -> Result<(), String> {
+    if args.peers.is_empty() && !args.join && !args.data_dir.join("raft-log").exists() {
+        return Err(
+            "a new replica needs --peers (to found a cluster) or --join (to be added to one)"
+                .into(),
+        );
+    }
+    let listen = match args.listen {
+        Some(l) => l,
+        None => {
+            let own = args.peers.iter().find(|p| p.0 == args.id).ok_or_else(|| {
+                format!(
+                    "--listen is required: --peers has no entry for id {}",
+                    args.id
+                )
+            })?;
+            own.1
+                .parse()
+                .map_err(|e| format!("cannot listen on `{}`: {e}; pass --listen", own.1))?
+        }
+    };
+    let mut replica = ReplicaConfig::new(args.id, args.data_dir, args.peers);
+    replica.snapshot_every = args.snapshot_every;
+    replica.keep_entries = args.keep_entries;
+    let cfg = ServerConfig {
+        replica,
+        listen,
+        tick: Duration::from_millis(args.tick_ms),
+    };
+    serve(cfg, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}

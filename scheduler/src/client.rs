@@ -1,0 +1,133 @@
+//! A `Control` client that follows leader hints: it tries the last known leader, then every
+//! endpoint, and retries UNAVAILABLE answers (no leader yet, leader changed) with backoff.
+//! Used by the CLI, the benchmarks and the tests.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stellar_proto::v1::control_client::ControlClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::service::{LEADER_METADATA, MAX_MESSAGE_BYTES};
+
+/// A leader-following client over one or more replica addresses.
+#[derive(Debug, Clone)]
+pub struct ClusterClient {
+    endpoints: Vec<String>,
+    channels: Arc<Mutex<Vec<(String, Channel)>>>,
+    leader: Arc<Mutex<Option<String>>>,
+    /// How long to keep retrying an UNAVAILABLE answer.
+    pub patience: Duration,
+}
+
+fn normalise(a: &str) -> String {
+    a.trim_start_matches("http://").to_string()
+}
+
+impl ClusterClient {
+    /// A client for the given `HOST:PORT` addresses (connections are made lazily).
+    pub fn new(endpoints: &[String]) -> Result<ClusterClient, Status> {
+        if endpoints.is_empty() {
+            return Err(Status::invalid_argument("no control-plane endpoint given"));
+        }
+        let mut channels = Vec::new();
+        for e in endpoints {
+            let ch = Endpoint::new(format!("http://{}", normalise(e)))
+                .map_err(|err| Status::invalid_argument(format!("bad endpoint `{e}`: {err}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            channels.push((normalise(e), ch));
+        }
+        Ok(ClusterClient {
+            endpoints: endpoints.iter().map(|e| normalise(e)).collect(),
+            channels: Arc::new(Mutex::new(channels)),
+            leader: Arc::new(Mutex::new(None)),
+            patience: Duration::from_secs(15),
+        })
+    }
+
+    /// The configured endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut chans = self
+            .channels
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?;
+        if let Some((_, c)) = chans.iter().find(|(a, _)| a == address) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::new(format!("http://{address}"))
+            .map_err(|e| Status::invalid_argument(format!("bad leader address `{address}`: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        chans.push((address.to_string(), ch.clone()));
+        Ok(ch)
+    }
+
+    /// A raw client for `address` (e.g. to ask one replica for its status).
+    pub fn client_for(&self, address: &str) -> Result<ControlClient<Channel>, Status> {
+        Ok(ControlClient::new(self.channel(&normalise(address))?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Calls `f` on the leader, following hints and retrying while no leader is known.
+    pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(ControlClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut backoff = Duration::from_millis(20);
+        let mut waited = Duration::ZERO;
+        let mut next = 0usize;
+        loop {
+            let target = self
+                .leader
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .unwrap_or_else(|| self.endpoints[next % self.endpoints.len()].clone());
+            let client = self.client_for(&target)?;
+            match f(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if retryable(&s) => {
+                    let hint = s
+                        .metadata()
+                        .get(LEADER_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .map(normalise);
+                    let hinted = hint.as_ref().is_some_and(|h| *h != target);
+                    if let Ok(mut g) = self.leader.lock() {
+                        *g = if hinted { hint } else { None };
+                    }
+                    if !hinted {
+                        next += 1;
+                        if waited >= self.patience {
+                            return Err(s);
+                        }
+                        tokio::time::sleep(backoff).await;
+                        waited += backoff;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+}
+
+/// Whether an answer means "try again, maybe elsewhere": no leader, leader changed (the
+/// request id makes the retry safe), or the replica could not be reached.
+pub fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    ) || (s.code() == Code::ResourceExhausted && s.message().contains("overloaded"))
+}

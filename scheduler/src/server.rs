@@ -1,0 +1,81 @@
+//! Runs one control-plane replica: opens its storage, starts the replica thread and serves
+//! `Control`, `Raft` and `Agent` on one address until `shutdown` resolves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use stellar_proto::v1::agent_server::AgentServer;
+use stellar_proto::v1::control_server::ControlServer;
+use stellar_proto::v1::raft_server::RaftServer;
+
+use crate::error::{Error, Result};
+use crate::node::ReplicaThread;
+use crate::replica::{Replica, ReplicaConfig};
+use crate::service::{AgentService, ControlService, MAX_MESSAGE_BYTES, RaftService};
+use crate::transport::GrpcTransport;
+
+/// How a replica process runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The replica itself.
+    pub replica: ReplicaConfig,
+    /// Where to listen (clients, peers and workers share it).
+    pub listen: SocketAddr,
+    /// The logical clock's period (raft ticks, liveness).
+    pub tick: Duration,
+}
+
+/// Serves until `shutdown` resolves, then stops the replica after flushing its storage.
+pub async fn serve(
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let id = cfg.replica.id;
+    let dir = cfg.replica.data_dir.clone();
+    let replica = tokio::task::spawn_blocking(move || Replica::open(cfg.replica))
+        .await
+        .map_err(|e| Error::Config(format!("replica open panicked: {e}")))??;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot listen on {}: {e} (is another replica using this port?)",
+                cfg.listen
+            ))
+        })?;
+    tracing::info!(
+        replica = id,
+        listen = %cfg.listen,
+        data_dir = %dir.display(),
+        "control-plane replica serving"
+    );
+    let transport = GrpcTransport::new(id, tokio::runtime::Handle::current());
+    let thread = ReplicaThread::start(replica, cfg.tick, transport.clone());
+    let handle = thread.handle();
+    transport.attach(handle.clone());
+    let heartbeat_ms = (cfg.tick.as_millis() as u32).saturating_mul(20).max(100);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            ControlServer::new(ControlService::new(handle.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RaftServer::new(RaftService::new(handle.clone()))
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+        .add_service(AgentServer::new(AgentService::new(handle, heartbeat_ms)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    tokio::task::spawn_blocking(move || thread.stop())
+        .await
+        .map_err(|e| Error::Config(format!("replica stop panicked: {e}")))?;
+    tracing::info!(replica = id, "replica stopped cleanly");
+    result.map_err(|e| Error::Config(format!("gRPC server: {e}")))
+}

@@ -1,0 +1,550 @@
+//! The gRPC edge: `Control` (clients), `Raft` (peers) and `Agent` (workers). Requests are
+//! validated here for size and shape, handed to the replica thread, and errors become
+//! `tonic::Status` only here, with a leader hint in `x-stellar-leader` metadata.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use stellar_placement::Coordinate;
+use stellar_proto::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::{Request as GrpcRequest, Response, Status, Streaming};
+
+use crate::error::{ApplyError, Error};
+use crate::node::ReplicaHandle;
+use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
+use crate::state::{MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, node_state_from_pb};
+
+/// Metadata key naming the leader's address on UNAVAILABLE answers.
+pub const LEADER_METADATA: &str = "x-stellar-leader";
+/// Largest gRPC message accepted (a module upload plus its envelope).
+pub const MAX_MESSAGE_BYTES: usize = MAX_MODULE_BYTES + (1 << 20);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Maps a control-plane error to a gRPC status a client can act on.
+pub fn to_status(e: Error) -> Status {
+    let msg = e.to_string();
+    match e {
+        Error::NotLeader { address, .. } => {
+            let mut s = Status::unavailable(msg);
+            if let Some(a) = address
+                && let Ok(v) = a.parse()
+            {
+                s.metadata_mut().insert(LEADER_METADATA, v);
+            }
+            s
+        }
+        Error::Apply(a) => match a {
+            ApplyError::Invalid(_) => Status::invalid_argument(msg),
+            ApplyError::NotFound(_) => Status::not_found(msg),
+            ApplyError::AlreadyExists(_) => Status::already_exists(msg),
+            ApplyError::StalePlan(_) => Status::aborted(msg),
+            ApplyError::Limit(_) => Status::resource_exhausted(msg),
+        },
+        Error::Placement(_) => Status::failed_precondition(msg),
+        Error::OutcomeUnknown | Error::Stopped | Error::Storage(_) => Status::unavailable(msg),
+        Error::Overloaded => Status::resource_exhausted(msg),
+        Error::Timeout(_) => Status::deadline_exceeded(msg),
+        Error::Config(_) => Status::internal(msg),
+    }
+}
+
+fn request_id(id: Vec<u8>) -> Result<Vec<u8>, Status> {
+    if id.len() > 64 {
+        return Err(Status::invalid_argument(
+            "request_id must be at most 64 bytes",
+        ));
+    }
+    Ok(id)
+}
+
+fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
+    match r {
+        Reply::Applied(r) => Ok(r),
+        other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// The `Control` service of one replica.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    replica: ReplicaHandle,
+}
+
+impl ControlService {
+    /// Serves `replica`.
+    pub fn new(replica: ReplicaHandle) -> Self {
+        ControlService { replica }
+    }
+
+    async fn write(&self, request: Request) -> Result<pb::CommandResult, Status> {
+        let r = self
+            .replica
+            .write(request, WRITE_TIMEOUT)
+            .await
+            .map_err(to_status)?;
+        applied(r)
+    }
+
+    async fn read(&self, query: Query, read: Option<pb::ReadOptions>) -> Result<Reply, Status> {
+        let stale = read.is_some_and(|r| r.stale);
+        self.replica
+            .read(query, stale, READ_TIMEOUT)
+            .await
+            .map_err(to_status)
+    }
+
+    async fn command(
+        &self,
+        request_id: Vec<u8>,
+        kind: pb::command::Kind,
+    ) -> Result<pb::CommandResult, Status> {
+        self.write(Request::Command(pb::Command {
+            request_id: self::request_id(request_id)?,
+            kind: Some(kind),
+        }))
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn deploy(
+        &self,
+        req: GrpcRequest<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let r = req.into_inner();
+        if r.module.is_empty() {
+            return Err(Status::invalid_argument(
+                "module is empty; pass the .wasm bytes",
+            ));
+        }
+        if r.module.len() > MAX_MODULE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "module is {} bytes; the limit is {MAX_MODULE_BYTES}",
+                r.module.len()
+            )));
+        }
+        let cmd = deploy_command(
+            request_id(r.request_id)?,
+            pb::DeployCmd {
+                tenant: r.tenant,
+                name: r.name,
+                module: r.module,
+                module_sha256: Vec::new(),
+                limits: r.limits,
+                replicas: r.replicas,
+                region: r.region,
+                constraints: r.constraints,
+                idempotent: false,
+                place_on: Vec::new(),
+            },
+        );
+        let sha = match &cmd.kind {
+            Some(pb::command::Kind::Deploy(d)) => hex::encode(&d.module_sha256),
+            _ => String::new(),
+        };
+        let res = self.write(Request::Deploy(cmd)).await?;
+        Ok(Response::new(pb::DeployResponse {
+            version: res.version,
+            module_sha256: sha,
+            allocations: res.allocations,
+            applied_index: 0,
+        }))
+    }
+
+    async fn allocate(
+        &self,
+        req: GrpcRequest<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let r = req.into_inner();
+        let res = self
+            .write(Request::Allocate {
+                request_id: request_id(r.request_id)?,
+                tenant: r.tenant,
+                function: r.function,
+            })
+            .await?;
+        Ok(Response::new(pb::AllocateResponse {
+            allocation: res.allocations.into_iter().next(),
+            applied_index: 0,
+        }))
+    }
+
+    async fn get_function(
+        &self,
+        req: GrpcRequest<pb::GetFunctionRequest>,
+    ) -> Result<Response<pb::FunctionStatus>, Status> {
+        let r = req.into_inner();
+        match self
+            .read(
+                Query::Function {
+                    tenant: r.tenant,
+                    name: r.name,
+                },
+                r.read,
+            )
+            .await?
+        {
+            Reply::Function(f) => Ok(Response::new(f)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn list_functions(
+        &self,
+        req: GrpcRequest<pb::ListFunctionsRequest>,
+    ) -> Result<Response<pb::ListFunctionsResponse>, Status> {
+        let r = req.into_inner();
+        let tenant = (!r.tenant.is_empty()).then_some(r.tenant);
+        match self.read(Query::Functions { tenant }, r.read).await? {
+            Reply::Functions(functions) => {
+                Ok(Response::new(pb::ListFunctionsResponse { functions }))
+            }
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn delete_function(
+        &self,
+        req: GrpcRequest<pb::DeleteFunctionRequest>,
+    ) -> Result<Response<pb::DeleteFunctionResponse>, Status> {
+        let r = req.into_inner();
+        let res = self
+            .command(
+                r.request_id,
+                pb::command::Kind::DeleteFunction(pb::DeleteFunctionCmd {
+                    tenant: r.tenant,
+                    name: r.name,
+                }),
+            )
+            .await?;
+        Ok(Response::new(pb::DeleteFunctionResponse {
+            stopped_allocations: res.count,
+        }))
+    }
+
+    async fn register_nodes(
+        &self,
+        req: GrpcRequest<pb::RegisterNodesRequest>,
+    ) -> Result<Response<pb::RegisterNodesResponse>, Status> {
+        let r = req.into_inner();
+        if r.nodes.is_empty() || r.nodes.len() > MAX_NODES_PER_COMMAND {
+            return Err(Status::invalid_argument(format!(
+                "register 1..={MAX_NODES_PER_COMMAND} nodes per call, got {}",
+                r.nodes.len()
+            )));
+        }
+        let nodes = r
+            .nodes
+            .into_iter()
+            .map(|n| pb::NodeRecord {
+                id: n.id,
+                public_key: n.public_key,
+                attributes: n.attributes,
+                state: pb::NodeState::Ready as i32,
+                reputation: n.reputation,
+                managed: n.managed,
+            })
+            .collect();
+        let res = self
+            .command(
+                r.request_id,
+                pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd { nodes }),
+            )
+            .await?;
+        Ok(Response::new(pb::RegisterNodesResponse {
+            registered: res.count,
+            applied_index: 0,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: GrpcRequest<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let r = req.into_inner();
+        let state = if r.state == 0 {
+            None
+        } else {
+            Some(node_state_from_pb(r.state).map_err(|e| Status::invalid_argument(e.to_string()))?)
+        };
+        let query = Query::Nodes {
+            region: (!r.region.is_empty()).then_some(r.region),
+            state,
+            limit: if r.limit == 0 {
+                1000
+            } else {
+                r.limit.min(100_000) as usize
+            },
+        };
+        match self.read(query, r.read).await? {
+            Reply::Nodes(n) => Ok(Response::new(n)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn set_node_state(
+        &self,
+        req: GrpcRequest<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        let r = req.into_inner();
+        let cmd =
+            node_state_command(request_id(r.request_id)?, r.node, r.state).map_err(to_status)?;
+        let res = self.write(Request::Command(cmd)).await?;
+        Ok(Response::new(pb::SetNodeStateResponse {
+            previous: res.previous_state,
+        }))
+    }
+
+    async fn create_tenant(
+        &self,
+        req: GrpcRequest<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        let r = req.into_inner();
+        self.command(
+            r.request_id,
+            pb::command::Kind::CreateTenant(pb::CreateTenantCmd {
+                name: r.name,
+                token_sha256: r.token_sha256,
+            }),
+        )
+        .await?;
+        Ok(Response::new(pb::CreateTenantResponse {}))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: GrpcRequest<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let s = self.replica.status().await.map_err(to_status)?;
+        Ok(Response::new(s))
+    }
+
+    async fn add_replica(
+        &self,
+        req: GrpcRequest<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let r = req.into_inner();
+        if r.address.parse::<std::net::SocketAddr>().is_err() && !r.address.contains(':') {
+            return Err(Status::invalid_argument(format!(
+                "address `{}` is not HOST:PORT",
+                r.address
+            )));
+        }
+        membership(
+            self.replica
+                .write(
+                    Request::AddReplica {
+                        id: r.id,
+                        address: r.address,
+                    },
+                    WRITE_TIMEOUT,
+                )
+                .await,
+        )
+    }
+
+    async fn remove_replica(
+        &self,
+        req: GrpcRequest<pb::RemoveReplicaRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let r = req.into_inner();
+        membership(
+            self.replica
+                .write(Request::RemoveReplica { id: r.id }, WRITE_TIMEOUT)
+                .await,
+        )
+    }
+}
+
+fn membership(r: crate::Result<Reply>) -> Result<Response<pb::MembershipResponse>, Status> {
+    match r.map_err(to_status)? {
+        Reply::Membership(replicas) => Ok(Response::new(pb::MembershipResponse { replicas })),
+        other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// The `Raft` service: peers push messages and snapshots here.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    replica: ReplicaHandle,
+}
+
+impl RaftService {
+    /// Serves `replica`.
+    pub fn new(replica: ReplicaHandle) -> Self {
+        RaftService { replica }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn send(
+        &self,
+        req: GrpcRequest<Streaming<pb::RaftBatch>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        let mut stream = req.into_inner();
+        let me = self.replica.id();
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            if batch.to != me {
+                return Err(Status::invalid_argument(format!(
+                    "message for replica {} reached replica {me}; check --peers addresses",
+                    batch.to
+                )));
+            }
+            for bytes in batch.messages {
+                match Message::parse_from_bytes(&bytes) {
+                    Ok(m) => self.replica.deliver(m),
+                    Err(e) => {
+                        return Err(Status::invalid_argument(format!("bad raft message: {e}")));
+                    }
+                }
+            }
+        }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        req: GrpcRequest<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        let mut stream = req.into_inner();
+        let mut header: Option<Message> = None;
+        let mut data: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if header.is_none() {
+                let m = Message::parse_from_bytes(&chunk.message)
+                    .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
+                if chunk.total_len > 8 << 30 {
+                    return Err(Status::invalid_argument("snapshot larger than 8 GiB"));
+                }
+                data.reserve(chunk.total_len as usize);
+                header = Some(m);
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let mut m = header.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        m.mut_snapshot().data = data.into();
+        self.replica.deliver(m);
+        Ok(Response::new(pb::RaftAck {}))
+    }
+}
+
+/// The `Agent` service: workers dial in and keep one stream.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    replica: ReplicaHandle,
+    heartbeat_ms: u32,
+}
+
+impl AgentService {
+    /// Serves `replica`; workers are asked to heartbeat every `heartbeat_ms`.
+    pub fn new(replica: ReplicaHandle, heartbeat_ms: u32) -> Self {
+        AgentService {
+            replica,
+            heartbeat_ms,
+        }
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+fn control(kind: pb::control_message::Kind) -> pb::ControlMessage {
+    pb::ControlMessage { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    type AttachStream = ControlStream;
+
+    async fn attach(
+        &self,
+        req: GrpcRequest<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<ControlStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("stream closed before Register"))??;
+        let Some(pb::worker_message::Kind::Register(reg)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message must be Register",
+            ));
+        };
+        let info = self.replica.info();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ControlMessage, Status>>(64);
+        if !info.is_leader {
+            let _ = tx
+                .send(Ok(control(pb::control_message::Kind::NotLeader(
+                    pb::NotLeader {
+                        leader_address: info.leader_address.unwrap_or_default(),
+                    },
+                ))))
+                .await;
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
+        let attrs = reg
+            .attributes
+            .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
+        let record = pb::NodeRecord {
+            id: reg.node,
+            public_key: reg.public_key,
+            attributes: Some(attrs),
+            state: pb::NodeState::Ready as i32,
+            reputation: 1.0,
+            managed: true,
+        };
+        let cmd = pb::Command {
+            request_id: Vec::new(),
+            kind: Some(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
+                nodes: vec![record],
+            })),
+        };
+        self.replica
+            .write(Request::Command(cmd), WRITE_TIMEOUT)
+            .await
+            .map_err(to_status)?;
+        let node = reg.node;
+        tracing::info!(node = format!("{node:016x}"), "worker attached");
+        let _ = tx
+            .send(Ok(control(pb::control_message::Kind::Registered(
+                pb::Registered {
+                    node,
+                    heartbeat_ms: self.heartbeat_ms,
+                },
+            ))))
+            .await;
+        let replica = self.replica.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let Ok(msg) = msg else { break };
+                if let Some(pb::worker_message::Kind::Heartbeat(hb)) = msg.kind {
+                    let coordinate = hb.coordinate.and_then(|c| {
+                        let v: [f32; 3] = c.vec.as_slice().try_into().ok()?;
+                        Some(Coordinate {
+                            vec: v,
+                            height_ms: c.height_ms,
+                        })
+                    });
+                    if let Err(e) = replica.heartbeat(node, coordinate).await {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        break;
+                    }
+                }
+            }
+            tracing::info!(node = format!("{node:016x}"), "worker stream ended");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
