@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use stellar_scheduler::ReplicaConfig;
+use stellar_scheduler::replica::parse_peer;
 use stellar_scheduler::server::{ServerConfig, serve};
 
 /// Arguments of `stellar scheduler`.
@@ -47,22 +48,6 @@ pub struct SchedulerArgs {
     /// Log entries kept behind a snapshot for followers that lag a little.
     #[arg(long, default_value_t = 5_000)]
     keep_entries: u64,
-}
-
-fn parse_peer(s: &str) -> Result<(u64, String), String> {
-    let (id, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("peer `{s}` must be ID=HOST:PORT, e.g. 1=127.0.0.1:7001"))?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| format!("peer id `{id}` in `{s}` is not a number"))?;
-    if id == 0 {
-        return Err("peer id 0 is reserved".into());
-    }
-    if !addr.contains(':') {
-        return Err(format!("peer address `{addr}` needs a port (HOST:PORT)"));
-    }
-    Ok((id, addr.to_string()))
 }
 
 /// Runs the replica until SIGINT or SIGTERM.

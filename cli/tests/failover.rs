@@ -10,12 +10,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, deploy, node};
+use common::{cluster, deploy};
+use stellar_load::raftbench::bench_node as node;
 use stellar_proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
-    let mut cluster = Cluster::start(
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = cluster(
+        dir.path(),
         3,
         &[
             "--snapshot-every",
@@ -27,7 +30,7 @@ async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
         ],
     );
     let leader = cluster
-        .wait_leader(Duration::from_secs(20))
+        .wait_leader(1000)
         .await
         .expect("a leader within 20 s");
     let client = cluster.client();
@@ -46,7 +49,7 @@ async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
         .call(|mut c| async move {
             c.register_nodes(pb::RegisterNodesRequest {
                 request_id: b"nodes-1".to_vec(),
-                nodes: (1..=40).map(node).collect(),
+                nodes: (1..=40).map(|i| node(i, false)).collect(),
             })
             .await
         })
@@ -111,17 +114,14 @@ async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
     );
 
     // The killed replica restarts and catches up by snapshot: the leader compacted the log.
-    let new_leader = cluster
-        .wait_leader(Duration::from_secs(10))
-        .await
-        .expect("leader");
+    let new_leader = cluster.wait_leader(500).await.expect("leader");
     assert_ne!(new_leader, leader);
     let target = cluster
         .status(new_leader)
         .await
         .expect("status")
         .commit_index;
-    cluster.spawn(leader);
+    cluster.spawn(leader).expect("restart the killed replica");
     let start = Instant::now();
     let caught_up = loop {
         if let Some(s) = cluster.status(leader).await
@@ -132,7 +132,7 @@ async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "restarted replica did not catch up in 30 s; log:\n{}",
-            cluster.log(leader)
+            std::fs::read_to_string(cluster.log_path(leader)).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -161,11 +161,9 @@ async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_and_change_nothing() {
-    let cluster = Cluster::start(1, &["--tick-ms", "20"]);
-    cluster
-        .wait_leader(Duration::from_secs(20))
-        .await
-        .expect("leader");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = cluster(dir.path(), 1, &["--tick-ms", "20"]);
+    cluster.wait_leader(1000).await.expect("leader");
     let client = cluster.client();
     let before = cluster.status(1).await.expect("status").applied_index;
     // Unknown tenant, empty module, oversized replica count, bad node attributes.
@@ -185,11 +183,11 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     let err = client
         .call(|mut c| async move {
-            let mut n = node(7);
+            let mut n = node(7, false);
             n.attributes.as_mut().expect("attrs").arch = "sparc".into();
             c.register_nodes(pb::RegisterNodesRequest {
                 request_id: vec![],
-                nodes: vec![node(6), n],
+                nodes: vec![node(6, false), n],
             })
             .await
         })
@@ -208,11 +206,9 @@ async fn bad_requests_are_refused_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contradicting_peer_list_is_refused_at_startup() {
-    let mut cluster = Cluster::start(1, &["--tick-ms", "20"]);
-    cluster
-        .wait_leader(Duration::from_secs(20))
-        .await
-        .expect("leader");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = cluster(dir.path(), 1, &["--tick-ms", "20"]);
+    cluster.wait_leader(1000).await.expect("leader");
     cluster.kill(1);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stellar"))
         .args(["scheduler", "--id", "1", "--peers"])

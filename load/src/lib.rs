@@ -3,6 +3,8 @@
 
 pub mod alloc;
 pub mod baselines;
+pub mod procs;
+pub mod raftbench;
 pub mod sim;
 pub mod workload;
 pub mod world;

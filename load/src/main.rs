@@ -29,6 +29,67 @@ enum Command {
     ///
     /// Prints a table, or with --json exactly one JSON object on stdout. Progress goes to stderr.
     Sim(SimArgs),
+    /// Measure the Raft control plane on real processes (fsync on, loopback): committed
+    /// allocations/s and commit latency against a 3-member etcd in the same run; or
+    /// `--failover --kills K`; or `--nodes N` (resident memory of a replica holding N nodes).
+    ///
+    /// Needs Debian's etcd-server for the etcd side (or --skip-etcd).
+    RaftBench(RaftBenchArgs),
+    /// Run one control-plane replica (used by raft-bench to start its cluster).
+    #[command(hide = true)]
+    Replica(ReplicaArgs),
+}
+
+#[derive(clap::Args)]
+struct RaftBenchArgs {
+    /// Replicas in the cluster.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
+    replicas: u64,
+    /// Measured seconds per system.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    seconds: u64,
+    /// Concurrent proposers (each allocation is answered after commit and apply).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    proposers: u64,
+    /// Nodes registered before the throughput run.
+    #[arg(long = "cluster-nodes", default_value_t = 20_000)]
+    cluster_nodes: usize,
+    /// Kill the leader repeatedly and measure failover instead.
+    #[arg(long)]
+    failover: bool,
+    /// Leader kills in --failover mode.
+    #[arg(long, default_value_t = 20, requires = "failover")]
+    kills: usize,
+    /// Register this many nodes in one replica and report its resident memory instead.
+    #[arg(long, conflicts_with = "failover")]
+    nodes: Option<usize>,
+    /// Do not run the etcd side.
+    #[arg(long)]
+    skip_etcd: bool,
+    /// Propose with one unary `Allocate` call each, instead of one `AllocateStream` per
+    /// proposer (both answer each allocation after commit and apply).
+    #[arg(long)]
+    unary: bool,
+    /// Directory for data dirs and logs (default: the system temp dir; use a real disk).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ReplicaArgs {
+    #[arg(long)]
+    id: u64,
+    #[arg(long, value_delimiter = ',', value_parser = stellar_scheduler::replica::parse_peer)]
+    peers: Vec<(u64, String)>,
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    #[arg(long, default_value_t = 50)]
+    tick_ms: u64,
+    #[arg(long, default_value_t = 20_000)]
+    snapshot_every: u64,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +161,150 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Sim(args) => run_sim(args),
+        Command::RaftBench(args) => run_raft_bench(args),
+        Command::Replica(args) => run_replica(args),
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("stellar-load: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+fn run_replica(args: ReplicaArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let Some(own) = args.peers.iter().find(|p| p.0 == args.id).cloned() else {
+        eprintln!("replica: --peers has no entry for id {}", args.id);
+        return ExitCode::from(2);
+    };
+    let listen = match own.1.parse() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("replica: cannot listen on `{}`: {e}", own.1);
+            return ExitCode::from(2);
+        }
+    };
+    let mut replica = stellar_scheduler::ReplicaConfig::new(args.id, args.data_dir, args.peers);
+    replica.snapshot_every = args.snapshot_every;
+    let cfg = stellar_scheduler::server::ServerConfig {
+        replica,
+        listen,
+        tick: std::time::Duration::from_millis(args.tick_ms),
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match rt.block_on(stellar_scheduler::server::serve(cfg, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replica: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_raft_bench(args: RaftBenchArgs) -> ExitCode {
+    use stellar_load::raftbench;
+    let base = args.dir.unwrap_or_else(std::env::temp_dir);
+    let dir = match raftbench::run_dir(&base) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!(
+                "raft-bench: cannot create a run directory in {}: {e}",
+                base.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("raft-bench: cannot find my own binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = raftbench::RaftBenchConfig {
+        replicas: args.replicas as usize,
+        seconds: args.seconds,
+        proposers: args.proposers as usize,
+        nodes: args.cluster_nodes,
+        skip_etcd: args.skip_etcd,
+        dir: dir.clone(),
+        replica_command: (exe, vec!["replica".to_string()]),
+        unary: args.unary,
+    };
+    eprintln!("[raft-bench] data and logs in {}", dir.display());
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let mut log = |line: &str| eprintln!("[raft-bench] {line}");
+    let out: Result<(serde_json::Value, String), raftbench::BenchError> = rt.block_on(async {
+        if let Some(n) = args.nodes {
+            let r = raftbench::registry(&cfg, n, &mut log).await?;
+            let text = format!(
+                "nodes {}  rss {:.1} MiB  peak {:.1} MiB  ({:.0} nodes/s registered)\n",
+                r.nodes,
+                r.rss_bytes as f64 / 1048576.0,
+                r.peak_rss_bytes as f64 / 1048576.0,
+                r.nodes_per_sec
+            );
+            Ok((serde_json::to_value(&r).unwrap_or_default(), text))
+        } else if args.failover {
+            let r = raftbench::failover(&cfg, args.kills, &mut log).await?;
+            let text = format!(
+                "kills {}  failover p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  acknowledged {}  lost {}\n",
+                r.kills, r.failover_p50_ms, r.failover_p99_ms, r.failover_max_ms, r.acknowledged, r.lost_acknowledged
+            );
+            Ok((serde_json::to_value(&r).unwrap_or_default(), text))
+        } else {
+            let r = raftbench::throughput(&cfg, &mut log).await?;
+            let mut text = format!(
+                "stellar  {} replicas  {:>9.0} committed/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} errors)\n",
+                r.replicas, r.committed_per_sec, r.commit_p50_ms, r.commit_p99_ms, r.errors
+            );
+            if let (Some(rate), Some(p50), Some(p99)) =
+                (r.etcd_committed_per_sec, r.etcd_commit_p50_ms, r.etcd_commit_p99_ms)
+            {
+                text += &format!(
+                    "etcd     {} members  {:>9.0} committed/s  p50 {:>7.2} ms  p99 {:>7.2} ms\n",
+                    r.replicas, rate, p50, p99
+                );
+                text += &format!("ratio    {:.2}x\n", r.committed_per_sec / rate);
+            }
+            Ok((serde_json::to_value(&r).unwrap_or_default(), text))
+        }
+    });
+    match out {
+        Ok((json, text)) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            if args.json {
+                println!("{json}");
+            } else {
+                print!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("raft-bench: {e} (logs kept in {})", dir.display());
+            ExitCode::FAILURE
+        }
     }
 }
 

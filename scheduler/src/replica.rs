@@ -1461,3 +1461,20 @@ pub fn node_state_command(request_id: Vec<u8>, node: u64, state: i32) -> Result<
         }),
     ))
 }
+
+/// Parses one `ID=HOST:PORT` peer of a `--peers` list.
+pub fn parse_peer(s: &str) -> std::result::Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("peer `{s}` must be ID=HOST:PORT, e.g. 1=127.0.0.1:7001"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("peer id `{id}` in `{s}` is not a number"))?;
+    if id == 0 {
+        return Err("peer id 0 is reserved".into());
+    }
+    if !addr.contains(':') {
+        return Err(format!("peer address `{addr}` needs a port (HOST:PORT)"));
+    }
+    Ok((id, addr.to_string()))
+}

@@ -171,8 +171,63 @@ impl pb::control_server::Control for ControlService {
             .await?;
         Ok(Response::new(pb::AllocateResponse {
             allocation: res.allocations.into_iter().next(),
-            applied_index: 0,
+            ..Default::default()
         }))
+    }
+
+    type AllocateStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::AllocateResponse, Status>> + Send>>;
+
+    async fn allocate_stream(
+        &self,
+        req: GrpcRequest<Streaming<pb::AllocateRequest>>,
+    ) -> Result<Response<Self::AllocateStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::AllocateResponse, Status>>(256);
+        let replica = self.replica.clone();
+        tokio::spawn(async move {
+            while let Some(r) = inbound.next().await {
+                let Ok(r) = r else { break };
+                let replica = replica.clone();
+                let tx = tx.clone();
+                // Requests on one stream may be pipelined: each is answered when it applies.
+                tokio::spawn(async move {
+                    let rid = r.request_id.clone();
+                    let res = match request_id(r.request_id) {
+                        Ok(id) => replica
+                            .write(
+                                Request::Allocate {
+                                    request_id: id,
+                                    tenant: r.tenant,
+                                    function: r.function,
+                                },
+                                WRITE_TIMEOUT,
+                            )
+                            .await
+                            .map_err(to_status)
+                            .and_then(applied),
+                        Err(s) => Err(s),
+                    };
+                    let msg = match res {
+                        Ok(res) => pb::AllocateResponse {
+                            allocation: res.allocations.into_iter().next(),
+                            request_id: rid,
+                            ..Default::default()
+                        },
+                        Err(s) => pb::AllocateResponse {
+                            request_id: rid,
+                            error_code: format!("{:?}", s.code()),
+                            error_message: s.message().to_string(),
+                            ..Default::default()
+                        },
+                    };
+                    let _ = tx.send(Ok(msg)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_function(

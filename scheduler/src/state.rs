@@ -6,7 +6,7 @@
 //! the state it is applied to, and a refused command changes nothing. Maps are ordered so a
 //! snapshot's bytes depend only on the logical state (replicas compare digests of it).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -37,7 +37,7 @@ type Result<T> = std::result::Result<T, ApplyError>;
 #[derive(Debug, Default, Clone)]
 struct Symbols {
     names: Vec<Arc<str>>,
-    ids: HashMap<Arc<str>, u32>,
+    ids: rustc_hash::FxHashMap<Arc<str>, u32>,
 }
 
 impl Symbols {
@@ -175,11 +175,12 @@ pub struct StateMachine {
     applied_index: u64,
     symbols: Symbols,
     label_sets: Vec<Vec<(u32, u32)>>,
-    label_set_ids: HashMap<Vec<(u32, u32)>, u32>,
+    label_set_ids: rustc_hash::FxHashMap<Vec<(u32, u32)>, u32>,
     tenants: BTreeSet<String>,
     tokens: BTreeMap<Vec<u8>, (String, bool)>,
     functions: Vec<Function>,
-    function_ids: BTreeMap<(String, String), u32>,
+    /// Function ids by tenant, then name (no allocation on lookup; names in order).
+    function_ids: rustc_hash::FxHashMap<String, BTreeMap<String, u32>>,
     modules: BTreeMap<[u8; 32], Arc<[u8]>>,
     module_bytes: u64,
     nodes: BTreeMap<u64, Node>,
@@ -187,9 +188,9 @@ pub struct StateMachine {
     node_allocations: BTreeSet<(u64, u64)>,
     next_allocation_id: u64,
     usage: BTreeMap<(u32, u64), UsageTotals>,
-    seen_invocations: HashSet<Vec<u8>>,
+    seen_invocations: rustc_hash::FxHashSet<Vec<u8>>,
     seen_order: VecDeque<Vec<u8>>,
-    dedupe: HashMap<Vec<u8>, (u64, pb::CommandResult)>,
+    dedupe: rustc_hash::FxHashMap<Vec<u8>, (u64, pb::CommandResult)>,
     dedupe_order: VecDeque<Vec<u8>>,
     replicas: BTreeMap<u64, String>,
 }
@@ -358,19 +359,28 @@ impl StateMachine {
 
     /// A live function by tenant and name, with its arena id.
     pub fn function(&self, tenant: &str, name: &str) -> Option<(u32, &Function)> {
-        let id = *self
-            .function_ids
-            .get(&(tenant.to_string(), name.to_string()))?;
+        let id = self.function_id(tenant, name)?;
         let f = &self.functions[id as usize];
         (!f.deleted).then_some((id, f))
     }
 
-    /// Live functions, optionally of one tenant, in name order.
+    /// The arena id of a function (deleted ones included).
+    fn function_id(&self, tenant: &str, name: &str) -> Option<u32> {
+        self.function_ids.get(tenant)?.get(name).copied()
+    }
+
+    /// Live functions, optionally of one tenant, in (tenant, name) order.
     pub fn functions(&self, tenant: Option<&str>) -> Vec<(u32, &Function)> {
-        self.function_ids
-            .iter()
-            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
-            .map(|(_, &id)| (id, &self.functions[id as usize]))
+        let mut tenants: Vec<&String> = self
+            .function_ids
+            .keys()
+            .filter(|t| tenant.is_none_or(|want| want == t.as_str()))
+            .collect();
+        tenants.sort_unstable();
+        tenants
+            .into_iter()
+            .flat_map(|t| self.function_ids[t].values())
+            .map(|&id| (id, &self.functions[id as usize]))
             .filter(|(_, f)| !f.deleted)
             .collect()
     }
@@ -573,8 +583,7 @@ impl StateMachine {
             }
             Some(c.module)
         };
-        let key = (c.tenant.clone(), c.name.clone());
-        let existing = self.function_ids.get(&key).copied();
+        let existing = self.function_id(&c.tenant, &c.name);
         let next_version = existing.map_or(1, |id| {
             self.functions[id as usize]
                 .versions
@@ -615,13 +624,16 @@ impl StateMachine {
             None => {
                 let id = self.functions.len() as u32;
                 self.functions.push(Function {
-                    tenant: c.tenant,
-                    name: c.name,
+                    tenant: c.tenant.clone(),
+                    name: c.name.clone(),
                     versions: Vec::new(),
                     deleted: false,
                     on_nodes: BTreeMap::new(),
                 });
-                self.function_ids.insert(key, id);
+                self.function_ids
+                    .entry(c.tenant)
+                    .or_default()
+                    .insert(c.name, id);
                 id
             }
         };
@@ -700,7 +712,11 @@ impl StateMachine {
                     version.region
                 )));
             }
-            let labels = self.node_labels(node);
+            let labels = if version.constraints.is_empty() {
+                Vec::new()
+            } else {
+                self.node_labels(node)
+            };
             for c in &version.constraints {
                 let has = labels.iter().find(|(k, _)| *k == c.key).map(|(_, v)| *v);
                 let holds = if c.absent {
@@ -1012,10 +1028,8 @@ impl StateMachine {
             if r.invocation_id.is_empty() || r.invocation_id.len() > 32 {
                 return Err(invalid("invocation id must be 1..=32 bytes"));
             }
-            let (fid, _) = self
-                .function_ids
-                .get(&(r.tenant.clone(), r.function.clone()))
-                .map(|&id| (id, ()))
+            let fid = self
+                .function_id(&r.tenant, &r.function)
                 .ok_or_else(|| not_found("function", format!("{}/{}", r.tenant, r.function)))?;
             if !self.nodes.contains_key(&r.node) {
                 return Err(not_found("node", format!("{:016x}", r.node)));
@@ -1270,7 +1284,9 @@ impl StateMachine {
                 });
             }
             m.function_ids
-                .insert((f.tenant.clone(), f.name.clone()), id);
+                .entry(f.tenant.clone())
+                .or_default()
+                .insert(f.name.clone(), id);
             m.functions.push(Function {
                 tenant: f.tenant,
                 name: f.name,
@@ -1291,15 +1307,12 @@ impl StateMachine {
         }
         let mut fx = Effects::default();
         for a in s.allocations {
-            let fid = *m
-                .function_ids
-                .get(&(a.tenant.clone(), a.function.clone()))
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "snapshot allocation {} names an unknown function",
-                        a.id
-                    ))
-                })?;
+            let fid = m.function_id(&a.tenant, &a.function).ok_or_else(|| {
+                invalid(format!(
+                    "snapshot allocation {} names an unknown function",
+                    a.id
+                ))
+            })?;
             if !m.nodes.contains_key(&a.node) {
                 return Err(invalid(format!(
                     "snapshot allocation {} names an unknown node",
@@ -1325,9 +1338,8 @@ impl StateMachine {
         }
         fx.placed.clear();
         for u in s.usage {
-            let fid = *m
-                .function_ids
-                .get(&(u.tenant.clone(), u.function.clone()))
+            let fid = m
+                .function_id(&u.tenant, &u.function)
                 .ok_or_else(|| invalid("snapshot usage names an unknown function"))?;
             m.usage.insert(
                 (fid, u.node),

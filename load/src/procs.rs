@@ -1,0 +1,255 @@
+//! Clusters of real processes on loopback for benchmarks and tests: control-plane replicas
+//! (any binary that takes `--id --peers --data-dir`) and etcd members. Every process is
+//! killed when its cluster is dropped.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use stellar_proto::v1 as pb;
+use stellar_scheduler::client::ClusterClient;
+
+/// Picks `n` distinct free loopback ports.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+/// Control-plane replicas as child processes, each with a data dir and a log file.
+#[derive(Debug)]
+pub struct ReplicaProcesses {
+    dir: PathBuf,
+    binary: PathBuf,
+    prefix: Vec<String>,
+    extra: Vec<String>,
+    /// Client addresses, index = id - 1.
+    pub addresses: Vec<String>,
+    procs: Vec<Option<Child>>,
+}
+
+impl ReplicaProcesses {
+    /// Starts `n` replicas of a new cluster: `binary prefix.. --id I --peers .. --data-dir ..
+    /// extra..`, with data and logs under `dir` (which must be on the disk to measure).
+    pub fn start(
+        dir: &Path,
+        binary: &Path,
+        prefix: &[&str],
+        n: usize,
+        extra: &[String],
+    ) -> std::io::Result<ReplicaProcesses> {
+        std::fs::create_dir_all(dir)?;
+        let ports = free_ports(n)?;
+        let mut c = ReplicaProcesses {
+            dir: dir.to_path_buf(),
+            binary: binary.to_path_buf(),
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+            extra: extra.to_vec(),
+            addresses: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+            procs: (0..n).map(|_| None).collect(),
+        };
+        for id in 1..=n as u64 {
+            c.spawn(id)?;
+        }
+        Ok(c)
+    }
+
+    fn peers(&self) -> String {
+        self.addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The data dir of replica `id`.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("replica-{id}"))
+    }
+
+    /// The log file of replica `id`.
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("replica-{id}.log"))
+    }
+
+    /// Starts (or restarts) replica `id` from its data dir.
+    pub fn spawn(&mut self, id: u64) -> std::io::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))?;
+        let child = Command::new(&self.binary)
+            .args(&self.prefix)
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--peers")
+            .arg(self.peers())
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(&self.extra)
+            .env(
+                "STELLAR_LOG",
+                std::env::var("STELLAR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.procs[(id - 1) as usize] = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` replica `id` and reap it.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.procs[(id - 1) as usize].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether replica `id` runs.
+    pub fn is_up(&self, id: u64) -> bool {
+        self.procs[(id - 1) as usize].is_some()
+    }
+
+    /// The OS process id of replica `id`.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.procs[(id - 1) as usize].as_ref().map(Child::id)
+    }
+
+    /// A leader-following client over every replica.
+    pub fn client(&self) -> ClusterClient {
+        ClusterClient::new(&self.addresses).expect("loopback addresses are valid")
+    }
+
+    /// One replica's own view, if it answers.
+    pub async fn status(&self, id: u64) -> Option<pb::ClusterStatusResponse> {
+        let mut cl = self
+            .client()
+            .client_for(&self.addresses[(id - 1) as usize])
+            .ok()?;
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            cl.cluster_status(pb::ClusterStatusRequest {}),
+        )
+        .await
+        .ok()?;
+        r.ok().map(|r| r.into_inner())
+    }
+
+    /// Polls (bounded by `attempts` × 20 ms) until a running replica says it leads.
+    pub async fn wait_leader(&self, attempts: u32) -> Option<u64> {
+        for _ in 0..attempts {
+            for id in 1..=self.addresses.len() as u64 {
+                if self.is_up(id)
+                    && let Some(s) = self.status(id).await
+                    && s.role == "leader"
+                {
+                    return Some(id);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for ReplicaProcesses {
+    fn drop(&mut self) {
+        for id in 1..=self.procs.len() as u64 {
+            self.kill(id);
+        }
+    }
+}
+
+/// A 3-member etcd cluster (Debian's `etcd-server`) on loopback, fsync on (etcd's default).
+#[derive(Debug)]
+pub struct EtcdCluster {
+    /// Client URLs.
+    pub endpoints: Vec<String>,
+    procs: Vec<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members with data under `dir`; fails with a hint if `etcd` is missing.
+    pub fn start(dir: &Path, n: usize) -> std::io::Result<EtcdCluster> {
+        let etcd = which("etcd").ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "`etcd` not found: install Debian's etcd-server (apt-get install etcd-server), \
+                 or pass --skip-etcd",
+            )
+        })?;
+        std::fs::create_dir_all(dir)?;
+        let ports = free_ports(2 * n)?;
+        let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let client_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i]);
+        let initial: Vec<String> = (0..n).map(|i| format!("e{i}={}", peer_url(i))).collect();
+        let mut procs = Vec::new();
+        for i in 0..n {
+            let log = std::fs::File::create(dir.join(format!("etcd-{i}.log")))?;
+            let child = Command::new(&etcd)
+                .arg("--name")
+                .arg(format!("e{i}"))
+                .arg("--data-dir")
+                .arg(dir.join(format!("etcd-{i}")))
+                .arg("--listen-client-urls")
+                .arg(client_url(i))
+                .arg("--advertise-client-urls")
+                .arg(client_url(i))
+                .arg("--listen-peer-urls")
+                .arg(peer_url(i))
+                .arg("--initial-advertise-peer-urls")
+                .arg(peer_url(i))
+                .arg("--initial-cluster")
+                .arg(initial.join(","))
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .arg("--initial-cluster-token")
+                .arg("stellar-bench")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?;
+            procs.push(child);
+        }
+        Ok(EtcdCluster {
+            endpoints: (0..n).map(client_url).collect(),
+            procs,
+        })
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for c in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Resident and peak resident memory of a process, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = s.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
