@@ -12,9 +12,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
-# Debian packages the suite needs beyond the base image (protobuf-compiler, etcd and ffmpeg
-# join this list with the crates that use them).
-APT_PACKAGES=()
+# Debian packages the suite needs beyond the base image: protoc and its well-known types for
+# etcd-client's build (raft-bench's etcd peer), etcd itself for raft-bench. Our own protos
+# build with a vendored protoc.
+APT_PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server)
 
 ensure_debian_packages() {
   local missing=() p

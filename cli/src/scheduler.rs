@@ -72,12 +72,19 @@ pub async fn run(args: SchedulerArgs) -> Result<(), String> {
                 .map_err(|e| format!("cannot listen on `{}`: {e}; pass --listen", own.1))?
         }
     };
+    let advertise = args
+        .peers
+        .iter()
+        .find(|p| p.0 == args.id)
+        .map(|p| p.1.clone())
+        .unwrap_or_else(|| listen.to_string());
     let mut replica = ReplicaConfig::new(args.id, args.data_dir, args.peers);
     replica.snapshot_every = args.snapshot_every;
     replica.keep_entries = args.keep_entries;
     let cfg = ServerConfig {
         replica,
         listen,
+        advertise,
         tick: Duration::from_millis(args.tick_ms),
     };
     serve(cfg, shutdown_signal())

@@ -203,6 +203,7 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
     let cfg = stellar_scheduler::server::ServerConfig {
         replica,
         listen,
+        advertise: own.1.clone(),
         tick: std::time::Duration::from_millis(args.tick_ms),
     };
     let Some(rt) = runtime() else {

@@ -635,7 +635,7 @@ pub async fn failover(
                 .call(|mut c| {
                     let req = req.clone();
                     async move {
-                        tokio::time::timeout(Duration::from_millis(500), c.allocate(req))
+                        tokio::time::timeout(Duration::from_millis(150), c.allocate(req))
                             .await
                             .unwrap_or_else(|_| Err(tonic::Status::unavailable("probe timeout")))
                     }

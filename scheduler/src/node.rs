@@ -53,6 +53,7 @@ enum Event {
         to: u64,
         ok: bool,
     },
+    PeerAddress(u64, String),
     Heartbeat {
         node: u64,
         coordinate: Option<Coordinate>,
@@ -96,6 +97,13 @@ impl std::fmt::Debug for ReplicaHandle {
 pub struct ReplicaThread {
     handle: ReplicaHandle,
     join: Option<JoinHandle<()>>,
+}
+
+impl ReplicaThread {
+    /// Whether the thread ended by itself (the replica was removed from the cluster).
+    pub fn is_finished(&self) -> bool {
+        self.join.as_ref().is_none_or(JoinHandle::is_finished)
+    }
 }
 
 impl ReplicaThread {
@@ -219,6 +227,11 @@ impl ReplicaHandle {
         let _ = self.tx.send(Event::Raft(Box::new(msg)));
     }
 
+    /// A peer introduced itself (a replica that joined empty learns its leader this way).
+    pub fn learn_address(&self, id: u64, address: String) {
+        let _ = self.tx.send(Event::PeerAddress(id, address));
+    }
+
     /// The transport could not reach `id`.
     pub fn unreachable(&self, id: u64) {
         let _ = self.tx.send(Event::Unreachable(id));
@@ -280,6 +293,7 @@ fn run(
                 Event::Raft(m) => replica.step(*m),
                 Event::Unreachable(id) => replica.report_unreachable(id),
                 Event::SnapshotDone { to, ok } => replica.report_snapshot(to, ok),
+                Event::PeerAddress(id, address) => replica.learn_address(id, address),
                 Event::Heartbeat {
                     node,
                     coordinate,
@@ -319,7 +333,12 @@ fn run(
         }
         replica.process();
         let outputs = replica.take_outputs();
-        if addresses.len() != replica.addresses().len() {
+        if addresses.len() != replica.addresses().len()
+            || replica
+                .addresses()
+                .iter()
+                .any(|(k, v)| addresses.get(k) != Some(v))
+        {
             addresses = replica
                 .addresses()
                 .iter()

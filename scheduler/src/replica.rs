@@ -397,6 +397,13 @@ impl Replica {
         self.addresses.get(&id).map(String::as_str)
     }
 
+    /// Records a peer's address if none is known (from the peer's own introduction).
+    pub fn learn_address(&mut self, id: u64, address: String) {
+        if id != 0 && id != self.cfg.id && !address.is_empty() {
+            self.addresses.entry(id).or_insert(address);
+        }
+    }
+
     /// Every known replica address.
     pub fn addresses(&self) -> &BTreeMap<u64, String> {
         &self.addresses
@@ -667,6 +674,27 @@ impl Replica {
         self.leader_id = leader;
         let term = self.raw.raft.term;
         let stale_pending = self.pending.keys().any(|(t, _)| *t != term);
+        if role == StateRole::Leader && !was_leader {
+            // Voters' addresses known only from --peers go into the replicated state, so a
+            // replica added later (or restored from a snapshot) can reach everyone.
+            let missing: Vec<(u64, String)> = self
+                .voters()
+                .into_iter()
+                .filter(|v| !self.state.replica_addresses().contains_key(v))
+                .filter_map(|v| self.addresses.get(&v).map(|a| (v, a.clone())))
+                .collect();
+            for (id, address) in missing {
+                let cmd = command(
+                    Vec::new(),
+                    pb::command::Kind::ReplicaAddress(pb::SetReplicaAddressCmd {
+                        id,
+                        address,
+                        remove: false,
+                    }),
+                );
+                self.internal.push_back((cmd, PendingKind::Plain));
+            }
+        }
         if (was_leader && role != StateRole::Leader) || stale_pending {
             self.leader = None;
             self.replacing.clear();
@@ -1024,7 +1052,15 @@ impl Replica {
         };
         for (i, cmd) in batch.commands.into_iter().enumerate() {
             let mut fx = Effects::default();
+            let addresses = matches!(cmd.kind, Some(pb::command::Kind::ReplicaAddress(_)));
             let result = self.state.apply(e.index, cmd, &mut fx);
+            if addresses {
+                for (id, a) in self.state.replica_addresses() {
+                    if *id != self.cfg.id {
+                        self.addresses.insert(*id, a.clone());
+                    }
+                }
+            }
             let accepted = result.error_code.is_empty();
             let pending = mine
                 .as_mut()

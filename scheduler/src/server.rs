@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub replica: ReplicaConfig,
     /// Where to listen (clients, peers and workers share it).
     pub listen: SocketAddr,
+    /// The address peers and clients use to reach this replica.
+    pub advertise: String,
     /// The logical clock's period (raft ticks, liveness).
     pub tick: Duration,
 }
@@ -50,11 +52,32 @@ pub async fn serve(
         data_dir = %dir.display(),
         "control-plane replica serving"
     );
-    let transport = GrpcTransport::new(id, tokio::runtime::Handle::current());
+    let transport =
+        GrpcTransport::new(id, cfg.advertise.clone(), tokio::runtime::Handle::current());
     let thread = ReplicaThread::start(replica, cfg.tick, transport.clone());
     let handle = thread.handle();
     transport.attach(handle.clone());
     let heartbeat_ms = (cfg.tick.as_millis() as u32).saturating_mul(20).max(100);
+    // Stop serving when asked, or when the replica thread ends by itself (removed).
+    let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
+    let watched = thread.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let done = watched
+                        .lock()
+                        .map(|g| g.as_ref().is_none_or(ReplicaThread::is_finished))
+                        .unwrap_or(true);
+                    if done {
+                        break;
+                    }
+                }
+            } => {}
+        }
+    };
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -73,9 +96,12 @@ pub async fn serve(
             shutdown,
         )
         .await;
-    tokio::task::spawn_blocking(move || thread.stop())
-        .await
-        .map_err(|e| Error::Config(format!("replica stop panicked: {e}")))?;
+    let thread = thread.lock().ok().and_then(|mut g| g.take());
+    if let Some(thread) = thread {
+        tokio::task::spawn_blocking(move || thread.stop())
+            .await
+            .map_err(|e| Error::Config(format!("replica stop panicked: {e}")))?;
+    }
     tracing::info!(replica = id, "replica stopped cleanly");
     result.map_err(|e| Error::Config(format!("gRPC server: {e}")))
 }

@@ -23,7 +23,8 @@ pub const LEADER_METADATA: &str = "x-stellar-leader";
 /// Largest gRPC message accepted (a module upload plus its envelope).
 pub const MAX_MESSAGE_BYTES: usize = MAX_MODULE_BYTES + (1 << 20);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_ATTEMPTS: u32 = 3;
 
 /// Maps a control-plane error to a gRPC status a client can act on.
 pub fn to_status(e: Error) -> Status {
@@ -90,12 +91,18 @@ impl ControlService {
         applied(r)
     }
 
+    /// A read; a linearizable one that times out (no leader yet, or the leader changed and
+    /// dropped the ReadIndex request) is retried before the caller is told.
     async fn read(&self, query: Query, read: Option<pb::ReadOptions>) -> Result<Reply, Status> {
         let stale = read.is_some_and(|r| r.stale);
-        self.replica
-            .read(query, stale, READ_TIMEOUT)
-            .await
-            .map_err(to_status)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.replica.read(query.clone(), stale, READ_TIMEOUT).await {
+                Err(Error::Timeout(_)) if attempt < READ_ATTEMPTS => continue,
+                r => return r.map_err(to_status),
+            }
+        }
     }
 
     async fn command(
@@ -445,8 +452,14 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::RaftAck>, Status> {
         let mut stream = req.into_inner();
         let me = self.replica.id();
+        let mut introduced = false;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
+            if !introduced && !batch.from_address.is_empty() {
+                self.replica
+                    .learn_address(batch.from, batch.from_address.clone());
+                introduced = true;
+            }
             if batch.to != me {
                 return Err(Status::invalid_argument(format!(
                     "message for replica {} reached replica {me}; check --peers addresses",
@@ -475,6 +488,10 @@ impl pb::raft_server::Raft for RaftService {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             if header.is_none() {
+                if !chunk.from_address.is_empty() {
+                    self.replica
+                        .learn_address(chunk.from, chunk.from_address.clone());
+                }
                 let m = Message::parse_from_bytes(&chunk.message)
                     .map_err(|e| Status::invalid_argument(format!("bad snapshot header: {e}")))?;
                 if chunk.total_len > 8 << 30 {

@@ -153,17 +153,16 @@ impl DiskStorage {
             && self.engine.last_index(GROUP).is_none()
     }
 
-    /// Records the static peer list of a new cluster (once, before the first election).
+    /// Founds a new cluster from its static peer list: a snapshot at index 1, term 1, holding
+    /// the empty state and the voters. Every founding replica writes the same one, and a
+    /// replica added later (whose log is empty) is brought up by the leader sending it, so
+    /// the founding membership is never missing from anyone's history.
     pub fn bootstrap(&mut self, voters: &[u64]) -> Result<()> {
-        let cs = ConfState {
-            voters: voters.to_vec(),
-            ..Default::default()
-        };
-        let mut batch = LogBatch::default();
-        batch.put_message(GROUP, KEY_BOOTSTRAP.to_vec(), &cs)?;
-        self.engine.write(&mut batch, true)?;
-        self.bootstrap = cs;
-        Ok(())
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().mut_conf_state().voters = voters.to_vec();
+        self.apply_snapshot(&snap)
     }
 
     /// Membership as last recorded by apply: `id=address` pairs (for the startup check).
@@ -395,7 +394,7 @@ impl DiskStorage {
 
     /// The conf state a restarted replica starts from: the snapshot's, else the bootstrap one.
     fn initial_conf_state(&self) -> ConfState {
-        if self.snapshot_meta.index > 0 {
+        if self.snapshot_meta.index > 0 || self.bootstrap.voters.is_empty() {
             self.snapshot_meta.get_conf_state().clone()
         } else {
             self.bootstrap.clone()
@@ -545,16 +544,21 @@ mod tests {
             let mut s = DiskStorage::open(dir.path()).unwrap();
             assert!(s.is_fresh());
             s.bootstrap(&[1, 2, 3]).unwrap();
+            assert_eq!(
+                s.first_index().unwrap(),
+                2,
+                "the founding snapshot is index 1"
+            );
             let hs = HardState {
                 term: 2,
                 vote: 1,
-                commit: 2,
+                commit: 3,
                 ..Default::default()
             };
-            let ents: Vec<Entry> = (1..=3).map(|i| entry(i, 2, b"x")).collect();
+            let ents: Vec<Entry> = (2..=4).map(|i| entry(i, 2, b"x")).collect();
             s.persist(&ents, Some(&hs), true).unwrap();
-            // A conflicting suffix replaces entries 3.. .
-            s.persist(&[entry(3, 3, b"y"), entry(4, 3, b"z")], None, true)
+            // A conflicting suffix replaces entries 4.. .
+            s.persist(&[entry(4, 3, b"y"), entry(5, 3, b"z")], None, true)
                 .unwrap();
         }
         let s = DiskStorage::open(dir.path()).unwrap();
@@ -562,10 +566,11 @@ mod tests {
         let st = s.initial_state().unwrap();
         assert_eq!(st.hard_state.term, 2);
         assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
-        assert_eq!(s.last_index().unwrap(), 4);
-        assert_eq!(s.term(3).unwrap(), 3);
+        assert_eq!(s.last_index().unwrap(), 5);
+        assert_eq!(s.term(4).unwrap(), 3);
+        assert_eq!(s.term(1).unwrap(), 1, "the founding snapshot's term");
         let got = s
-            .entries(1, 5, None, GetEntriesContext::empty(false))
+            .entries(2, 6, None, GetEntriesContext::empty(false))
             .unwrap();
         assert_eq!(got.len(), 4);
         assert_eq!(&got[3].data[..], b"z");
@@ -576,13 +581,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = DiskStorage::open(dir.path()).unwrap();
         s.bootstrap(&[1]).unwrap();
-        let ents: Vec<Entry> = (1..=100).map(|i| entry(i, 1, b"e")).collect();
+        let ents: Vec<Entry> = (2..=100).map(|i| entry(i, 1, b"e")).collect();
         s.persist(&ents, None, true).unwrap();
         let cs = ConfState {
             voters: vec![1],
             ..Default::default()
         };
-        assert!(s.snapshot(50, 2).is_err(), "no snapshot yet");
+        assert!(
+            s.snapshot(50, 2).is_err(),
+            "only the founding snapshot so far"
+        );
         assert_eq!(s.snapshot_wanted(), 50);
         s.save_snapshot(80, cs, b"state-at-80", 10).unwrap();
         assert_eq!(s.snapshot_wanted(), 0);
@@ -620,6 +628,36 @@ mod tests {
         let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.hard_state().commit, 500);
         assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_on_restart_and_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskStorage::open(dir.path()).unwrap();
+            for i in 1..=3 {
+                s.persist(&[entry(i, 1, &[i as u8; 100])], None, true)
+                    .unwrap();
+            }
+        }
+        // Cut the last write in half, as a crash in the middle of it would.
+        let log_dir = dir.path().join("raft-log");
+        let file = fs::read_dir(&log_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+            .max()
+            .expect("a log file");
+        let len = fs::metadata(&file).unwrap().len();
+        let f = fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_len(len - 60).unwrap();
+        drop(f);
+        let s = DiskStorage::open(dir.path()).unwrap();
+        assert_eq!(s.last_index().unwrap(), 2, "the torn entry is gone");
+        let got = s
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(&got[1].data[..], &[2u8; 100][..], "earlier entries intact");
     }
 
     #[test]

@@ -29,6 +29,8 @@ struct Peer {
 /// The production [`Outbox`]: per-peer gRPC streams on the given tokio runtime.
 pub struct GrpcTransport {
     id: u64,
+    /// This replica's advertised address, sent with every batch.
+    address: String,
     runtime: tokio::runtime::Handle,
     peers: Mutex<HashMap<u64, Peer>>,
     replica: Mutex<Option<ReplicaHandle>>,
@@ -52,9 +54,10 @@ fn endpoint(address: &str) -> String {
 
 impl GrpcTransport {
     /// A transport for replica `id`; sender tasks run on `runtime`.
-    pub fn new(id: u64, runtime: tokio::runtime::Handle) -> Arc<GrpcTransport> {
+    pub fn new(id: u64, address: String, runtime: tokio::runtime::Handle) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             id,
+            address,
             runtime,
             peers: Mutex::new(HashMap::new()),
             replica: Mutex::new(None),
@@ -74,7 +77,7 @@ impl GrpcTransport {
 
     fn spawn_peer(&self, to: u64, address: String) -> mpsc::Sender<Message> {
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        let from = self.id;
+        let from = (self.id, self.address.clone());
         let replica = self.replica();
         self.runtime
             .spawn(peer_loop(from, to, address, rx, replica));
@@ -82,13 +85,13 @@ impl GrpcTransport {
     }
 
     fn send_snapshot(&self, to: u64, address: String, msg: Message) {
-        let from = self.id;
+        let from = (self.id, self.address.clone());
         let replica = self.replica();
         self.runtime.spawn(async move {
-            let ok = match send_snapshot(from, to, &address, msg).await {
+            let ok = match send_snapshot(&from, to, &address, msg).await {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(from, to, error = %e, "snapshot send failed");
+                    tracing::warn!(from = from.0, to, error = %e, "snapshot send failed");
                     false
                 }
             };
@@ -148,7 +151,7 @@ impl Outbox for GrpcTransport {
 }
 
 async fn peer_loop(
-    from: u64,
+    (from, from_address): (u64, String),
     to: u64,
     address: String,
     mut rx: mpsc::Receiver<Message>,
@@ -212,6 +215,7 @@ async fn peer_loop(
                 to,
                 cluster: 0,
                 messages: Vec::with_capacity(16),
+                from_address: from_address.clone(),
             };
             let mut next = Some(first);
             while let Some(m) = next.take() {
@@ -244,7 +248,13 @@ async fn peer_loop(
     }
 }
 
-async fn send_snapshot(from: u64, to: u64, address: &str, mut msg: Message) -> Result<(), String> {
+async fn send_snapshot(
+    (from, from_address): &(u64, String),
+    to: u64,
+    address: &str,
+    mut msg: Message,
+) -> Result<(), String> {
+    let from = *from;
     let channel = tonic::transport::Endpoint::new(endpoint(address))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
@@ -263,6 +273,7 @@ async fn send_snapshot(from: u64, to: u64, address: &str, mut msg: Message) -> R
         message: header,
         data: Vec::new(),
         total_len: total,
+        from_address: from_address.clone(),
     });
     for c in data.chunks(CHUNK) {
         chunks.push(pb::SnapshotChunk {
@@ -272,6 +283,7 @@ async fn send_snapshot(from: u64, to: u64, address: &str, mut msg: Message) -> R
             message: Vec::new(),
             data: c.to_vec(),
             total_len: total,
+            from_address: String::new(),
         });
     }
     tracing::info!(from, to, bytes = total, "sending a snapshot");
