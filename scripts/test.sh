@@ -52,7 +52,7 @@ if [[ -z "${QUICK:-}" ]]; then
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy --all-targets -- -D warnings"
-  cargo clippy --workspace --all-targets --locked -- -D warnings
+  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 fi
 
 log "test suite"

@@ -24,7 +24,9 @@ use stellar_proto::v1 as pb;
 use stellar_scheduler::client::ClusterClient;
 use tokio::sync::Mutex;
 
-use crate::procs::{EtcdCluster, ReplicaProcesses, rss_bytes};
+#[cfg(feature = "etcd")]
+use crate::procs::EtcdCluster;
+use crate::procs::{ReplicaProcesses, rss_bytes};
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -485,6 +487,15 @@ pub async fn throughput(
     Ok(report)
 }
 
+#[cfg(not(feature = "etcd"))]
+async fn etcd(_cfg: &RaftBenchConfig, _log: &mut dyn FnMut(&str)) -> Result<(f64, f64, f64)> {
+    Err(BenchError::Etcd(
+        "built without the `etcd` feature: rerun with `--features etcd`, or pass --skip-etcd"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "etcd")]
 async fn etcd(cfg: &RaftBenchConfig, log: &mut dyn FnMut(&str)) -> Result<(f64, f64, f64)> {
     let dir = cfg.dir.join("etcd");
     let cluster = EtcdCluster::start(&dir, cfg.replicas).map_err(|source| BenchError::Spawn {
