@@ -223,7 +223,6 @@ async fn a_contradicting_peer_list_is_refused_at_startup() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: a replica added with --join never receives its first snapshot (issue 3 follow-up)"]
 async fn a_replica_joins_at_runtime_and_another_is_removed() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = cluster(dir.path(), 3, &["--tick-ms", "50"]);

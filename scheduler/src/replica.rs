@@ -1168,9 +1168,11 @@ impl Replica {
         }
     }
 
-    /// Current voter ids.
+    /// Current voter ids, ascending (the conf's set iterates in hash order).
     pub fn voters(&self) -> Vec<u64> {
-        self.raw.raft.prs().conf().voters().ids().iter().collect()
+        let mut ids: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Current voters with their addresses.

@@ -505,9 +505,27 @@ impl raft::Storage for DiskStorage {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // A replica added after the stored snapshot is not in its ConfState and would refuse
+        // it (raft-rs ignores a snapshot that does not list the receiver), so ask for a newer
+        // one, taken after the conf change that added it was applied.
+        let cs = self.snapshot_meta.get_conf_state();
+        let lists_receiver = [
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&to));
         if self.snapshot_meta.index < request_index || self.snapshot_meta.index == 0 {
             self.snapshot_wanted.set(request_index.max(1));
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        if !lists_receiver {
+            self.snapshot_wanted.set(self.snapshot_meta.index + 1);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -584,7 +602,7 @@ mod tests {
         let ents: Vec<Entry> = (2..=100).map(|i| entry(i, 1, b"e")).collect();
         s.persist(&ents, None, true).unwrap();
         let cs = ConfState {
-            voters: vec![1],
+            voters: vec![1, 2],
             ..Default::default()
         };
         assert!(
@@ -602,10 +620,15 @@ mod tests {
         let snap = s.snapshot(60, 2).unwrap();
         assert_eq!(snap.get_metadata().index, 80);
         assert_eq!(&snap.data[..], b"state-at-80");
+        assert!(
+            s.snapshot(0, 3).is_err(),
+            "replica 3 is not in the snapshot's ConfState and would ignore it"
+        );
+        assert_eq!(s.snapshot_wanted(), 81, "a newer snapshot is asked for");
         drop(s);
         let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.snapshot_metadata().index, 80);
-        assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1]);
+        assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2]);
         assert_eq!(s.last_index().unwrap(), 100);
     }
 
