@@ -11,6 +11,11 @@ mod scheduler;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the control plane allocates many small, short-lived request and entry buffers
+/// across threads, where glibc malloc's free-list work showed up in profiles.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// StellarCloud: edge function computing on home nodes.
 #[derive(Debug, Parser)]
 #[command(name = "stellar", version, about, long_about = None)]

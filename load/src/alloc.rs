@@ -1,12 +1,15 @@
 //! A global allocator wrapper that counts live heap bytes, so the simulator can report what
 //! the node table really costs per node (indexes, hash map and growth slack included).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc as System;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// The system allocator, counting live bytes; install with `#[global_allocator]`.
+/// mimalloc (the allocator the `stellar` binary ships with, so replicas started by the
+/// benchmarks behave alike), counting live bytes; install with `#[global_allocator]`.
 pub struct CountingAlloc;
 
 /// Bytes currently allocated through [`CountingAlloc`] (0 if it is not installed).
@@ -15,7 +18,7 @@ pub fn live_bytes() -> usize {
 }
 
 #[allow(unsafe_code)]
-// SAFETY: every method forwards to `System` with the caller's own arguments, so `System`'s
+// SAFETY: every method forwards to mimalloc (`System` here) with the caller's own arguments, so `System`'s
 // guarantees carry over unchanged; the counter is only bookkeeping.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {

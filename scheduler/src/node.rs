@@ -305,6 +305,7 @@ fn run(
             }
             false
         };
+        let ticks_before = ticks;
         crossbeam_channel::select! {
             recv(rx) -> ev => match ev {
                 Ok(ev) => stopping = handle(ev, &mut replica),
@@ -331,31 +332,18 @@ fn run(
             replica.tick();
             ticks += 1;
         }
-        replica.process();
-        let outputs = replica.take_outputs();
-        if addresses.len() != replica.addresses().len()
-            || replica
-                .addresses()
-                .iter()
-                .any(|(k, v)| addresses.get(k) != Some(v))
-        {
-            addresses = replica
-                .addresses()
-                .iter()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect();
-        }
-        for out in outputs {
-            match out {
-                Output::Send(msgs) => outbox.send(msgs, &addresses),
-                Output::Reply { token, result } => {
-                    if let Some(w) = waiters.remove(&token) {
-                        let _ = w.tx.send(result);
-                    }
-                }
-            }
-        }
-        if ticks % 20 == 0 {
+        sync_addresses(&mut addresses, &replica);
+        replica.process_with(&mut |outs| deliver(outs, &*outbox, &addresses, &mut waiters));
+        // Outputs made outside the Ready loop (refusals, stale reads) and any address learnt
+        // during it.
+        sync_addresses(&mut addresses, &replica);
+        deliver(
+            &mut replica.take_outputs(),
+            &*outbox,
+            &addresses,
+            &mut waiters,
+        );
+        if ticks / 20 != ticks_before / 20 {
             // Forget callers that gave up (their reads may never be answered by raft).
             waiters.retain(|token, w| {
                 let open = !w.tx.is_closed();
@@ -385,5 +373,32 @@ fn run(
     replica.shutdown();
     for (_, w) in waiters.drain() {
         let _ = w.tx.send(Err(Error::Stopped));
+    }
+}
+
+/// Keeps the transport's copy of peer addresses equal to the replica's.
+fn sync_addresses(addresses: &mut HashMap<u64, String>, replica: &Replica) {
+    let theirs = replica.addresses();
+    if addresses.len() != theirs.len() || theirs.iter().any(|(k, v)| addresses.get(k) != Some(v)) {
+        *addresses = theirs.iter().map(|(k, v)| (*k, v.clone())).collect();
+    }
+}
+
+/// Sends raft messages and answers waiting callers.
+fn deliver(
+    outs: &mut Vec<Output>,
+    outbox: &dyn Outbox,
+    addresses: &HashMap<u64, String>,
+    waiters: &mut HashMap<u64, Waiter>,
+) {
+    for out in outs.drain(..) {
+        match out {
+            Output::Send(msgs) => outbox.send(msgs, addresses),
+            Output::Reply { token, result } => {
+                if let Some(w) = waiters.remove(&token) {
+                    let _ = w.tx.send(result);
+                }
+            }
+        }
     }
 }

@@ -545,11 +545,19 @@ impl Replica {
         Ok(self.leader.as_mut().expect("just built"))
     }
 
-    /// Proposes queued work and runs the Ready protocol until raft has nothing more.
+    /// Proposes queued work and runs the Ready protocol until raft has nothing more; the
+    /// outputs wait in [`Replica::take_outputs`].
     pub fn process(&mut self) {
+        self.process_with(&mut |_| {});
+    }
+
+    /// [`Replica::process`], handing outputs to `flush` as soon as they exist: the leader's
+    /// appends go out before its own fsync (raft thesis §10.2.1), a follower's acks before it
+    /// applies, and replies before the next round, instead of all at the end.
+    pub fn process_with(&mut self, flush: &mut dyn FnMut(&mut Vec<Output>)) {
         for _ in 0..16 {
             if let Some((rd, stage)) = self.stalled.take() {
-                self.resume_ready(rd, stage);
+                self.resume_ready(rd, stage, flush);
                 if self.stalled.is_some() {
                     return;
                 }
@@ -561,8 +569,10 @@ impl Replica {
             let mut rd = self.raw.ready();
             if !rd.messages().is_empty() {
                 self.outputs.push(Output::Send(rd.take_messages()));
+                flush(&mut self.outputs);
             }
-            self.resume_ready(rd, Stage::Snapshot);
+            self.resume_ready(rd, Stage::Snapshot, flush);
+            flush(&mut self.outputs);
             if self.stalled.is_some() {
                 return;
             }
@@ -570,17 +580,18 @@ impl Replica {
         self.maybe_snapshot();
     }
 
-    fn resume_ready(&mut self, mut rd: Ready, stage: Stage) {
-        if stage == Stage::Snapshot {
-            if !rd.snapshot().is_empty() {
-                let snap = rd.snapshot().clone();
-                if let Err(e) = self.install_snapshot(&snap) {
-                    self.stall(rd, Stage::Snapshot, e);
-                    return;
-                }
+    fn resume_ready(
+        &mut self,
+        mut rd: Ready,
+        stage: Stage,
+        flush: &mut dyn FnMut(&mut Vec<Output>),
+    ) {
+        if stage == Stage::Snapshot && !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            if let Err(e) = self.install_snapshot(&snap) {
+                self.stall(rd, Stage::Snapshot, e);
+                return;
             }
-            let committed = rd.take_committed_entries();
-            self.apply_entries(committed);
         }
         if let Err(e) = self.raw.mut_store().persist(
             rd.entries(),
@@ -596,7 +607,13 @@ impl Replica {
         if !rd.persisted_messages().is_empty() {
             self.outputs
                 .push(Output::Send(rd.take_persisted_messages()));
+            flush(&mut self.outputs);
         }
+        // Committed entries are already persisted here (raft-rs hands out only persisted
+        // ones), so applying them after this Ready's own writes is safe and keeps the acks
+        // above off the apply path.
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed);
         for rs in rd.take_read_states() {
             if let Ok(bytes) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
                 self.ready_reads.push((rs.index, u64::from_be_bytes(bytes)));

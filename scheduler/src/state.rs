@@ -179,8 +179,8 @@ pub struct StateMachine {
     tenants: BTreeSet<String>,
     tokens: BTreeMap<Vec<u8>, (String, bool)>,
     functions: Vec<Function>,
-    /// Function ids by tenant, then name (no allocation on lookup; names in order).
-    function_ids: rustc_hash::FxHashMap<String, BTreeMap<String, u32>>,
+    /// Function ids by tenant, then name (no allocation on lookup; listings sort by name).
+    function_ids: rustc_hash::FxHashMap<String, rustc_hash::FxHashMap<String, u32>>,
     modules: BTreeMap<[u8; 32], Arc<[u8]>>,
     module_bytes: u64,
     nodes: BTreeMap<u64, Node>,
@@ -377,12 +377,18 @@ impl StateMachine {
             .filter(|t| tenant.is_none_or(|want| want == t.as_str()))
             .collect();
         tenants.sort_unstable();
-        tenants
-            .into_iter()
-            .flat_map(|t| self.function_ids[t].values())
-            .map(|&id| (id, &self.functions[id as usize]))
-            .filter(|(_, f)| !f.deleted)
-            .collect()
+        let mut out = Vec::new();
+        for t in tenants {
+            let start = out.len();
+            out.extend(
+                self.function_ids[t]
+                    .values()
+                    .map(|&id| (id, &self.functions[id as usize]))
+                    .filter(|(_, f)| !f.deleted),
+            );
+            out[start..].sort_unstable_by(|a, b| a.1.name.cmp(&b.1.name));
+        }
+        out
     }
 
     /// A stored module by content address.
