@@ -11,10 +11,10 @@ mod scheduler;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the control plane allocates many small, short-lived request and entry buffers
-/// across threads, where glibc malloc's free-list work showed up in profiles.
+/// jemalloc (as in TiKV): the control plane allocates many small, short-lived request and
+/// entry buffers across threads, where glibc malloc's free-list work showed up in profiles.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// StellarCloud: edge function computing on home nodes.
 #[derive(Debug, Parser)]

@@ -3,12 +3,12 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-use mimalloc::MiMalloc as System;
+use tikv_jemallocator::Jemalloc as System;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// mimalloc (the allocator the `stellar` binary ships with, so replicas started by the
+/// jemalloc (the allocator the `stellar` binary ships with, so replicas started by the
 /// benchmarks behave alike), counting live bytes; install with `#[global_allocator]`.
 pub struct CountingAlloc;
 
@@ -18,7 +18,7 @@ pub fn live_bytes() -> usize {
 }
 
 #[allow(unsafe_code)]
-// SAFETY: every method forwards to mimalloc (`System` here) with the caller's own arguments, so `System`'s
+// SAFETY: every method forwards to jemalloc (`System` here) with the caller's own arguments, so `System`'s
 // guarantees carry over unchanged; the counter is only bookkeeping.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
