@@ -2,9 +2,9 @@
 //! the node table really costs per node (indexes, hash map and growth slack included).
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tikv_jemallocator::Jemalloc as System;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
@@ -18,8 +18,8 @@ pub fn live_bytes() -> usize {
 }
 
 #[allow(unsafe_code)]
-// SAFETY: every method forwards to jemalloc (`System` here) with the caller's own arguments, so `System`'s
-// guarantees carry over unchanged; the counter is only bookkeeping.
+// SAFETY: every method forwards to jemalloc (`System` here) with the caller's own arguments,
+// so its guarantees carry over unchanged; the counter is only bookkeeping.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract (see the impl comment).
