@@ -6,7 +6,8 @@
 #   QUICK=1 scripts/test.sh    # skip fmt and clippy (while iterating)
 #
 # Needs: rustup's toolchain with cargo (the machine has it). Installs, when missing: the
-# Debian packages listed below (after `apt-get update`), the rustfmt and clippy components.
+# Debian packages listed below (after `apt-get update`), the rustfmt and clippy components,
+# the wasm32-wasip1 target (scripts/build-examples.sh; committed builds when unreachable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -47,10 +48,13 @@ ensure_rust_components() {
 
 ensure_debian_packages
 ensure_rust_components
+# The example functions the worker's tests run (installs wasm32-wasip1 if it can).
+scripts/build-examples.sh
 
 if [[ -z "${QUICK:-}" ]]; then
   log "cargo fmt --check"
   cargo fmt --all -- --check
+  cargo fmt --manifest-path examples/wasm/Cargo.toml --all -- --check
   log "cargo clippy --all-targets -- -D warnings"
   cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 fi
