@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 log() { printf '[build-examples] %s\n' "$*" >&2; }
-NAMES=(hello wordcount framefilter)
+NAMES=(hello wordcount framefilter probe)
 PREBUILT=examples/wasm/prebuilt
 BUILT=examples/wasm/target/wasm32-wasip1/release
 

@@ -178,7 +178,12 @@ pub fn bench_node(id: u64, managed: bool) -> pb::NodeRegistration {
         attributes: Some(pb::NodeAttributes {
             region: region.into(),
             zone: zones[((id / 4) % zones.len() as u64) as usize].into(),
-            arch: if id % 3 == 0 { "x86_64" } else { "aarch64" }.into(),
+            arch: if id.is_multiple_of(3) {
+                "x86_64"
+            } else {
+                "aarch64"
+            }
+            .into(),
             runtimes: vec!["wasm".into()],
             capacity: Some(pb::Resources {
                 cpu_millis: 64_000,

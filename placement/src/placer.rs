@@ -567,7 +567,12 @@ mod tests {
             reputation: 0.9,
             labels: vec![(
                 "isp".into(),
-                if id % 2 == 0 { "telecom" } else { "unicom" }.into(),
+                if id.is_multiple_of(2) {
+                    "telecom"
+                } else {
+                    "unicom"
+                }
+                .into(),
             )],
             coordinate: Coordinate {
                 vec: [x, 0.0, 0.0],
@@ -823,10 +828,10 @@ mod tests {
         let run = |seed| {
             let mut t = table();
             let mut p = Placer::new(PlacerConfig::default(), seed).unwrap();
-            (0..50)
+            (0..50u32)
                 .map(|i| {
                     let req = PlacementRequest {
-                        origin: if i % 3 == 0 {
+                        origin: if i.is_multiple_of(3) {
                             Origin::Anywhere
                         } else {
                             near(i as f32)

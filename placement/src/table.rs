@@ -1054,7 +1054,11 @@ mod tests {
         for i in 0..100 {
             t.join(spec(
                 i,
-                if i % 2 == 0 { "shanghai" } else { "hangzhou" },
+                if i.is_multiple_of(2) {
+                    "shanghai"
+                } else {
+                    "hangzhou"
+                },
                 i as f32 % 40.0,
             ))
             .unwrap();

@@ -8,3 +8,5 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, unused_qualifications)]
     tonic::include_proto!("stellar.v1");
 }
+
+pub mod identity;

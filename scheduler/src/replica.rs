@@ -445,7 +445,11 @@ impl Replica {
         }
         self.ticks += 1;
         self.raw.tick();
-        if self.is_leader() && self.ticks % self.cfg.liveness_every_ticks.max(1) == 0 {
+        if self.is_leader()
+            && self
+                .ticks
+                .is_multiple_of(self.cfg.liveness_every_ticks.max(1))
+        {
             self.liveness_sweep();
         }
     }

@@ -686,17 +686,17 @@ impl StateMachine {
                 )));
             }
             let mut allocated = node.allocated;
-            if let Some(f) = fid.map(|id| &self.functions[id as usize]) {
-                if let Some(a) = f.on_nodes.get(&n) {
-                    if !stopping.contains(a) {
-                        return Err(ApplyError::StalePlan(format!(
-                            "node {n:016x} already runs a replica of `{}`",
-                            f.name
-                        )));
-                    }
-                    // Its replica of the old version stops first.
-                    allocated = sub(allocated, self.allocations[a].resources);
+            if let Some(f) = fid.map(|id| &self.functions[id as usize])
+                && let Some(a) = f.on_nodes.get(&n)
+            {
+                if !stopping.contains(a) {
+                    return Err(ApplyError::StalePlan(format!(
+                        "node {n:016x} already runs a replica of `{}`",
+                        f.name
+                    )));
                 }
+                // Its replica of the old version stops first.
+                allocated = sub(allocated, self.allocations[a].resources);
             }
             let cpu = allocated.cpu_millis as u64 + ask.cpu_millis as u64;
             let mem = allocated.memory_mib as u64 + ask.memory_mib as u64;

@@ -126,13 +126,12 @@ fn shm_root() -> tempfile::TempDir {
     // Prefer tmpfs: thousands of schedules would spend their time in fsync otherwise. The
     // storage code is the same; the process-level tests exercise fsync on a real disk.
     let base = PathBuf::from("/dev/shm");
-    if base.is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
+    if base.is_dir()
+        && let Ok(d) = tempfile::Builder::new()
             .prefix("stellar-sim")
             .tempdir_in(&base)
-        {
-            return d;
-        }
+    {
+        return d;
     }
     tempfile::tempdir().expect("temp dir")
 }

@@ -1,0 +1,100 @@
+//! `probe`: the worker's test fixture, not an example to copy. Each first argument exercises
+//! one WASI behaviour or one limit of the sandbox.
+//!
+//!   probe echo [ARGS..]   prints its arguments, the sorted environment and stdin; writes a
+//!                         line to stderr; exits with $EXIT_CODE (default 0)
+//!   probe spin            loops forever (the deadline must stop it)
+//!   probe alloc MIB       touches MIB mebibytes of heap (the memory limit must stop it)
+//!   probe out BYTES       writes BYTES bytes to stdout (the output cap must stop it)
+//!   probe panic           panics (a trap)
+//!   probe hash            iterates a std HashMap (randomly seeded through WASI random_get)
+//!   probe scratch         writes and reads back /scratch/probe.txt
+//!
+//! Run on its own:
+//!   wasmtime --env EXIT_CODE=3 target/wasm32-wasip1/release/probe.wasm echo a b < /etc/hostname
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = std::io::stdout().lock();
+    match args.first().map(String::as_str) {
+        Some("echo") => {
+            let _ = writeln!(out, "args: {}", args[1..].join(" "));
+            let mut env: Vec<(String, String)> = std::env::vars().collect();
+            env.sort();
+            for (k, v) in &env {
+                let _ = writeln!(out, "env: {k}={v}");
+            }
+            let mut stdin = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut stdin);
+            let _ = out.write_all(b"stdin: ");
+            let _ = out.write_all(&stdin);
+            let _ = writeln!(out);
+            eprintln!("probe wrote to stderr");
+            let code = std::env::var("EXIT_CODE")
+                .ok()
+                .and_then(|c| c.parse::<u8>().ok())
+                .unwrap_or(0);
+            ExitCode::from(code)
+        }
+        Some("spin") => {
+            let mut x: u64 = 1;
+            loop {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        Some("alloc") => {
+            let mib: usize = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(1);
+            let mut blocks = Vec::new();
+            for i in 0..mib {
+                blocks.push(vec![i as u8; 1 << 20]);
+            }
+            let _ = writeln!(out, "allocated {} MiB", blocks.len());
+            ExitCode::SUCCESS
+        }
+        Some("out") => {
+            let n: usize = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+            let chunk = [b'x'; 4096];
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(chunk.len());
+                if out.write_all(&chunk[..k]).is_err() {
+                    return ExitCode::from(1);
+                }
+                left -= k;
+            }
+            ExitCode::SUCCESS
+        }
+        Some("panic") => panic!("the probe was asked to panic"),
+        Some("hash") => {
+            let m: HashMap<u32, u32> = (0..64).map(|i| (i, i * i)).collect();
+            let order: Vec<String> = m.keys().map(|k| k.to_string()).collect();
+            let _ = writeln!(out, "{}", order.join(","));
+            ExitCode::SUCCESS
+        }
+        Some("scratch") => {
+            let path = "/scratch/probe.txt";
+            if let Err(e) = std::fs::write(path, b"kept in scratch") {
+                eprintln!("cannot write {path}: {e}");
+                return ExitCode::from(1);
+            }
+            match std::fs::read_to_string(path) {
+                Ok(s) => {
+                    let _ = writeln!(out, "{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot read {path}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        other => {
+            eprintln!("probe: unknown mode {other:?}");
+            ExitCode::from(2)
+        }
+    }
+}
