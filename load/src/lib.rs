@@ -6,5 +6,6 @@ pub mod baselines;
 pub mod procs;
 pub mod raftbench;
 pub mod sim;
+pub mod wasmbench;
 pub mod workload;
 pub mod world;

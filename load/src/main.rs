@@ -38,6 +38,46 @@ enum Command {
     /// Run one control-plane replica (used by raft-bench to start its cluster).
     #[command(hide = true)]
     Replica(ReplicaArgs),
+    /// Measure the worker's invocation path: instantiate + invoke `hello` in one sandbox
+    /// (p50/p99 on one thread, invocations/s with one thread per core), the same module in a
+    /// new process per call, and an idle sandbox's resident memory.
+    ///
+    /// Prints a summary, or with --json exactly one JSON object on stdout.
+    WasmBench(WasmBenchArgs),
+    /// Run a module once in a fresh process (used by wasm-bench).
+    #[command(hide = true)]
+    WasmOnce(ModuleArg),
+    /// Hold an idle sandbox until stdin closes (used by wasm-bench).
+    #[command(hide = true)]
+    WasmIdle(ModuleArg),
+}
+
+#[derive(clap::Args)]
+struct WasmBenchArgs {
+    /// The module (default: the committed build of examples/wasm/hello).
+    #[arg(long)]
+    module: Option<std::path::PathBuf>,
+    /// Timed single-thread invocations for p50/p99.
+    #[arg(long, default_value_t = 20_000)]
+    invocations: usize,
+    /// Seconds of the throughput phase.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Threads of the throughput phase (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// New-process calls for the comparison.
+    #[arg(long, default_value_t = 20)]
+    process_calls: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ModuleArg {
+    #[arg(long)]
+    module: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +203,72 @@ fn main() -> ExitCode {
         Command::Sim(args) => run_sim(args),
         Command::RaftBench(args) => run_raft_bench(args),
         Command::Replica(args) => run_replica(args),
+        Command::WasmBench(args) => run_wasm_bench(args),
+        Command::WasmOnce(m) => match stellar_load::wasmbench::once(&m.module) {
+            Ok(out) => {
+                let _ = std::io::stdout().write_all(&out);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wasm-once: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::WasmIdle(m) => match stellar_load::wasmbench::idle(&m.module) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wasm-idle: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let cfg = stellar_load::wasmbench::WasmBenchConfig {
+        module: args
+            .module
+            .unwrap_or_else(stellar_load::wasmbench::default_module),
+        invocations: args.invocations.max(1),
+        seconds: args.seconds.max(0.1),
+        threads,
+        process_calls: args.process_calls.max(1),
+    };
+    let mut log = |m: &str| eprintln!("[wasm-bench] {m}");
+    match stellar_load::wasmbench::run(&cfg, &mut log) {
+        Ok(r) => {
+            if args.json {
+                println!("{}", serde_json::to_value(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "in-worker    instantiate+invoke p50 {:.1} µs  p99 {:.1} µs  ({} fuel per call)",
+                    r.invoke_p50_us, r.invoke_p99_us, r.fuel_per_call
+                );
+                println!(
+                    "throughput   {:.0} invocations/s on {} threads",
+                    r.invocations_per_sec, r.threads
+                );
+                println!(
+                    "per process  p50 {:.1} ms  ({:.0}x the in-worker p50)",
+                    r.process_per_call_p50_us / 1000.0,
+                    r.process_per_call_p50_us / r.invoke_p50_us
+                );
+                println!(
+                    "idle RSS     {:.1} MiB",
+                    r.worker_idle_rss_bytes as f64 / f64::from(1 << 20)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wasm-bench: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
