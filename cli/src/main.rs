@@ -4,10 +4,12 @@
 //! stellar scheduler --id 1 --peers 1=127.0.0.1:7001,2=...,3=... --data-dir /var/lib/stellar
 //! stellar cluster status --endpoint 127.0.0.1:7001
 //! stellar cluster add --id 4 --address 127.0.0.1:7004 --endpoint 127.0.0.1:7001
+//! stellar worker --join 127.0.0.1:7001 --token "$JOIN_TOKEN" --data-dir /var/lib/stellar-worker
 //! ```
 
 mod cluster;
 mod scheduler;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -28,9 +30,25 @@ struct Cli {
 enum Command {
     /// Run one control-plane replica (Raft-replicated; 3 or 5 make a cluster).
     Scheduler(scheduler::SchedulerArgs),
+    /// Run one home-node agent: dials out to the control plane and runs functions.
+    Worker(worker::WorkerArgs),
     /// Inspect and change control-plane membership.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+}
+
+/// Resolves on SIGINT or SIGTERM (what systemd and `kill` send).
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
 }
 
 fn init_logging() {
@@ -60,6 +78,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Scheduler(args) => scheduler::run(args).await,
+            Command::Worker(args) => worker::run(args).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
         }
     });

@@ -48,6 +48,10 @@ pub struct SchedulerArgs {
     /// Log entries kept behind a snapshot for followers that lag a little.
     #[arg(long, default_value_t = 5_000)]
     keep_entries: u64,
+    /// The secret workers must present to join (`stellar worker --token`); the same on every
+    /// replica. Without it this cluster accepts no workers.
+    #[arg(long, env = "STELLAR_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
 }
 
 /// Runs the replica until SIGINT or SIGTERM.
@@ -86,21 +90,9 @@ pub async fn run(args: SchedulerArgs) -> Result<(), String> {
         listen,
         advertise,
         tick: Duration::from_millis(args.tick_ms),
+        join_token: args.join_token.clone(),
     };
-    serve(cfg, shutdown_signal())
+    serve(cfg, crate::shutdown_signal())
         .await
         .map_err(|e| e.to_string())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down");
 }

@@ -34,17 +34,7 @@ async fn leader_kill_loses_no_acknowledged_deploy_and_the_replica_catches_up() {
         .await
         .expect("a leader within 20 s");
     let client = cluster.client();
-    client
-        .call(|mut c| async move {
-            c.create_tenant(pb::CreateTenantRequest {
-                request_id: b"tenant-acme".to_vec(),
-                name: "acme".into(),
-                token_sha256: vec![],
-            })
-            .await
-        })
-        .await
-        .expect("create tenant");
+    client.create_tenant("acme").await.expect("create tenant");
     client
         .call(|mut c| async move {
             c.register_nodes(pb::RegisterNodesRequest {

@@ -311,6 +311,7 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
         listen,
         advertise: own.1.clone(),
         tick: std::time::Duration::from_millis(args.tick_ms),
+        join_token: None,
     };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stellar_proto::v1 as pb;
 use stellar_proto::v1::control_client::ControlClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -76,6 +77,22 @@ impl ClusterClient {
         Ok(ControlClient::new(self.channel(&normalise(address))?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Creates tenant `name` without an API token (idempotent: the request id derives from
+    /// the name, so a retry or a second call is answered, not applied twice).
+    pub async fn create_tenant(&self, name: &str) -> Result<(), Status> {
+        let request_id = format!("tenant-{name}").into_bytes();
+        self.call(|mut c| {
+            let req = pb::CreateTenantRequest {
+                request_id: request_id.clone(),
+                name: name.to_string(),
+                token_sha256: vec![],
+            };
+            async move { c.create_tenant(req).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Calls `f` on the leader, following hints and retrying while no leader is known.

@@ -19,6 +19,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod transport;
+pub mod workers;
 
 pub use error::{ApplyError, Error, Result};
 pub use replica::{Output, Query, Replica, ReplicaConfig, Reply, Request};

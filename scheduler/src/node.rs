@@ -73,6 +73,8 @@ pub struct Snapshot {
     pub is_leader: bool,
     /// The storage error stalling the replica, if any.
     pub storage_error: Option<String>,
+    /// The applied index (moves whenever the state does).
+    pub applied: u64,
 }
 
 /// A cloneable handle to the replica thread.
@@ -358,6 +360,7 @@ fn run(
             leader_address: replica.address_of(replica.leader_id()).map(str::to_string),
             is_leader: replica.is_leader(),
             storage_error: replica.storage_error().map(str::to_string),
+            applied: replica.state().applied_index(),
         };
         if let Ok(mut g) = info.write() {
             *g = snapshot;

@@ -150,6 +150,16 @@ pub enum Query {
         /// Most nodes returned.
         limit: usize,
     },
+    /// What a node should run: a start assignment per live allocation on it.
+    NodeAssignments {
+        /// The node.
+        node: u64,
+    },
+    /// A stored module, by content address.
+    Module {
+        /// Its sha256.
+        sha256: [u8; 32],
+    },
 }
 
 /// What a request or read is answered with.
@@ -165,6 +175,10 @@ pub enum Reply {
     Nodes(pb::ListNodesResponse),
     /// Membership after a change.
     Membership(Vec<pb::ReplicaInfo>),
+    /// A node's assignments.
+    Assignments(Vec<pb::Assignment>),
+    /// A module's bytes (`None`: not stored).
+    Module(Option<std::sync::Arc<[u8]>>),
 }
 
 /// What the driver must do after `process`.
@@ -1398,6 +1412,26 @@ impl Replica {
                 }
                 Ok(Reply::Nodes(out))
             }
+            Query::NodeAssignments { node } => Ok(Reply::Assignments(
+                self.state
+                    .allocations_on(*node)
+                    .filter_map(|id| self.state.allocations().get(&id))
+                    .filter_map(|a| {
+                        let f = self.state.function_by_id(a.function)?;
+                        let v = f.versions.iter().rev().find(|v| v.version == a.version)?;
+                        Some(pb::Assignment {
+                            allocation: a.id,
+                            start: true,
+                            tenant: f.tenant.clone(),
+                            function: f.name.clone(),
+                            version: v.version,
+                            module_sha256: hex::encode(v.module_sha256),
+                            limits: Some(v.limits),
+                        })
+                    })
+                    .collect(),
+            )),
+            Query::Module { sha256 } => Ok(Reply::Module(self.state.module(sha256))),
         }
     }
 

@@ -12,8 +12,9 @@ use stellar_proto::v1::raft_server::RaftServer;
 use crate::error::{Error, Result};
 use crate::node::ReplicaThread;
 use crate::replica::{Replica, ReplicaConfig};
-use crate::service::{AgentService, ControlService, MAX_MESSAGE_BYTES, RaftService};
+use crate::service::{ControlService, MAX_MESSAGE_BYTES, RaftService};
 use crate::transport::GrpcTransport;
+use crate::workers::{AgentService, WorkerHub};
 
 /// How a replica process runs.
 #[derive(Debug, Clone)]
@@ -26,7 +27,12 @@ pub struct ServerConfig {
     pub advertise: String,
     /// The logical clock's period (raft ticks, liveness).
     pub tick: Duration,
+    /// The secret workers present to join (none: workers are refused).
+    pub join_token: Option<String>,
 }
+
+/// How long a shutdown waits for open calls before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` resolves, then stops the replica after flushing its storage.
 pub async fn serve(
@@ -58,9 +64,12 @@ pub async fn serve(
     let handle = thread.handle();
     transport.attach(handle.clone());
     let heartbeat_ms = (cfg.tick.as_millis() as u32).saturating_mul(20).max(100);
+    let hub = WorkerHub::new();
     // Stop serving when asked, or when the replica thread ends by itself (removed).
     let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
     let watched = thread.clone();
+    let closing = hub.clone();
+    let (fired, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {
             _ = shutdown => {}
@@ -77,11 +86,14 @@ pub async fn serve(
                 }
             } => {}
         }
+        // Workers' streams never end on their own: end them so the drain can finish.
+        closing.close();
+        let _ = fired.send(());
     };
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
-            ControlServer::new(ControlService::new(handle.clone()))
+            ControlServer::new(ControlService::new(handle.clone(), hub.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -90,12 +102,27 @@ pub async fn serve(
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )
-        .add_service(AgentServer::new(AgentService::new(handle, heartbeat_ms)))
+        .add_service(
+            AgentServer::new(AgentService::new(handle, hub, heartbeat_ms, cfg.join_token))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
-        )
-        .await;
+        );
+    tokio::pin!(server);
+    // A graceful shutdown waits for open calls, but not forever.
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = fired_rx.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(replica = id, grace_s = SHUTDOWN_GRACE.as_secs(), "calls still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    };
     let thread = thread.lock().ok().and_then(|mut g| g.take());
     if let Some(thread) = thread {
         tokio::task::spawn_blocking(move || thread.stop())

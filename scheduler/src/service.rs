@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::Stream;
 use protobuf::Message as _;
 use raft::eraftpb::Message;
-use stellar_placement::Coordinate;
 use stellar_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
@@ -17,12 +16,15 @@ use crate::error::{ApplyError, Error};
 use crate::node::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
 use crate::state::{MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, node_state_from_pb};
+use crate::workers::WorkerHub;
 
 /// Metadata key naming the leader's address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-stellar-leader";
 /// Largest gRPC message accepted (a module upload plus its envelope).
 pub const MAX_MESSAGE_BYTES: usize = MAX_MODULE_BYTES + (1 << 20);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest stdin an invocation may carry.
+pub const MAX_INVOKE_INPUT: usize = 8 << 20;
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_ATTEMPTS: u32 = 3;
 
@@ -74,12 +76,13 @@ fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
 #[derive(Debug, Clone)]
 pub struct ControlService {
     replica: ReplicaHandle,
+    hub: std::sync::Arc<WorkerHub>,
 }
 
 impl ControlService {
-    /// Serves `replica`.
-    pub fn new(replica: ReplicaHandle) -> Self {
-        ControlService { replica }
+    /// Serves `replica`; invocations go to the workers attached to `hub`.
+    pub fn new(replica: ReplicaHandle, hub: std::sync::Arc<WorkerHub>) -> Self {
+        ControlService { replica, hub }
     }
 
     async fn write(&self, request: Request) -> Result<pb::CommandResult, Status> {
@@ -235,6 +238,69 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn invoke(
+        &self,
+        req: GrpcRequest<pb::InvokeRequest>,
+    ) -> Result<Response<pb::InvokeResponse>, Status> {
+        let r = req.into_inner();
+        let info = self.replica.info();
+        if !info.is_leader {
+            return Err(to_status(Error::NotLeader {
+                leader: (info.leader != 0).then_some(info.leader),
+                address: info.leader_address,
+            }));
+        }
+        if r.stdin.len() > MAX_INVOKE_INPUT {
+            return Err(Status::invalid_argument(format!(
+                "stdin is {} bytes; at most {MAX_INVOKE_INPUT} per invocation",
+                r.stdin.len()
+            )));
+        }
+        let f = match self
+            .read(
+                Query::Function {
+                    tenant: r.tenant.clone(),
+                    name: r.function.clone(),
+                },
+                Some(pb::ReadOptions { stale: true }),
+            )
+            .await?
+        {
+            Reply::Function(f) => f,
+            other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
+        };
+        let candidates: Vec<(u64, u64)> = f
+            .allocations
+            .iter()
+            .filter(|a| a.version == f.version)
+            .map(|a| (a.id, a.node))
+            .collect();
+        let timeout_ms = f.limits.map_or(0, |l| l.timeout_ms);
+        let timeout = Duration::from_millis(if timeout_ms == 0 {
+            10_000
+        } else {
+            u64::from(timeout_ms)
+        }) + Duration::from_secs(5);
+        let invocation = pb::Invocation {
+            invocation_id: Vec::new(),
+            allocation: 0,
+            stdin: r.stdin,
+            args: r.args,
+            env: r.env,
+        };
+        let (node, allocation, res) = self.hub.invoke(&candidates, invocation, timeout).await?;
+        Ok(Response::new(pb::InvokeResponse {
+            stdout: res.stdout,
+            stderr: res.stderr,
+            error_code: res.error_code,
+            error_message: res.error_message,
+            usage: res.usage,
+            node,
+            allocation,
+            invocation_id: res.invocation_id,
+        }))
     }
 
     async fn get_function(
@@ -509,114 +575,6 @@ impl pb::raft_server::Raft for RaftService {
     }
 }
 
-/// The `Agent` service: workers dial in and keep one stream.
-#[derive(Debug, Clone)]
-pub struct AgentService {
-    replica: ReplicaHandle,
-    heartbeat_ms: u32,
-}
-
-impl AgentService {
-    /// Serves `replica`; workers are asked to heartbeat every `heartbeat_ms`.
-    pub fn new(replica: ReplicaHandle, heartbeat_ms: u32) -> Self {
-        AgentService {
-            replica,
-            heartbeat_ms,
-        }
-    }
-}
-
-type ControlStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
-
-fn control(kind: pb::control_message::Kind) -> pb::ControlMessage {
-    pb::ControlMessage { kind: Some(kind) }
-}
-
-#[tonic::async_trait]
-impl pb::agent_server::Agent for AgentService {
-    type AttachStream = ControlStream;
-
-    async fn attach(
-        &self,
-        req: GrpcRequest<Streaming<pb::WorkerMessage>>,
-    ) -> Result<Response<ControlStream>, Status> {
-        let mut inbound = req.into_inner();
-        let first = inbound
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("stream closed before Register"))??;
-        let Some(pb::worker_message::Kind::Register(reg)) = first.kind else {
-            return Err(Status::invalid_argument(
-                "the first message must be Register",
-            ));
-        };
-        let info = self.replica.info();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ControlMessage, Status>>(64);
-        if !info.is_leader {
-            let _ = tx
-                .send(Ok(control(pb::control_message::Kind::NotLeader(
-                    pb::NotLeader {
-                        leader_address: info.leader_address.unwrap_or_default(),
-                    },
-                ))))
-                .await;
-            return Ok(Response::new(Box::pin(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-            )));
-        }
-        let attrs = reg
-            .attributes
-            .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
-        let record = pb::NodeRecord {
-            id: reg.node,
-            public_key: reg.public_key,
-            attributes: Some(attrs),
-            state: pb::NodeState::Ready as i32,
-            reputation: 1.0,
-            managed: true,
-        };
-        let cmd = pb::Command {
-            request_id: Vec::new(),
-            kind: Some(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
-                nodes: vec![record],
-            })),
-        };
-        self.replica
-            .write(Request::Command(cmd), WRITE_TIMEOUT)
-            .await
-            .map_err(to_status)?;
-        let node = reg.node;
-        tracing::info!(node = format!("{node:016x}"), "worker attached");
-        let _ = tx
-            .send(Ok(control(pb::control_message::Kind::Registered(
-                pb::Registered {
-                    node,
-                    heartbeat_ms: self.heartbeat_ms,
-                },
-            ))))
-            .await;
-        let replica = self.replica.clone();
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let Ok(msg) = msg else { break };
-                if let Some(pb::worker_message::Kind::Heartbeat(hb)) = msg.kind {
-                    let coordinate = hb.coordinate.and_then(|c| {
-                        let v: [f32; 3] = c.vec.as_slice().try_into().ok()?;
-                        Some(Coordinate {
-                            vec: v,
-                            height_ms: c.height_ms,
-                        })
-                    });
-                    if let Err(e) = replica.heartbeat(node, coordinate).await {
-                        let _ = tx.send(Err(to_status(e))).await;
-                        break;
-                    }
-                }
-            }
-            tracing::info!(node = format!("{node:016x}"), "worker stream ended");
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-}
+/// The server side of a worker's stream.
+pub(crate) type ControlStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;

@@ -832,20 +832,24 @@ impl StateMachine {
             }
         }
         let count = c.nodes.len() as u32;
+        let mut previous = None;
         for n in c.nodes {
             let node = self.node_from_record(n.clone());
             let entry = self.nodes.entry(n.id);
             match entry {
                 std::collections::btree_map::Entry::Occupied(mut o) => {
-                    // Re-registration: new attributes, committed load and state kept.
+                    // Re-registration: new attributes; committed load, state and reputation
+                    // kept (reconnecting must not reset a poor reputation).
                     let old = o.get();
-                    let (allocated, allocations, state) =
-                        (old.allocated, old.allocations, old.state);
+                    let (allocated, allocations, state, reputation) =
+                        (old.allocated, old.allocations, old.state, old.reputation);
+                    previous = Some(state);
                     let slot = o.get_mut();
                     *slot = node;
                     slot.allocated = allocated;
                     slot.allocations = allocations;
                     slot.state = state;
+                    slot.reputation = reputation;
                 }
                 std::collections::btree_map::Entry::Vacant(v) => {
                     v.insert(node);
@@ -855,6 +859,11 @@ impl StateMachine {
         }
         let mut result = ok_result();
         result.count = count;
+        if count == 1
+            && let Some(state) = previous
+        {
+            result.previous_state = node_state_to_pb(state) as i32;
+        }
         Ok(result)
     }
 

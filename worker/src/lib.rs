@@ -2,6 +2,7 @@
 //! WebAssembly functions in wasmtime with per-invocation limits, and meters what each
 //! invocation used. See the crate README for the flow.
 
+pub mod agent;
 pub mod cache;
 pub mod error;
 pub mod identity;
@@ -11,6 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+pub use agent::{AgentConfig, run};
 pub use error::{Error, Result};
 pub use identity::Identity;
 pub use sandbox::{

@@ -1,0 +1,650 @@
+//! The worker's connection to the control plane: it dials out (the control plane never
+//! connects to a home node), registers with a signed identity, follows leader hints,
+//! reconnects with jittered exponential backoff, and serves assignments and invocations
+//! over one bidirectional `Agent.Attach` stream.
+//!
+//! ```text
+//!  connect(addr) ─Register(node, key, attrs, signature)─▶ Registered | NotLeader(hint)
+//!  loop select:
+//!    Assignment start ─▶ module loaded? ─no─▶ FetchModule ─▶ ModuleChunk.. ─▶ compile
+//!                     ─▶ AllocationUpdate RUNNING (or STOPPED + why)
+//!    Invocation       ─▶ blocking thread: Sandbox::invoke ─▶ InvocationResult + UsageRecord
+//!    every heartbeat  ─▶ Heartbeat(free, running, coordinate, seq) ◀─ HeartbeatAck: RTT ─▶ Vivaldi
+//!    every second     ─▶ UsageReport (batched)
+//!    SIGTERM          ─▶ Draining, refuse new invocations, finish in-flight (bounded), flush
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use stellar_placement::{Coordinate, VivaldiConfig, VivaldiNode};
+use stellar_proto::v1 as pb;
+use stellar_proto::v1::agent_client::AgentClient;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::Status;
+
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::sandbox::{InvocationInput, InvocationLimits, Sandbox, SandboxConfig};
+
+/// How a worker joins and what it offers.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Control-plane replicas to dial (any one will do; leader hints are followed).
+    pub join: Vec<String>,
+    /// The cluster's join token.
+    pub token: String,
+    /// Identity, compiled-module cache and scratch space live here.
+    pub data_dir: PathBuf,
+    /// Region and zone the node reports (placement and latency estimates use them).
+    pub region: String,
+    /// Zone within the region.
+    pub zone: String,
+    /// Free-form labels for placement constraints.
+    pub labels: Vec<(String, String)>,
+    /// What the node offers (None: all cores and 3/4 of memory).
+    pub capacity: Option<pb::Resources>,
+    /// Sandbox sizing (its cache dir is set under `data_dir`).
+    pub sandbox: SandboxConfig,
+    /// How long a drain waits for in-flight invocations.
+    pub drain_timeout: Duration,
+}
+
+/// Why a session with one replica ended.
+enum Ended {
+    /// Shutdown was asked for and the drain is done.
+    Shutdown,
+    /// Not the leader: try this address (empty: unknown).
+    Redirect(String),
+    /// The connection failed or dropped; back off and retry.
+    Lost(String),
+    /// The control plane refused this worker for a reason retrying will not fix.
+    Refused(String),
+}
+
+/// One instance (allocation) this worker runs.
+struct Instance {
+    tenant: String,
+    function: String,
+    sha256: String,
+    limits: pb::FunctionLimits,
+    ready: bool,
+}
+
+/// Worker state that survives reconnects.
+struct Agent {
+    cfg: AgentConfig,
+    identity: Identity,
+    sandbox: Arc<Sandbox>,
+    attributes: pb::NodeAttributes,
+    instances: HashMap<u64, Instance>,
+    vivaldi: VivaldiNode,
+    vivaldi_cfg: VivaldiConfig,
+    rng: rand_pcg::Pcg64,
+    slots: Arc<Semaphore>,
+    usage: Arc<Mutex<Vec<pb::UsageRecord>>>,
+}
+
+/// Runs the worker until `shutdown` resolves (then drains) or it is refused for good.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    if cfg.join.is_empty() {
+        return Err(Error::Control(
+            "--join needs at least one control-plane address".into(),
+        ));
+    }
+    let identity = Identity::load_or_create(&cfg.data_dir)?;
+    let mut sandbox_cfg = cfg.sandbox.clone();
+    sandbox_cfg.cache_dir = Some(cfg.data_dir.join("artefacts"));
+    let slots = sandbox_cfg.slots as usize;
+    let sandbox = Arc::new(
+        tokio::task::spawn_blocking(move || Sandbox::new(sandbox_cfg))
+            .await
+            .map_err(|e| Error::Config(format!("sandbox start panicked: {e}")))??,
+    );
+    tracing::info!(
+        node = format!("{:016x}", identity.node()),
+        data_dir = %cfg.data_dir.display(),
+        "worker identity loaded"
+    );
+    let attributes = attributes(&cfg);
+    let vivaldi_cfg = VivaldiConfig::default();
+    let mut agent = Agent {
+        rng: rand_pcg::Pcg64::seed_from_u64(identity.node()),
+        vivaldi: VivaldiNode::new(&vivaldi_cfg),
+        vivaldi_cfg,
+        identity,
+        sandbox,
+        attributes,
+        instances: HashMap::new(),
+        slots: Arc::new(Semaphore::new(slots)),
+        usage: Arc::new(Mutex::new(Vec::new())),
+        cfg,
+    };
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(100);
+    let mut hint: Option<String> = None;
+    let mut next = 0usize;
+    loop {
+        let addr = hint.take().unwrap_or_else(|| {
+            let a = agent.cfg.join[next % agent.cfg.join.len()].clone();
+            next += 1;
+            a
+        });
+        let (ended, registered) = agent.session(&addr, &mut shutdown).await;
+        if registered {
+            backoff = Duration::from_millis(100);
+        }
+        match ended {
+            Ended::Shutdown => return Ok(()),
+            Ended::Refused(why) => return Err(Error::Control(why)),
+            Ended::Redirect(to) => {
+                tracing::info!(from = %addr, to = %to, "not the leader; following the hint");
+                if !to.is_empty() {
+                    hint = Some(to);
+                }
+                // A hint-less redirect (election in progress) waits a little.
+                let pause = Duration::from_millis(if hint.is_some() { 20 } else { 200 });
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+            Ended::Lost(why) => {
+                // Full jitter: a fleet of workers must not reconnect in lockstep.
+                let wait = backoff.mul_f64(agent.rng.random_range(0.5..1.0));
+                tracing::warn!(%addr, error = %why, retry_in_ms = wait.as_millis() as u64, "control plane unreachable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Messages from tasks the session spawned.
+enum Event {
+    Loaded {
+        sha256: String,
+        result: std::result::Result<(), String>,
+    },
+    Invoked(pb::InvocationResult),
+}
+
+impl Agent {
+    async fn session(
+        &mut self,
+        addr: &str,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> (Ended, bool) {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = match tonic::transport::Endpoint::from_shared(url) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5)),
+            Err(e) => return (Ended::Refused(format!("bad address `{addr}`: {e}")), false),
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return (Ended::Lost(format!("connect: {e}")), false),
+        };
+        let mut client = AgentClient::new(channel)
+            .max_decoding_message_size(32 << 20)
+            .max_encoding_message_size(32 << 20);
+        let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(256);
+        let register = pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Register(pb::Register {
+                node: self.identity.node(),
+                public_key: self.identity.public_key().to_vec(),
+                attributes: Some(self.attributes.clone()),
+                signature: self.identity.sign_registration(&self.cfg.token).to_vec(),
+                join_token: self.cfg.token.clone(),
+            })),
+        };
+        let _ = tx.send(register).await;
+        let mut inbound = match client
+            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (ended_by(s), false),
+        };
+        let heartbeat_ms = match inbound.message().await {
+            Ok(Some(pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::Registered(r)),
+            })) => r.heartbeat_ms.max(50),
+            Ok(Some(pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::NotLeader(n)),
+            })) => return (Ended::Redirect(n.leader_address), false),
+            Ok(_) => return (Ended::Lost("stream closed before Registered".into()), false),
+            Err(s) => return (ended_by(s), false),
+        };
+        tracing::info!(
+            %addr,
+            node = format!("{:016x}", self.identity.node()),
+            "registered with the control plane"
+        );
+        // Instances survive a reconnect, but the control plane re-sends what this node
+        // should run; until then nothing is reported ready.
+        for i in self.instances.values_mut() {
+            i.ready = false;
+        }
+        let (events_tx, mut events) = mpsc::channel::<Event>(256);
+        let mut fetching: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms)));
+        let mut usage_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut seq = 0u64;
+        let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => {
+                        if let Some(kind) = m.kind
+                            && let Some(end) = self.on_message(kind, &tx, &events_tx, &mut fetching, &mut sent_at).await
+                        {
+                            return (end, true);
+                        }
+                    }
+                    Ok(None) => return (Ended::Lost("the control plane closed the stream".into()), true),
+                    Err(s) => return (ended_by(s), true),
+                },
+                Some(ev) = events.recv() => self.on_event(ev, &tx).await,
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    sent_at.insert(seq, crate::clock::now());
+                    sent_at.retain(|s, _| *s + 16 > seq);
+                    let _ = tx.send(self.heartbeat(seq)).await;
+                }
+                _ = usage_tick.tick() => self.flush_usage(&tx).await,
+                _ = shutdown.as_mut() => {
+                    self.drain(&tx, &mut events).await;
+                    return (Ended::Shutdown, true);
+                }
+            }
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        kind: pb::control_message::Kind,
+        tx: &mpsc::Sender<pb::WorkerMessage>,
+        events: &mpsc::Sender<Event>,
+        fetching: &mut HashMap<String, Vec<u8>>,
+        sent_at: &mut HashMap<u64, Instant>,
+    ) -> Option<Ended> {
+        use pb::control_message::Kind;
+        match kind {
+            Kind::Registered(_) => {}
+            Kind::NotLeader(n) => return Some(Ended::Redirect(n.leader_address)),
+            Kind::Assignment(a) if a.start => self.start(a, tx, events, fetching).await,
+            Kind::Assignment(a) => {
+                if let Some(i) = self.instances.remove(&a.allocation) {
+                    tracing::info!(allocation = a.allocation, function = %i.function, "instance stopped");
+                    if !self.instances.values().any(|o| o.sha256 == i.sha256) {
+                        self.sandbox.unload(&i.sha256);
+                    }
+                }
+                let _ = tx
+                    .send(update(a.allocation, pb::AllocationState::Stopped, ""))
+                    .await;
+            }
+            Kind::ModuleChunk(c) => {
+                if !c.error.is_empty() {
+                    fetching.remove(&c.sha256);
+                    let _ = events
+                        .send(Event::Loaded {
+                            sha256: c.sha256,
+                            result: Err(c.error),
+                        })
+                        .await;
+                    return None;
+                }
+                let buf = fetching.entry(c.sha256.clone()).or_default();
+                if c.offset as usize != buf.len() {
+                    fetching.remove(&c.sha256);
+                    return Some(Ended::Lost("module chunks out of order".into()));
+                }
+                buf.extend_from_slice(&c.data);
+                if c.last {
+                    let bytes = fetching.remove(&c.sha256).unwrap_or_default();
+                    let (sandbox, events, sha) = (self.sandbox.clone(), events.clone(), c.sha256);
+                    tokio::task::spawn_blocking(move || {
+                        let result = sandbox
+                            .load(&sha, &bytes)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string());
+                        let _ = events.blocking_send(Event::Loaded {
+                            sha256: sha,
+                            result,
+                        });
+                    });
+                }
+            }
+            Kind::Invocation(inv) => self.invoke(inv, tx, events).await,
+            Kind::Cancel(_) => {
+                // Invocations are bounded by their own deadline; nothing to cancel early.
+            }
+            Kind::HeartbeatAck(ack) => {
+                if let (Some(t), Some(c)) = (sent_at.remove(&ack.seq), ack.coordinate)
+                    && let Ok(vec) = <[f32; 3]>::try_from(c.vec.as_slice())
+                {
+                    let peer = Coordinate {
+                        vec,
+                        height_ms: c.height_ms,
+                    };
+                    let rtt_ms = t.elapsed().as_secs_f64() * 1000.0;
+                    let _ =
+                        self.vivaldi
+                            .observe(&self.vivaldi_cfg, &peer, 0.5, rtt_ms, &mut self.rng);
+                }
+            }
+        }
+        None
+    }
+
+    async fn start(
+        &mut self,
+        a: pb::Assignment,
+        tx: &mpsc::Sender<pb::WorkerMessage>,
+        events: &mpsc::Sender<Event>,
+        fetching: &mut HashMap<String, Vec<u8>>,
+    ) {
+        let sha = a.module_sha256.to_ascii_lowercase();
+        let loaded = self.sandbox.loaded(&sha).is_some();
+        self.instances.insert(
+            a.allocation,
+            Instance {
+                tenant: a.tenant,
+                function: a.function,
+                sha256: sha.clone(),
+                limits: a.limits.unwrap_or_default(),
+                ready: loaded,
+            },
+        );
+        if loaded {
+            let _ = tx
+                .send(update(a.allocation, pb::AllocationState::Running, ""))
+                .await;
+        } else if !fetching.contains_key(&sha) {
+            fetching.insert(sha.clone(), Vec::new());
+            let _ = tx
+                .send(pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::FetchModule(pb::FetchModule {
+                        sha256: sha,
+                    })),
+                })
+                .await;
+        }
+        let _ = events;
+    }
+
+    async fn on_event(&mut self, ev: Event, tx: &mpsc::Sender<pb::WorkerMessage>) {
+        match ev {
+            Event::Loaded { sha256, result } => {
+                for (id, i) in self
+                    .instances
+                    .iter_mut()
+                    .filter(|(_, i)| i.sha256 == sha256)
+                {
+                    match &result {
+                        Ok(()) => {
+                            i.ready = true;
+                            tracing::info!(allocation = id, function = %i.function, "instance ready");
+                            let _ = tx.send(update(*id, pb::AllocationState::Running, "")).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(allocation = id, function = %i.function, error = %e, "instance failed to load");
+                            let _ = tx.send(update(*id, pb::AllocationState::Stopped, e)).await;
+                        }
+                    }
+                }
+                if result.is_err() {
+                    self.instances.retain(|_, i| i.sha256 != sha256);
+                }
+            }
+            Event::Invoked(r) => {
+                let _ = tx
+                    .send(pb::WorkerMessage {
+                        kind: Some(pb::worker_message::Kind::Result(r)),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn invoke(
+        &mut self,
+        inv: pb::Invocation,
+        tx: &mpsc::Sender<pb::WorkerMessage>,
+        events: &mpsc::Sender<Event>,
+    ) {
+        let refuse = |code: &str, msg: String| pb::InvocationResult {
+            invocation_id: inv.invocation_id.clone(),
+            error_code: code.to_string(),
+            error_message: msg,
+            ..Default::default()
+        };
+        let instance = self.instances.get(&inv.allocation).filter(|i| i.ready);
+        let function = instance.and_then(|i| self.sandbox.loaded(&i.sha256));
+        let (Some(i), Some(function)) = (instance, function) else {
+            let r = refuse(
+                "UNAVAILABLE",
+                format!("allocation {} is not running here", inv.allocation),
+            );
+            let _ = events.send(Event::Invoked(r)).await;
+            return;
+        };
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            let r = refuse(
+                "RESOURCE_EXHAUSTED",
+                "every sandbox slot is busy; retry on another instance".into(),
+            );
+            let _ = events.send(Event::Invoked(r)).await;
+            return;
+        };
+        let limits = InvocationLimits::from_spec(&i.limits);
+        let (tenant, name) = (i.tenant.clone(), i.function.clone());
+        let (sandbox, usage, tx, node) = (
+            self.sandbox.clone(),
+            self.usage.clone(),
+            tx.clone(),
+            self.identity.node(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let input = InvocationInput {
+                invocation_id: inv.invocation_id.clone(),
+                args: inv.args,
+                env: inv.env.into_iter().map(|l| (l.key, l.value)).collect(),
+                stdin: inv.stdin,
+            };
+            let out = sandbox.invoke(&function, &name, &input, &limits);
+            drop(permit);
+            let m = out.metering;
+            let record = pb::UsageRecord {
+                invocation_id: inv.invocation_id.clone(),
+                tenant,
+                function: name,
+                node,
+                fuel: m.fuel,
+                wall_us: m.wall_us,
+                peak_memory_bytes: m.peak_memory_bytes,
+                bytes_in: m.bytes_in,
+                bytes_out: m.bytes_out,
+                exit_code: m.exit_code,
+            };
+            if let Ok(mut u) = usage.lock() {
+                u.push(record.clone());
+            }
+            let (error_code, error_message) = match &out.result {
+                Ok(()) => (String::new(), String::new()),
+                Err(e) => (e.code().to_string(), e.to_string()),
+            };
+            let r = pb::InvocationResult {
+                invocation_id: inv.invocation_id,
+                stdout: out.stdout,
+                stderr: out.stderr,
+                error_code,
+                error_message,
+                usage: Some(record),
+            };
+            let _ = tx.blocking_send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Result(r)),
+            });
+        });
+    }
+
+    fn heartbeat(&self, seq: u64) -> pb::WorkerMessage {
+        let cap = self.attributes.capacity.unwrap_or_default();
+        let (mut cpu, mut mem) = (0u32, 0u32);
+        let mut running = Vec::new();
+        for (id, i) in &self.instances {
+            cpu = cpu.saturating_add(i.limits.cpu_millis);
+            mem = mem.saturating_add(i.limits.memory_mib);
+            if i.ready {
+                running.push(*id);
+            }
+        }
+        running.sort_unstable();
+        let c = self.vivaldi.coordinate();
+        pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {
+                free: Some(pb::Resources {
+                    cpu_millis: cap.cpu_millis.saturating_sub(cpu),
+                    memory_mib: cap.memory_mib.saturating_sub(mem),
+                    disk_mib: cap.disk_mib,
+                }),
+                coordinate: Some(pb::Coordinate {
+                    vec: c.vec.to_vec(),
+                    height_ms: c.height_ms,
+                }),
+                running,
+                seq,
+            })),
+        }
+    }
+
+    async fn flush_usage(&self, tx: &mpsc::Sender<pb::WorkerMessage>) {
+        let records: Vec<pb::UsageRecord> = match self.usage.lock() {
+            Ok(mut u) if !u.is_empty() => std::mem::take(&mut *u),
+            _ => return,
+        };
+        let msg = pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport { records })),
+        };
+        if let Err(mpsc::error::SendError(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Usage(r)),
+        })) = tx.send(msg).await
+            && let Ok(mut u) = self.usage.lock()
+        {
+            // Not sent: keep the records for the next connection.
+            u.extend(r.records);
+        }
+    }
+
+    /// Stops taking work, finishes what is in flight (bounded), reports usage, tells the
+    /// control plane.
+    async fn drain(
+        &mut self,
+        tx: &mpsc::Sender<pb::WorkerMessage>,
+        events: &mut mpsc::Receiver<Event>,
+    ) {
+        tracing::info!("draining: finishing in-flight invocations");
+        let _ = tx
+            .send(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Draining(pb::Draining {})),
+            })
+            .await;
+        for i in self.instances.values_mut() {
+            i.ready = false;
+        }
+        let (all, slots) = (self.sandbox.config().slots, self.slots.clone());
+        let deadline = tokio::time::sleep(self.cfg.drain_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                permits = slots.acquire_many(all) => {
+                    drop(permits);
+                    break;
+                }
+                Some(ev) = events.recv() => self.on_event(ev, tx).await,
+                _ = &mut deadline => {
+                    tracing::warn!(timeout_ms = self.cfg.drain_timeout.as_millis() as u64, "drain timed out with invocations still running");
+                    break;
+                }
+            }
+        }
+        self.flush_usage(tx).await;
+        // Give the stream a moment to carry the last messages out.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tracing::info!("drained");
+    }
+}
+
+fn update(allocation: u64, state: pb::AllocationState, message: &str) -> pb::WorkerMessage {
+    pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Allocation(pb::AllocationUpdate {
+            allocation,
+            state: state as i32,
+            message: message.to_string(),
+        })),
+    }
+}
+
+fn ended_by(s: Status) -> Ended {
+    match s.code() {
+        tonic::Code::Unauthenticated
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::InvalidArgument => Ended::Refused(s.message().to_string()),
+        _ => Ended::Lost(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+/// The node's static attributes: detected hardware plus the operator's region, zone, labels.
+fn attributes(cfg: &AgentConfig) -> pb::NodeAttributes {
+    let capacity = cfg.capacity.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        pb::Resources {
+            cpu_millis: cores * 1000,
+            memory_mib: (total_memory_mib() / 4 * 3) as u32,
+            disk_mib: 0,
+        }
+    });
+    pb::NodeAttributes {
+        region: cfg.region.clone(),
+        zone: cfg.zone.clone(),
+        arch: std::env::consts::ARCH.to_string(),
+        runtimes: vec!["wasm".into()],
+        capacity: Some(capacity),
+        uplink_kbps: 0,
+        downlink_kbps: 0,
+        labels: cfg
+            .labels
+            .iter()
+            .map(|(k, v)| pb::Label {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn total_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(1024, |kb| kb / 1024)
+}

@@ -1,0 +1,263 @@
+//! A worker against a real control plane (one replica, in-process, real gRPC on loopback):
+//! it registers with its signed identity, receives an assignment, fetches and compiles the
+//! module, serves an invocation routed by the control plane, survives the control plane
+//! restarting (reconnects and re-registers as the same node), and drains on shutdown.
+
+#![allow(clippy::disallowed_methods)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stellar_proto::v1 as pb;
+use stellar_scheduler::ReplicaConfig;
+use stellar_scheduler::client::ClusterClient;
+use stellar_scheduler::server::{ServerConfig, serve};
+use stellar_worker::{AgentConfig, Identity, SandboxConfig};
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "test-join-token";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Plane {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<stellar_scheduler::Result<()>>,
+}
+
+impl Plane {
+    fn start(dir: &Path, addr: &str) -> Plane {
+        let cfg = ServerConfig {
+            replica: ReplicaConfig::new(1, dir.to_path_buf(), vec![(1, addr.to_string())]),
+            listen: addr.parse().expect("address"),
+            advertise: addr.to_string(),
+            tick: Duration::from_millis(20),
+            join_token: Some(TOKEN.into()),
+        };
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(cfg, async move {
+            let _ = rx.await;
+        }));
+        Plane {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+fn worker_config(dir: &Path, addr: &str, token: &str) -> AgentConfig {
+    AgentConfig {
+        join: vec![addr.to_string()],
+        token: token.to_string(),
+        data_dir: dir.to_path_buf(),
+        region: "cn-east".into(),
+        zone: "shanghai".into(),
+        labels: vec![("tier".into(), "home".into())],
+        capacity: Some(pb::Resources {
+            cpu_millis: 4000,
+            memory_mib: 4096,
+            disk_mib: 0,
+        }),
+        sandbox: SandboxConfig {
+            slots: 8,
+            max_memory_bytes: 128 << 20,
+            ..Default::default()
+        },
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn nodes(client: &ClusterClient) -> Vec<pb::NodeInfo> {
+    client
+        .call(|mut c| async move {
+            c.list_nodes(pb::ListNodesRequest {
+                read: Some(pb::ReadOptions { stale: true }),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .map(|r| r.nodes)
+        .unwrap_or_default()
+}
+
+async fn invoke(client: &ClusterClient, name: &str) -> Result<pb::InvokeResponse, tonic::Status> {
+    let req = pb::InvokeRequest {
+        tenant: "acme".into(),
+        function: "hello".into(),
+        stdin: name.as_bytes().to_vec(),
+        args: vec![],
+        env: vec![],
+    };
+    client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.invoke(req).await }
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let plane = Plane::start(&dir.path().join("plane"), &addr);
+    let client = ClusterClient::new(std::slice::from_ref(&addr)).unwrap();
+    let node = Identity::load_or_create(&dir.path().join("worker"))
+        .unwrap()
+        .node();
+
+    // A worker with the wrong token is refused for good, with a reason.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        stellar_worker::run(
+            worker_config(&dir.path().join("intruder"), &addr, "wrong"),
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("a refused worker stops by itself");
+    let err = refused.expect_err("wrong token refused").to_string();
+    assert!(err.contains("join token"), "{err}");
+
+    let (stop_worker, stopped) = oneshot::channel::<()>();
+    let worker = tokio::spawn(stellar_worker::run(
+        worker_config(&dir.path().join("worker"), &addr, TOKEN),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let registered = until("the worker to register", || async {
+        nodes(&client).await.into_iter().find(|n| n.id == node)
+    })
+    .await;
+    let attrs = registered.attributes.expect("attributes");
+    assert_eq!(attrs.region, "cn-east");
+    assert_eq!(attrs.labels.len(), 1);
+    assert_eq!(
+        nodes(&client).await.len(),
+        1,
+        "the intruder never registered"
+    );
+
+    client.create_tenant("acme").await.expect("tenant");
+    let hello = std::fs::read(format!(
+        "{}/../examples/wasm/prebuilt/hello.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("hello.wasm");
+    let deployed = client
+        .call(|mut c| {
+            let module = hello.clone();
+            async move {
+                c.deploy(pb::DeployRequest {
+                    request_id: b"deploy-hello-01".to_vec(),
+                    name: "hello".into(),
+                    module,
+                    limits: Some(pb::FunctionLimits {
+                        cpu_millis: 100,
+                        memory_mib: 64,
+                        timeout_ms: 2000,
+                        fuel: 0,
+                        max_output_bytes: 0,
+                    }),
+                    replicas: 1,
+                    region: String::new(),
+                    constraints: vec![],
+                    tenant: "acme".into(),
+                })
+                .await
+            }
+        })
+        .await
+        .expect("deploy");
+    assert_eq!(deployed.allocations.len(), 1);
+    assert_eq!(deployed.allocations[0].node, node);
+
+    let first = until("the first invocation", || async {
+        invoke(&client, "Ada").await.ok()
+    })
+    .await;
+    assert_eq!(first.error_code, "", "{}", first.error_message);
+    assert_eq!(String::from_utf8_lossy(&first.stdout), "Hello, Ada!\n");
+    assert_eq!(first.node, node);
+    let usage = first.usage.expect("usage record");
+    assert!(usage.fuel > 0);
+    assert_eq!(usage.node, node);
+    assert_eq!(usage.tenant, "acme");
+
+    // The control plane restarts on the same data dir and address: the worker reconnects
+    // and re-registers as the same node, and invocations work again.
+    plane.stop().await;
+    let plane = Plane::start(&dir.path().join("plane"), &addr);
+    let again = until("an invocation after the restart", || async {
+        invoke(&client, "Ada").await.ok()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "Hello, Ada!\n");
+    assert_eq!(again.node, node, "the same identity after reconnecting");
+    assert_eq!(
+        again.usage.expect("usage").fuel,
+        usage.fuel,
+        "the same input costs the same fuel"
+    );
+    assert_eq!(
+        nodes(&client).await.len(),
+        1,
+        "re-registration, not a new node"
+    );
+
+    // Shutdown drains: the node is marked draining and the worker exits cleanly.
+    let _ = stop_worker.send(());
+    tokio::time::timeout(Duration::from_secs(20), worker)
+        .await
+        .expect("the worker stops after draining")
+        .expect("no panic")
+        .expect("clean exit");
+    let state = until("the node to be draining", || async {
+        nodes(&client)
+            .await
+            .into_iter()
+            .find(|n| n.id == node && n.state == pb::NodeState::Draining as i32)
+    })
+    .await;
+    assert_eq!(state.id, node);
+    plane.stop().await;
+}
