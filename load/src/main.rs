@@ -47,9 +47,19 @@ enum Command {
     /// Run a module once in a fresh process (used by wasm-bench).
     #[command(hide = true)]
     WasmOnce(ModuleArg),
-    /// Hold an idle sandbox until stdin closes (used by wasm-bench).
+    /// Run one worker agent until stdin closes (used by wasm-bench for the idle RSS).
     #[command(hide = true)]
-    WasmIdle(ModuleArg),
+    Worker(WorkerArgs),
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    join: String,
+    #[arg(long)]
+    token: String,
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +140,8 @@ struct ReplicaArgs {
     tick_ms: u64,
     #[arg(long, default_value_t = 20_000)]
     snapshot_every: u64,
+    #[arg(long)]
+    join_token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -214,13 +226,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::WasmIdle(m) => match stellar_load::wasmbench::idle(&m.module) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("wasm-idle: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Worker(args) => run_worker(args),
     }
 }
 
@@ -272,6 +278,38 @@ fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {
     }
 }
 
+fn run_worker(args: WorkerArgs) -> ExitCode {
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let cfg = stellar_worker::AgentConfig {
+        join: vec![args.join],
+        token: args.token,
+        data_dir: args.data_dir,
+        region: "local".into(),
+        zone: "local".into(),
+        labels: vec![],
+        capacity: None,
+        sandbox: stellar_worker::SandboxConfig::default(),
+        drain_timeout: std::time::Duration::from_secs(5),
+    };
+    // Runs until stdin closes (the benchmark holds it open).
+    let stdin_closed = async {
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        })
+        .await;
+    };
+    match rt.block_on(stellar_worker::run(cfg, stdin_closed)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -311,7 +349,7 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
         listen,
         advertise: own.1.clone(),
         tick: std::time::Duration::from_millis(args.tick_ms),
-        join_token: None,
+        join_token: args.join_token,
     };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;

@@ -155,6 +155,7 @@ pub fn deploy_request(tenant: &str, name: &str, request_id: Vec<u8>) -> pb::Depl
             timeout_ms: 1000,
             fuel: 0,
             max_output_bytes: 0,
+            scratch_dir: false,
         }),
         replicas: 1,
         region: String::new(),

@@ -6,13 +6,14 @@
 //!               invocations/s with one thread per core
 //!  per process: the same module run by a new process per call (`stellar-load wasm-once`:
 //!               engine, compile, instantiate, run, exit), as a CLI without a cache would
-//!  idle RSS:    a process holding a default-sized sandbox with `hello` loaded, at rest
+//!  idle RSS:    a real worker process (default sandbox) joined to a one-replica control
+//!               plane, `hello` deployed and invoked once, then at rest
 //! ```
 
 // Benchmark timers read the wall clock by design.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{BufRead, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -51,7 +52,7 @@ pub struct WasmBenchReport {
     pub threads: usize,
     /// A new process per call, median, µs.
     pub process_per_call_p50_us: f64,
-    /// Resident memory of an idle process holding the sandbox with the module loaded.
+    /// Resident memory of an idle worker process (joined, `hello` loaded).
     pub worker_idle_rss_bytes: u64,
     /// Fuel one call costs (identical on every call).
     pub fuel_per_call: u64,
@@ -208,7 +209,7 @@ pub fn run(
         }
     }
     per_process.sort_unstable();
-    log("idle: a default-sized sandbox with the module loaded");
+    log("idle: a worker process with `hello` deployed and invoked once");
     let worker_idle_rss_bytes = idle_rss(&exe, &cfg.module)?;
     Ok(WasmBenchReport {
         invoke_p50_us: percentile_us(&lat, 0.5),
@@ -221,29 +222,125 @@ pub fn run(
     })
 }
 
-/// Starts `wasm-idle`, waits for it to settle and reads its resident memory.
+/// A real idle worker: a one-replica control plane and a worker agent (default sandbox:
+/// 64 slots of up to 256 MiB) as separate processes; `hello` is deployed and invoked once,
+/// then the worker's resident memory is read after it settles.
 fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
-    let mut child = Command::new(exe)
-        .arg("wasm-idle")
-        .arg("--module")
-        .arg(module)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| WasmBenchError::Process(e.to_string()))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let rss = crate::procs::rss_bytes(child.id()).map(|(rss, _)| rss);
-    drop(child.stdin.take());
-    let _ = child.wait();
-    match (line.trim(), rss) {
-        ("ready", Some(rss)) => Ok(rss),
-        _ => Err(WasmBenchError::Process(format!(
-            "wasm-idle did not get ready (said {line:?})"
-        ))),
+    let fail = |e: &dyn std::fmt::Display| WasmBenchError::Process(e.to_string());
+    let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
+    let port = crate::procs::free_ports(1).map_err(|e| fail(&e))?[0];
+    let addr = format!("127.0.0.1:{port}");
+    let token = "wasm-bench-token";
+    let spawn = |args: &[&str]| {
+        Command::new(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(KillOnDrop)
+            .map_err(|e| fail(&e))
+    };
+    let plane_dir = dir.path().join("plane");
+    let worker_dir = dir.path().join("worker");
+    let _plane = spawn(&[
+        "replica",
+        "--id",
+        "1",
+        "--peers",
+        &format!("1={addr}"),
+        "--data-dir",
+        &plane_dir.to_string_lossy(),
+        "--join-token",
+        token,
+    ])?;
+    let worker = spawn(&[
+        "worker",
+        "--join",
+        &addr,
+        "--token",
+        token,
+        "--data-dir",
+        &worker_dir.to_string_lossy(),
+    ])?;
+    let wasm = std::fs::read(module).map_err(|e| fail(&e))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(&e))?;
+    rt.block_on(async {
+        let client = stellar_scheduler::client::ClusterClient::new(std::slice::from_ref(&addr))
+            .map_err(|e| fail(&e))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut deployed = false;
+        let mut last = String::new();
+        loop {
+            if Instant::now() > deadline {
+                return Err(fail(&format!(
+                    "the worker did not serve `hello` within 60 s (last answer: {last})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !deployed {
+                let _ = client.create_tenant("bench").await;
+                let req = stellar_proto::v1::DeployRequest {
+                    request_id: b"wasm-bench-hello".to_vec(),
+                    name: "hello".into(),
+                    module: wasm.clone(),
+                    limits: Some(stellar_proto::v1::FunctionLimits {
+                        cpu_millis: 100,
+                        memory_mib: 16,
+                        timeout_ms: 1000,
+                        ..Default::default()
+                    }),
+                    replicas: 1,
+                    tenant: "bench".into(),
+                    ..Default::default()
+                };
+                match client
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.deploy(req).await }
+                    })
+                    .await
+                {
+                    Ok(_) => deployed = true,
+                    Err(e) => last = format!("deploy: {e}"),
+                }
+                continue;
+            }
+            let req = stellar_proto::v1::InvokeRequest {
+                tenant: "bench".into(),
+                function: "hello".into(),
+                stdin: b"idle".to_vec(),
+                ..Default::default()
+            };
+            let answered = client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.invoke(req).await }
+                })
+                .await;
+            match answered {
+                Ok(r) if r.error_code.is_empty() => return Ok(()),
+                Ok(r) => last = format!("invoke: {} {}", r.error_code, r.error_message),
+                Err(e) => last = format!("invoke: {e}"),
+            }
+        }
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    crate::procs::rss_bytes(worker.0.id())
+        .map(|(rss, _)| rss)
+        .ok_or_else(|| fail(&"the worker exited"))
+}
+
+/// A child process killed when dropped (benchmark helpers never outlive the run).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -271,20 +368,4 @@ pub fn once(module: &Path) -> Result<Vec<u8>, WasmBenchError> {
     out.result
         .map_err(|e| WasmBenchError::Invocation(e.to_string()))?;
     Ok(out.stdout)
-}
-
-/// `wasm-idle`: holds a default-sized sandbox with the module loaded until stdin closes.
-pub fn idle(module: &Path) -> Result<(), WasmBenchError> {
-    let (sha, bytes) = read_module(module)?;
-    let sandbox = Sandbox::new(SandboxConfig::default())?;
-    let f = sandbox.load(&sha, &bytes)?;
-    let out = sandbox.invoke(&f, "hello", &hello_input(0), &hello_limits());
-    out.result
-        .map_err(|e| WasmBenchError::Invocation(e.to_string()))?;
-    let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "ready");
-    let _ = stdout.flush();
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
-    Ok(())
 }

@@ -39,6 +39,7 @@ fn a_silent_node_goes_down_its_replicas_move_and_it_comes_back() {
                 timeout_ms: 1000,
                 fuel: 0,
                 max_output_bytes: 0,
+                scratch_dir: false,
             }),
             replicas: 2,
             ..Default::default()

@@ -453,7 +453,22 @@ impl Agent {
             let _ = events.send(Event::Invoked(r)).await;
             return;
         };
-        let limits = InvocationLimits::from_spec(&i.limits);
+        let mut limits = InvocationLimits::from_spec(&i.limits);
+        // A private scratch directory per invocation, removed afterwards.
+        let scratch = i.limits.scratch_dir.then(|| {
+            self.cfg
+                .data_dir
+                .join("scratch")
+                .join(hex::encode(&inv.invocation_id))
+        });
+        if let Some(dir) = &scratch {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                let r = refuse("UNAVAILABLE", format!("cannot make a scratch dir: {e}"));
+                let _ = events.send(Event::Invoked(r)).await;
+                return;
+            }
+            limits.scratch_dir = Some(dir.clone());
+        }
         let (tenant, name) = (i.tenant.clone(), i.function.clone());
         let (sandbox, usage, tx, node) = (
             self.sandbox.clone(),
@@ -470,6 +485,9 @@ impl Agent {
             };
             let out = sandbox.invoke(&function, &name, &input, &limits);
             drop(permit);
+            if let Some(dir) = &scratch {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             let m = out.metering;
             let record = pb::UsageRecord {
                 invocation_id: inv.invocation_id.clone(),

@@ -111,6 +111,37 @@ async fn nodes(client: &ClusterClient) -> Vec<pb::NodeInfo> {
         .unwrap_or_default()
 }
 
+/// Deploys the committed build of example `name` (one replica in tenant `acme`).
+async fn deploy(client: &ClusterClient, name: &str, scratch_dir: bool) -> pb::DeployResponse {
+    let module = std::fs::read(format!(
+        "{}/../examples/wasm/prebuilt/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("example module");
+    let req = pb::DeployRequest {
+        request_id: format!("deploy-{name}-01").into_bytes(),
+        name: name.into(),
+        module,
+        limits: Some(pb::FunctionLimits {
+            cpu_millis: 100,
+            memory_mib: 64,
+            timeout_ms: 2000,
+            scratch_dir,
+            ..Default::default()
+        }),
+        replicas: 1,
+        tenant: "acme".into(),
+        ..Default::default()
+    };
+    client
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.deploy(req).await }
+        })
+        .await
+        .expect("deploy")
+}
+
 async fn invoke(client: &ClusterClient, name: &str) -> Result<pb::InvokeResponse, tonic::Status> {
     let req = pb::InvokeRequest {
         tenant: "acme".into(),
@@ -178,36 +209,7 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
     );
 
     client.create_tenant("acme").await.expect("tenant");
-    let hello = std::fs::read(format!(
-        "{}/../examples/wasm/prebuilt/hello.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("hello.wasm");
-    let deployed = client
-        .call(|mut c| {
-            let module = hello.clone();
-            async move {
-                c.deploy(pb::DeployRequest {
-                    request_id: b"deploy-hello-01".to_vec(),
-                    name: "hello".into(),
-                    module,
-                    limits: Some(pb::FunctionLimits {
-                        cpu_millis: 100,
-                        memory_mib: 64,
-                        timeout_ms: 2000,
-                        fuel: 0,
-                        max_output_bytes: 0,
-                    }),
-                    replicas: 1,
-                    region: String::new(),
-                    constraints: vec![],
-                    tenant: "acme".into(),
-                })
-                .await
-            }
-        })
-        .await
-        .expect("deploy");
+    let deployed = deploy(&client, "hello", false).await;
     assert_eq!(deployed.allocations.len(), 1);
     assert_eq!(deployed.allocations[0].node, node);
 
@@ -222,6 +224,43 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
     assert!(usage.fuel > 0);
     assert_eq!(usage.node, node);
     assert_eq!(usage.tenant, "acme");
+
+    // A function whose spec asks for scratch space gets a private /scratch per invocation,
+    // removed afterwards; without it there is no filesystem (the sandbox tests show that).
+    deploy(&client, "probe", true).await;
+    let scratch = until("the probe's scratch invocation", || async {
+        let req = pb::InvokeRequest {
+            tenant: "acme".into(),
+            function: "probe".into(),
+            args: vec!["scratch".into()],
+            ..Default::default()
+        };
+        client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.invoke(req).await }
+            })
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(
+        scratch.error_code,
+        "",
+        "{}",
+        String::from_utf8_lossy(&scratch.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&scratch.stdout),
+        "kept in scratch\n"
+    );
+    let leftovers = std::fs::read_dir(dir.path().join("worker/scratch"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        leftovers, 0,
+        "scratch dirs are removed after the invocation"
+    );
 
     // The control plane restarts on the same data dir and address: the worker reconnects
     // and re-registers as the same node, and invocations work again.

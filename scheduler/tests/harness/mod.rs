@@ -597,6 +597,7 @@ impl Sim {
                         timeout_ms: 1000,
                         fuel: 0,
                         max_output_bytes: 0,
+                        scratch_dir: false,
                     }),
                     replicas: 2,
                     ..Default::default()
