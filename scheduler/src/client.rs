@@ -95,6 +95,19 @@ impl ClusterClient {
         .map(|_| ())
     }
 
+    /// Registered nodes (up to 1,000), as the answering replica last applied them.
+    pub async fn nodes(&self) -> Result<Vec<pb::NodeInfo>, Status> {
+        self.call(|mut c| async move {
+            c.list_nodes(pb::ListNodesRequest {
+                read: Some(pb::ReadOptions { stale: true }),
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .map(|r| r.nodes)
+    }
+
     /// Calls `f` on the leader, following hints and retrying while no leader is known.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where

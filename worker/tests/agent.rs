@@ -98,17 +98,7 @@ where
 }
 
 async fn nodes(client: &ClusterClient) -> Vec<pb::NodeInfo> {
-    client
-        .call(|mut c| async move {
-            c.list_nodes(pb::ListNodesRequest {
-                read: Some(pb::ReadOptions { stale: true }),
-                ..Default::default()
-            })
-            .await
-        })
-        .await
-        .map(|r| r.nodes)
-        .unwrap_or_default()
+    client.nodes().await.unwrap_or_default()
 }
 
 /// Deploys the committed build of example `name` (one replica in tenant `acme`).

@@ -18,4 +18,5 @@ pub fn cluster(dir: &std::path::Path, n: usize, extra: &[&str]) -> ReplicaProces
     .expect("start stellar scheduler processes")
 }
 
+#[allow(unused_imports)] // not every test crate deploys
 pub use stellar_load::raftbench::deploy_request as deploy;
