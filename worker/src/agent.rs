@@ -638,6 +638,10 @@ fn attributes(cfg: &AgentConfig) -> pb::NodeAttributes {
             disk_mib: 0,
         }
     });
+    let mut capacity = capacity;
+    if capacity.disk_mib == 0 {
+        capacity.disk_mib = free_disk_mib(&cfg.data_dir);
+    }
     pb::NodeAttributes {
         region: cfg.region.clone(),
         zone: cfg.zone.clone(),
@@ -655,6 +659,13 @@ fn attributes(cfg: &AgentConfig) -> pb::NodeAttributes {
             })
             .collect(),
     }
+}
+
+/// Space available to the worker's data dir (scratch dirs and the module cache live there).
+fn free_disk_mib(dir: &std::path::Path) -> u32 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()) >> 20)
+        .map_or(0, |mib| mib.min(u64::from(u32::MAX)) as u32)
 }
 
 fn total_memory_mib() -> u64 {

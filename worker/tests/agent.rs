@@ -192,6 +192,10 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
     let attrs = registered.attributes.expect("attributes");
     assert_eq!(attrs.region, "cn-east");
     assert_eq!(attrs.labels.len(), 1);
+    assert!(
+        attrs.capacity.expect("capacity").disk_mib > 0,
+        "free disk of the data dir is reported"
+    );
     assert_eq!(
         nodes(&client).await.len(),
         1,
