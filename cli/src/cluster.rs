@@ -39,10 +39,10 @@ pub struct Endpoint {
         value_delimiter = ',',
         default_value = "127.0.0.1:7001"
     )]
-    endpoint: Vec<String>,
+    pub endpoint: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(short = 'o', long = "output", default_value = "table", value_parser = ["table", "json"])]
-    output: String,
+    pub output: String,
 }
 
 /// Runs a `stellar cluster` subcommand.

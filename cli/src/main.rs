@@ -9,6 +9,7 @@
 
 mod cluster;
 mod scheduler;
+mod usage;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     Scheduler(scheduler::SchedulerArgs),
     /// Run one home-node agent: dials out to the control plane and runs functions.
     Worker(worker::WorkerArgs),
+    /// Show the priced usage ledger: a bill per function, a credit per node.
+    Usage(usage::UsageArgs),
     /// Inspect and change control-plane membership.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -79,6 +82,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Scheduler(args) => scheduler::run(args).await,
             Command::Worker(args) => worker::run(args).await,
+            Command::Usage(args) => usage::run(args).await,
             Command::Cluster(cmd) => cluster::run(cmd).await,
         }
     });

@@ -1,5 +1,6 @@
-//! `stellar worker` as a real process: it joins a `stellar scheduler` process, and SIGTERM
-//! makes it drain (the node is marked draining) and exit cleanly.
+//! `stellar worker` as a real process: it joins a `stellar scheduler` process, serves an
+//! invocation whose usage `stellar usage` then bills, and SIGTERM makes it drain (the node is
+//! marked draining) and exit cleanly.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -12,7 +13,7 @@ use common::cluster;
 use stellar_proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_the_worker_and_it_exits_cleanly() {
+async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = cluster(
         dir.path(),
@@ -51,6 +52,76 @@ async fn sigterm_drains_the_worker_and_it_exits_cleanly() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(node.attributes.expect("attributes").region, "cn-east");
+    // Deploy `hello`, invoke it, and read the bill with `stellar usage`.
+    client.create_tenant("acme").await.expect("tenant");
+    let module = std::fs::read(format!(
+        "{}/../examples/wasm/prebuilt/hello.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("hello.wasm");
+    let deploy = pb::DeployRequest {
+        request_id: b"deploy-hello-process".to_vec(),
+        name: "hello".into(),
+        module,
+        limits: Some(pb::FunctionLimits {
+            cpu_millis: 100,
+            memory_mib: 16,
+            timeout_ms: 1000,
+            ..Default::default()
+        }),
+        replicas: 1,
+        tenant: "acme".into(),
+        ..Default::default()
+    };
+    client.deploy(deploy.clone()).await.expect("deploy");
+    let invoke = pb::InvokeRequest {
+        tenant: "acme".into(),
+        function: "hello".into(),
+        stdin: b"Ada".to_vec(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let answer = loop {
+        let r = client.invoke(invoke.clone()).await;
+        if let Ok(r) = r {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no invocation: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(String::from_utf8_lossy(&answer.stdout), "Hello, Ada!\n");
+    let fuel = answer.usage.expect("usage").fuel;
+    let start = Instant::now();
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_stellar"))
+            .args(["usage", "--tenant", "acme", "-o", "json", "--endpoint"])
+            .arg(&cluster.addresses[0])
+            .output()
+            .expect("stellar usage");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let line = v["bill"]
+            .as_array()
+            .and_then(|b| b.iter().find(|l| l["function"] == "hello").cloned());
+        if let Some(line) = line {
+            assert_eq!(line["invocations"], 1);
+            assert_eq!(line["fuel"], fuel);
+            assert_eq!(v["credits"].as_array().map(Vec::len), Some(1));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "usage never billed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // SIGTERM: drain, then a clean exit.
     let pid = worker.id().to_string();
     let killed = Command::new("kill")

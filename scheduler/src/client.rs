@@ -95,6 +95,24 @@ impl ClusterClient {
         .map(|_| ())
     }
 
+    /// Deploys (retries are safe: the request id is applied once).
+    pub async fn deploy(&self, req: pb::DeployRequest) -> Result<pb::DeployResponse, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.deploy(req).await }
+        })
+        .await
+    }
+
+    /// Runs a function once through the leader's gateway.
+    pub async fn invoke(&self, req: pb::InvokeRequest) -> Result<pb::InvokeResponse, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.invoke(req).await }
+        })
+        .await
+    }
+
     /// Registered nodes (up to 1,000), as the answering replica last applied them.
     pub async fn nodes(&self) -> Result<Vec<pb::NodeInfo>, Status> {
         self.call(|mut c| async move {

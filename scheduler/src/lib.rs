@@ -13,6 +13,7 @@ pub mod error;
 pub mod leader;
 pub mod logger;
 pub mod node;
+pub mod pricing;
 pub mod replica;
 pub mod server;
 pub mod service;

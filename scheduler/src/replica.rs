@@ -160,6 +160,11 @@ pub enum Query {
         /// Its sha256.
         sha256: [u8; 32],
     },
+    /// The usage ledger, priced (one tenant's, or everyone's if `None`).
+    Usage {
+        /// Filter.
+        tenant: Option<String>,
+    },
 }
 
 /// What a request or read is answered with.
@@ -179,6 +184,8 @@ pub enum Reply {
     Assignments(Vec<pb::Assignment>),
     /// A module's bytes (`None`: not stored).
     Module(Option<std::sync::Arc<[u8]>>),
+    /// The priced usage ledger.
+    Usage(pb::GetUsageResponse),
 }
 
 /// What the driver must do after `process`.
@@ -1432,6 +1439,55 @@ impl Replica {
                     .collect(),
             )),
             Query::Module { sha256 } => Ok(Reply::Module(self.state.module(sha256))),
+            Query::Usage { tenant } => Ok(Reply::Usage(self.usage(tenant.as_deref()))),
+        }
+    }
+
+    /// The bill per (tenant, function) and the credit per node, priced after aggregation.
+    fn usage(&self, tenant: Option<&str>) -> pb::GetUsageResponse {
+        use crate::pricing;
+        use crate::state::UsageTotals;
+        let mut bill: BTreeMap<(String, String), UsageTotals> = BTreeMap::new();
+        let mut credits: BTreeMap<u64, UsageTotals> = BTreeMap::new();
+        for (&(fid, node), t) in self.state.usage() {
+            let Some(f) = self.state.function_by_id(fid) else {
+                continue;
+            };
+            if tenant.is_some_and(|want| want != f.tenant) {
+                continue;
+            }
+            pricing::add(
+                bill.entry((f.tenant.clone(), f.name.clone())).or_default(),
+                t,
+            );
+            pricing::add(credits.entry(node).or_default(), t);
+        }
+        let bill: Vec<pb::UsageLine> = bill
+            .into_iter()
+            .map(|((tenant, function), t)| pb::UsageLine {
+                tenant,
+                function,
+                invocations: t.invocations,
+                fuel: t.fuel,
+                wall_us: t.wall_us,
+                memory_mib_ms: t.memory_mib_ms,
+                bytes_in: t.bytes_in,
+                bytes_out: t.bytes_out,
+                cost_micros: pricing::cost_micros(&t),
+            })
+            .collect();
+        pb::GetUsageResponse {
+            total_micros: bill.iter().map(|l| l.cost_micros).sum(),
+            bill,
+            credits: credits
+                .into_iter()
+                .map(|(node, t)| pb::NodeCredit {
+                    node,
+                    invocations: t.invocations,
+                    fuel: t.fuel,
+                    credit_micros: pricing::credit_micros(&t),
+                })
+                .collect(),
         }
     }
 

@@ -303,6 +303,18 @@ impl pb::control_server::Control for ControlService {
         }))
     }
 
+    async fn get_usage(
+        &self,
+        req: GrpcRequest<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let r = req.into_inner();
+        let tenant = (!r.tenant.is_empty()).then_some(r.tenant);
+        match self.read(Query::Usage { tenant }, r.read).await? {
+            Reply::Usage(u) => Ok(Response::new(u)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     async fn get_function(
         &self,
         req: GrpcRequest<pb::GetFunctionRequest>,

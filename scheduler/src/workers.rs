@@ -463,9 +463,8 @@ async fn on_message(
                 r.node = node;
                 usage.push(r);
             }
-            if usage.len() >= USAGE_BATCH / 4 {
-                flush_usage(replica, usage).await;
-            }
+            // The worker batches (one report a second); record each report at once.
+            flush_usage(replica, usage).await;
         }
         Kind::Draining(_) => {
             tracing::info!(node = format!("{node:016x}"), "worker draining");

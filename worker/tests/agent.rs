@@ -123,13 +123,27 @@ async fn deploy(client: &ClusterClient, name: &str, scratch_dir: bool) -> pb::De
         tenant: "acme".into(),
         ..Default::default()
     };
-    client
-        .call(|mut c| {
-            let req = req.clone();
-            async move { c.deploy(req).await }
-        })
-        .await
-        .expect("deploy")
+    client.deploy(req).await.expect("deploy")
+}
+
+/// Tenant `acme`'s bill line for `function`, once it shows `invocations` invocations.
+async fn billed(client: &ClusterClient, function: &str, invocations: u64) -> pb::UsageLine {
+    until("the usage ledger", || async {
+        let u = client
+            .call(|mut c| async move {
+                c.get_usage(pb::GetUsageRequest {
+                    tenant: "acme".into(),
+                    read: None,
+                })
+                .await
+            })
+            .await
+            .ok()?;
+        u.bill
+            .into_iter()
+            .find(|l| l.function == function && l.invocations == invocations)
+    })
+    .await
 }
 
 async fn invoke(client: &ClusterClient, name: &str) -> Result<pb::InvokeResponse, tonic::Status> {
@@ -140,12 +154,7 @@ async fn invoke(client: &ClusterClient, name: &str) -> Result<pb::InvokeResponse
         args: vec![],
         env: vec![],
     };
-    client
-        .call(|mut c| {
-            let req = req.clone();
-            async move { c.invoke(req).await }
-        })
-        .await
+    client.invoke(req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,6 +228,11 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
     assert_eq!(usage.node, node);
     assert_eq!(usage.tenant, "acme");
 
+    // The invocation's usage record reaches the ledger (the worker reports once a second).
+    let line = billed(&client, "hello", 1).await;
+    assert_eq!(line.fuel, usage.fuel);
+    assert_eq!(line.bytes_out, usage.bytes_out);
+
     // A function whose spec asks for scratch space gets a private /scratch per invocation,
     // removed afterwards; without it there is no filesystem (the sandbox tests show that).
     deploy(&client, "probe", true).await;
@@ -229,13 +243,7 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
             args: vec!["scratch".into()],
             ..Default::default()
         };
-        client
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.invoke(req).await }
-            })
-            .await
-            .ok()
+        client.invoke(req).await.ok()
     })
     .await;
     assert_eq!(
@@ -284,6 +292,9 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
         .expect("the worker stops after draining")
         .expect("no panic")
         .expect("clean exit");
+    // Across the restart nothing was counted twice and nothing is missing.
+    let line = billed(&client, "hello", 2).await;
+    assert_eq!(line.fuel, 2 * usage.fuel, "two identical invocations");
     let state = until("the node to be draining", || async {
         nodes(&client)
             .await

@@ -1,0 +1,98 @@
+//! The price table: what a tenant pays for metered usage and what a node's owner is
+//! credited, in integer micro-units (10⁻⁶ of the billing currency) so that every replica
+//! computes the same bill to the unit.
+//!
+//! | what | price |
+//! |---|---|
+//! | compute | 1 micro-unit per 100,000 fuel (fuel is deterministic: checkable anywhere) |
+//! | memory | 20 micro-units per GiB·s (peak linear memory × wall time) |
+//! | transfer | 100 micro-units per GiB in or out |
+//! | requests | 200 micro-units per 1,000 invocations |
+//!
+//! Totals are priced after aggregation (per function for the bill, per node for the
+//! credit), rounding down once, so splitting usage into more records never costs more. A
+//! node's owner is credited 70% of what its usage would bill.
+
+use crate::state::UsageTotals;
+
+/// Fuel per micro-unit.
+pub const FUEL_PER_MICRO: u64 = 100_000;
+/// Micro-units per GiB·s of memory.
+pub const MICROS_PER_GIB_S: u64 = 20;
+/// Micro-units per GiB transferred.
+pub const MICROS_PER_GIB: u64 = 100;
+/// Micro-units per 1,000 invocations.
+pub const MICROS_PER_1000_INVOCATIONS: u64 = 200;
+/// The owners' share of what their nodes' usage bills, percent.
+pub const OWNER_SHARE_PERCENT: u64 = 70;
+
+/// What `t` costs, in micro-units.
+pub fn cost_micros(t: &UsageTotals) -> u64 {
+    const GIB: u128 = 1 << 30;
+    // MiB·ms to GiB·s: / 1024 / 1000.
+    let parts = [
+        u128::from(t.fuel) / u128::from(FUEL_PER_MICRO),
+        u128::from(t.memory_mib_ms) * u128::from(MICROS_PER_GIB_S) / (1024 * 1000),
+        (u128::from(t.bytes_in) + u128::from(t.bytes_out)) * u128::from(MICROS_PER_GIB) / GIB,
+        u128::from(t.invocations) * u128::from(MICROS_PER_1000_INVOCATIONS) / 1000,
+    ];
+    parts.iter().sum::<u128>().min(u128::from(u64::MAX)) as u64
+}
+
+/// What an owner is credited for usage `t` on their node, in micro-units.
+pub fn credit_micros(t: &UsageTotals) -> u64 {
+    (u128::from(cost_micros(t)) * u128::from(OWNER_SHARE_PERCENT) / 100) as u64
+}
+
+/// Adds `b` into `a`.
+pub fn add(a: &mut UsageTotals, b: &UsageTotals) {
+    a.invocations = a.invocations.saturating_add(b.invocations);
+    a.fuel = a.fuel.saturating_add(b.fuel);
+    a.wall_us = a.wall_us.saturating_add(b.wall_us);
+    a.bytes_in = a.bytes_in.saturating_add(b.bytes_in);
+    a.bytes_out = a.bytes_out.saturating_add(b.bytes_out);
+    a.memory_mib_ms = a.memory_mib_ms.saturating_add(b.memory_mib_ms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_follow_the_table() {
+        let t = UsageTotals {
+            invocations: 1000,
+            fuel: 10_000_000,
+            wall_us: 0,
+            bytes_in: 1 << 30,
+            bytes_out: 1 << 30,
+            memory_mib_ms: 1024 * 1000 * 3,
+        };
+        // 100 (fuel) + 60 (3 GiB·s) + 200 (2 GiB) + 200 (1,000 calls)
+        assert_eq!(cost_micros(&t), 560);
+        assert_eq!(credit_micros(&t), 392);
+        assert_eq!(cost_micros(&UsageTotals::default()), 0);
+        let huge = UsageTotals {
+            fuel: u64::MAX,
+            bytes_in: u64::MAX,
+            bytes_out: u64::MAX,
+            ..Default::default()
+        };
+        assert!(cost_micros(&huge) > 0, "no overflow panic");
+    }
+
+    #[test]
+    fn aggregating_first_never_costs_more() {
+        let one = UsageTotals {
+            invocations: 1,
+            fuel: 99_999,
+            ..Default::default()
+        };
+        let mut sum = UsageTotals::default();
+        for _ in 0..10 {
+            add(&mut sum, &one);
+        }
+        assert_eq!(cost_micros(&one) * 10, 0);
+        assert_eq!(cost_micros(&sum), 9 + 2);
+    }
+}
