@@ -74,6 +74,7 @@ pub struct WorkerHub {
     generation: AtomicU64,
     invocations: AtomicU64,
     closed: tokio::sync::watch::Sender<bool>,
+    id_prefix: String,
 }
 
 impl std::fmt::Debug for WorkerHub {
@@ -93,6 +94,15 @@ impl WorkerHub {
             generation: AtomicU64::new(0),
             invocations: AtomicU64::new(0),
             closed: tokio::sync::watch::Sender::new(false),
+            id_prefix: {
+                let mut b = [0u8; 8];
+                if let Err(e) = getrandom::fill(&mut b) {
+                    // Last resort: the process id (repeats only if a restart reuses it).
+                    tracing::warn!(error = %e, "no OS randomness for invocation ids");
+                    b = u64::from(std::process::id()).to_le_bytes();
+                }
+                hex::encode(b)
+            },
         })
     }
 
@@ -224,7 +234,9 @@ impl WorkerHub {
             link.outstanding += 1;
             (allocation, node, link.tx.clone())
         };
-        let id = format!("{n:016x}{:016x}", self.generation.load(Ordering::Relaxed)).into_bytes();
+        // Globally unique (the ledger deduplicates usage by it): this hub's random prefix,
+        // fresh on every start, and a counter.
+        let id = format!("{}{n:016x}", self.id_prefix).into_bytes();
         invocation.invocation_id = id.clone();
         invocation.allocation = allocation;
         let (reply, rx) = oneshot::channel();

@@ -274,6 +274,10 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
     .await;
     assert_eq!(String::from_utf8_lossy(&again.stdout), "Hello, Ada!\n");
     assert_eq!(again.node, node, "the same identity after reconnecting");
+    assert_ne!(
+        again.invocation_id, first.invocation_id,
+        "invocation ids stay unique across control-plane restarts (the ledger dedupes by them)"
+    );
     assert_eq!(
         again.usage.expect("usage").fuel,
         usage.fuel,
