@@ -1,7 +1,7 @@
 //! `stellar cluster`: membership and status of the control plane.
 
+use crate::connect::Endpoint;
 use stellar_proto::v1 as pb;
-use stellar_scheduler::client::ClusterClient;
 
 /// Subcommands of `stellar cluster`.
 #[derive(Debug, clap::Subcommand)]
@@ -29,22 +29,6 @@ pub enum ClusterCommand {
     },
 }
 
-/// Where the cluster is.
-#[derive(Debug, clap::Args)]
-pub struct Endpoint {
-    /// Control-plane addresses (any replica), comma-separated.
-    #[arg(
-        long,
-        env = "STELLAR_ENDPOINT",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001"
-    )]
-    pub endpoint: Vec<String>,
-    /// Print JSON instead of a table.
-    #[arg(short = 'o', long = "output", default_value = "table", value_parser = ["table", "json"])]
-    pub output: String,
-}
-
 /// Runs a `stellar cluster` subcommand.
 pub async fn run(cmd: ClusterCommand) -> Result<(), String> {
     match cmd {
@@ -54,7 +38,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), String> {
             address,
             endpoint,
         } => {
-            let c = ClusterClient::new(&endpoint.endpoint).map_err(|s| s.message().to_string())?;
+            let c = endpoint.connect()?;
             let r = c
                 .call(|mut cl| {
                     let address = address.clone();
@@ -66,7 +50,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<(), String> {
             Ok(())
         }
         ClusterCommand::Remove { id, endpoint } => {
-            let c = ClusterClient::new(&endpoint.endpoint).map_err(|s| s.message().to_string())?;
+            let c = endpoint.connect()?;
             let r = c
                 .call(|mut cl| async move { cl.remove_replica(pb::RemoveReplicaRequest { id }).await })
                 .await
@@ -93,7 +77,7 @@ fn print_members(replicas: &[pb::ReplicaInfo], output: &str) {
 }
 
 async fn status(ep: Endpoint) -> Result<(), String> {
-    let c = ClusterClient::new(&ep.endpoint).map_err(|s| s.message().to_string())?;
+    let c = ep.connect()?;
     let mut rows = Vec::new();
     for e in c.endpoints() {
         let mut cl = c.client_for(e).map_err(|s| s.message().to_string())?;

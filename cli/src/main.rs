@@ -5,9 +5,16 @@
 //! stellar cluster status --endpoint 127.0.0.1:7001
 //! stellar cluster add --id 4 --address 127.0.0.1:7004 --endpoint 127.0.0.1:7001
 //! stellar worker --join 127.0.0.1:7001 --token "$JOIN_TOKEN" --data-dir /var/lib/stellar-worker
+//! stellar dev                                   # 1 replica + 3 workers in one process
+//! stellar deploy hello.wasm --name hello --replicas 2 && stellar invoke hello --data Ada
 //! ```
 
+mod admin;
 mod cluster;
+mod connect;
+mod demo;
+mod dev;
+mod functions;
 mod scheduler;
 mod usage;
 mod worker;
@@ -21,7 +28,21 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// StellarCloud: edge function computing on home nodes.
 #[derive(Debug, Parser)]
-#[command(name = "stellar", version, about, long_about = None)]
+#[command(
+    name = "stellar",
+    version,
+    about,
+    long_about = None,
+    after_help = "\
+GETTING STARTED:
+  stellar demo                  # the whole system in one command (about 10 s)
+  stellar dev                   # a local cluster to deploy to; prints its endpoint and tokens
+
+Client commands find the cluster with --endpoint/STELLAR_ENDPOINT and authenticate with
+--token/STELLAR_TOKEN, or read both from ~/.config/stellar/config.toml:
+  endpoint = \"127.0.0.1:7001\"
+  token = \"stl_...\""
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,12 +50,36 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the demo: a local cluster, the example functions deployed, invoked and billed.
+    Demo(demo::DemoArgs),
+    /// Run a local cluster in one process: 1 control-plane replica and N workers.
+    Dev(dev::DevArgs),
+    /// Upload a WebAssembly function and place its replicas.
+    Deploy(functions::DeployArgs),
+    /// Run a function once; its stdout is printed.
+    Invoke(functions::InvokeArgs),
+    /// List functions.
+    Ls(functions::LsArgs),
+    /// Show a function's replicas, their nodes and states, and why they are there.
+    Status(functions::NameArgs),
+    /// Delete a function and stop its replicas.
+    Rm(functions::NameArgs),
+    /// Show a function's recent invocations with their stderr.
+    Logs(functions::LogsArgs),
+    /// List the cluster's nodes (admin).
+    Nodes(admin::NodesArgs),
+    /// Show the priced usage ledger: a bill per function, a credit per node.
+    Usage(usage::UsageArgs),
+    /// Manage tenants (admin).
+    #[command(subcommand)]
+    Tenant(admin::TenantCommand),
+    /// Create and revoke API tokens (admin).
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
     /// Run one control-plane replica (Raft-replicated; 3 or 5 make a cluster).
     Scheduler(scheduler::SchedulerArgs),
     /// Run one home-node agent: dials out to the control plane and runs functions.
     Worker(worker::WorkerArgs),
-    /// Show the priced usage ledger: a bill per function, a credit per node.
-    Usage(usage::UsageArgs),
     /// Inspect and change control-plane membership.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -80,14 +125,27 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Scheduler(args) => scheduler::run(args).await,
-            Command::Worker(args) => worker::run(args).await,
-            Command::Usage(args) => usage::run(args).await,
-            Command::Cluster(cmd) => cluster::run(cmd).await,
+            Command::Demo(args) => demo::run(args).await.map(|()| true),
+            Command::Dev(args) => dev::run(args).await.map(|()| true),
+            Command::Deploy(args) => functions::deploy(args).await.map(|()| true),
+            // A function that ran and failed exits 1, like the command it replaces.
+            Command::Invoke(args) => functions::invoke(args).await,
+            Command::Ls(args) => functions::ls(args).await.map(|()| true),
+            Command::Status(args) => functions::status(args).await.map(|()| true),
+            Command::Rm(args) => functions::rm(args).await.map(|()| true),
+            Command::Logs(args) => functions::logs(args).await.map(|()| true),
+            Command::Nodes(args) => admin::nodes(args).await.map(|()| true),
+            Command::Usage(args) => usage::run(args).await.map(|()| true),
+            Command::Tenant(cmd) => admin::tenant(cmd).await.map(|()| true),
+            Command::Token(cmd) => admin::token(cmd).await.map(|()| true),
+            Command::Scheduler(args) => scheduler::run(args).await.map(|()| true),
+            Command::Worker(args) => worker::run(args).await.map(|()| true),
+            Command::Cluster(cmd) => cluster::run(cmd).await.map(|()| true),
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE

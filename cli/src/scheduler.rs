@@ -22,7 +22,10 @@ EXAMPLES:
   stellar cluster add --id 4 --address 127.0.0.1:7004 --endpoint 127.0.0.1:7001
 
 On restart the data dir's stored membership is authoritative: --peers may be omitted, and a
-list that contradicts it is refused. Logs go to stderr; set STELLAR_LOG=debug for more.")]
+list that contradicts it is refused. Logs go to stderr; set STELLAR_LOG=debug for more.
+
+The first leader of a new cluster writes an admin token to its data dir (admin.token, mode
+0600); client commands use it with --token or STELLAR_TOKEN, e.g. to create tenants.")]
 pub struct SchedulerArgs {
     /// This replica's id (non-zero, unique in the cluster).
     #[arg(long)]
@@ -52,6 +55,14 @@ pub struct SchedulerArgs {
     /// replica. Without it this cluster accepts no workers.
     #[arg(long, env = "STELLAR_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// How long a worker may stay silent before its node is marked down and its replicas
+    /// are placed elsewhere, milliseconds.
+    #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(100..))]
+    node_down_after_ms: u64,
+    /// Where the HTTP gateway listens (`POST /v1/functions/NAME/invoke`) [default: the
+    /// listen address's host, port + 1000]; `off` serves no HTTP.
+    #[arg(long)]
+    http_listen: Option<String>,
 }
 
 /// Runs the replica until SIGINT or SIGTERM.
@@ -85,12 +96,22 @@ pub async fn run(args: SchedulerArgs) -> Result<(), String> {
     let mut replica = ReplicaConfig::new(args.id, args.data_dir, args.peers);
     replica.snapshot_every = args.snapshot_every;
     replica.keep_entries = args.keep_entries;
+    replica.node_down_after_ticks = (args.node_down_after_ms / args.tick_ms).max(1);
+    let http_listen = match args.http_listen.as_deref() {
+        Some("off") => None,
+        Some(a) => Some(
+            a.parse()
+                .map_err(|e| format!("--http-listen `{a}`: {e} (HOST:PORT or off)"))?,
+        ),
+        None => stellar_scheduler::server::default_http_listen(listen),
+    };
     let cfg = ServerConfig {
         replica,
         listen,
         advertise,
         tick: Duration::from_millis(args.tick_ms),
         join_token: args.join_token.clone(),
+        http_listen,
     };
     serve(cfg, crate::shutdown_signal())
         .await

@@ -3,7 +3,7 @@
 use stellar_proto::v1 as pb;
 use stellar_scheduler::client::ClusterClient;
 
-use crate::cluster::Endpoint;
+use crate::connect::{Endpoint, parse_since, utc};
 
 /// Arguments of `stellar usage`.
 #[derive(Debug, clap::Args)]
@@ -12,35 +12,44 @@ Prices are integer micro-units (10^-6 of the billing currency); the price table 
 scheduler/src/pricing.rs: 1 per 100,000 fuel, 20 per GiB-s of memory, 100 per GiB
 transferred, 200 per 1,000 invocations. Owners are credited 70% of their nodes' usage.")]
 pub struct UsageArgs {
-    /// Only this tenant's functions (default: every tenant).
+    /// Only this tenant's functions (admin tokens; default: every tenant). A tenant's token
+    /// sees only its own bill.
     #[arg(long)]
     tenant: Option<String>,
+    /// Only usage recorded since then: a duration back from now (`2h`, `7d`) or Unix ms.
+    /// Usage is kept by the hour, so this counts from the start of that hour.
+    #[arg(long, value_parser = parse_since)]
+    since: Option<u64>,
     #[command(flatten)]
     endpoint: Endpoint,
 }
 
 /// Prints the bill and the credits.
 pub async fn run(args: UsageArgs) -> Result<(), String> {
-    let client =
-        ClusterClient::new(&args.endpoint.endpoint).map_err(|s| s.message().to_string())?;
-    let tenant = args.tenant.unwrap_or_default();
+    let client: ClusterClient = args.endpoint.connect()?;
+    let tenant = args.tenant.clone().unwrap_or_default();
+    let since = args.since.unwrap_or(0);
     let u = client
         .call(|mut c| {
             let req = pb::GetUsageRequest {
                 tenant: tenant.clone(),
                 read: None,
+                since_unix_ms: since,
             };
             async move { c.get_usage(req).await }
         })
         .await
-        .map_err(|s| {
-            format!(
-                "{} (is the control plane at {} up?)",
-                s.message(),
-                args.endpoint.endpoint.join(",")
-            )
-        })?;
-    if args.endpoint.output == "json" {
+        .map_err(|s| args.endpoint.explain("reading usage", &s))?;
+    if since > 0 && args.endpoint.output != "json" {
+        println!("usage since {}", utc(since / 3_600_000 * 3_600_000));
+    }
+    print_usage(&u, args.endpoint.json());
+    Ok(())
+}
+
+/// Prints a priced ledger as a table or one JSON object.
+pub fn print_usage(u: &pb::GetUsageResponse, json: bool) {
+    if json {
         let bill: Vec<serde_json::Value> = u
             .bill
             .iter()
@@ -65,7 +74,7 @@ pub async fn run(args: UsageArgs) -> Result<(), String> {
         let out =
             serde_json::json!({"bill": bill, "credits": credits, "total_micros": u.total_micros});
         println!("{out}");
-        return Ok(());
+        return;
     }
     println!(
         "{:<16} {:<20} {:>11} {:>14} {:>12} {:>12}",
@@ -99,5 +108,4 @@ pub async fn run(args: UsageArgs) -> Result<(), String> {
             );
         }
     }
-    Ok(())
 }

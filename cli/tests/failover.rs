@@ -155,6 +155,8 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let cluster = cluster(dir.path(), 1, &["--tick-ms", "20"]);
     cluster.wait_leader(1000).await.expect("leader");
     let client = cluster.client();
+    // The bootstrap admin token is committed first.
+    common::admin_token(&cluster).await;
     let before = cluster.status(1).await.expect("status").applied_index;
     // Unknown tenant, empty module, oversized replica count, bad node attributes.
     let err = client
@@ -261,6 +263,8 @@ async fn a_replica_joins_at_runtime_and_another_is_removed() {
             &addr,
             "--endpoint",
             &endpoints,
+            "--token",
+            &common::admin_token(&cluster).await,
         ])
         .output()
         .expect("stellar cluster add");
@@ -306,6 +310,8 @@ async fn a_replica_joins_at_runtime_and_another_is_removed() {
             &endpoints,
             "-o",
             "json",
+            "--token",
+            &common::admin_token(&cluster).await,
         ])
         .output()
         .expect("stellar cluster remove");

@@ -99,6 +99,8 @@ async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
         let out = Command::new(env!("CARGO_BIN_EXE_stellar"))
             .args(["usage", "--tenant", "acme", "-o", "json", "--endpoint"])
             .arg(&cluster.addresses[0])
+            .arg("--token")
+            .arg(common::admin_token(&cluster).await)
             .output()
             .expect("stellar usage");
         assert!(

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod baselines;
+pub mod invokebench;
 pub mod procs;
 pub mod raftbench;
 pub mod sim;

@@ -44,6 +44,12 @@ enum Command {
     ///
     /// Prints a summary, or with --json exactly one JSON object on stdout.
     WasmBench(WasmBenchArgs),
+    /// Measure end-to-end invocations through the gateway: starts a control-plane replica and
+    /// workers on loopback (or targets --endpoint), deploys `hello` and drives it with many
+    /// concurrent callers; throughput and p50/p99 latency.
+    ///
+    /// Prints a summary, or with --json exactly one JSON object on stdout.
+    InvokeBench(InvokeBenchArgs),
     /// Run a module once in a fresh process (used by wasm-bench).
     #[command(hide = true)]
     WasmOnce(ModuleArg),
@@ -60,6 +66,34 @@ struct WorkerArgs {
     token: String,
     #[arg(long)]
     data_dir: std::path::PathBuf,
+}
+
+#[derive(clap::Args)]
+struct InvokeBenchArgs {
+    /// Measured seconds (after one second of warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// gRPC connections the callers share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Workers to start on loopback.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Target this cluster instead of starting one (comma-separated replicas).
+    #[arg(long, value_delimiter = ',')]
+    endpoint: Vec<String>,
+    /// An admin token for --endpoint.
+    #[arg(long, env = "STELLAR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The module (default: the committed build of examples/wasm/hello).
+    #[arg(long)]
+    module: Option<std::path::PathBuf>,
+    /// One JSON object on stdout: invocations_per_sec, p50_ms, p99_ms, errors.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +176,9 @@ struct ReplicaArgs {
     snapshot_every: u64,
     #[arg(long)]
     join_token: Option<String>,
+    /// The HTTP gateway's address (none: no HTTP).
+    #[arg(long)]
+    http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -216,6 +253,7 @@ fn main() -> ExitCode {
         Command::RaftBench(args) => run_raft_bench(args),
         Command::Replica(args) => run_replica(args),
         Command::WasmBench(args) => run_wasm_bench(args),
+        Command::InvokeBench(args) => run_invoke_bench(args),
         Command::WasmOnce(m) => match stellar_load::wasmbench::once(&m.module) {
             Ok(out) => {
                 let _ = std::io::stdout().write_all(&out);
@@ -273,6 +311,66 @@ fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("wasm-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("invoke-bench: cannot find my own binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = stellar_load::invokebench::InvokeBenchConfig {
+        seconds: args.seconds.max(1),
+        concurrency: args.concurrency.max(1),
+        connections: args.connections.max(1),
+        workers: args.workers.max(1),
+        endpoint: args.endpoint,
+        token: args.token,
+        module: args
+            .module
+            .unwrap_or_else(stellar_load::wasmbench::default_module),
+        exe,
+    };
+    let mut log = |m: &str| eprintln!("[invoke-bench] {m}");
+    match stellar_load::invokebench::run(&cfg, &mut log) {
+        Ok(r) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "invocations_per_sec": r.invocations_per_sec,
+                        "p50_ms": r.p50_ms,
+                        "p99_ms": r.p99_ms,
+                        "errors": r.errors,
+                        "concurrency": r.concurrency,
+                        "workers": r.workers,
+                        "seconds": r.seconds,
+                    })
+                );
+            } else {
+                println!(
+                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  ({} callers, {} worker(s), {} s)",
+                    r.invocations_per_sec,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.errors,
+                    r.concurrency,
+                    r.workers,
+                    r.seconds
+                );
+            }
+            if r.errors > 0 {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("invoke-bench: {e}");
             ExitCode::FAILURE
         }
     }
@@ -350,6 +448,7 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
         advertise: own.1.clone(),
         tick: std::time::Duration::from_millis(args.tick_ms),
         join_token: args.join_token,
+        http_listen: args.http_listen,
     };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;

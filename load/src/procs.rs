@@ -123,9 +123,15 @@ impl ReplicaProcesses {
         self.procs[(id - 1) as usize].as_ref().map(Child::id)
     }
 
-    /// A leader-following client over every replica.
+    /// A leader-following admin client over every replica (the admin token is read from the
+    /// data dir of whichever replica bootstrapped the cluster).
     pub fn client(&self) -> ClusterClient {
-        ClusterClient::new(&self.addresses).expect("loopback addresses are valid")
+        let dirs = (1..=self.addresses.len() as u64)
+            .map(|id| self.data_dir(id))
+            .collect();
+        ClusterClient::new(&self.addresses)
+            .expect("loopback addresses are valid")
+            .with_admin_token_from(dirs)
     }
 
     /// One replica's own view, if it answers.

@@ -161,6 +161,7 @@ pub fn deploy_request(tenant: &str, name: &str, request_id: Vec<u8>) -> pb::Depl
         region: String::new(),
         constraints: vec![],
         tenant: tenant.into(),
+        ..Default::default()
     }
 }
 

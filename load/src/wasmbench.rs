@@ -111,7 +111,7 @@ fn hello_limits() -> InvocationLimits {
     }
 }
 
-fn percentile_us(sorted: &[u32], p: f64) -> f64 {
+pub(crate) fn percentile_us(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -270,7 +270,8 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
         .map_err(|e| fail(&e))?;
     rt.block_on(async {
         let client = stellar_scheduler::client::ClusterClient::new(std::slice::from_ref(&addr))
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| fail(&e))?
+            .with_admin_token_from(vec![plane_dir.clone()]);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut deployed = false;
         let mut last = String::new();
@@ -335,7 +336,7 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
 }
 
 /// A child process killed when dropped (benchmark helpers never outlive the run).
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

@@ -1,17 +1,38 @@
 //! A `Control` client that follows leader hints: it tries the last known leader, then every
 //! endpoint, and retries UNAVAILABLE answers (no leader yet, leader changed) with backoff.
-//! Used by the CLI, the benchmarks and the tests.
+//! Every call carries the client's bearer token. Used by the CLI, the benchmarks and the
+//! tests.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stellar_proto::v1 as pb;
 use stellar_proto::v1::control_client::ControlClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::service::{LEADER_METADATA, MAX_MESSAGE_BYTES};
+
+/// Adds `authorization: Bearer TOKEN` to every call.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A `Control` client on one channel that presents the caller's token.
+pub type Control = ControlClient<InterceptedService<Channel, Bearer>>;
 
 /// A leader-following client over one or more replica addresses.
 #[derive(Debug, Clone)]
@@ -19,6 +40,9 @@ pub struct ClusterClient {
     endpoints: Vec<String>,
     channels: Arc<Mutex<Vec<(String, Channel)>>>,
     leader: Arc<Mutex<Option<String>>>,
+    token: Arc<Mutex<Option<String>>>,
+    /// Replica data dirs to read the bootstrap admin token from until one has it.
+    token_dirs: Arc<Vec<PathBuf>>,
     /// How long to keep retrying an UNAVAILABLE answer.
     pub patience: Duration,
 }
@@ -46,8 +70,50 @@ impl ClusterClient {
             endpoints: endpoints.iter().map(|e| normalise(e)).collect(),
             channels: Arc::new(Mutex::new(channels)),
             leader: Arc::new(Mutex::new(None)),
+            token: Arc::new(Mutex::new(None)),
+            token_dirs: Arc::new(Vec::new()),
             patience: Duration::from_secs(15),
         })
+    }
+
+    /// The same client (sharing its connections) presenting `token` on every call.
+    pub fn with_token(&self, token: &str) -> ClusterClient {
+        let mut c = self.clone();
+        c.token = Arc::new(Mutex::new(Some(token.trim().to_string())));
+        c
+    }
+
+    /// The same client, presenting the admin token found in any of these replica data dirs
+    /// (read when first needed; a new cluster writes it once its first leader is elected).
+    pub fn with_admin_token_from(&self, dirs: Vec<PathBuf>) -> ClusterClient {
+        let mut c = self.clone();
+        c.token = Arc::new(Mutex::new(None));
+        c.token_dirs = Arc::new(dirs);
+        c
+    }
+
+    /// The token this client presents, if it has one yet.
+    pub fn token(&self) -> Option<String> {
+        let mut g = self.token.lock().ok()?;
+        if g.is_none() {
+            *g = self
+                .token_dirs
+                .iter()
+                .find_map(|d| crate::auth::read_admin_token(d));
+        }
+        g.clone()
+    }
+
+    fn bearer(&self) -> Result<Bearer, Status> {
+        match self.token() {
+            None => Ok(Bearer(None)),
+            Some(t) => format!("Bearer {t}")
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| {
+                    Status::invalid_argument("the token has characters a header cannot carry")
+                }),
+        }
     }
 
     /// The configured endpoints.
@@ -73,10 +139,12 @@ impl ClusterClient {
     }
 
     /// A raw client for `address` (e.g. to ask one replica for its status).
-    pub fn client_for(&self, address: &str) -> Result<ControlClient<Channel>, Status> {
-        Ok(ControlClient::new(self.channel(&normalise(address))?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    pub fn client_for(&self, address: &str) -> Result<Control, Status> {
+        Ok(
+            ControlClient::with_interceptor(self.channel(&normalise(address))?, self.bearer()?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// Creates tenant `name` without an API token (idempotent: the request id derives from
@@ -117,7 +185,10 @@ impl ClusterClient {
     pub async fn nodes(&self) -> Result<Vec<pb::NodeInfo>, Status> {
         self.call(|mut c| async move {
             c.list_nodes(pb::ListNodesRequest {
-                read: Some(pb::ReadOptions { stale: true }),
+                read: Some(pb::ReadOptions {
+                    stale: true,
+                    readiness: false,
+                }),
                 ..Default::default()
             })
             .await
@@ -129,7 +200,7 @@ impl ClusterClient {
     /// Calls `f` on the leader, following hints and retrying while no leader is known.
     pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(ControlClient<Channel>) -> Fut,
+        F: FnMut(Control) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut backoff = Duration::from_millis(20);
@@ -145,6 +216,16 @@ impl ClusterClient {
             let client = self.client_for(&target)?;
             match f(client).await {
                 Ok(r) => return Ok(r.into_inner()),
+                // A new cluster's admin token is being written: wait for it.
+                Err(s)
+                    if s.code() == Code::Unauthenticated
+                        && !self.token_dirs.is_empty()
+                        && waited < self.patience =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
                 Err(s) if retryable(&s) => {
                     let hint = s
                         .metadata()

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 
 use stellar_placement::{
     ArchSet, Bandwidth, Coordinate, Fit, LabelConstraint, LabelOp, NodeId, NodeSpec, NodeState,
-    NodeTable, Origin, PlacementRequest, Placer, PlacerConfig, Resources, Runtime, WorkloadKind,
+    NodeTable, Origin, PlacementRequest, Placer, PlacerConfig, Resources, Runtime, Score,
+    WorkloadKind,
 };
+use stellar_proto::v1 as pb;
 
 use crate::error::{Error, Result};
 use crate::state::{Allocation, Effects, FunctionVersion, Node, StateMachine};
@@ -29,6 +31,33 @@ pub struct LeaderState {
     /// Nodes heard from since they were marked down (to be marked back up).
     back: Vec<u64>,
     grace_until: u64,
+    /// Why each replica this leader placed went where it did, per (tenant, function), for
+    /// `stellar status` and deploy answers ("why this node"). Soft state, bounded.
+    reasons: HashMap<(String, String), HashMap<u64, pb::PlacementReason>>,
+}
+
+/// Functions whose placement reasons are kept; past it the oldest knowledge is dropped.
+const MAX_REASONED_FUNCTIONS: usize = 10_000;
+
+fn reason_of(
+    node: u64,
+    region: &str,
+    zone: &str,
+    score: &Score,
+    candidates: u32,
+) -> pb::PlacementReason {
+    pb::PlacementReason {
+        node,
+        region: region.to_string(),
+        zone: zone.to_string(),
+        total: score.total,
+        latency: score.latency,
+        reputation: score.reputation,
+        fit: score.fit,
+        zone_spread: score.zone_spread,
+        est_rtt_ms: score.est_rtt_ms,
+        candidates,
+    }
 }
 
 impl std::fmt::Debug for LeaderState {
@@ -89,6 +118,7 @@ impl LeaderState {
             last_seen: HashMap::new(),
             back: Vec::new(),
             grace_until: now + grace_ticks,
+            reasons: HashMap::new(),
         })
     }
 
@@ -97,12 +127,13 @@ impl LeaderState {
         self.table.len()
     }
 
-    /// Chooses `count` nodes for replicas of `version` of function `fid` and reserves their
-    /// capacity in the soft table until the plan is applied or refused.
+    /// Chooses `count` nodes for replicas of `version` of function `fid` (named `key`) and
+    /// reserves their capacity in the soft table until the plan is applied or refused.
     pub fn plan(
         &mut self,
         state: &StateMachine,
         fid: Option<u32>,
+        key: (&str, &str),
         version: &FunctionVersion,
         count: u32,
         origin: Origin,
@@ -148,12 +179,46 @@ impl LeaderState {
             existing,
             fit: Fit::Spread,
         };
+        let scored_before = self.placer.stats().candidates_scored;
         let placed = self.placer.place(&mut self.table, &req)?;
+        let per_replica =
+            (self.placer.stats().candidates_scored - scored_before) / u64::from(count.max(1));
         let nodes: Vec<u64> = placed.iter().map(|p| p.node.0).collect();
         if let Some(fid) = fid {
             self.inflight.entry(fid).or_default().extend(&nodes);
         }
+        if self.reasons.len() >= MAX_REASONED_FUNCTIONS {
+            self.reasons.clear();
+        }
+        let reasons = self
+            .reasons
+            .entry((key.0.to_string(), key.1.to_string()))
+            .or_default();
+        for p in &placed {
+            let (region, zone) = state
+                .nodes()
+                .get(&p.node.0)
+                .map(|n| state.node_location(n))
+                .unwrap_or(("", ""));
+            let candidates = u32::try_from(per_replica).unwrap_or(u32::MAX);
+            reasons.insert(
+                p.node.0,
+                reason_of(p.node.0, region, zone, &p.score, candidates),
+            );
+        }
         Ok(nodes)
+    }
+
+    /// Why the replicas of `tenant/function` on `nodes` were placed there, where this leader
+    /// placed them.
+    pub fn reasons(&self, tenant: &str, function: &str, nodes: &[u64]) -> Vec<pb::PlacementReason> {
+        let Some(r) = self
+            .reasons
+            .get(&(tenant.to_string(), function.to_string()))
+        else {
+            return Vec::new();
+        };
+        nodes.iter().filter_map(|n| r.get(n).cloned()).collect()
     }
 
     /// A plan of ours was applied or refused: forget it as in flight, and give back its

@@ -4,12 +4,18 @@
 //!
 //! ```text
 //!  gRPC (service) ──▶ driver thread (node) ──▶ Replica (replica) ──▶ RawNode + DiskStorage
-//!                                               │ apply ──▶ StateMachine (state)
-//!                                               └ leader ──▶ LeaderState (placement, liveness)
+//!   │ auth: bearer token ─▶ tenant               │ apply ──▶ StateMachine (state)
+//!   │                                            └ leader ──▶ LeaderState (placement, liveness)
+//!  HTTP (http) ─┴▶ Gateway (gateway) ──▶ WorkerHub (workers) ◀── workers' Agent streams
+//!                      └ usage records ──▶ UsageWriter (usage) ──▶ Raft
 //! ```
 
+pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod error;
+pub mod gateway;
+pub mod http;
 pub mod leader;
 pub mod logger;
 pub mod node;
@@ -20,6 +26,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod transport;
+pub mod usage;
 pub mod workers;
 
 pub use error::{ApplyError, Error, Result};

@@ -35,6 +35,8 @@ pub trait Outbox: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>, addresses: &HashMap<u64, String>);
 }
 
+// Travels boxed inside `Event::Call`, so the variants' sizes matter little.
+#[allow(clippy::large_enum_variant)]
 enum Call {
     Write(Request),
     Read { query: Query, stale: bool },

@@ -164,7 +164,16 @@ pub enum Query {
     Usage {
         /// Filter.
         tenant: Option<String>,
+        /// Only usage recorded in this unix hour or later.
+        since_hour: u64,
     },
+    /// Who a token belongs to, by its sha256.
+    Token {
+        /// The token's sha256.
+        sha256: Vec<u8>,
+    },
+    /// Whether any admin token exists yet (the cluster was bootstrapped).
+    AdminBootstrapped,
 }
 
 /// What a request or read is answered with.
@@ -186,6 +195,10 @@ pub enum Reply {
     Module(Option<std::sync::Arc<[u8]>>),
     /// The priced usage ledger.
     Usage(pb::GetUsageResponse),
+    /// A token's tenant and admin flag (`None`: unknown or revoked).
+    Token(Option<(String, bool)>),
+    /// A yes/no answer.
+    Flag(bool),
 }
 
 /// What the driver must do after `process`.
@@ -875,7 +888,13 @@ impl Replica {
                     tenant: tenant.clone(),
                     function: function.clone(),
                 };
-                let nodes = self.plan(Some(fid), &version, 1)?;
+                let nodes = self.plan(
+                    Some(fid),
+                    (&tenant, &function),
+                    &version,
+                    1,
+                    Origin::Anywhere,
+                )?;
                 let cmd = command(
                     request_id,
                     pb::command::Kind::Plan(pb::PlanCmd {
@@ -914,12 +933,14 @@ impl Replica {
     fn plan(
         &mut self,
         fid: Option<u32>,
+        key: (&str, &str),
         version: &FunctionVersion,
         count: u32,
+        origin: Origin,
     ) -> Result<Vec<u64>> {
         self.ensure_leader_state()?;
         let leader = self.leader.as_mut().expect("ensured");
-        leader.plan(&self.state, fid, version, count, Origin::Anywhere)
+        leader.plan(&self.state, fid, key, version, count, origin)
     }
 
     fn prepare_deploy(
@@ -954,16 +975,29 @@ impl Replica {
         if version.limits.memory_mib == 0 {
             return Err(ApplyError::Invalid("memory must be at least 1 MiB".into()).into());
         }
-        if d.replicas == 0 || d.replicas > crate::state::MAX_REPLICAS {
+        if d.replicas > crate::state::MAX_REPLICAS {
             return Err(ApplyError::Invalid(format!(
-                "replicas must be 1..={}, got {}",
+                "replicas must be 0..={} (0: placed on the first call), got {}",
                 crate::state::MAX_REPLICAS,
                 d.replicas
             ))
             .into());
         }
         let fid = self.state.function(&d.tenant, &d.name).map(|(id, _)| id);
-        let nodes = self.plan(None, &version, d.replicas)?;
+        let origin = if d.near_region.is_empty() {
+            Origin::Anywhere
+        } else {
+            Origin::Zone {
+                region: d.near_region.clone(),
+                zone: d.near_zone.clone(),
+            }
+        };
+        let nodes = if d.replicas == 0 {
+            Vec::new()
+        } else {
+            let (tenant, name) = (d.tenant.clone(), d.name.clone());
+            self.plan(None, (&tenant, &name), &version, d.replicas, origin)?
+        };
         d.place_on = nodes.clone();
         let original = Request::Deploy(cmd.clone());
         Ok((
@@ -1242,7 +1276,13 @@ impl Replica {
                 continue;
             };
             let (tenant, name) = (f.tenant.clone(), f.name.clone());
-            let nodes = match self.plan(Some(a.function), &version, 1) {
+            let nodes = match self.plan(
+                Some(a.function),
+                (&tenant, &name),
+                &version,
+                1,
+                Origin::Anywhere,
+            ) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(replica = self.cfg.id, function = %name, error = %e, "lost replica cannot be re-placed now");
@@ -1439,17 +1479,26 @@ impl Replica {
                     .collect(),
             )),
             Query::Module { sha256 } => Ok(Reply::Module(self.state.module(sha256))),
-            Query::Usage { tenant } => Ok(Reply::Usage(self.usage(tenant.as_deref()))),
+            Query::Usage { tenant, since_hour } => {
+                Ok(Reply::Usage(self.usage(tenant.as_deref(), *since_hour)))
+            }
+            Query::Token { sha256 } => Ok(Reply::Token(
+                self.state.token(sha256).map(|(t, a)| (t.to_string(), a)),
+            )),
+            Query::AdminBootstrapped => Ok(Reply::Flag(self.state.has_admin_token())),
         }
     }
 
     /// The bill per (tenant, function) and the credit per node, priced after aggregation.
-    fn usage(&self, tenant: Option<&str>) -> pb::GetUsageResponse {
+    fn usage(&self, tenant: Option<&str>, since_hour: u64) -> pb::GetUsageResponse {
         use crate::pricing;
         use crate::state::UsageTotals;
         let mut bill: BTreeMap<(String, String), UsageTotals> = BTreeMap::new();
         let mut credits: BTreeMap<u64, UsageTotals> = BTreeMap::new();
-        for (&(fid, node), t) in self.state.usage() {
+        for (&(fid, node, hour), t) in self.state.usage() {
+            if hour < since_hour {
+                continue;
+            }
             let Some(f) = self.state.function_by_id(fid) else {
                 continue;
             };
@@ -1494,6 +1543,7 @@ impl Replica {
     fn function_status(&self, fid: u32) -> pb::FunctionStatus {
         let f = self.state.function_by_id(fid).expect("caller checked");
         let v = f.current().expect("live function has a version");
+        let nodes: Vec<u64> = f.on_nodes.keys().copied().collect();
         pb::FunctionStatus {
             tenant: f.tenant.clone(),
             name: f.name.clone(),
@@ -1508,6 +1558,13 @@ impl Replica {
                 .filter_map(|a| self.state.allocations().get(a))
                 .map(|a| self.state.allocation_pb(a))
                 .collect(),
+            idempotent: v.idempotent,
+            ready: Vec::new(),
+            placements: self
+                .leader
+                .as_ref()
+                .map(|l| l.reasons(&f.tenant, &f.name, &nodes))
+                .unwrap_or_default(),
         }
     }
 

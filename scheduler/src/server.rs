@@ -1,5 +1,6 @@
-//! Runs one control-plane replica: opens its storage, starts the replica thread and serves
-//! `Control`, `Raft` and `Agent` on one address until `shutdown` resolves.
+//! Runs one control-plane replica: opens its storage, starts the replica thread, serves
+//! `Control`, `Raft` and `Agent` on one address and the HTTP gateway on another, until
+//! `shutdown` resolves. A new cluster's first leader writes the admin token.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,11 +10,14 @@ use stellar_proto::v1::agent_server::AgentServer;
 use stellar_proto::v1::control_server::ControlServer;
 use stellar_proto::v1::raft_server::RaftServer;
 
+use crate::auth::TokenCache;
 use crate::error::{Error, Result};
+use crate::gateway::Gateway;
 use crate::node::ReplicaThread;
 use crate::replica::{Replica, ReplicaConfig};
 use crate::service::{ControlService, MAX_MESSAGE_BYTES, RaftService};
 use crate::transport::GrpcTransport;
+use crate::usage::UsageWriter;
 use crate::workers::{AgentService, WorkerHub};
 
 /// How a replica process runs.
@@ -29,6 +33,15 @@ pub struct ServerConfig {
     pub tick: Duration,
     /// The secret workers present to join (none: workers are refused).
     pub join_token: Option<String>,
+    /// Where the HTTP gateway listens (none: no HTTP).
+    pub http_listen: Option<SocketAddr>,
+}
+
+/// The HTTP gateway's default address for a gRPC address: the same host, port + 1000.
+pub fn default_http_listen(grpc: SocketAddr) -> Option<SocketAddr> {
+    grpc.port()
+        .checked_add(1000)
+        .map(|p| SocketAddr::new(grpc.ip(), p))
 }
 
 /// How long a shutdown waits for open calls before closing them.
@@ -65,6 +78,41 @@ pub async fn serve(
     transport.attach(handle.clone());
     let heartbeat_ms = (cfg.tick.as_millis() as u32).saturating_mul(20).max(100);
     let hub = WorkerHub::new();
+    let usage = UsageWriter::spawn(handle.clone());
+    let gateway = std::sync::Arc::new(Gateway::new(handle.clone(), hub.clone(), usage.clone()));
+    let auth = std::sync::Arc::new(TokenCache::new(handle.clone()));
+    tokio::spawn(crate::auth::bootstrap_admin(
+        handle.clone(),
+        dir.clone(),
+        hub.closed(),
+    ));
+    let http = match cfg.http_listen {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::Config(format!(
+                    "cannot listen for HTTP on {addr}: {e} (pass --http-listen with a free port)"
+                ))
+            })?;
+            tracing::info!(replica = id, listen = %addr, "HTTP gateway serving: POST /v1/functions/{{name}}/invoke");
+            let router = crate::http::router(crate::http::HttpState::new(
+                handle.clone(),
+                gateway.clone(),
+                auth.clone(),
+            ));
+            let mut closed = hub.closed();
+            Some(tokio::spawn(async move {
+                let r = axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = closed.wait_for(|c| *c).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "HTTP gateway stopped");
+                }
+            }))
+        }
+    };
     // Stop serving when asked, or when the replica thread ends by itself (removed).
     let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
     let watched = thread.clone();
@@ -93,7 +141,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
-            ControlServer::new(ControlService::new(handle.clone(), hub.clone()))
+            ControlServer::new(ControlService::new(handle.clone(), gateway, auth))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -103,9 +151,15 @@ pub async fn serve(
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(
-            AgentServer::new(AgentService::new(handle, hub, heartbeat_ms, cfg.join_token))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            AgentServer::new(AgentService::new(
+                handle,
+                hub,
+                usage,
+                heartbeat_ms,
+                cfg.join_token,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -123,6 +177,10 @@ pub async fn serve(
             Ok(())
         }
     };
+    if let Some(h) = http {
+        // It stops with the hub; open requests get the same grace as gRPC calls.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, h).await;
+    }
     let thread = thread.lock().ok().and_then(|mut g| g.take());
     if let Some(thread) = thread {
         tokio::task::spawn_blocking(move || thread.stop())

@@ -12,11 +12,12 @@ use stellar_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::auth::{Caller, TokenCache};
 use crate::error::{ApplyError, Error};
+use crate::gateway::Gateway;
 use crate::node::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
 use crate::state::{MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, node_state_from_pb};
-use crate::workers::WorkerHub;
 
 /// Metadata key naming the leader's address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-stellar-leader";
@@ -25,7 +26,7 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_MODULE_BYTES + (1 << 20);
 /// The largest stdin an invocation may carry.
 pub const MAX_INVOKE_INPUT: usize = 8 << 20;
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_ATTEMPTS: u32 = 3;
 
 /// Maps a control-plane error to a gRPC status a client can act on.
@@ -65,6 +66,17 @@ fn request_id(id: Vec<u8>) -> Result<Vec<u8>, Status> {
     Ok(id)
 }
 
+/// Refuses a token hash that is not a sha256.
+fn token_sha256(h: &[u8]) -> Result<(), Status> {
+    if h.len() == 32 {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "token_sha256 must be the 32-byte sha256 of the token",
+        ))
+    }
+}
+
 fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
     match r {
         Reply::Applied(r) => Ok(r),
@@ -76,13 +88,51 @@ fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
 #[derive(Debug, Clone)]
 pub struct ControlService {
     replica: ReplicaHandle,
-    hub: std::sync::Arc<WorkerHub>,
+    gateway: std::sync::Arc<Gateway>,
+    auth: std::sync::Arc<TokenCache>,
 }
 
 impl ControlService {
-    /// Serves `replica`; invocations go to the workers attached to `hub`.
-    pub fn new(replica: ReplicaHandle, hub: std::sync::Arc<WorkerHub>) -> Self {
-        ControlService { replica, hub }
+    /// Serves `replica`; invocations go through `gateway`; callers are named by `auth`.
+    pub fn new(
+        replica: ReplicaHandle,
+        gateway: std::sync::Arc<Gateway>,
+        auth: std::sync::Arc<TokenCache>,
+    ) -> Self {
+        ControlService {
+            replica,
+            gateway,
+            auth,
+        }
+    }
+
+    async fn caller<T>(&self, req: &GrpcRequest<T>) -> Result<Caller, Status> {
+        self.auth.caller(req.metadata()).await
+    }
+
+    async fn admin<T>(&self, req: &GrpcRequest<T>, what: &str) -> Result<Caller, Status> {
+        let c = self.caller(req).await?;
+        c.require_admin(what)?;
+        Ok(c)
+    }
+
+    /// Sends the caller to the leader (whose gateway knows which instances are ready).
+    fn on_leader(&self) -> Result<(), Status> {
+        let info = self.replica.info();
+        if info.is_leader {
+            return Ok(());
+        }
+        Err(to_status(Error::NotLeader {
+            leader: (info.leader != 0).then_some(info.leader),
+            address: info.leader_address,
+        }))
+    }
+
+    /// Marks which allocations are attached and ready on this replica's gateway.
+    fn with_ready(&self, mut f: pb::FunctionStatus) -> pb::FunctionStatus {
+        let allocs: Vec<(u64, u64)> = f.allocations.iter().map(|a| (a.id, a.node)).collect();
+        f.ready = self.gateway.hub().ready_of(&allocs);
+        f
     }
 
     async fn write(&self, request: Request) -> Result<pb::CommandResult, Status> {
@@ -127,7 +177,9 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::DeployRequest>,
     ) -> Result<Response<pb::DeployResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
+        let tenant = caller.tenant_for(&r.tenant)?;
         if r.module.is_empty() {
             return Err(Status::invalid_argument(
                 "module is empty; pass the .wasm bytes",
@@ -142,16 +194,18 @@ impl pb::control_server::Control for ControlService {
         let cmd = deploy_command(
             request_id(r.request_id)?,
             pb::DeployCmd {
-                tenant: r.tenant,
-                name: r.name,
+                tenant: tenant.clone(),
+                name: r.name.clone(),
                 module: r.module,
                 module_sha256: Vec::new(),
                 limits: r.limits,
                 replicas: r.replicas,
                 region: r.region,
                 constraints: r.constraints,
-                idempotent: false,
+                idempotent: r.idempotent,
                 place_on: Vec::new(),
+                near_region: r.near_region,
+                near_zone: r.near_zone,
             },
         );
         let sha = match &cmd.kind {
@@ -159,11 +213,28 @@ impl pb::control_server::Control for ControlService {
             _ => String::new(),
         };
         let res = self.write(Request::Deploy(cmd)).await?;
+        // Why each replica went where it did (the leader keeps its placer's scores).
+        let placements = match self
+            .replica
+            .read(
+                Query::Function {
+                    tenant,
+                    name: r.name,
+                },
+                true,
+                READ_TIMEOUT,
+            )
+            .await
+        {
+            Ok(Reply::Function(f)) => f.placements,
+            _ => Vec::new(),
+        };
         Ok(Response::new(pb::DeployResponse {
             version: res.version,
             module_sha256: sha,
             allocations: res.allocations,
             applied_index: 0,
+            placements,
         }))
     }
 
@@ -171,11 +242,12 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
         let res = self
             .write(Request::Allocate {
                 request_id: request_id(r.request_id)?,
-                tenant: r.tenant,
+                tenant: caller.tenant_for(&r.tenant)?,
                 function: r.function,
             })
             .await?;
@@ -192,6 +264,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<Streaming<pb::AllocateRequest>>,
     ) -> Result<Response<Self::AllocateStreamStream>, Status> {
+        let caller = self.caller(&req).await?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::AllocateResponse, Status>>(256);
         let replica = self.replica.clone();
@@ -200,15 +273,16 @@ impl pb::control_server::Control for ControlService {
                 let Ok(r) = r else { break };
                 let replica = replica.clone();
                 let tx = tx.clone();
+                let tenant = caller.tenant_for(&r.tenant);
                 // Requests on one stream may be pipelined: each is answered when it applies.
                 tokio::spawn(async move {
                     let rid = r.request_id.clone();
-                    let res = match request_id(r.request_id) {
-                        Ok(id) => replica
+                    let res = match request_id(r.request_id).and_then(|id| Ok((id, tenant?))) {
+                        Ok((id, tenant)) => replica
                             .write(
                                 Request::Allocate {
                                     request_id: id,
-                                    tenant: r.tenant,
+                                    tenant,
                                     function: r.function,
                                 },
                                 WRITE_TIMEOUT,
@@ -244,72 +318,28 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::InvokeRequest>,
     ) -> Result<Response<pb::InvokeResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
-        let info = self.replica.info();
-        if !info.is_leader {
-            return Err(to_status(Error::NotLeader {
-                leader: (info.leader != 0).then_some(info.leader),
-                address: info.leader_address,
-            }));
-        }
-        if r.stdin.len() > MAX_INVOKE_INPUT {
-            return Err(Status::invalid_argument(format!(
-                "stdin is {} bytes; at most {MAX_INVOKE_INPUT} per invocation",
-                r.stdin.len()
-            )));
-        }
-        let f = match self
-            .read(
-                Query::Function {
-                    tenant: r.tenant.clone(),
-                    name: r.function.clone(),
-                },
-                Some(pb::ReadOptions { stale: true }),
-            )
-            .await?
-        {
-            Reply::Function(f) => f,
-            other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
-        };
-        let candidates: Vec<(u64, u64)> = f
-            .allocations
-            .iter()
-            .filter(|a| a.version == f.version)
-            .map(|a| (a.id, a.node))
-            .collect();
-        let timeout_ms = f.limits.map_or(0, |l| l.timeout_ms);
-        let timeout = Duration::from_millis(if timeout_ms == 0 {
-            10_000
-        } else {
-            u64::from(timeout_ms)
-        }) + Duration::from_secs(5);
-        let invocation = pb::Invocation {
-            invocation_id: Vec::new(),
-            allocation: 0,
-            stdin: r.stdin,
-            args: r.args,
-            env: r.env,
-        };
-        let (node, allocation, res) = self.hub.invoke(&candidates, invocation, timeout).await?;
-        Ok(Response::new(pb::InvokeResponse {
-            stdout: res.stdout,
-            stderr: res.stderr,
-            error_code: res.error_code,
-            error_message: res.error_message,
-            usage: res.usage,
-            node,
-            allocation,
-            invocation_id: res.invocation_id,
-        }))
+        let tenant = caller.tenant_for(&r.tenant)?;
+        self.gateway
+            .invoke(tenant, r)
+            .await
+            .map(Response::new)
+            .map_err(crate::gateway::GatewayError::into_status)
     }
 
     async fn get_usage(
         &self,
         req: GrpcRequest<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
-        let tenant = (!r.tenant.is_empty()).then_some(r.tenant);
-        match self.read(Query::Usage { tenant }, r.read).await? {
+        let tenant = caller.filter(&r.tenant)?;
+        let since_hour = r.since_unix_ms / 3_600_000;
+        match self
+            .read(Query::Usage { tenant, since_hour }, r.read)
+            .await?
+        {
             Reply::Usage(u) => Ok(Response::new(u)),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
@@ -319,18 +349,23 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::GetFunctionRequest>,
     ) -> Result<Response<pb::FunctionStatus>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
+        // Readiness is the leader's soft state: asked for, the leader answers.
+        if r.read.is_some_and(|o| o.readiness) {
+            self.on_leader()?;
+        }
         match self
             .read(
                 Query::Function {
-                    tenant: r.tenant,
+                    tenant: caller.tenant_for(&r.tenant)?,
                     name: r.name,
                 },
                 r.read,
             )
             .await?
         {
-            Reply::Function(f) => Ok(Response::new(f)),
+            Reply::Function(f) => Ok(Response::new(self.with_ready(f))),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
@@ -339,12 +374,16 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::ListFunctionsRequest>,
     ) -> Result<Response<pb::ListFunctionsResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
-        let tenant = (!r.tenant.is_empty()).then_some(r.tenant);
+        let tenant = caller.filter(&r.tenant)?;
+        if r.read.is_some_and(|o| o.readiness) {
+            self.on_leader()?;
+        }
         match self.read(Query::Functions { tenant }, r.read).await? {
-            Reply::Functions(functions) => {
-                Ok(Response::new(pb::ListFunctionsResponse { functions }))
-            }
+            Reply::Functions(functions) => Ok(Response::new(pb::ListFunctionsResponse {
+                functions: functions.into_iter().map(|f| self.with_ready(f)).collect(),
+            })),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
@@ -353,12 +392,13 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::DeleteFunctionRequest>,
     ) -> Result<Response<pb::DeleteFunctionResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let r = req.into_inner();
         let res = self
             .command(
                 r.request_id,
                 pb::command::Kind::DeleteFunction(pb::DeleteFunctionCmd {
-                    tenant: r.tenant,
+                    tenant: caller.tenant_for(&r.tenant)?,
                     name: r.name,
                 }),
             )
@@ -372,6 +412,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::RegisterNodesRequest>,
     ) -> Result<Response<pb::RegisterNodesResponse>, Status> {
+        self.admin(&req, "registering nodes").await?;
         let r = req.into_inner();
         if r.nodes.is_empty() || r.nodes.len() > MAX_NODES_PER_COMMAND {
             return Err(Status::invalid_argument(format!(
@@ -407,6 +448,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.admin(&req, "listing nodes").await?;
         let r = req.into_inner();
         let state = if r.state == 0 {
             None
@@ -432,6 +474,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::SetNodeStateRequest>,
     ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        self.admin(&req, "changing a node's state").await?;
         let r = req.into_inner();
         let cmd =
             node_state_command(request_id(r.request_id)?, r.node, r.state).map_err(to_status)?;
@@ -445,6 +488,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        self.admin(&req, "creating a tenant").await?;
         let r = req.into_inner();
         self.command(
             r.request_id,
@@ -455,6 +499,86 @@ impl pb::control_server::Control for ControlService {
         )
         .await?;
         Ok(Response::new(pb::CreateTenantResponse {}))
+    }
+
+    async fn create_token(
+        &self,
+        req: GrpcRequest<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.admin(&req, "creating a token").await?;
+        let r = req.into_inner();
+        token_sha256(&r.token_sha256)?;
+        self.command(
+            r.request_id,
+            pb::command::Kind::PutToken(pb::PutTokenCmd {
+                tenant: if r.admin { String::new() } else { r.tenant },
+                token_sha256: r.token_sha256,
+                admin: r.admin,
+            }),
+        )
+        .await?;
+        Ok(Response::new(pb::CreateTokenResponse {}))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: GrpcRequest<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        self.admin(&req, "revoking a token").await?;
+        let r = req.into_inner();
+        token_sha256(&r.token_sha256)?;
+        self.command(
+            r.request_id,
+            pb::command::Kind::RevokeToken(pb::RevokeTokenCmd {
+                token_sha256: r.token_sha256,
+            }),
+        )
+        .await?;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn get_logs(
+        &self,
+        req: GrpcRequest<pb::GetLogsRequest>,
+    ) -> Result<Response<pb::GetLogsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let tenant = caller.tenant_for(&r.tenant)?;
+        let info = self.replica.info();
+        if !info.is_leader {
+            // Invocation logs live on the gateway that ran them: the leader.
+            return Err(to_status(Error::NotLeader {
+                leader: (info.leader != 0).then_some(info.leader),
+                address: info.leader_address,
+            }));
+        }
+        // NOT_FOUND for a function this tenant does not have (not an empty list).
+        self.read(
+            Query::Function {
+                tenant: tenant.clone(),
+                name: r.name.clone(),
+            },
+            Some(pb::ReadOptions {
+                stale: true,
+                readiness: false,
+            }),
+        )
+        .await?;
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as usize;
+        Ok(Response::new(pb::GetLogsResponse {
+            invocations: self.gateway.logs(&tenant, &r.name, limit),
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: GrpcRequest<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            tenant: c.tenant,
+            admin: c.admin,
+        }))
     }
 
     async fn cluster_status(
@@ -469,6 +593,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::AddReplicaRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.admin(&req, "adding a replica").await?;
         let r = req.into_inner();
         if r.address.parse::<std::net::SocketAddr>().is_err() && !r.address.contains(':') {
             return Err(Status::invalid_argument(format!(
@@ -493,6 +618,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::RemoveReplicaRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.admin(&req, "removing a replica").await?;
         let r = req.into_inner();
         membership(
             self.replica

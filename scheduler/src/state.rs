@@ -187,7 +187,8 @@ pub struct StateMachine {
     allocations: BTreeMap<u64, Allocation>,
     node_allocations: BTreeSet<(u64, u64)>,
     next_allocation_id: u64,
-    usage: BTreeMap<(u32, u64), UsageTotals>,
+    /// Keyed by (function id, node, unix hour recorded).
+    usage: BTreeMap<(u32, u64, u64), UsageTotals>,
     seen_invocations: rustc_hash::FxHashSet<Vec<u8>>,
     seen_order: VecDeque<Vec<u8>>,
     dedupe: rustc_hash::FxHashMap<Vec<u8>, (u64, pb::CommandResult)>,
@@ -401,13 +402,18 @@ impl StateMachine {
         self.tenants.contains(name)
     }
 
+    /// Whether an admin token exists (the cluster was bootstrapped).
+    pub fn has_admin_token(&self) -> bool {
+        self.tokens.values().any(|(_, admin)| *admin)
+    }
+
     /// The tenant and admin flag of a token hash.
     pub fn token(&self, sha256: &[u8]) -> Option<(&str, bool)> {
         self.tokens.get(sha256).map(|(t, a)| (t.as_str(), *a))
     }
 
     /// Usage totals per (function id, node).
-    pub fn usage(&self) -> &BTreeMap<(u32, u64), UsageTotals> {
+    pub fn usage(&self) -> &BTreeMap<(u32, u64, u64), UsageTotals> {
         &self.usage
     }
 
@@ -546,9 +552,10 @@ impl StateMachine {
         let limits = c.limits.unwrap_or_default();
         check_limits(&limits)?;
         check_constraints(&c.constraints)?;
-        if c.replicas == 0 || c.replicas > MAX_REPLICAS {
+        // 0 replicas: the module and limits are stored; the gateway places one on first call.
+        if c.replicas > MAX_REPLICAS {
             return Err(invalid(format!(
-                "replicas must be 1..={MAX_REPLICAS}, got {}",
+                "replicas must be 0..={MAX_REPLICAS}, got {}",
                 c.replicas
             )));
         }
@@ -1054,12 +1061,13 @@ impl StateMachine {
             resolved.push((fid, fresh));
         }
         let mut counted = 0;
+        let hour = c.unix_ms / 3_600_000;
         for (r, (fid, fresh)) in c.records.into_iter().zip(resolved) {
             if !fresh {
                 continue;
             }
             counted += 1;
-            let t = self.usage.entry((fid, r.node)).or_default();
+            let t = self.usage.entry((fid, r.node, hour)).or_default();
             t.invocations += 1;
             t.fuel = t.fuel.saturating_add(r.fuel);
             t.wall_us = t.wall_us.saturating_add(r.wall_us);
@@ -1228,12 +1236,13 @@ impl StateMachine {
             usage: self
                 .usage
                 .iter()
-                .map(|(&(fid, node), t)| {
+                .map(|(&(fid, node, hour), t)| {
                     let f = &self.functions[fid as usize];
                     pb::UsageTotal {
                         tenant: f.tenant.clone(),
                         function: f.name.clone(),
                         node,
+                        hour,
                         invocations: t.invocations,
                         fuel: t.fuel,
                         wall_us: t.wall_us,
@@ -1357,7 +1366,7 @@ impl StateMachine {
                 .function_id(&u.tenant, &u.function)
                 .ok_or_else(|| invalid("snapshot usage names an unknown function"))?;
             m.usage.insert(
-                (fid, u.node),
+                (fid, u.node, u.hour),
                 UsageTotals {
                     invocations: u.invocations,
                     fuel: u.fuel,

@@ -30,13 +30,12 @@ use crate::error::Error;
 use crate::node::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, node_state_command};
 use crate::service::{ControlStream, WRITE_TIMEOUT, to_status};
+use crate::usage::UsageWriter;
 
 /// Module bytes per `ModuleChunk`.
 const MODULE_CHUNK: usize = 1 << 20;
 /// How often a link re-checks the committed allocations of its node.
 const RECONCILE_EVERY: Duration = Duration::from_millis(200);
-/// Usage records per Raft command.
-const USAGE_BATCH: usize = 1024;
 
 type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
 
@@ -59,12 +58,124 @@ struct Link {
     ready: HashSet<u64>,
     /// Invocations sent and not yet answered.
     outstanding: usize,
+    /// Where the node says it is (routing prefers instances near the caller).
+    region: String,
+    zone: String,
+    /// The worker's measured distance to this replica (its Vivaldi coordinate against the
+    /// replica's fixed landmark), in ms: the gateway-to-worker hop every call pays.
+    rtt_ms: f32,
 }
 
 /// An invocation waiting for its worker's answer.
 struct Pending {
     node: u64,
-    reply: oneshot::Sender<Result<pb::InvocationResult, Status>>,
+    generation: u64,
+    reply: oneshot::Sender<Result<pb::InvocationResult, HubError>>,
+}
+
+/// Why the hub could not get an answer for an invocation.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HubError {
+    /// None of the candidates is attached and ready.
+    #[error("no ready instance ({allocated} allocated, none attached and ready)")]
+    NoReadyInstance {
+        /// Allocations the function has.
+        allocated: usize,
+    },
+    /// The worker's stream ended while the call was on it: the function may have run.
+    #[error("worker {node:016x} disconnected during the invocation; it may have run")]
+    WorkerLost {
+        /// The node that vanished.
+        node: u64,
+    },
+    /// The worker did not answer in time.
+    #[error("worker {node:016x} did not answer within {ms} ms")]
+    Timeout {
+        /// The node.
+        node: u64,
+        /// How long the hub waited.
+        ms: u64,
+    },
+}
+
+/// A ready instance as routing sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteCandidate {
+    /// Allocation id.
+    pub allocation: u64,
+    /// Its node.
+    pub node: u64,
+    /// Estimated latency from the caller, ms.
+    pub est_ms: f32,
+    /// Invocations in flight on the node.
+    pub outstanding: usize,
+}
+
+/// Where the caller is, for routing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Near {
+    /// The caller's region (empty: unknown).
+    pub region: String,
+    /// The caller's zone (empty: unknown).
+    pub zone: String,
+}
+
+/// Estimated extra latency between a caller and a node by location tier, ms: the same
+/// zone (a metro), the same region, elsewhere. Coarse on purpose: the gateway has no
+/// coordinate for the caller, only where it says it is.
+const TIER_MS: [f32; 3] = [1.0, 8.0, 40.0];
+/// Candidates within this many ms of the nearest are "near enough" to share the load.
+const NEAR_SLACK_MS: f32 = 5.0;
+/// What one outstanding invocation is taken to add to the wait, ms.
+const QUEUE_COST_MS: f32 = 0.5;
+
+impl Near {
+    /// The location tier's latency from this caller to a node at (`region`, `zone`).
+    pub fn tier_ms(&self, region: &str, zone: &str) -> f32 {
+        if self.region.is_empty() {
+            0.0
+        } else if self.region != region {
+            TIER_MS[2]
+        } else if self.zone.is_empty() || self.zone == zone {
+            TIER_MS[0]
+        } else {
+            TIER_MS[1]
+        }
+    }
+}
+
+/// Picks an instance: the pool is the candidates within [`NEAR_SLACK_MS`] of the nearest
+/// (plus one farther one when only one is near, so load spills over); of two drawn from it
+/// with `draw`, the one with the lower estimated latency plus queueing cost wins.
+pub fn choose(cands: &[RouteCandidate], draw: u64) -> Option<usize> {
+    if cands.is_empty() {
+        return None;
+    }
+    let best = cands.iter().map(|c| c.est_ms).fold(f32::INFINITY, f32::min);
+    let mut pool: Vec<usize> = (0..cands.len())
+        .filter(|&i| cands[i].est_ms <= best + NEAR_SLACK_MS)
+        .collect();
+    if pool.len() == 1 && cands.len() > 1 {
+        // The next nearest, so a saturated near instance can shed load.
+        let next = (0..cands.len())
+            .filter(|i| *i != pool[0])
+            .min_by(|&a, &b| cands[a].est_ms.total_cmp(&cands[b].est_ms))
+            .expect("more than one candidate");
+        pool.push(next);
+    }
+    let cost = |i: usize| cands[i].est_ms + cands[i].outstanding as f32 * QUEUE_COST_MS;
+    let n = pool.len() as u64;
+    let a = pool[(draw % n) as usize];
+    let b = pool[((draw / n + 1 + draw % n) % n) as usize];
+    Some(if cost(b) < cost(a) { b } else { a })
+}
+
+/// splitmix64: spreads a counter into well-mixed bits for routing draws (soft state only).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// Attached workers and invocations in flight, shared by the `Agent` and `Control` services.
@@ -82,6 +193,31 @@ impl std::fmt::Debug for WorkerHub {
         f.debug_struct("WorkerHub")
             .field("attached", &self.attached())
             .finish_non_exhaustive()
+    }
+}
+
+/// Removes a pending invocation when its caller stops waiting (answered, timed out or
+/// cancelled), so a dropped call leaks neither its entry nor its outstanding count.
+struct PendingGuard<'a> {
+    hub: &'a WorkerHub,
+    id: Vec<u8>,
+    node: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let was_pending = self
+            .hub
+            .pending
+            .lock()
+            .map(|mut p| p.remove(&self.id).is_some())
+            .unwrap_or(false);
+        if was_pending
+            && let Ok(mut links) = self.hub.links.lock()
+            && let Some(l) = links.get_mut(&self.node)
+        {
+            l.outstanding = l.outstanding.saturating_sub(1);
+        }
     }
 }
 
@@ -112,6 +248,11 @@ impl WorkerHub {
         self.closed.send_replace(true);
     }
 
+    /// Fires when the hub closes (the replica is shutting down).
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
     /// `stream`, ended when the hub closes.
     fn until_closed(&self, stream: ControlStream) -> ControlStream {
         let mut closed = self.closed.subscribe();
@@ -120,7 +261,7 @@ impl WorkerHub {
         }))
     }
 
-    fn attach(&self, node: u64, tx: Outbox) -> u64 {
+    fn attach(&self, node: u64, tx: Outbox, region: String, zone: String) -> u64 {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         if let Ok(mut links) = self.links.lock() {
             // A reconnect replaces the old stream; dropping its sender ends it.
@@ -131,10 +272,30 @@ impl WorkerHub {
                     tx,
                     ready: HashSet::new(),
                     outstanding: 0,
+                    region,
+                    zone,
+                    rtt_ms: 0.0,
                 },
             );
         }
+        // Calls on the replaced stream will never be answered there.
+        self.fail_pending(node, |g| g != generation);
         generation
+    }
+
+    fn fail_pending(&self, node: u64, which: impl Fn(u64) -> bool) {
+        if let Ok(mut pending) = self.pending.lock() {
+            let lost: Vec<Vec<u8>> = pending
+                .iter()
+                .filter(|(_, p)| p.node == node && which(p.generation))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in lost {
+                if let Some(p) = pending.remove(&id) {
+                    let _ = p.reply.send(Err(HubError::WorkerLost { node }));
+                }
+            }
+        }
     }
 
     fn detach(&self, node: u64, generation: u64) {
@@ -150,19 +311,8 @@ impl WorkerHub {
                 }
             })
             .unwrap_or(false);
-        if gone && let Ok(mut pending) = self.pending.lock() {
-            let lost: Vec<Vec<u8>> = pending
-                .iter()
-                .filter(|(_, p)| p.node == node)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for id in lost {
-                if let Some(p) = pending.remove(&id) {
-                    let _ = p.reply.send(Err(Status::unavailable(format!(
-                        "worker {node:016x} disconnected during the invocation; it may have run"
-                    ))));
-                }
-            }
+        if gone {
+            self.fail_pending(node, |g| g == generation);
         }
     }
 
@@ -178,18 +328,36 @@ impl WorkerHub {
         }
     }
 
+    /// A draining node takes no new calls: none of its instances is ready any more.
+    fn set_draining(&self, node: u64) {
+        if let Ok(mut links) = self.links.lock()
+            && let Some(l) = links.get_mut(&node)
+        {
+            l.ready.clear();
+        }
+    }
+
+    fn set_rtt(&self, node: u64, rtt_ms: f32) {
+        if let Ok(mut links) = self.links.lock()
+            && let Some(l) = links.get_mut(&node)
+            && rtt_ms.is_finite()
+        {
+            l.rtt_ms = rtt_ms.max(0.0);
+        }
+    }
+
     fn complete(&self, node: u64, result: pb::InvocationResult) {
         let p = self
             .pending
             .lock()
             .ok()
             .and_then(|mut m| m.remove(&result.invocation_id));
-        if let Ok(mut links) = self.links.lock()
-            && let Some(l) = links.get_mut(&node)
-        {
-            l.outstanding = l.outstanding.saturating_sub(1);
-        }
         if let Some(p) = p {
+            if let Ok(mut links) = self.links.lock()
+                && let Some(l) = links.get_mut(&node)
+            {
+                l.outstanding = l.outstanding.saturating_sub(1);
+            }
             let _ = p.reply.send(Ok(result));
         }
     }
@@ -199,40 +367,71 @@ impl WorkerHub {
         self.links.lock().map(|l| l.len()).unwrap_or(0)
     }
 
-    /// Runs one invocation on one of `candidates` (allocation, node) that is attached and
-    /// ready: of two picked at random, the one with fewer invocations outstanding.
+    /// Which of `allocations` (allocation, node) are attached and ready here.
+    pub fn ready_of(&self, allocations: &[(u64, u64)]) -> Vec<u64> {
+        let Ok(links) = self.links.lock() else {
+            return Vec::new();
+        };
+        allocations
+            .iter()
+            .filter(|(a, n)| links.get(n).is_some_and(|l| l.ready.contains(a)))
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// The ready instances among `allocations` (allocation, node), minus nodes in `exclude`,
+    /// with their estimated latency from a caller `near` and their queue.
+    pub fn candidates(
+        &self,
+        allocations: &[(u64, u64)],
+        near: &Near,
+        exclude: &[u64],
+    ) -> Vec<RouteCandidate> {
+        let Ok(links) = self.links.lock() else {
+            return Vec::new();
+        };
+        allocations
+            .iter()
+            .filter(|(_, n)| !exclude.contains(n))
+            .filter_map(|&(allocation, node)| {
+                let l = links.get(&node)?;
+                l.ready.contains(&allocation).then(|| RouteCandidate {
+                    allocation,
+                    node,
+                    est_ms: near.tier_ms(&l.region, &l.zone) + l.rtt_ms,
+                    outstanding: l.outstanding,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs one invocation on one of `allocations` (allocation, node) that is attached and
+    /// ready, chosen by [`choose`]; `exclude` names nodes not to use (a retry's first node).
     pub async fn invoke(
         &self,
-        candidates: &[(u64, u64)],
+        allocations: &[(u64, u64)],
+        near: &Near,
+        exclude: &[u64],
         mut invocation: pb::Invocation,
         timeout: Duration,
-    ) -> Result<(u64, u64, pb::InvocationResult), Status> {
+    ) -> Result<(u64, u64, pb::InvocationResult), HubError> {
         let n = self.invocations.fetch_add(1, Ordering::Relaxed);
-        let (allocation, node, tx) = {
-            let mut links = self
-                .links
-                .lock()
-                .map_err(|_| Status::internal("worker table poisoned"))?;
-            let ready: Vec<(u64, u64)> = candidates
-                .iter()
-                .copied()
-                .filter(|(a, node)| links.get(node).is_some_and(|l| l.ready.contains(a)))
-                .collect();
-            if ready.is_empty() {
-                return Err(Status::unavailable(format!(
-                    "no ready instance ({} allocated, none attached and ready yet); retry shortly",
-                    candidates.len()
-                )));
-            }
-            // Power of two choices, deterministic per invocation number.
-            let i = (n as usize).wrapping_mul(0x9E37_79B9) % ready.len();
-            let j = (n as usize / ready.len().max(1) + 1) % ready.len();
-            let load = |k: usize| links.get(&ready[k].1).map_or(usize::MAX, |l| l.outstanding);
-            let pick = if load(j) < load(i) { j } else { i };
-            let (allocation, node) = ready[pick];
-            let link = links.get_mut(&node).expect("filtered on presence");
+        let (allocation, node, generation, tx) = {
+            let cands = self.candidates(allocations, near, exclude);
+            let Some(pick) = choose(&cands, mix(n)) else {
+                return Err(HubError::NoReadyInstance {
+                    allocated: allocations.len(),
+                });
+            };
+            let c = cands[pick];
+            let mut links = self.links.lock().map_err(|_| HubError::NoReadyInstance {
+                allocated: allocations.len(),
+            })?;
+            let Some(link) = links.get_mut(&c.node) else {
+                return Err(HubError::WorkerLost { node: c.node });
+            };
             link.outstanding += 1;
-            (allocation, node, link.tx.clone())
+            (c.allocation, c.node, link.generation, link.tx.clone())
         };
         // Globally unique (the ledger deduplicates usage by it): this hub's random prefix,
         // fresh on every start, and a counter.
@@ -241,34 +440,35 @@ impl WorkerHub {
         invocation.allocation = allocation;
         let (reply, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
-            p.insert(id.clone(), Pending { node, reply });
+            p.insert(
+                id.clone(),
+                Pending {
+                    node,
+                    generation,
+                    reply,
+                },
+            );
         }
+        let _guard = PendingGuard {
+            hub: self,
+            id: id.clone(),
+            node,
+        };
         let sent = tx
             .send(Ok(control(pb::control_message::Kind::Invocation(
                 invocation,
             ))))
             .await;
         if sent.is_err() {
-            self.pending.lock().ok().and_then(|mut p| p.remove(&id));
-            return Err(Status::unavailable(format!(
-                "worker {node:016x} disconnected; retry"
-            )));
+            return Err(HubError::WorkerLost { node });
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r.map(|r| (node, allocation, r)),
-            Ok(Err(_)) => Err(Status::unavailable("the worker's link closed")),
-            Err(_) => {
-                self.pending.lock().ok().and_then(|mut p| p.remove(&id));
-                if let Ok(mut links) = self.links.lock()
-                    && let Some(l) = links.get_mut(&node)
-                {
-                    l.outstanding = l.outstanding.saturating_sub(1);
-                }
-                Err(Status::deadline_exceeded(format!(
-                    "worker {node:016x} did not answer within {} ms",
-                    timeout.as_millis()
-                )))
-            }
+            Ok(Err(_)) => Err(HubError::WorkerLost { node }),
+            Err(_) => Err(HubError::Timeout {
+                node,
+                ms: timeout.as_millis() as u64,
+            }),
         }
     }
 }
@@ -278,6 +478,7 @@ impl WorkerHub {
 pub struct AgentService {
     replica: ReplicaHandle,
     hub: Arc<WorkerHub>,
+    usage: UsageWriter,
     heartbeat_ms: u32,
     join_token: Option<Arc<str>>,
 }
@@ -288,12 +489,14 @@ impl AgentService {
     pub fn new(
         replica: ReplicaHandle,
         hub: Arc<WorkerHub>,
+        usage: UsageWriter,
         heartbeat_ms: u32,
         join_token: Option<String>,
     ) -> Self {
         AgentService {
             replica,
             hub,
+            usage,
             heartbeat_ms,
             join_token: join_token.map(Into::into),
         }
@@ -360,6 +563,7 @@ impl pb::agent_server::Agent for AgentService {
             .attributes
             .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
         let node = reg.node;
+        let (region, zone) = (attrs.region.clone(), attrs.zone.clone());
         let record = pb::NodeRecord {
             id: node,
             public_key: reg.public_key,
@@ -397,21 +601,19 @@ impl pb::agent_server::Agent for AgentService {
                 },
             ))))
             .await;
-        let generation = self.hub.attach(node, tx.clone());
+        let generation = self.hub.attach(node, tx.clone(), region, zone);
         tokio::spawn(reconcile(self.replica.clone(), node, tx.clone()));
-        let (replica, hub) = (self.replica.clone(), self.hub.clone());
+        let (replica, hub, usage) = (self.replica.clone(), self.hub.clone(), self.usage.clone());
         tokio::spawn(async move {
-            let mut usage = Vec::new();
             while let Some(msg) = inbound.next().await {
                 let Ok(msg) = msg else { break };
                 let Some(kind) = msg.kind else { continue };
-                if let Err(e) = on_message(&replica, &hub, node, &tx, kind, &mut usage).await {
+                if let Err(e) = on_message(&replica, &hub, &usage, node, &tx, kind).await {
                     tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.try_send(Err(e));
                     break;
                 }
             }
-            flush_usage(&replica, &mut usage).await;
             hub.detach(node, generation);
             tracing::info!(node = format!("{node:016x}"), "worker stream ended");
         });
@@ -419,13 +621,16 @@ impl pb::agent_server::Agent for AgentService {
     }
 }
 
+/// Handles one message from a worker. It never waits on the worker's outbound queue (acks
+/// are dropped when it is full, module transfers run in their own task): the worker may be
+/// waiting on us to read, and both sides blocking on each other would stall the stream.
 async fn on_message(
     replica: &ReplicaHandle,
     hub: &WorkerHub,
+    usage: &UsageWriter,
     node: u64,
     tx: &Outbox,
     kind: pb::worker_message::Kind,
-    usage: &mut Vec<pb::UsageRecord>,
 ) -> Result<(), Status> {
     use pb::worker_message::Kind;
     match kind {
@@ -438,23 +643,24 @@ async fn on_message(
                     height_ms: c.height_ms,
                 })
             });
+            if let Some(c) = &coordinate {
+                hub.set_rtt(node, c.distance_ms(&Coordinate::ORIGIN));
+            }
             replica
                 .heartbeat(node, coordinate)
                 .await
                 .map_err(to_status)?;
             // The replica is a fixed landmark at the origin; the worker's RTT to it moves
             // the worker's own coordinate.
-            let _ = tx
-                .send(Ok(control(pb::control_message::Kind::HeartbeatAck(
-                    pb::HeartbeatAck {
-                        seq: hb.seq,
-                        coordinate: Some(pb::Coordinate {
-                            vec: vec![0.0; 3],
-                            height_ms: 0.0,
-                        }),
-                    },
-                ))))
-                .await;
+            let _ = tx.try_send(Ok(control(pb::control_message::Kind::HeartbeatAck(
+                pb::HeartbeatAck {
+                    seq: hb.seq,
+                    coordinate: Some(pb::Coordinate {
+                        vec: vec![0.0; 3],
+                        height_ms: 0.0,
+                    }),
+                },
+            ))));
         }
         Kind::Allocation(u) => {
             let running = u.state == pb::AllocationState::Running as i32;
@@ -473,16 +679,26 @@ async fn on_message(
             for mut r in report.records {
                 // A worker reports only its own usage.
                 r.node = node;
-                usage.push(r);
+                if !usage.record(r) {
+                    tracing::warn!(
+                        node = format!("{node:016x}"),
+                        "usage queue full; record dropped"
+                    );
+                }
             }
-            // The worker batches (one report a second); record each report at once.
-            flush_usage(replica, usage).await;
         }
         Kind::Draining(_) => {
             tracing::info!(node = format!("{node:016x}"), "worker draining");
-            set_node_state(replica, node, pb::NodeState::Draining).await;
+            hub.set_draining(node);
+            let replica = replica.clone();
+            tokio::spawn(async move {
+                set_node_state(&replica, node, pb::NodeState::Draining).await;
+            });
         }
-        Kind::FetchModule(f) => send_module(replica, tx, &f.sha256).await,
+        Kind::FetchModule(f) => {
+            let (replica, tx) = (replica.clone(), tx.clone());
+            tokio::spawn(async move { send_module(&replica, &tx, &f.sha256).await });
+        }
     }
     Ok(())
 }
@@ -497,20 +713,6 @@ async fn set_node_state(replica: &ReplicaHandle, node: u64, state: pb::NodeState
     };
     if let Err(e) = written {
         tracing::warn!(node = format!("{node:016x}"), ?state, error = %e, "node state not recorded");
-    }
-}
-
-async fn flush_usage(replica: &ReplicaHandle, usage: &mut Vec<pb::UsageRecord>) {
-    while !usage.is_empty() {
-        let records: Vec<pb::UsageRecord> = usage.drain(..usage.len().min(USAGE_BATCH)).collect();
-        let n = records.len();
-        let cmd = pb::Command {
-            request_id: Vec::new(),
-            kind: Some(pb::command::Kind::Usage(pb::UsageCmd { records })),
-        };
-        if let Err(e) = replica.write(Request::Command(cmd), WRITE_TIMEOUT).await {
-            tracing::warn!(records = n, error = %e, "usage report not recorded");
-        }
     }
 }
 
@@ -633,5 +835,56 @@ async fn reconcile(replica: ReplicaHandle, node: u64, tx: Outbox) {
             }
         }
         tokio::time::sleep(RECONCILE_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(node: u64, est_ms: f32, outstanding: usize) -> RouteCandidate {
+        RouteCandidate {
+            allocation: node * 10,
+            node,
+            est_ms,
+            outstanding,
+        }
+    }
+
+    #[test]
+    fn location_tiers() {
+        let near = Near {
+            region: "cn-east".into(),
+            zone: "shanghai".into(),
+        };
+        assert!(near.tier_ms("cn-east", "shanghai") < near.tier_ms("cn-east", "hangzhou"));
+        assert!(near.tier_ms("cn-east", "hangzhou") < near.tier_ms("cn-south", "guangzhou"));
+        assert_eq!(Near::default().tier_ms("cn-south", "x"), 0.0);
+    }
+
+    #[test]
+    fn routing_prefers_near_idle_instances() {
+        assert_eq!(choose(&[], 7), None);
+        // Two near, one far: the far one is never chosen while the near ones are idle.
+        let c = [cand(1, 1.0, 0), cand(2, 41.0, 0), cand(3, 1.5, 0)];
+        for draw in 0..1000 {
+            let i = choose(&c, mix(draw)).unwrap();
+            assert_ne!(c[i].node, 2, "draw {draw}");
+        }
+        // Among equally near instances the one with fewer calls in flight wins its pair.
+        let c = [cand(1, 1.0, 50), cand(2, 1.0, 0)];
+        for draw in 0..100 {
+            assert_eq!(c[choose(&c, mix(draw)).unwrap()].node, 2);
+        }
+        // A single near instance that is swamped sheds load to the next nearest.
+        let c = [cand(1, 1.0, 200), cand(2, 9.0, 0)];
+        assert_eq!(c[choose(&c, mix(3)).unwrap()].node, 2);
+        // Both choices are spread over the pool.
+        let c: Vec<_> = (0..8).map(|n| cand(n, 1.0, 0)).collect();
+        let mut seen = HashSet::new();
+        for draw in 0..1000 {
+            seen.insert(choose(&c, mix(draw)).unwrap());
+        }
+        assert_eq!(seen.len(), 8);
     }
 }

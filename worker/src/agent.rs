@@ -173,7 +173,6 @@ enum Event {
         sha256: String,
         result: std::result::Result<(), String>,
     },
-    Invoked(pb::InvocationResult),
 }
 
 impl Agent {
@@ -331,7 +330,7 @@ impl Agent {
                     });
                 }
             }
-            Kind::Invocation(inv) => self.invoke(inv, tx, events).await,
+            Kind::Invocation(inv) => self.invoke(inv, tx).await,
             Kind::Cancel(_) => {
                 // Invocations are bounded by their own deadline; nothing to cancel early.
             }
@@ -413,22 +412,10 @@ impl Agent {
                     self.instances.retain(|_, i| i.sha256 != sha256);
                 }
             }
-            Event::Invoked(r) => {
-                let _ = tx
-                    .send(pb::WorkerMessage {
-                        kind: Some(pb::worker_message::Kind::Result(r)),
-                    })
-                    .await;
-            }
         }
     }
 
-    async fn invoke(
-        &mut self,
-        inv: pb::Invocation,
-        tx: &mpsc::Sender<pb::WorkerMessage>,
-        events: &mpsc::Sender<Event>,
-    ) {
+    async fn invoke(&mut self, inv: pb::Invocation, tx: &mpsc::Sender<pb::WorkerMessage>) {
         let refuse = |code: &str, msg: String| pb::InvocationResult {
             invocation_id: inv.invocation_id.clone(),
             error_code: code.to_string(),
@@ -442,7 +429,9 @@ impl Agent {
                 "UNAVAILABLE",
                 format!("allocation {} is not running here", inv.allocation),
             );
-            let _ = events.send(Event::Invoked(r)).await;
+            // Straight to the outbound queue: this loop drains `events`, so queueing the
+            // refusal there could wait on itself.
+            let _ = tx.send(result_message(r)).await;
             return;
         };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
@@ -450,7 +439,7 @@ impl Agent {
                 "RESOURCE_EXHAUSTED",
                 "every sandbox slot is busy; retry on another instance".into(),
             );
-            let _ = events.send(Event::Invoked(r)).await;
+            let _ = tx.send(result_message(r)).await;
             return;
         };
         let mut limits = InvocationLimits::from_spec(&i.limits);
@@ -464,7 +453,7 @@ impl Agent {
         if let Some(dir) = &scratch {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 let r = refuse("UNAVAILABLE", format!("cannot make a scratch dir: {e}"));
-                let _ = events.send(Event::Invoked(r)).await;
+                let _ = tx.send(result_message(r)).await;
                 return;
             }
             limits.scratch_dir = Some(dir.clone());
@@ -606,6 +595,12 @@ impl Agent {
         // Give the stream a moment to carry the last messages out.
         tokio::time::sleep(Duration::from_millis(100)).await;
         tracing::info!("drained");
+    }
+}
+
+fn result_message(r: pb::InvocationResult) -> pb::WorkerMessage {
+    pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Result(r)),
     }
 }
 

@@ -38,6 +38,7 @@ impl Plane {
             advertise: addr.to_string(),
             tick: Duration::from_millis(20),
             join_token: Some(TOKEN.into()),
+            http_listen: None,
         };
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(cfg, async move {
@@ -133,7 +134,7 @@ async fn billed(client: &ClusterClient, function: &str, invocations: u64) -> pb:
             .call(|mut c| async move {
                 c.get_usage(pb::GetUsageRequest {
                     tenant: "acme".into(),
-                    read: None,
+                    ..Default::default()
                 })
                 .await
             })
@@ -151,8 +152,7 @@ async fn invoke(client: &ClusterClient, name: &str) -> Result<pb::InvokeResponse
         tenant: "acme".into(),
         function: "hello".into(),
         stdin: name.as_bytes().to_vec(),
-        args: vec![],
-        env: vec![],
+        ..Default::default()
     };
     client.invoke(req).await
 }
@@ -169,7 +169,9 @@ async fn a_worker_serves_an_invocation_and_survives_a_control_plane_restart() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let plane = Plane::start(&dir.path().join("plane"), &addr);
-    let client = ClusterClient::new(std::slice::from_ref(&addr)).unwrap();
+    let client = ClusterClient::new(std::slice::from_ref(&addr))
+        .unwrap()
+        .with_admin_token_from(vec![dir.path().join("plane")]);
     let node = Identity::load_or_create(&dir.path().join("worker"))
         .unwrap()
         .node();

@@ -20,3 +20,15 @@ pub fn cluster(dir: &std::path::Path, n: usize, extra: &[&str]) -> ReplicaProces
 
 #[allow(unused_imports)] // not every test crate deploys
 pub use stellar_load::raftbench::deploy_request as deploy;
+
+/// The cluster's bootstrap admin token, once its first leader has written it (bounded wait).
+pub async fn admin_token(cluster: &ReplicaProcesses) -> String {
+    let client = cluster.client();
+    for _ in 0..300 {
+        if let Some(t) = client.token() {
+            return t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no admin token was written within 15 s");
+}

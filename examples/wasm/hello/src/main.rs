@@ -4,7 +4,7 @@
 //!   cargo build --release --target wasm32-wasip1 --manifest-path examples/wasm/Cargo.toml
 //!   echo -n Ada | wasmtime target/wasm32-wasip1/release/hello.wasm
 //! or through StellarCloud:
-//!   stellar deploy hello examples/wasm/prebuilt/hello.wasm && echo -n Ada | stellar invoke hello
+//!   stellar deploy examples/wasm/prebuilt/hello.wasm --name hello && stellar invoke hello --data Ada
 
 use std::io::{Read, Write};
 

@@ -1,0 +1,329 @@
+//! `invoke-bench`: end-to-end invocations through the gateway. It starts a cluster on
+//! loopback as real processes (one control-plane replica and N workers, this binary's hidden
+//! `replica` and `worker` roles) or targets `--endpoint`, deploys `hello`, and drives it with
+//! many concurrent callers over several gRPC connections for a fixed time.
+//!
+//! ```text
+//!  callers ×C ─(K channels)─▶ Control.Invoke on the leader ─▶ gateway ─▶ worker stream
+//!      ◀───────────────────────── stdout + usage ◀────────────────────── wasmtime
+//! ```
+
+#![allow(clippy::disallowed_methods)] // a benchmark's timers read the clock
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use stellar_proto::v1 as pb;
+use stellar_scheduler::client::ClusterClient;
+
+use crate::wasmbench::{KillOnDrop, percentile_us};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct InvokeBenchConfig {
+    /// Measured seconds (after a one-second warm-up).
+    pub seconds: u64,
+    /// Concurrent callers.
+    pub concurrency: usize,
+    /// gRPC connections the callers share.
+    pub connections: usize,
+    /// Workers to start (ignored with `endpoint`).
+    pub workers: usize,
+    /// An existing cluster to target instead of starting one.
+    pub endpoint: Vec<String>,
+    /// The token for `endpoint` (an admin token: the bench creates its tenant).
+    pub token: Option<String>,
+    /// The `hello` module.
+    pub module: PathBuf,
+    /// This binary (for the replica and worker roles).
+    pub exe: PathBuf,
+}
+
+/// What was measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InvokeBenchReport {
+    /// Successful invocations per second over the measured window.
+    pub invocations_per_sec: f64,
+    /// Median end-to-end latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile end-to-end latency, ms.
+    pub p99_ms: f64,
+    /// Calls that failed (transport error or a function error).
+    pub errors: u64,
+    /// Concurrent callers.
+    pub concurrency: usize,
+    /// Workers serving `hello`.
+    pub workers: usize,
+    /// Measured seconds.
+    pub seconds: u64,
+}
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeBenchError {
+    /// A process or file could not be set up.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// The cluster did not get ready.
+    #[error("cluster: {0}")]
+    Cluster(String),
+}
+
+struct Cluster {
+    endpoint: String,
+    admin: ClusterClient,
+    _procs: Vec<KillOnDrop>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn spawn(exe: &Path, args: &[&str], log: &Path) -> Result<KillOnDrop, InvokeBenchError> {
+    let log = std::fs::File::create(log).map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
+    Command::new(exe)
+        .args(args)
+        .env(
+            "STELLAR_LOG",
+            std::env::var("STELLAR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(KillOnDrop)
+        .map_err(|e| InvokeBenchError::Setup(format!("{}: {e}", exe.display())))
+}
+
+fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
+    if !cfg.endpoint.is_empty() {
+        let c = ClusterClient::new(&cfg.endpoint)
+            .map_err(|e| InvokeBenchError::Setup(e.message().to_string()))?;
+        let token = cfg.token.as_deref().ok_or_else(|| {
+            InvokeBenchError::Setup("--endpoint needs --token (an admin token)".into())
+        })?;
+        return Ok(Cluster {
+            endpoint: cfg.endpoint[0].clone(),
+            admin: c.with_token(token),
+            _procs: Vec::new(),
+            _dir: None,
+        });
+    }
+    let setup = |e: &dyn std::fmt::Display| InvokeBenchError::Setup(e.to_string());
+    let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
+    let port = crate::procs::free_ports(1).map_err(|e| setup(&e))?[0];
+    let addr = format!("127.0.0.1:{port}");
+    let token = "invoke-bench-token";
+    let plane = dir.path().join("plane");
+    let mut procs = vec![spawn(
+        &cfg.exe,
+        &[
+            "replica",
+            "--id",
+            "1",
+            "--peers",
+            &format!("1={addr}"),
+            "--data-dir",
+            &plane.to_string_lossy(),
+            "--join-token",
+            token,
+        ],
+        &dir.path().join("plane.log"),
+    )?];
+    for i in 0..cfg.workers {
+        let wdir = dir.path().join(format!("worker-{i}"));
+        procs.push(spawn(
+            &cfg.exe,
+            &[
+                "worker",
+                "--join",
+                &addr,
+                "--token",
+                token,
+                "--data-dir",
+                &wdir.to_string_lossy(),
+            ],
+            &dir.path().join(format!("worker-{i}.log")),
+        )?);
+    }
+    let admin = ClusterClient::new(std::slice::from_ref(&addr))
+        .map_err(|e| setup(&e.message()))?
+        .with_admin_token_from(vec![plane]);
+    Ok(Cluster {
+        endpoint: addr,
+        admin,
+        _procs: procs,
+        _dir: Some(dir),
+    })
+}
+
+async fn prepare(
+    cfg: &InvokeBenchConfig,
+    c: &Cluster,
+) -> Result<(String, usize), InvokeBenchError> {
+    let fail = |e: &dyn std::fmt::Display| InvokeBenchError::Cluster(e.to_string());
+    let wasm = std::fs::read(&cfg.module)
+        .map_err(|e| InvokeBenchError::Setup(format!("{}: {e}", cfg.module.display())))?;
+    // Wait for the workers to register.
+    let want = if cfg.endpoint.is_empty() {
+        cfg.workers
+    } else {
+        1
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let nodes = loop {
+        let ready = c
+            .admin
+            .call(|mut cl| async move {
+                cl.list_nodes(pb::ListNodesRequest {
+                    state: pb::NodeState::Ready as i32,
+                    ..Default::default()
+                })
+                .await
+            })
+            .await
+            .map(|r| r.total as usize)
+            .unwrap_or(0);
+        if ready >= want {
+            break ready;
+        }
+        if Instant::now() > deadline {
+            return Err(fail(&format!("{ready} of {want} workers ready after 60 s")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let tenant_token = stellar_scheduler::auth::new_token().map_err(|e| fail(&e))?;
+    let sha = stellar_scheduler::auth::token_hash(&tenant_token).to_vec();
+    let tenant = format!("bench-{}", &hex::encode(&sha)[..8]);
+    c.admin
+        .call(|mut cl| {
+            let req = pb::CreateTenantRequest {
+                request_id: sha.clone(),
+                name: tenant.clone(),
+                token_sha256: sha.clone(),
+            };
+            async move { cl.create_tenant(req).await }
+        })
+        .await
+        .map_err(|e| fail(&e.message()))?;
+    let client = c.admin.with_token(&tenant_token);
+    let replicas = nodes.min(cfg.workers.max(1)) as u32;
+    client
+        .deploy(pb::DeployRequest {
+            request_id: b"invoke-bench-hello".to_vec(),
+            name: "hello".into(),
+            module: wasm,
+            limits: Some(pb::FunctionLimits {
+                cpu_millis: 10,
+                memory_mib: 16,
+                timeout_ms: 2000,
+                ..Default::default()
+            }),
+            replicas,
+            idempotent: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| fail(&e.message()))?;
+    // Until an instance answers (the module is fetched and compiled first).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.invoke(hello()).await {
+            Ok(r) if r.error_code.is_empty() => break,
+            other => {
+                if Instant::now() > deadline {
+                    return Err(fail(&format!("`hello` not served after 60 s: {other:?}")));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((tenant_token, replicas as usize))
+}
+
+fn hello() -> pb::InvokeRequest {
+    pb::InvokeRequest {
+        function: "hello".into(),
+        stdin: b"bench".to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Runs the benchmark; `log` gets progress lines.
+pub fn run(
+    cfg: &InvokeBenchConfig,
+    log: &mut dyn FnMut(&str),
+) -> Result<InvokeBenchReport, InvokeBenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
+    log(&if cfg.endpoint.is_empty() {
+        format!(
+            "starting 1 control-plane replica and {} worker(s) on loopback",
+            cfg.workers
+        )
+    } else {
+        format!("targeting {}", cfg.endpoint.join(","))
+    });
+    let cluster = start_cluster(cfg)?;
+    let (token, workers) = rt.block_on(prepare(cfg, &cluster))?;
+    log(&format!(
+        "`hello` served by {workers} instance(s); {} callers over {} connection(s) for 1 + {} s",
+        cfg.concurrency, cfg.connections, cfg.seconds
+    ));
+    let clients: Vec<ClusterClient> = (0..cfg.connections.max(1))
+        .map(|_| {
+            ClusterClient::new(std::slice::from_ref(&cluster.endpoint))
+                .map(|c| c.with_token(&token))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| InvokeBenchError::Setup(e.message().to_string()))?;
+    let errors = Arc::new(AtomicU64::new(0));
+    let (lat, window) = rt.block_on(async {
+        let start = Instant::now();
+        let warm_until = start + Duration::from_secs(1);
+        let end = warm_until + Duration::from_secs(cfg.seconds);
+        let mut tasks = Vec::new();
+        for i in 0..cfg.concurrency {
+            let client = clients[i % clients.len()].clone();
+            let errors = errors.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat: Vec<u32> = Vec::new();
+                loop {
+                    let t = Instant::now();
+                    if t >= end {
+                        break;
+                    }
+                    let r = client.invoke(hello()).await;
+                    let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    let ok = matches!(&r, Ok(r) if r.error_code.is_empty());
+                    if t >= warm_until {
+                        if ok {
+                            lat.push(us);
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                lat
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        (all, end.saturating_duration_since(warm_until))
+    });
+    let mut lat = lat;
+    lat.sort_unstable();
+    Ok(InvokeBenchReport {
+        invocations_per_sec: lat.len() as f64 / window.as_secs_f64().max(1e-9),
+        p50_ms: percentile_us(&lat, 0.5) / 1000.0,
+        p99_ms: percentile_us(&lat, 0.99) / 1000.0,
+        errors: errors.load(Ordering::Relaxed),
+        concurrency: cfg.concurrency,
+        workers,
+        seconds: cfg.seconds,
+    })
+}

@@ -1,0 +1,110 @@
+//! Usage records on their way into the replicated ledger: the gateway hands over each
+//! invocation's record as its answer arrives, the worker's batched reports follow (the ledger
+//! deduplicates by invocation id, so the second copy counts nothing), and one writer task
+//! turns them into `Usage` commands of up to [`USAGE_BATCH`] records.
+//!
+//! ```text
+//!  InvocationResult.usage ──┐
+//!  UsageReport (worker) ────┴─▶ bounded queue ─▶ writer: batch ≤ 1024 / 20 ms ─▶ Raft
+//! ```
+
+use std::time::Duration;
+
+use stellar_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::node::ReplicaHandle;
+use crate::replica::Request;
+use crate::service::WRITE_TIMEOUT;
+
+/// Usage records per Raft command.
+pub const USAGE_BATCH: usize = 1024;
+/// Records waiting for the writer; past it new ones are dropped here (and counted later
+/// from the worker's own report).
+const QUEUE: usize = 65_536;
+/// How long the writer gathers a batch once the first record arrived.
+const LINGER: Duration = Duration::from_millis(20);
+/// Attempts per batch while this replica still leads.
+const ATTEMPTS: u32 = 3;
+
+/// The sending side of the usage queue.
+#[derive(Debug, Clone)]
+pub struct UsageWriter {
+    tx: mpsc::Sender<pb::UsageRecord>,
+}
+
+impl UsageWriter {
+    /// Starts the writer task on the current runtime.
+    pub fn spawn(replica: ReplicaHandle) -> UsageWriter {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(replica, rx));
+        UsageWriter { tx }
+    }
+
+    /// Queues a record; false if the queue is full or the writer stopped.
+    pub fn record(&self, r: pb::UsageRecord) -> bool {
+        self.tx.try_send(r).is_ok()
+    }
+}
+
+async fn write_loop(replica: ReplicaHandle, mut rx: mpsc::Receiver<pb::UsageRecord>) {
+    while let Some(first) = rx.recv().await {
+        let mut records = vec![first];
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while records.len() < USAGE_BATCH {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => records.push(r),
+                    None => break,
+                },
+                _ = &mut linger => break,
+            }
+        }
+        write_batch(&replica, records).await;
+    }
+}
+
+async fn write_batch(replica: &ReplicaHandle, records: Vec<pb::UsageRecord>) {
+    if let Err(crate::Error::Apply(e)) = try_batch(replica, records.clone()).await {
+        // One bad record refuses its whole command: record the others one by one.
+        tracing::warn!(records = records.len(), error = %e, "usage batch refused; recording its records one by one");
+        for r in records {
+            let id = hex::encode(&r.invocation_id);
+            if let Err(e) = try_batch(replica, vec![r]).await {
+                tracing::warn!(invocation = %id, error = %e, "usage record refused");
+            }
+        }
+    }
+}
+
+async fn try_batch(replica: &ReplicaHandle, records: Vec<pb::UsageRecord>) -> crate::Result<()> {
+    let n = records.len();
+    let cmd = pb::Command {
+        request_id: Vec::new(),
+        kind: Some(pb::command::Kind::Usage(pb::UsageCmd {
+            records,
+            unix_ms: crate::clock::unix_ms(),
+        })),
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match replica
+            .write(Request::Command(cmd.clone()), WRITE_TIMEOUT)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e @ crate::Error::Apply(_)) => return Err(e),
+            Err(e) if attempt < ATTEMPTS && replica.info().is_leader => {
+                tracing::debug!(records = n, error = %e, "usage batch not recorded yet; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                // Known gap: workers do not keep records until acknowledged.
+                tracing::warn!(records = n, error = %e, "usage batch lost: not recorded on this replica");
+                return Err(e);
+            }
+        }
+    }
+}
