@@ -165,8 +165,13 @@ pub fn choose(cands: &[RouteCandidate], draw: u64) -> Option<usize> {
     }
     let cost = |i: usize| cands[i].est_ms + cands[i].outstanding as f32 * QUEUE_COST_MS;
     let n = pool.len() as u64;
-    let a = pool[(draw % n) as usize];
-    let b = pool[((draw / n + 1 + draw % n) % n) as usize];
+    let ia = draw % n;
+    if n == 1 {
+        return Some(pool[0]);
+    }
+    // The second choice is always another candidate.
+    let ib = (ia + 1 + (draw / n) % (n - 1)) % n;
+    let (a, b) = (pool[ia as usize], pool[ib as usize]);
     Some(if cost(b) < cost(a) { b } else { a })
 }
 
