@@ -184,6 +184,9 @@ async fn scenario(c: &DevCluster) -> Result<(), String> {
         );
         crate::functions::print_reasons(&r.placements);
     }
+    println!(
+        "      (all three workers are on loopback here, so every estimated RTT is ~0 ms and the\n       latency stage ties; on real networks the workers' Vivaldi coordinates separate them)"
+    );
     let cold = deploy(&client, "greeter", HELLO, 16, 0, None).await?;
     println!(
         "      `greeter` v{}: {} replicas (scaled to zero: placed on its first call)",

@@ -99,9 +99,11 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn init_logging() {
+/// Logs to stderr at `STELLAR_LOG`, else `default` (servers: info; client commands and the
+/// demo: warn, so their own output stays readable).
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -112,7 +114,11 @@ fn init_logging() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let servers = matches!(
+        cli.command,
+        Command::Scheduler(_) | Command::Worker(_) | Command::Dev(_)
+    );
+    init_logging(if servers { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

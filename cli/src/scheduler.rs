@@ -23,6 +23,7 @@ EXAMPLES:
 
 On restart the data dir's stored membership is authoritative: --peers may be omitted, and a
 list that contradicts it is refused. Logs go to stderr; set STELLAR_LOG=debug for more.
+TOKIO_WORKER_THREADS sets the async runtime's threads (default: one per core).
 
 The first leader of a new cluster writes an admin token to its data dir (admin.token, mode
 0600); client commands use it with --token or STELLAR_TOKEN, e.g. to create tenants.")]

@@ -18,7 +18,8 @@ The worker only dials out: it works behind NAT and never listens. Its identity (
 key, mode 0600) and its compiled-module cache live in --data-dir; keep the directory to stay
 the same node across restarts. SIGTERM drains: no new invocations, in-flight ones finish (up
 to --drain-timeout-secs), usage is reported, then it exits. Logs go to stderr; set
-STELLAR_LOG=debug for more.")]
+STELLAR_LOG=debug for more. TOKIO_WORKER_THREADS sets the async runtime's threads (default: one
+per core).")]
 pub struct WorkerArgs {
     /// Control-plane replicas to dial, comma-separated HOST:PORT.
     #[arg(long, value_delimiter = ',', required = true)]

@@ -30,6 +30,9 @@ pub struct InvokeBenchConfig {
     pub concurrency: usize,
     /// gRPC connections the callers share.
     pub connections: usize,
+    /// Async runtime threads per process (the bench's and each spawned replica's and
+    /// worker's, through `TOKIO_WORKER_THREADS`); 0 = tokio's default, one per core.
+    pub runtime_threads: usize,
     /// Workers to start (ignored with `endpoint`).
     pub workers: usize,
     /// An existing cluster to target instead of starting one.
@@ -57,6 +60,8 @@ pub struct InvokeBenchReport {
     pub concurrency: usize,
     /// Workers serving `hello`.
     pub workers: usize,
+    /// Async runtime threads per process (0 = one per core).
+    pub runtime_threads: usize,
     /// Measured seconds.
     pub seconds: u64,
 }
@@ -79,10 +84,18 @@ struct Cluster {
     _dir: Option<tempfile::TempDir>,
 }
 
-fn spawn(exe: &Path, args: &[&str], log: &Path) -> Result<KillOnDrop, InvokeBenchError> {
+fn spawn(
+    exe: &Path,
+    args: &[&str],
+    log: &Path,
+    runtime_threads: usize,
+) -> Result<KillOnDrop, InvokeBenchError> {
     let log = std::fs::File::create(log).map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
-    Command::new(exe)
-        .args(args)
+    let mut cmd = Command::new(exe);
+    if runtime_threads > 0 {
+        cmd.env("TOKIO_WORKER_THREADS", runtime_threads.to_string());
+    }
+    cmd.args(args)
         .env(
             "STELLAR_LOG",
             std::env::var("STELLAR_LOG").unwrap_or_else(|_| "warn".into()),
@@ -129,6 +142,7 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
             token,
         ],
         &dir.path().join("plane.log"),
+        cfg.runtime_threads,
     )?];
     for i in 0..cfg.workers {
         let wdir = dir.path().join(format!("worker-{i}"));
@@ -144,6 +158,7 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
                 &wdir.to_string_lossy(),
             ],
             &dir.path().join(format!("worker-{i}.log")),
+            cfg.runtime_threads,
         )?);
     }
     let admin = ClusterClient::new(std::slice::from_ref(&addr))
@@ -254,7 +269,11 @@ pub fn run(
     cfg: &InvokeBenchConfig,
     log: &mut dyn FnMut(&str),
 ) -> Result<InvokeBenchReport, InvokeBenchError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.runtime_threads > 0 {
+        builder.worker_threads(cfg.runtime_threads);
+    }
+    let rt = builder
         .enable_all()
         .build()
         .map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
@@ -266,6 +285,7 @@ pub fn run(
     } else {
         format!("targeting {}", cfg.endpoint.join(","))
     });
+    let _runtime = rt.enter(); // clients connect lazily on this runtime
     let cluster = start_cluster(cfg)?;
     let (token, workers) = rt.block_on(prepare(cfg, &cluster))?;
     log(&format!(
@@ -324,6 +344,7 @@ pub fn run(
         errors: errors.load(Ordering::Relaxed),
         concurrency: cfg.concurrency,
         workers,
+        runtime_threads: cfg.runtime_threads,
         seconds: cfg.seconds,
     })
 }

@@ -74,11 +74,17 @@ struct InvokeBenchArgs {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Concurrent callers.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 12)]
     concurrency: usize,
     /// gRPC connections the callers share.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// Async runtime threads per process: the bench's and each spawned replica's and
+    /// worker's (TOKIO_WORKER_THREADS). Four processes share this machine's cores; one
+    /// thread each avoids their runtimes waking and stealing across each other. 0 = one per
+    /// core.
+    #[arg(long, default_value_t = 1)]
+    runtime_threads: usize,
     /// Workers to start on loopback.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -328,6 +334,7 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
         seconds: args.seconds.max(1),
         concurrency: args.concurrency.max(1),
         connections: args.connections.max(1),
+        runtime_threads: args.runtime_threads,
         workers: args.workers.max(1),
         endpoint: args.endpoint,
         token: args.token,
@@ -349,18 +356,20 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
                         "errors": r.errors,
                         "concurrency": r.concurrency,
                         "workers": r.workers,
+                        "runtime_threads": r.runtime_threads,
                         "seconds": r.seconds,
                     })
                 );
             } else {
                 println!(
-                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  ({} callers, {} worker(s), {} s)",
+                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  ({} callers, {} worker(s), {} runtime thread(s) per process, {} s)",
                     r.invocations_per_sec,
                     r.p50_ms,
                     r.p99_ms,
                     r.errors,
                     r.concurrency,
                     r.workers,
+                    r.runtime_threads,
                     r.seconds
                 );
             }

@@ -129,3 +129,33 @@ fn bad_arguments_fail_with_a_message() {
     let out = sim(&["--nodes", "0"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `invoke-bench` end to end on real processes (short): one JSON object with the fields the
+/// issue names, and every call answered.
+#[test]
+fn invoke_bench_prints_one_json_object_and_no_errors() {
+    let out = Command::new(env!("CARGO_BIN_EXE_stellar-load"))
+        .args([
+            "invoke-bench",
+            "--seconds",
+            "1",
+            "--concurrency",
+            "4",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for k in ["invocations_per_sec", "p50_ms", "p99_ms", "errors"] {
+        assert!(v.get(k).is_some(), "missing {k}: {v}");
+    }
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["invocations_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+}
