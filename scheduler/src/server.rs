@@ -78,7 +78,7 @@ pub async fn serve(
     transport.attach(handle.clone());
     let heartbeat_ms = (cfg.tick.as_millis() as u32).saturating_mul(20).max(100);
     let hub = WorkerHub::new();
-    let usage = UsageWriter::spawn(handle.clone());
+    let usage = UsageWriter::spawn(handle.clone(), hub.clone());
     let gateway = std::sync::Arc::new(Gateway::new(handle.clone(), hub.clone(), usage.clone()));
     let auth = std::sync::Arc::new(TokenCache::new(handle.clone()));
     tokio::spawn(crate::auth::bootstrap_admin(

@@ -6,7 +6,12 @@
 //! ```text
 //!  InvocationResult.usage ──┐
 //!  UsageReport (worker) ────┴─▶ bounded queue ─▶ writer: batch ≤ 1024 / 20 ms ─▶ Raft
+//!                                     UsageAck(ids) to each node's worker ◀─ committed
 //! ```
+//!
+//! A worker keeps every record until it is acknowledged and reports it again when the
+//! acknowledgement is late, so a leader that fails between a result and its commit loses
+//! nothing: the next leader gets the record from the worker.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::node::ReplicaHandle;
 use crate::replica::Request;
 use crate::service::WRITE_TIMEOUT;
+use crate::workers::WorkerHub;
 
 /// Usage records per Raft command.
 pub const USAGE_BATCH: usize = 1024;
@@ -34,10 +40,11 @@ pub struct UsageWriter {
 }
 
 impl UsageWriter {
-    /// Starts the writer task on the current runtime.
-    pub fn spawn(replica: ReplicaHandle) -> UsageWriter {
+    /// Starts the writer task on the current runtime; committed records are acknowledged
+    /// to their workers through `hub`.
+    pub fn spawn(replica: ReplicaHandle, hub: std::sync::Arc<WorkerHub>) -> UsageWriter {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(replica, rx));
+        tokio::spawn(write_loop(replica, hub, rx));
         UsageWriter { tx }
     }
 
@@ -47,7 +54,11 @@ impl UsageWriter {
     }
 }
 
-async fn write_loop(replica: ReplicaHandle, mut rx: mpsc::Receiver<pb::UsageRecord>) {
+async fn write_loop(
+    replica: ReplicaHandle,
+    hub: std::sync::Arc<WorkerHub>,
+    mut rx: mpsc::Receiver<pb::UsageRecord>,
+) {
     while let Some(first) = rx.recv().await {
         let mut records = vec![first];
         let linger = tokio::time::sleep(LINGER);
@@ -61,20 +72,34 @@ async fn write_loop(replica: ReplicaHandle, mut rx: mpsc::Receiver<pb::UsageReco
                 _ = &mut linger => break,
             }
         }
-        write_batch(&replica, records).await;
+        let ids: Vec<(u64, Vec<u8>)> = records
+            .iter()
+            .map(|r| (r.node, r.invocation_id.clone()))
+            .collect();
+        if write_batch(&replica, records).await {
+            hub.ack_usage(ids);
+        }
     }
 }
 
-async fn write_batch(replica: &ReplicaHandle, records: Vec<pb::UsageRecord>) {
-    if let Err(crate::Error::Apply(e)) = try_batch(replica, records.clone()).await {
-        // One bad record refuses its whole command: record the others one by one.
-        tracing::warn!(records = records.len(), error = %e, "usage batch refused; recording its records one by one");
-        for r in records {
-            let id = hex::encode(&r.invocation_id);
-            if let Err(e) = try_batch(replica, vec![r]).await {
-                tracing::warn!(invocation = %id, error = %e, "usage record refused");
+/// Records a batch; true when every record is now in the ledger (or refused for good, so
+/// the worker may forget it too).
+async fn write_batch(replica: &ReplicaHandle, records: Vec<pb::UsageRecord>) -> bool {
+    match try_batch(replica, records.clone()).await {
+        Ok(()) => true,
+        Err(crate::Error::Apply(e)) => {
+            // One bad record refuses its whole command: record the others one by one.
+            tracing::warn!(records = records.len(), error = %e, "usage batch refused; recording its records one by one");
+            for r in records {
+                let id = hex::encode(&r.invocation_id);
+                if let Err(e) = try_batch(replica, vec![r]).await {
+                    tracing::warn!(invocation = %id, error = %e, "usage record refused");
+                }
             }
+            true
         }
+        // Not recorded here: the workers keep the records and report them again.
+        Err(_) => false,
     }
 }
 
@@ -101,8 +126,7 @@ async fn try_batch(replica: &ReplicaHandle, records: Vec<pb::UsageRecord>) -> cr
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => {
-                // Known gap: workers do not keep records until acknowledged.
-                tracing::warn!(records = n, error = %e, "usage batch lost: not recorded on this replica");
+                tracing::warn!(records = n, error = %e, "usage batch not recorded on this replica; the workers will report it again");
                 return Err(e);
             }
         }

@@ -10,8 +10,9 @@
 //!         ─FetchModule───────▶ module from the replicated state, in 1 MiB chunks
 //!         ─AllocationUpdate──▶ RUNNING marks the instance ready for invocations
 //!         ─Heartbeat─────────▶ leader soft state (liveness, coordinate) ◀─HeartbeatAck (RTT)
-//!  Invoke ─▶ pick a ready instance (fewest outstanding of two random) ─Invocation─▶ worker
-//!         ◀─InvocationResult── answered to the caller; UsageReport ─▶ Usage command (Raft)
+//!  Invoke ─▶ gateway picks a ready instance (workers::choose) ─Invocation─▶ worker
+//!         ◀─InvocationResult── answered to the caller; its usage ─▶ UsageWriter (Raft)
+//!         ─UsageReport───────▶ records not acknowledged in time ◀─UsageAck── once committed
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -364,6 +365,27 @@ impl WorkerHub {
                 l.outstanding = l.outstanding.saturating_sub(1);
             }
             let _ = p.reply.send(Ok(result));
+        }
+    }
+
+    /// Tells workers that these (node, invocation id) usage records are committed, so they
+    /// stop keeping them. Best effort: a worker whose queue is full reports them again, and
+    /// the ledger dedupes.
+    pub fn ack_usage(&self, records: Vec<(u64, Vec<u8>)>) {
+        let mut by_node: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+        for (node, id) in records {
+            by_node.entry(node).or_default().push(id);
+        }
+        let Ok(links) = self.links.lock() else {
+            return;
+        };
+        for (node, invocation_ids) in by_node {
+            if let Some(l) = links.get(&node) {
+                let _ =
+                    l.tx.try_send(Ok(control(pb::control_message::Kind::UsageAck(
+                        pb::UsageAck { invocation_ids },
+                    ))));
+            }
         }
     }
 

@@ -86,7 +86,53 @@ struct Agent {
     vivaldi_cfg: VivaldiConfig,
     rng: rand_pcg::Pcg64,
     slots: Arc<Semaphore>,
-    usage: Arc<Mutex<Vec<pb::UsageRecord>>>,
+    usage: Arc<Mutex<Unacked>>,
+}
+
+/// Usage records not yet acknowledged by the control plane, by invocation id, with the
+/// usage ticks each has waited. The gateway records usage from each result and acknowledges
+/// it within milliseconds; a record still here after [`RESEND_AFTER_TICKS`] is reported
+/// again (after a leader change, or on a new connection).
+#[derive(Default)]
+struct Unacked {
+    records: std::collections::BTreeMap<Vec<u8>, (pb::UsageRecord, u32)>,
+}
+
+/// Usage ticks (one a second) a record waits for its acknowledgement before it is resent.
+const RESEND_AFTER_TICKS: u32 = 2;
+/// Records kept for acknowledgement at most; past it the oldest are reported one last time.
+const MAX_UNACKED: usize = 200_000;
+
+impl Unacked {
+    fn add(&mut self, r: pb::UsageRecord) {
+        if self.records.len() >= MAX_UNACKED {
+            tracing::warn!(
+                kept = MAX_UNACKED,
+                "usage acknowledgements are not arriving; forgetting the oldest record"
+            );
+            let oldest = self
+                .records
+                .iter()
+                .max_by_key(|(_, (_, age))| *age)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.records.remove(&k);
+            }
+        }
+        self.records.insert(r.invocation_id.clone(), (r, 0));
+    }
+
+    /// The records to report now (all of them when `all`), ageing the rest.
+    fn due(&mut self, all: bool) -> Vec<pb::UsageRecord> {
+        let mut out = Vec::new();
+        for (r, age) in self.records.values_mut() {
+            *age += 1;
+            if all || *age > RESEND_AFTER_TICKS {
+                out.push(r.clone());
+            }
+        }
+        out
+    }
 }
 
 /// Runs the worker until `shutdown` resolves (then drains) or it is refused for good.
@@ -121,7 +167,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         attributes,
         instances: HashMap::new(),
         slots: Arc::new(Semaphore::new(slots)),
-        usage: Arc::new(Mutex::new(Vec::new())),
+        usage: Arc::new(Mutex::new(Unacked::default())),
         cfg,
     };
     tokio::pin!(shutdown);
@@ -234,6 +280,8 @@ impl Agent {
             node = format!("{:016x}", self.identity.node()),
             "registered with the control plane"
         );
+        // Whatever usage the last connection left unacknowledged goes out first.
+        self.flush_usage(&tx, true).await;
         // Instances survive a reconnect, but the control plane re-sends what this node
         // should run; until then nothing is reported ready.
         for i in self.instances.values_mut() {
@@ -265,7 +313,7 @@ impl Agent {
                     sent_at.retain(|s, _| *s + 16 > seq);
                     let _ = tx.send(self.heartbeat(seq)).await;
                 }
-                _ = usage_tick.tick() => self.flush_usage(&tx).await,
+                _ = usage_tick.tick() => self.flush_usage(&tx, false).await,
                 _ = shutdown.as_mut() => {
                     self.drain(&tx, &mut events).await;
                     return (Ended::Shutdown, true);
@@ -331,6 +379,13 @@ impl Agent {
                 }
             }
             Kind::Invocation(inv) => self.invoke(inv, tx).await,
+            Kind::UsageAck(ack) => {
+                if let Ok(mut u) = self.usage.lock() {
+                    for id in ack.invocation_ids {
+                        u.records.remove(&id);
+                    }
+                }
+            }
             Kind::Cancel(_) => {
                 // Invocations are bounded by their own deadline; nothing to cancel early.
             }
@@ -491,7 +546,7 @@ impl Agent {
                 exit_code: m.exit_code,
             };
             if let Ok(mut u) = usage.lock() {
-                u.push(record.clone());
+                u.add(record.clone());
             }
             let (error_code, error_message) = match &out.result {
                 Ok(()) => (String::new(), String::new()),
@@ -541,21 +596,22 @@ impl Agent {
         }
     }
 
-    async fn flush_usage(&self, tx: &mpsc::Sender<pb::WorkerMessage>) {
-        let records: Vec<pb::UsageRecord> = match self.usage.lock() {
-            Ok(mut u) if !u.is_empty() => std::mem::take(&mut *u),
-            _ => return,
+    /// Reports the records whose acknowledgement is overdue (every unacknowledged one when
+    /// `all`); they stay kept until acknowledged.
+    async fn flush_usage(&self, tx: &mpsc::Sender<pb::WorkerMessage>, all: bool) {
+        let records = match self.usage.lock() {
+            Ok(mut u) => u.due(all),
+            Err(_) => return,
         };
-        let msg = pb::WorkerMessage {
-            kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport { records })),
-        };
-        if let Err(mpsc::error::SendError(pb::WorkerMessage {
-            kind: Some(pb::worker_message::Kind::Usage(r)),
-        })) = tx.send(msg).await
-            && let Ok(mut u) = self.usage.lock()
-        {
-            // Not sent: keep the records for the next connection.
-            u.extend(r.records);
+        for chunk in records.chunks(1024) {
+            let msg = pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport {
+                    records: chunk.to_vec(),
+                })),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -591,7 +647,7 @@ impl Agent {
                 }
             }
         }
-        self.flush_usage(tx).await;
+        self.flush_usage(tx, true).await;
         // Give the stream a moment to carry the last messages out.
         tokio::time::sleep(Duration::from_millis(100)).await;
         tracing::info!("drained");
@@ -671,4 +727,38 @@ fn total_memory_mib() -> u64 {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(1024, |kb| kb / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> pb::UsageRecord {
+        pb::UsageRecord {
+            invocation_id: id.as_bytes().to_vec(),
+            fuel: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn usage_is_kept_until_acknowledged_and_resent_when_late() {
+        let mut u = Unacked::default();
+        u.add(record("a"));
+        u.add(record("b"));
+        // Fresh records wait for the gateway's acknowledgement.
+        assert!(u.due(false).is_empty());
+        assert!(u.due(false).is_empty());
+        // Late: reported again, and again each tick until acknowledged.
+        u.records.remove(b"a".as_slice());
+        let late: Vec<_> = u.due(false).into_iter().map(|r| r.invocation_id).collect();
+        assert_eq!(late, vec![b"b".to_vec()]);
+        assert_eq!(u.due(false).len(), 1);
+        // A new connection reports everything still unacknowledged at once.
+        u.add(record("c"));
+        assert_eq!(u.due(true).len(), 2);
+        u.records.remove(b"b".as_slice());
+        u.records.remove(b"c".as_slice());
+        assert!(u.due(true).is_empty());
+    }
 }
