@@ -102,6 +102,10 @@ pub async fn serve(
             ));
             let mut closed = hub.closed();
             Some(tokio::spawn(async move {
+                use axum::serve::ListenerExt;
+                let l = l.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let r = axum::serve(l, router)
                     .with_graceful_shutdown(async move {
                         let _ = closed.wait_for(|c| *c).await;
@@ -161,8 +165,11 @@ pub async fn serve(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        // TCP_NODELAY on every accepted connection (the builder's own setting applies only
+        // to listeners it binds): a worker's stream carries small messages both ways, and
+        // Nagle's algorithm would hold one behind the peer's delayed ACK for ~40 ms.
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         );
     tokio::pin!(server);

@@ -600,7 +600,17 @@ impl Agent {
     /// `all`); they stay kept until acknowledged.
     async fn flush_usage(&self, tx: &mpsc::Sender<pb::WorkerMessage>, all: bool) {
         let records = match self.usage.lock() {
-            Ok(mut u) => u.due(all),
+            Ok(mut u) => {
+                let due = u.due(all);
+                if !due.is_empty() {
+                    tracing::debug!(
+                        kept = u.records.len(),
+                        resent = due.len(),
+                        "usage records not acknowledged in time; reporting them again"
+                    );
+                }
+                due
+            }
             Err(_) => return,
         };
         for chunk in records.chunks(1024) {
