@@ -428,16 +428,19 @@ pub async fn status(a: NameArgs) -> Result<(), String> {
     if !f.allocations.is_empty() {
         println!("{:<12} {:<18} {:<8} READY", "ALLOCATION", "NODE", "STATE");
         for al in &f.allocations {
+            // Committed state, refined by the leader's view: a pending one that its worker
+            // reported ready is running.
+            let ready = f.ready.contains(&al.id);
+            let state = match allocation_state(al.state) {
+                "pending" if ready => "running",
+                s => s,
+            };
             println!(
                 "{:<12} {:<18} {:<8} {}",
                 al.id,
                 node_id(al.node),
-                allocation_state(al.state),
-                if f.ready.contains(&al.id) {
-                    "yes"
-                } else {
-                    "no"
-                }
+                state,
+                if ready { "yes" } else { "no" }
             );
         }
     }
@@ -543,7 +546,7 @@ pub async fn logs(a: LogsArgs) -> Result<(), String> {
         };
         println!(
             "{} {} node {} {} µs {} fuel {} B out — {}",
-            l.unix_ms,
+            crate::connect::utc(l.unix_ms),
             String::from_utf8_lossy(&l.invocation_id),
             node_id(l.node),
             l.wall_us,
