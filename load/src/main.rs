@@ -80,10 +80,9 @@ struct InvokeBenchArgs {
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// Async runtime threads per process: the bench's and each spawned replica's and
-    /// worker's (TOKIO_WORKER_THREADS). Four processes share this machine's cores; one
-    /// thread each avoids their runtimes waking and stealing across each other. 0 = one per
-    /// core.
-    #[arg(long, default_value_t = 1)]
+    /// worker's (TOKIO_WORKER_THREADS). 0 = tokio's default, one per core, as the `stellar`
+    /// binary ships.
+    #[arg(long, default_value_t = 0)]
     runtime_threads: usize,
     /// Workers to start on loopback.
     #[arg(long, default_value_t = 2)]
