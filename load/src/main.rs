@@ -361,14 +361,18 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
                 );
             } else {
                 println!(
-                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  ({} callers, {} worker(s), {} runtime thread(s) per process, {} s)",
+                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  ({} callers, {} worker(s), runtime threads per process: {}, {} s)",
                     r.invocations_per_sec,
                     r.p50_ms,
                     r.p99_ms,
                     r.errors,
                     r.concurrency,
                     r.workers,
-                    r.runtime_threads,
+                    if r.runtime_threads == 0 {
+                        "one per core".to_string()
+                    } else {
+                        r.runtime_threads.to_string()
+                    },
                     r.seconds
                 );
             }
