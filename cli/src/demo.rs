@@ -26,7 +26,7 @@ and the home nodes of a city count the words of the text near the people who ask
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Needs nothing but this binary: free loopback ports, a temporary \
-directory (removed afterwards, or kept with --keep), and about ten seconds."
+directory (removed afterwards, or kept with --keep), and a few seconds."
 )]
 pub struct DemoArgs {
     /// Keep the demo's data directory instead of removing it.

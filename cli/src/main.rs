@@ -35,7 +35,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
     long_about = None,
     after_help = "\
 GETTING STARTED:
-  stellar demo                  # the whole system in one command (about 10 s)
+  stellar demo                  # the whole system in one command (a few seconds)
   stellar dev                   # a local cluster to deploy to; prints its endpoint and tokens
 
 Client commands find the cluster with --endpoint/STELLAR_ENDPOINT and authenticate with
