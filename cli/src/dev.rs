@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use stellar_proto::v1 as pb;
 use stellar_scheduler::ReplicaConfig;
-use stellar_scheduler::auth::{new_token, read_admin_token, token_hash};
+use stellar_scheduler::auth::{new_token, read_admin_token, token_hash, write_secret};
 use stellar_scheduler::client::ClusterClient;
 use stellar_scheduler::server::{ServerConfig, serve};
 use stellar_worker::{AgentConfig, SandboxConfig};
@@ -97,18 +97,7 @@ fn kept_secret(path: &Path) -> Result<String, String> {
         }
     }
     let t = new_token().map_err(|e| e.to_string())?;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    f.write_all(t.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    write_secret(path, &t).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(t)
 }
 

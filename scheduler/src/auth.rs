@@ -199,7 +199,8 @@ pub fn read_admin_token(dir: &Path) -> Option<String> {
     (!t.is_empty()).then(|| t.to_string())
 }
 
-fn write_secret(path: &Path, token: &str) -> std::io::Result<()> {
+/// Writes a secret to `path` atomically (temp file, fsync, rename, dir fsync), mode 0600.
+pub fn write_secret(path: &Path, token: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::OpenOptions::new()

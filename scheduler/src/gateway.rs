@@ -93,16 +93,7 @@ impl GatewayError {
 
     /// The HTTP status for this error.
     pub fn http_status(&self) -> u16 {
-        match self {
-            GatewayError::NotFound(_) => 404,
-            GatewayError::InvalidArgument(_) => 400,
-            GatewayError::NoReadyInstance(_)
-            | GatewayError::NoCapacity(_)
-            | GatewayError::NotLeader { .. }
-            | GatewayError::Unavailable(_) => 503,
-            GatewayError::WorkerLost(_) => 502,
-            GatewayError::Timeout(_) => 504,
-        }
+        http_status_of(self.code())
     }
 
     /// The gRPC status, with the leader hint for NotLeader and the stable code in
@@ -129,6 +120,17 @@ impl GatewayError {
             s.metadata_mut().insert(ERROR_METADATA, v);
         }
         s
+    }
+}
+
+/// The HTTP status for a gateway error code (also for codes read back from gRPC metadata).
+pub fn http_status_of(code: &str) -> u16 {
+    match code {
+        "NOT_FOUND" => 404,
+        "INVALID_ARGUMENT" => 400,
+        "WORKER_LOST" => 502,
+        "DEADLINE_EXCEEDED" => 504,
+        _ => 503,
     }
 }
 

@@ -24,7 +24,7 @@ use tonic::Code;
 
 use crate::auth::{TokenCache, parse_bearer};
 use crate::client::ClusterClient;
-use crate::gateway::{ERROR_METADATA, Gateway, GatewayError};
+use crate::gateway::{ERROR_METADATA, Gateway, GatewayError, http_status_of};
 use crate::node::ReplicaHandle;
 use crate::service::MAX_INVOKE_INPUT;
 
@@ -86,14 +86,7 @@ fn status_error(s: &tonic::Status) -> Response {
         .get(ERROR_METADATA)
         .and_then(|v| v.to_str().ok())
     {
-        let http = match code {
-            "NOT_FOUND" => 404,
-            "INVALID_ARGUMENT" => 400,
-            "WORKER_LOST" => 502,
-            "DEADLINE_EXCEEDED" => 504,
-            _ => 503,
-        };
-        return error(http, code, s.message());
+        return error(http_status_of(code), code, s.message());
     }
     let (http, code) = match s.code() {
         Code::Unauthenticated => (401, "UNAUTHENTICATED"),
