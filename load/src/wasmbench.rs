@@ -316,12 +316,7 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
                 stdin: b"idle".to_vec(),
                 ..Default::default()
             };
-            let answered = client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.invoke(req).await }
-                })
-                .await;
+            let answered = client.invoke(req).await;
             match answered {
                 Ok(r) if r.error_code.is_empty() => return Ok(()),
                 Ok(r) => last = format!("invoke: {} {}", r.error_code, r.error_message),

@@ -9,4 +9,6 @@ pub mod v1 {
     tonic::include_proto!("stellar.v1");
 }
 
+pub mod codec;
 pub mod identity;
+pub mod limits;

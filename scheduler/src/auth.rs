@@ -57,8 +57,9 @@ impl Caller {
         }
         if !requested.is_empty() && requested != self.tenant {
             return Err(Status::permission_denied(format!(
-                "this token belongs to tenant `{}` and cannot act for `{requested}`",
-                self.tenant
+                "this token belongs to tenant `{}` and cannot act for {}",
+                self.tenant,
+                crate::state::shown(requested)
             )));
         }
         Ok(self.tenant.clone())

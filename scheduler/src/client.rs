@@ -16,6 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::gateway::ERROR_METADATA;
 use crate::service::{LEADER_METADATA, MAX_MESSAGE_BYTES};
 
 /// Adds `authorization: Bearer TOKEN` to every call.
@@ -43,7 +44,7 @@ pub struct ClusterClient {
     token: Arc<Mutex<Option<String>>>,
     /// Replica data dirs to read the bootstrap admin token from until one has it.
     token_dirs: Arc<Vec<PathBuf>>,
-    /// How long to keep retrying an UNAVAILABLE answer.
+    /// How long a call may keep retrying, from its first attempt (wall-clock time).
     pub patience: Duration,
 }
 
@@ -172,9 +173,12 @@ impl ClusterClient {
         .await
     }
 
-    /// Runs a function once through the leader's gateway.
+    /// Runs a function once through the leader's gateway. Repeated only when the answer
+    /// proves the function did not run (not the leader, refused before routing, the
+    /// connection never made): a call that may have run is never run again by the client
+    /// (the gateway itself retries an idempotent function once when its worker vanishes).
     pub async fn invoke(&self, req: pb::InvokeRequest) -> Result<pb::InvokeResponse, Status> {
-        self.call(|mut c| {
+        self.call_with(RetryPolicy::Unrun, |mut c| {
             let req = req.clone();
             async move { c.invoke(req).await }
         })
@@ -197,14 +201,26 @@ impl ClusterClient {
         .map(|r| r.nodes)
     }
 
-    /// Calls `f` on the leader, following hints and retrying while no leader is known.
-    pub async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Status>
+    /// Calls `f` on the leader, following hints and retrying while no leader is known; for
+    /// reads and for writes carrying a request id (a retried write is applied once).
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
         F: FnMut(Control) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_with(RetryPolicy::Safe, f).await
+    }
+
+    /// Calls `f` on the leader, repeating the failed attempts `policy` allows until
+    /// [`ClusterClient::patience`] has passed since the first attempt (wall-clock time, the
+    /// attempts' own time included).
+    pub async fn call_with<T, F, Fut>(&self, policy: RetryPolicy, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(Control) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = crate::clock::now();
         let mut backoff = Duration::from_millis(20);
-        let mut waited = Duration::ZERO;
         let mut next = 0usize;
         loop {
             let target = self
@@ -214,42 +230,48 @@ impl ClusterClient {
                 .and_then(|g| g.clone())
                 .unwrap_or_else(|| self.endpoints[next % self.endpoints.len()].clone());
             let client = self.client_for(&target)?;
-            match f(client).await {
+            let s = match f(client).await {
                 Ok(r) => return Ok(r.into_inner()),
-                // A new cluster's admin token is being written: wait for it.
-                Err(s)
-                    if s.code() == Code::Unauthenticated
-                        && !self.token_dirs.is_empty()
-                        && waited < self.patience =>
-                {
-                    tokio::time::sleep(backoff).await;
-                    waited += backoff;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(s) if retryable(&s) => {
-                    let hint = s
-                        .metadata()
-                        .get(LEADER_METADATA)
-                        .and_then(|v| v.to_str().ok())
-                        .map(normalise);
-                    let hinted = hint.as_ref().is_some_and(|h| *h != target);
-                    if let Ok(mut g) = self.leader.lock() {
-                        *g = if hinted { hint } else { None };
-                    }
-                    if !hinted {
-                        next += 1;
-                        if waited >= self.patience {
-                            return Err(s);
-                        }
-                        tokio::time::sleep(backoff).await;
-                        waited += backoff;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
-                    }
-                }
-                Err(s) => return Err(s),
+                Err(s) => s,
+            };
+            let left = self.patience.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(s);
+            }
+            // A new cluster's admin token is being written: wait for it.
+            let again = (s.code() == Code::Unauthenticated && !self.token_dirs.is_empty())
+                || match policy {
+                    RetryPolicy::Safe => retryable(&s),
+                    RetryPolicy::Unrun => did_not_run(&s),
+                };
+            if !again {
+                return Err(s);
+            }
+            let hint = s
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(normalise);
+            let hinted = hint.as_ref().is_some_and(|h| *h != target);
+            if let Ok(mut g) = self.leader.lock() {
+                *g = if hinted { hint } else { None };
+            }
+            if !hinted {
+                next += 1;
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
             }
         }
     }
+}
+
+/// Which failed attempts a call may repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Reads, and writes carrying a request id: any answer that says "try again".
+    Safe,
+    /// Calls that must not run twice (invocations): only answers proving it did not run.
+    Unrun,
 }
 
 /// Whether an answer means "try again, maybe elsewhere": no leader, leader changed (the
@@ -258,5 +280,50 @@ pub fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
-    ) || (s.code() == Code::ResourceExhausted && s.message().contains("overloaded"))
+    ) || overloaded(s)
+}
+
+fn overloaded(s: &Status) -> bool {
+    s.code() == Code::ResourceExhausted && s.message().contains("overloaded")
+}
+
+/// Whether an answer proves the call was not run: the replica does not lead (its hint or
+/// code says so), the gateway refused it before routing (its stable code says so), the
+/// proposal queue was full, or the connection was never made. A worker lost mid-call, a
+/// timeout or a connection that broke after the request left may have run it.
+pub fn did_not_run(s: &Status) -> bool {
+    if s.code() != Code::Unavailable {
+        return overloaded(s);
+    }
+    let code = s
+        .metadata()
+        .get(ERROR_METADATA)
+        .and_then(|v| v.to_str().ok());
+    matches!(code, Some("NOT_LEADER" | "UNAVAILABLE"))
+        || (code.is_none() && s.metadata().get(LEADER_METADATA).is_some())
+        || never_connected(s)
+}
+
+/// Whether a transport failure happened before any connection existed (so no request left
+/// this process): a refused or unreachable address, or a connect timeout.
+pub fn never_connected(s: &Status) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(err) = e {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            )
+        {
+            return true;
+        }
+        if err.to_string().contains("tcp connect error") {
+            return true;
+        }
+        e = err.source();
+    }
+    false
 }

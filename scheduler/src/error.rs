@@ -93,6 +93,23 @@ pub enum Error {
     Stopped,
 }
 
+/// Longest message put in a gRPC status or an HTTP error body: it travels in a header
+/// (`grpc-message`), which a peer refuses past its header-list limit.
+pub const MAX_ERROR_MESSAGE: usize = 2048;
+
+/// `msg` cut to [`MAX_ERROR_MESSAGE`] bytes on a character boundary (whatever it quotes).
+pub fn clip_message(mut msg: String) -> String {
+    if msg.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE - 3;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push('…');
+    }
+    msg
+}
+
 fn leader_hint(leader: Option<u64>, address: Option<&str>) -> String {
     match (leader, address) {
         (Some(id), Some(addr)) => format!("the leader is replica {id} at {addr}"),
@@ -133,6 +150,15 @@ mod tests {
             let back = ApplyError::from_code(e.code(), &e.to_string());
             assert_eq!(back, e);
         }
+    }
+
+    #[test]
+    fn long_messages_are_clipped_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let c = clip_message(long);
+        assert!(c.len() <= MAX_ERROR_MESSAGE, "{}", c.len());
+        assert!(c.ends_with('…'));
+        assert_eq!(clip_message("short".into()), "short");
     }
 
     #[test]

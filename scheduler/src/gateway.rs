@@ -36,6 +36,9 @@ const LOG_FUNCTIONS: usize = 1_000;
 const LOG_STDERR: usize = 4096;
 /// How long a call waits for an instance to become ready (module fetch and compile).
 const READY_WAIT: Duration = Duration::from_secs(30);
+/// How long a call waits for a replacement of an instance whose module failed to load
+/// before it is told the module failed.
+const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
 /// A function's default per-invocation timeout when its limits set none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Slack on top of the function's own timeout for the round trip to the worker.
@@ -74,6 +77,10 @@ pub enum GatewayError {
     /// The control plane could not serve the call now (election, storage, overload).
     #[error("{0}")]
     Unavailable(String),
+    /// The function's module failed to load on several workers; it is not placed again
+    /// until a new version is deployed.
+    #[error("{0}")]
+    ModuleLoadFailed(String),
 }
 
 impl GatewayError {
@@ -88,6 +95,7 @@ impl GatewayError {
             GatewayError::Timeout(_) => "DEADLINE_EXCEEDED",
             GatewayError::NotLeader { .. } => "NOT_LEADER",
             GatewayError::Unavailable(_) => "UNAVAILABLE",
+            GatewayError::ModuleLoadFailed(_) => "MODULE_LOAD_FAILED",
         }
     }
 
@@ -99,12 +107,14 @@ impl GatewayError {
     /// The gRPC status, with the leader hint for NotLeader and the stable code in
     /// `x-stellar-error` metadata.
     pub fn into_status(self) -> Status {
-        let msg = self.to_string();
+        let msg = crate::error::clip_message(self.to_string());
         let code = self.code();
         let mut s = match &self {
             GatewayError::NotFound(_) => Status::not_found(msg),
             GatewayError::InvalidArgument(_) => Status::invalid_argument(msg),
-            GatewayError::NoCapacity(_) => Status::failed_precondition(msg),
+            GatewayError::NoCapacity(_) | GatewayError::ModuleLoadFailed(_) => {
+                Status::failed_precondition(msg)
+            }
             GatewayError::Timeout(_) => Status::deadline_exceeded(msg),
             GatewayError::NoReadyInstance(_)
             | GatewayError::WorkerLost(_)
@@ -130,6 +140,7 @@ pub fn http_status_of(code: &str) -> u16 {
         "INVALID_ARGUMENT" => 400,
         "WORKER_LOST" => 502,
         "DEADLINE_EXCEEDED" => 504,
+        "MODULE_LOAD_FAILED" => 500,
         _ => 503,
     }
 }
@@ -157,6 +168,26 @@ struct Route {
     timeout: Duration,
     /// (allocation, node) of the current version.
     allocations: Vec<(u64, u64)>,
+    /// Workers that could not load the current version, and the last reason.
+    load_failures: u32,
+    load_error: String,
+}
+
+impl Route {
+    /// The typed error for a version whose module failed to load and that has no instance
+    /// left: at once when it is not placed again (too many failures), or after a pause
+    /// (`waited`) when no other node took a replacement.
+    fn broken(&self, name: &str, waited: bool) -> Option<GatewayError> {
+        let gave_up = self.load_failures >= crate::state::MAX_LOAD_FAILURES
+            || (waited && self.load_failures > 0);
+        (self.allocations.is_empty() && gave_up)
+            .then(|| {
+                GatewayError::ModuleLoadFailed(format!(
+                    "`{name}` failed to load on {} worker(s) and no other node is trying it: {}. Fix the module and deploy a new version; `stellar logs {name}` shows the failures",
+                    self.load_failures, self.load_error
+                ))
+            })
+    }
 }
 
 type FunctionKey = (String, String);
@@ -234,6 +265,8 @@ impl Gateway {
                 .filter(|a| a.version == f.version)
                 .map(|a| (a.id, a.node))
                 .collect(),
+            load_failures: f.load_failures,
+            load_error: f.load_error,
         });
         if let Ok(mut m) = self.routes.lock() {
             if m.len() >= LOG_FUNCTIONS * 10 {
@@ -258,6 +291,9 @@ impl Gateway {
         let route = self.route(key, true).await?;
         if !route.allocations.is_empty() {
             return Ok((route, false));
+        }
+        if let Some(e) = route.broken(&key.1, false) {
+            return Err(e);
         }
         let mut request_id = [0u8; 16];
         getrandom::fill(&mut request_id)
@@ -290,6 +326,9 @@ impl Gateway {
             let route = self.route(key, false).await?;
             if !self.hub.ready_of(&route.allocations).is_empty() {
                 return Ok(route);
+            }
+            if let Some(e) = route.broken(&key.1, start.elapsed() >= REPLACEMENT_WAIT) {
+                return Err(e);
             }
             if start.elapsed() >= READY_WAIT {
                 return Err(GatewayError::NoReadyInstance(format!(
@@ -341,6 +380,7 @@ impl Gateway {
             stdin: req.stdin,
             args: req.args,
             env: req.env,
+            random_seed: Vec::new(),
         };
         let mut exclude: Vec<u64> = Vec::new();
         let mut attempts = 0u32;
@@ -408,6 +448,12 @@ impl Gateway {
                             key.1
                         )
                     }));
+                }
+                Err(HubError::NoRandomness(e)) => {
+                    return Err(GatewayError::Unavailable(format!(
+                        "`{}` was not called: no OS randomness for its id ({e}); retry",
+                        key.1
+                    )));
                 }
                 Err(HubError::Timeout { node, ms }) => {
                     return Err(GatewayError::Timeout(format!(

@@ -149,6 +149,8 @@ impl LeaderState {
                 existing.extend(nodes.iter().map(|&n| NodeId(n)));
             }
         }
+        // Nodes where this version failed to load are not tried again.
+        existing.extend(version.failed_nodes.iter().map(|&n| NodeId(n)));
         let labels = version
             .constraints
             .iter()

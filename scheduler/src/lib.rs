@@ -10,7 +10,9 @@
 //!                      └ usage records ──▶ UsageWriter (usage) ──▶ Raft
 //! ```
 
+pub mod allocation_states;
 pub mod auth;
+pub mod batching;
 pub mod client;
 pub mod clock;
 pub mod error;

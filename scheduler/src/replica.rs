@@ -34,7 +34,8 @@ use crate::error::{ApplyError, Error, Result};
 use crate::leader::LeaderState;
 use crate::logger::raft_logger;
 use crate::state::{
-    Effects, FunctionVersion, StateMachine, node_state_from_pb, node_state_to_pb, result_of,
+    DedupeScope, Effects, FunctionVersion, StateMachine, node_state_from_pb, node_state_to_pb,
+    result_of,
 };
 use crate::storage::DiskStorage;
 
@@ -182,7 +183,7 @@ pub enum Reply {
     /// A write was committed and applied.
     Applied(pb::CommandResult),
     /// One function.
-    Function(pb::FunctionStatus),
+    Function(Box<pb::FunctionStatus>),
     /// A function listing.
     Functions(Vec<pb::FunctionStatus>),
     /// A node listing.
@@ -862,8 +863,12 @@ impl Replica {
         match request {
             Request::Command(cmd) => Ok(Some((cmd, PendingKind::Plain))),
             Request::Deploy(cmd) => {
-                if let Some(r) = self.state.deduped(&cmd.request_id) {
-                    let r = r.clone();
+                let seen = cmd.kind.as_ref().and_then(|k| {
+                    self.state
+                        .deduped(DedupeScope::of(k), &cmd.request_id)
+                        .cloned()
+                });
+                if let Some(r) = seen {
                     self.reply(token, result_of(r).map(Reply::Applied).map_err(Error::from));
                     return Ok(None);
                 }
@@ -874,13 +879,20 @@ impl Replica {
                 tenant,
                 function,
             } => {
-                if let Some(r) = self.state.deduped(&request_id) {
+                let scope = DedupeScope {
+                    method: "plan",
+                    tenant: &tenant,
+                };
+                if let Some(r) = self.state.deduped(scope, &request_id) {
                     let r = r.clone();
                     self.reply(token, result_of(r).map(Reply::Applied).map_err(Error::from));
                     return Ok(None);
                 }
                 let (fid, f) = self.state.function(&tenant, &function).ok_or_else(|| {
-                    ApplyError::NotFound(format!("function `{tenant}/{function}` not found"))
+                    ApplyError::NotFound(format!(
+                        "function {} not found",
+                        crate::state::shown(&format!("{tenant}/{function}"))
+                    ))
                 })?;
                 let version = f.current().expect("live function has a version").clone();
                 let original = Request::Allocate {
@@ -953,7 +965,11 @@ impl Replica {
         };
         crate::state::validate_name("function", &d.name)?;
         if !self.state.has_tenant(&d.tenant) {
-            return Err(ApplyError::NotFound(format!("tenant `{}` not found", d.tenant)).into());
+            return Err(ApplyError::NotFound(format!(
+                "tenant {} not found",
+                crate::state::shown(&d.tenant)
+            ))
+            .into());
         }
         if d.module_sha256.is_empty() && !d.module.is_empty() {
             d.module_sha256 = Sha256::digest(&d.module).to_vec();
@@ -971,6 +987,9 @@ impl Replica {
             region: d.region.clone(),
             constraints: d.constraints.clone(),
             idempotent: d.idempotent,
+            load_failures: 0,
+            load_error: String::new(),
+            failed_nodes: Vec::new(),
         };
         if version.limits.memory_mib == 0 {
             return Err(ApplyError::Invalid("memory must be at least 1 MiB".into()).into());
@@ -1184,6 +1203,11 @@ impl Replica {
             if self.is_leader() && !fx.nodes_down.is_empty() {
                 self.queue_replacements(&fx.nodes_down);
             }
+            if self.is_leader() {
+                for &fid in &fx.load_failed {
+                    self.queue_load_replacement(fid);
+                }
+            }
         }
     }
 
@@ -1263,56 +1287,64 @@ impl Replica {
             .collect()
     }
 
+    /// Places one replica of function `fid` instead of one that failed to load, away from
+    /// the nodes where it failed (the version records them).
+    fn queue_load_replacement(&mut self, fid: u32) {
+        if let Some(name) = self.queue_replacement(fid, None) {
+            tracing::info!(replica = self.cfg.id, function = %name, "re-placing a replica whose module failed to load");
+        }
+    }
+
     fn queue_replacements(&mut self, nodes: &[u64]) {
         let lost = LeaderState::lost_allocations(&self.state, nodes);
         for a in lost {
-            if !self.replacing.insert(a.id) {
-                continue;
+            if self.replacing.insert(a.id) {
+                self.queue_replacement(a.function, Some(a.id));
             }
-            let Some(f) = self.state.function_by_id(a.function) else {
-                continue;
-            };
-            let Some(version) = f.current().cloned() else {
-                continue;
-            };
-            let (tenant, name) = (f.tenant.clone(), f.name.clone());
-            let nodes = match self.plan(
-                Some(a.function),
-                (&tenant, &name),
-                &version,
-                1,
-                Origin::Anywhere,
-            ) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(replica = self.cfg.id, function = %name, error = %e, "lost replica cannot be re-placed now");
-                    Vec::new()
-                }
-            };
-            let cmd = command(
-                Vec::new(),
-                pb::command::Kind::Plan(pb::PlanCmd {
-                    tenant,
-                    function: name,
-                    version: version.version,
-                    place_on: nodes.clone(),
-                    stop: vec![],
-                    lost: vec![a.id],
-                    grow: false,
-                }),
-            );
-            self.internal.push_back((
-                cmd,
-                PendingKind::Plan {
-                    request: None,
-                    fid: Some(a.function),
-                    nodes,
-                    ask: version.reservation(),
-                    attempt: 0,
-                    lost: vec![a.id],
-                },
-            ));
         }
+    }
+
+    /// Queues a plan for one replica of function `fid`'s current version in place of one
+    /// gone (`lost`: the allocation it replaces, still committed) or already removed (a load
+    /// failure); the function's name when a plan was queued.
+    fn queue_replacement(&mut self, fid: u32, lost: Option<u64>) -> Option<String> {
+        let f = self.state.function_by_id(fid)?;
+        let version = f.current().cloned()?;
+        let (tenant, name) = (f.tenant.clone(), f.name.clone());
+        let nodes = match self.plan(Some(fid), (&tenant, &name), &version, 1, Origin::Anywhere) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(replica = self.cfg.id, function = %name, error = %e, "replica cannot be re-placed now");
+                // A lost replica is still removed (with nothing in its place).
+                lost?;
+                Vec::new()
+            }
+        };
+        let lost: Vec<u64> = lost.into_iter().collect();
+        let cmd = command(
+            Vec::new(),
+            pb::command::Kind::Plan(pb::PlanCmd {
+                tenant,
+                function: name.clone(),
+                version: version.version,
+                place_on: nodes.clone(),
+                stop: vec![],
+                lost: lost.clone(),
+                grow: false,
+            }),
+        );
+        self.internal.push_back((
+            cmd,
+            PendingKind::Plan {
+                request: None,
+                fid: Some(fid),
+                nodes,
+                ask: version.reservation(),
+                attempt: 0,
+                lost,
+            },
+        ));
+        Some(name)
     }
 
     fn liveness_sweep(&mut self) {
@@ -1413,10 +1445,12 @@ impl Replica {
             Query::Function { tenant, name } => {
                 let (fid, _) = self.state.function(tenant, name).ok_or_else(|| {
                     ApplyError::NotFound(format!(
-                        "function `{name}` not found in tenant `{tenant}`"
+                        "function {} not found in tenant {}",
+                        crate::state::shown(name),
+                        crate::state::shown(tenant)
                     ))
                 })?;
-                Ok(Reply::Function(self.function_status(fid)))
+                Ok(Reply::Function(Box::new(self.function_status(fid))))
             }
             Query::Functions { tenant } => Ok(Reply::Functions(
                 self.state
@@ -1559,6 +1593,8 @@ impl Replica {
                 .map(|a| self.state.allocation_pb(a))
                 .collect(),
             idempotent: v.idempotent,
+            load_failures: v.load_failures,
+            load_error: v.load_error.clone(),
             ready: Vec::new(),
             placements: self
                 .leader

@@ -17,21 +17,20 @@ use crate::error::{ApplyError, Error};
 use crate::gateway::Gateway;
 use crate::node::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
-use crate::state::{MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, node_state_from_pb};
+use crate::state::{
+    MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, MAX_REQUEST_ID_BYTES, node_state_from_pb,
+};
 
 /// Metadata key naming the leader's address on UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-stellar-leader";
-/// Largest gRPC message accepted (a module upload plus its envelope).
-pub const MAX_MESSAGE_BYTES: usize = MAX_MODULE_BYTES + (1 << 20);
-/// The largest stdin an invocation may carry.
-pub const MAX_INVOKE_INPUT: usize = 8 << 20;
+pub use stellar_proto::limits::{MAX_INVOKE_INPUT, MAX_MESSAGE_BYTES};
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_ATTEMPTS: u32 = 3;
 
 /// Maps a control-plane error to a gRPC status a client can act on.
 pub fn to_status(e: Error) -> Status {
-    let msg = e.to_string();
+    let msg = crate::error::clip_message(e.to_string());
     match e {
         Error::NotLeader { address, .. } => {
             let mut s = Status::unavailable(msg);
@@ -58,10 +57,11 @@ pub fn to_status(e: Error) -> Status {
 }
 
 fn request_id(id: Vec<u8>) -> Result<Vec<u8>, Status> {
-    if id.len() > 64 {
-        return Err(Status::invalid_argument(
-            "request_id must be at most 64 bytes",
-        ));
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "request_id is {} bytes; at most {MAX_REQUEST_ID_BYTES} (16 random bytes is usual; empty disables de-duplication)",
+            id.len()
+        )));
     }
     Ok(id)
 }
@@ -75,6 +75,24 @@ fn token_sha256(h: &[u8]) -> Result<(), Status> {
             "token_sha256 must be the 32-byte sha256 of the token",
         ))
     }
+}
+
+/// Marks an UNAVAILABLE answer given before an invocation was routed, so clients may retry
+/// it (`x-stellar-error: UNAVAILABLE`, or NOT_LEADER when it carries a leader hint).
+fn not_run(mut s: Status) -> Status {
+    use crate::gateway::ERROR_METADATA;
+    if s.code() == tonic::Code::Unavailable && s.metadata().get(ERROR_METADATA).is_none() {
+        let code = if s.metadata().get(LEADER_METADATA).is_some() {
+            "NOT_LEADER"
+        } else {
+            "UNAVAILABLE"
+        };
+        s.metadata_mut().insert(
+            ERROR_METADATA,
+            tonic::metadata::MetadataValue::from_static(code),
+        );
+    }
+    s
 }
 
 fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
@@ -191,6 +209,13 @@ impl pb::control_server::Control for ControlService {
                 r.module.len()
             )));
         }
+        // Out-of-range limits are the caller's mistake, named as such (before planning, so
+        // a 65537 MiB function is not reported as "no node has the memory").
+        let limits = r.limits.unwrap_or_default();
+        stellar_proto::limits::check_function_limits(&limits)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        crate::state::validate_name("function", &r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let cmd = deploy_command(
             request_id(r.request_id)?,
             pb::DeployCmd {
@@ -318,7 +343,9 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: GrpcRequest<pb::InvokeRequest>,
     ) -> Result<Response<pb::InvokeResponse>, Status> {
-        let caller = self.caller(&req).await?;
+        // Refused before the gateway routes it: stamped so a client knows it did not run
+        // (an unmarked UNAVAILABLE may be a connection lost mid-call).
+        let caller = self.caller(&req).await.map_err(not_run)?;
         let r = req.into_inner();
         let tenant = caller.tenant_for(&r.tenant)?;
         self.gateway
@@ -365,7 +392,7 @@ impl pb::control_server::Control for ControlService {
             )
             .await?
         {
-            Reply::Function(f) => Ok(Response::new(self.with_ready(f))),
+            Reply::Function(f) => Ok(Response::new(self.with_ready(*f))),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
@@ -553,21 +580,40 @@ impl pb::control_server::Control for ControlService {
             }));
         }
         // NOT_FOUND for a function this tenant does not have (not an empty list).
-        self.read(
-            Query::Function {
-                tenant: tenant.clone(),
-                name: r.name.clone(),
-            },
-            Some(pb::ReadOptions {
-                stale: true,
-                readiness: false,
-            }),
-        )
-        .await?;
+        let status = match self
+            .read(
+                Query::Function {
+                    tenant: tenant.clone(),
+                    name: r.name.clone(),
+                },
+                Some(pb::ReadOptions {
+                    stale: true,
+                    readiness: false,
+                }),
+            )
+            .await?
+        {
+            Reply::Function(f) => f,
+            other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
+        };
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as usize;
-        Ok(Response::new(pb::GetLogsResponse {
-            invocations: self.gateway.logs(&tenant, &r.name, limit),
-        }))
+        let mut invocations = self.gateway.logs(&tenant, &r.name, limit);
+        // Workers that could not load the current version say why first: no call ran.
+        if status.load_failures > 0 {
+            invocations.insert(
+                0,
+                pb::InvocationLog {
+                    error_code: "MODULE_LOAD_FAILED".into(),
+                    error_message: format!(
+                        "version {} failed to load on {} worker(s); last reason: {}",
+                        status.version, status.load_failures, status.load_error
+                    ),
+                    ..Default::default()
+                },
+            );
+            invocations.truncate(limit);
+        }
+        Ok(Response::new(pb::GetLogsResponse { invocations }))
     }
 
     async fn who_am_i(

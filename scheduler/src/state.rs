@@ -16,8 +16,7 @@ use stellar_proto::v1 as pb;
 
 use crate::error::ApplyError;
 
-/// Largest accepted module; a home node downloads it over a residential link.
-pub const MAX_MODULE_BYTES: usize = 16 << 20;
+pub use stellar_proto::limits::MAX_MODULE_BYTES;
 /// Total module bytes the replicated state keeps (every replica holds all of them in memory).
 pub const MAX_MODULES_TOTAL_BYTES: u64 = 1 << 30;
 /// Retried request ids remembered, oldest forgotten first.
@@ -31,7 +30,54 @@ pub const MAX_REPLICAS: u32 = 10_000;
 /// Most labels on a node or constraints on a function.
 pub const MAX_LABELS: usize = 32;
 
+/// Longest client request id (16 random bytes is the usual choice).
+pub const MAX_REQUEST_ID_BYTES: usize = 64;
+
 type Result<T> = std::result::Result<T, ApplyError>;
+
+/// What a request id is remembered under besides itself: the method and the tenant it acts
+/// for (empty for cluster-wide admin commands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupeScope<'a> {
+    /// The command kind, e.g. `deploy`.
+    pub method: &'static str,
+    /// The tenant the command acts for; empty for admin commands.
+    pub tenant: &'a str,
+}
+
+impl<'a> DedupeScope<'a> {
+    /// The scope of a command.
+    pub fn of(kind: &'a pb::command::Kind) -> DedupeScope<'a> {
+        use pb::command::Kind;
+        let (method, tenant) = match kind {
+            Kind::CreateTenant(_) => ("create_tenant", ""),
+            Kind::PutToken(c) => ("put_token", if c.admin { "" } else { c.tenant.as_str() }),
+            Kind::RevokeToken(_) => ("revoke_token", ""),
+            Kind::Deploy(c) => ("deploy", c.tenant.as_str()),
+            Kind::DeleteFunction(c) => ("delete_function", c.tenant.as_str()),
+            Kind::RegisterNodes(_) => ("register_nodes", ""),
+            Kind::NodeTransitions(_) => ("node_transitions", ""),
+            Kind::Reputations(_) => ("reputations", ""),
+            Kind::Plan(c) => ("plan", c.tenant.as_str()),
+            Kind::Usage(_) => ("usage", ""),
+            Kind::ReplicaAddress(_) => ("replica_address", ""),
+            Kind::AllocationStates(_) => ("allocation_states", ""),
+        };
+        DedupeScope { method, tenant }
+    }
+
+    /// The dedupe table's key: method, tenant and request id, each length-prefixed so no
+    /// two different triples share a key.
+    fn key(&self, request_id: &[u8]) -> Vec<u8> {
+        let mut k =
+            Vec::with_capacity(4 + self.method.len() + self.tenant.len() + request_id.len());
+        for part in [self.method.as_bytes(), self.tenant.as_bytes(), request_id] {
+            k.push(part.len() as u8);
+            k.extend_from_slice(part);
+        }
+        k
+    }
+}
 
 /// Interned strings (region, zone, label keys and values), so a million nodes share them.
 #[derive(Debug, Default, Clone)]
@@ -104,9 +150,26 @@ pub struct FunctionVersion {
     pub constraints: Vec<pb::LabelConstraint>,
     /// Whether an invocation may be retried on another instance.
     pub idempotent: bool,
+    /// Workers that could not load this version's module.
+    pub load_failures: u32,
+    /// The last such worker's reason.
+    pub load_error: String,
+    /// Nodes where loading failed (placement avoids them), at most [`MAX_FAILED_NODES`].
+    pub failed_nodes: Vec<u64>,
 }
 
+/// Load failures after which a version is not re-placed any more (its module is broken,
+/// not the nodes): calls then fail at once with MODULE_LOAD_FAILED.
+pub const MAX_LOAD_FAILURES: u32 = 3;
+/// Failed nodes remembered per version.
+pub const MAX_FAILED_NODES: usize = 16;
+
 impl FunctionVersion {
+    /// Whether the version has failed to load on enough nodes to stop trying.
+    pub fn broken(&self) -> bool {
+        self.load_failures >= MAX_LOAD_FAILURES
+    }
+
     /// What one replica reserves on its node.
     pub fn reservation(&self) -> Resources {
         Resources::new(self.limits.cpu_millis, self.limits.memory_mib, 0)
@@ -209,6 +272,9 @@ pub struct Effects {
     pub nodes_changed: Vec<u64>,
     /// Nodes that went down with live allocations: the leader re-places them.
     pub nodes_down: Vec<u64>,
+    /// Functions (arena ids) whose current version failed to load on a node and may be
+    /// placed again: the leader places a replacement.
+    pub load_failed: Vec<u32>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApplyError {
@@ -216,7 +282,7 @@ fn invalid(msg: impl Into<String>) -> ApplyError {
 }
 
 fn not_found(what: &str, name: impl std::fmt::Display) -> ApplyError {
-    ApplyError::NotFound(format!("{what} `{name}` not found"))
+    ApplyError::NotFound(format!("{what} {} not found", shown(&name.to_string())))
 }
 
 /// Checks a tenant or function name: 1–63 of `[a-z0-9-]`, starting with a letter or digit.
@@ -231,9 +297,26 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(invalid(format!(
-            "{what} name `{name}` must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'"
+            "{what} name {} must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'",
+            shown(name)
         )))
     }
+}
+
+/// A caller-supplied string fit to quote in an error: at most 64 characters, control
+/// characters escaped, with its length when cut (a 1 MB name must not become a 1 MB error).
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out = String::from("`");
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX {
+            out.push_str(&format!("…` ({} bytes)", s.len()));
+            return out;
+        }
+        out.extend(c.escape_debug());
+    }
+    out.push('`');
+    out
 }
 
 fn sha32(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
@@ -434,9 +517,10 @@ impl StateMachine {
         }
     }
 
-    /// The result a request id was answered with, if it is still remembered.
-    pub fn deduped(&self, request_id: &[u8]) -> Option<&pb::CommandResult> {
-        self.dedupe.get(request_id).map(|(_, r)| r)
+    /// The result `request_id` was answered with for this method and tenant, if it is still
+    /// remembered.
+    pub fn deduped(&self, scope: DedupeScope<'_>, request_id: &[u8]) -> Option<&pb::CommandResult> {
+        self.dedupe.get(&scope.key(request_id)).map(|(_, r)| r)
     }
 
     /// Applies one command at `index` and answers it; a refused command changes nothing.
@@ -447,24 +531,32 @@ impl StateMachine {
         effects: &mut Effects,
     ) -> pb::CommandResult {
         self.applied_index = self.applied_index.max(index);
-        if !cmd.request_id.is_empty() {
-            if cmd.request_id.len() > 64 {
-                return error_result(&invalid("request id longer than 64 bytes"));
+        let Some(kind) = cmd.kind else {
+            return error_result(&invalid("empty command"));
+        };
+        // Retries are answered per (method, tenant, request id): one tenant's id never
+        // answers another tenant's request, nor another method's.
+        let key = if cmd.request_id.is_empty() {
+            None
+        } else {
+            if cmd.request_id.len() > MAX_REQUEST_ID_BYTES {
+                return error_result(&invalid(format!(
+                    "request id is {} bytes; at most {MAX_REQUEST_ID_BYTES}",
+                    cmd.request_id.len()
+                )));
             }
-            if let Some((_, r)) = self.dedupe.get(&cmd.request_id) {
+            let key = DedupeScope::of(&kind).key(&cmd.request_id);
+            if let Some((_, r)) = self.dedupe.get(&key) {
                 return r.clone();
             }
-        }
-        let result = match cmd.kind {
-            None => Err(invalid("empty command")),
-            Some(kind) => self.apply_kind(kind, effects),
+            Some(key)
         };
-        let result = match result {
+        let result = match self.apply_kind(kind, effects) {
             Ok(r) => r,
             Err(e) => error_result(&e),
         };
-        if !cmd.request_id.is_empty() {
-            self.remember(cmd.request_id, index, result.clone());
+        if let Some(key) = key {
+            self.remember(key, index, result.clone());
         }
         result
     }
@@ -611,6 +703,9 @@ impl StateMachine {
             region: c.region,
             constraints: c.constraints,
             idempotent: c.idempotent,
+            load_failures: 0,
+            load_error: String::new(),
+            failed_nodes: Vec::new(),
         };
         // The old version's replicas stop; the plan must hold once they are gone.
         let stopping: Vec<u64> = existing
@@ -1088,32 +1183,59 @@ impl StateMachine {
         Ok(result)
     }
 
+    /// Workers' reports about their instances. An update whose allocation is gone, or is
+    /// on another node than the reporter's, is skipped (reports race with re-placements;
+    /// a node speaks only for itself); one with an unknown state refuses the batch.
     fn allocation_states(
         &mut self,
         c: pb::AllocationStatesCmd,
         fx: &mut Effects,
     ) -> Result<pb::CommandResult> {
+        let mut states = Vec::with_capacity(c.updates.len());
         for u in &c.updates {
             let state = pb::AllocationState::try_from(u.state)
                 .map_err(|_| invalid(format!("allocation state {} is unknown", u.state)))?;
             if !matches!(
                 state,
-                pb::AllocationState::Running | pb::AllocationState::Stopped
+                pb::AllocationState::Running
+                    | pb::AllocationState::Stopped
+                    | pb::AllocationState::Failed
             ) {
                 return Err(invalid(
-                    "workers report allocations running or stopped only",
+                    "workers report allocations running, stopped or failed only",
                 ));
             }
-            if !self.allocations.contains_key(&u.allocation) {
-                return Err(not_found("allocation", u.allocation.to_string()));
-            }
+            states.push(state);
         }
         let mut result = ok_result();
-        for u in c.updates {
-            if u.state == pb::AllocationState::Stopped as i32 {
-                self.remove_allocation(u.allocation, fx);
-            } else if let Some(a) = self.allocations.get_mut(&u.allocation) {
-                a.state = pb::AllocationState::Running;
+        for (u, state) in c.updates.into_iter().zip(states) {
+            let Some(a) = self.allocations.get_mut(&u.allocation) else {
+                continue;
+            };
+            if u.node != 0 && a.node != u.node {
+                continue;
+            }
+            let (fid, version, node) = (a.function, a.version, a.node);
+            match state {
+                pb::AllocationState::Running => a.state = pb::AllocationState::Running,
+                pb::AllocationState::Failed => {
+                    self.remove_allocation(u.allocation, fx);
+                    let f = &mut self.functions[fid as usize];
+                    let current = f.current().map(|v| v.version);
+                    if let Some(v) = f.versions.iter_mut().rev().find(|v| v.version == version) {
+                        v.load_failures = v.load_failures.saturating_add(1);
+                        v.load_error = u.message;
+                        if !v.failed_nodes.contains(&node)
+                            && v.failed_nodes.len() < MAX_FAILED_NODES
+                        {
+                            v.failed_nodes.push(node);
+                        }
+                        if current == Some(version) && !v.broken() && !f.deleted {
+                            fx.load_failed.push(fid);
+                        }
+                    }
+                }
+                _ => self.remove_allocation(u.allocation, fx),
             }
             result.count += 1;
         }
@@ -1204,6 +1326,9 @@ impl StateMachine {
                             region: v.region.clone(),
                             constraints: v.constraints.clone(),
                             idempotent: v.idempotent,
+                            load_failures: v.load_failures,
+                            load_error: v.load_error.clone(),
+                            failed_nodes: v.failed_nodes.clone(),
                         })
                         .collect(),
                 })
@@ -1305,6 +1430,9 @@ impl StateMachine {
                     region: v.region,
                     constraints: v.constraints,
                     idempotent: v.idempotent,
+                    load_failures: v.load_failures,
+                    load_error: v.load_error,
+                    failed_nodes: v.failed_nodes,
                 });
             }
             m.function_ids
@@ -1545,5 +1673,102 @@ pub fn result_of(r: pb::CommandResult) -> std::result::Result<pb::CommandResult,
         Ok(r)
     } else {
         Err(ApplyError::from_code(&r.error_code, &r.error_message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest module apply accepts (a header; the edge validates the rest).
+    const MODULE: &[u8] = b"\0asm\x01\0\0\0";
+
+    fn cmd(request_id: &[u8], kind: pb::command::Kind) -> pb::Command {
+        pb::Command {
+            request_id: request_id.to_vec(),
+            kind: Some(kind),
+        }
+    }
+
+    fn tenant(name: &str) -> pb::Command {
+        cmd(
+            b"",
+            pb::command::Kind::CreateTenant(pb::CreateTenantCmd {
+                name: name.into(),
+                token_sha256: vec![],
+            }),
+        )
+    }
+
+    fn deploy(tenant: &str, name: &str, module: &[u8]) -> pb::command::Kind {
+        pb::command::Kind::Deploy(pb::DeployCmd {
+            tenant: tenant.into(),
+            name: name.into(),
+            module: module.to_vec(),
+            module_sha256: Sha256::digest(module).to_vec(),
+            limits: Some(pb::FunctionLimits {
+                cpu_millis: 100,
+                memory_mib: 16,
+                timeout_ms: 1000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn machine() -> StateMachine {
+        let mut m = StateMachine::new();
+        let mut fx = Effects::default();
+        for (i, t) in ["acme", "globex"].into_iter().enumerate() {
+            let r = m.apply(i as u64 + 1, tenant(t), &mut fx);
+            assert!(r.error_code.is_empty(), "{r:?}");
+        }
+        m
+    }
+
+    #[test]
+    fn request_ids_are_scoped_to_tenant_and_method() {
+        let mut m = machine();
+        let mut fx = Effects::default();
+        let id = b"same-request-id";
+        let a = m.apply(10, cmd(id, deploy("acme", "a-fn", MODULE)), &mut fx);
+        assert!(a.error_code.is_empty(), "{a:?}");
+        // Globex reuses acme's id: its own function is created, not acme's answer returned.
+        let b = m.apply(11, cmd(id, deploy("globex", "b-fn", MODULE)), &mut fx);
+        assert!(b.error_code.is_empty(), "{b:?}");
+        assert!(
+            m.function("globex", "b-fn").is_some(),
+            "globex's deploy was swallowed"
+        );
+        assert!(m.function("globex", "a-fn").is_none());
+        // A retry within the tenant is answered, not applied twice.
+        let again = m.apply(12, cmd(id, deploy("acme", "a-fn", MODULE)), &mut fx);
+        assert_eq!(again, a);
+        assert_eq!(m.function("acme", "a-fn").unwrap().1.versions.len(), 1);
+        // The same id on another method of the same tenant is a different request.
+        let del = m.apply(
+            13,
+            cmd(
+                id,
+                pb::command::Kind::DeleteFunction(pb::DeleteFunctionCmd {
+                    tenant: "acme".into(),
+                    name: "a-fn".into(),
+                }),
+            ),
+            &mut fx,
+        );
+        assert!(del.error_code.is_empty(), "{del:?}");
+        assert!(m.function("acme", "a-fn").is_none());
+        // What the replica asks before planning a deploy sees only the caller's own answer.
+        let scope = |t| DedupeScope {
+            method: "deploy",
+            tenant: t,
+        };
+        assert!(m.deduped(scope("acme"), id).is_some());
+        assert!(m.deduped(scope("initech"), id).is_none());
+        // The scoped table survives a snapshot.
+        let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
+        assert_eq!(back.digest(), m.digest());
+        assert!(back.deduped(scope("globex"), id).is_some());
     }
 }

@@ -60,18 +60,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<pb::UsageRecord>,
 ) {
     while let Some(first) = rx.recv().await {
-        let mut records = vec![first];
-        let linger = tokio::time::sleep(LINGER);
-        tokio::pin!(linger);
-        while records.len() < USAGE_BATCH {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => records.push(r),
-                    None => break,
-                },
-                _ = &mut linger => break,
-            }
-        }
+        let records = crate::batching::gather(&mut rx, first, USAGE_BATCH, LINGER).await;
         let ids: Vec<(u64, Vec<u8>)> = records
             .iter()
             .map(|r| (r.node, r.invocation_id.clone()))

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::allocation_states::AllocationStateWriter;
 use crate::error::Error;
 use crate::node::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, node_state_command};
@@ -65,6 +66,28 @@ struct Link {
     /// The worker's measured distance to this replica (its Vivaldi coordinate against the
     /// replica's fixed landmark), in ms: the gateway-to-worker hop every call pays.
     rtt_ms: f32,
+    /// Results this stream sent for calls that were issued to another node or stream.
+    foreign_results: u32,
+}
+
+/// Results for calls issued elsewhere that end a worker's stream: such a result is never
+/// an accident (ids are 128 random bits and only the node that ran a call learns its id
+/// before it is answered).
+const MAX_FOREIGN_RESULTS: u32 = 3;
+
+/// What the hub did with a worker's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// It answered the call it was issued for.
+    Accepted,
+    /// No call is waiting for it: it came after its caller gave up (timeout, cancel).
+    Late,
+    /// The call was issued to another node or another stream: refused and counted
+    /// against the sender.
+    Foreign {
+        /// Such results from this stream so far.
+        count: u32,
+    },
 }
 
 /// An invocation waiting for its worker's answer.
@@ -97,6 +120,9 @@ pub enum HubError {
         /// How long the hub waited.
         ms: u64,
     },
+    /// The OS gave no randomness for the invocation's id and seed (nothing was sent).
+    #[error("no OS randomness for the invocation id: {0}")]
+    NoRandomness(String),
 }
 
 /// A ready instance as routing sees it.
@@ -191,7 +217,18 @@ pub struct WorkerHub {
     generation: AtomicU64,
     invocations: AtomicU64,
     closed: tokio::sync::watch::Sender<bool>,
-    id_prefix: String,
+    /// Results refused because they came from a node the call was not sent to, by node
+    /// (kept across reconnects).
+    refused: Mutex<HashMap<u64, u64>>,
+}
+
+/// A fresh invocation's secrets, drawn from the OS for each call: its id (128 random bits,
+/// shown to the caller, so it cannot be guessed by anyone else) and the seed of its WASI
+/// random source (sent only to the node that runs it, never to the caller).
+fn fresh_invocation() -> Result<(Vec<u8>, Vec<u8>), HubError> {
+    let mut b = [0u8; 16 + 32];
+    getrandom::fill(&mut b).map_err(|e| HubError::NoRandomness(e.to_string()))?;
+    Ok((hex::encode(&b[..16]).into_bytes(), b[16..].to_vec()))
 }
 
 impl std::fmt::Debug for WorkerHub {
@@ -236,15 +273,7 @@ impl WorkerHub {
             generation: AtomicU64::new(0),
             invocations: AtomicU64::new(0),
             closed: tokio::sync::watch::Sender::new(false),
-            id_prefix: {
-                let mut b = [0u8; 8];
-                if let Err(e) = getrandom::fill(&mut b) {
-                    // Last resort: the process id (repeats only if a restart reuses it).
-                    tracing::warn!(error = %e, "no OS randomness for invocation ids");
-                    b = u64::from(std::process::id()).to_le_bytes();
-                }
-                hex::encode(b)
-            },
+            refused: Mutex::default(),
         })
     }
 
@@ -281,6 +310,7 @@ impl WorkerHub {
                     region,
                     zone,
                     rtt_ms: 0.0,
+                    foreign_results: 0,
                 },
             );
         }
@@ -322,16 +352,17 @@ impl WorkerHub {
         }
     }
 
-    fn set_ready(&self, node: u64, allocation: u64, ready: bool) {
+    /// Marks an instance ready or not; true when it just became ready on this stream.
+    fn set_ready(&self, node: u64, allocation: u64, ready: bool) -> bool {
         if let Ok(mut links) = self.links.lock()
             && let Some(l) = links.get_mut(&node)
         {
             if ready {
-                l.ready.insert(allocation);
-            } else {
-                l.ready.remove(&allocation);
+                return l.ready.insert(allocation);
             }
+            l.ready.remove(&allocation);
         }
+        false
     }
 
     /// A draining node takes no new calls: none of its instances is ready any more.
@@ -352,12 +383,22 @@ impl WorkerHub {
         }
     }
 
-    fn complete(&self, node: u64, result: pb::InvocationResult) {
-        let p = self
-            .pending
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&result.invocation_id));
+    /// Answers the call `result` is for, if it was sent to this node on this stream; a
+    /// result for a call issued elsewhere is refused (the call stays open for its own node)
+    /// and counted against the sender.
+    fn complete(&self, node: u64, generation: u64, result: pb::InvocationResult) -> Completion {
+        let Ok(mut pending) = self.pending.lock() else {
+            return Completion::Late;
+        };
+        let p = match pending.get(&result.invocation_id) {
+            None => return Completion::Late,
+            Some(p) if p.node != node || p.generation != generation => {
+                drop(pending);
+                return self.refuse_foreign(node, generation);
+            }
+            Some(_) => pending.remove(&result.invocation_id),
+        };
+        drop(pending);
         if let Some(p) = p {
             if let Ok(mut links) = self.links.lock()
                 && let Some(l) = links.get_mut(&node)
@@ -366,6 +407,35 @@ impl WorkerHub {
             }
             let _ = p.reply.send(Ok(result));
         }
+        Completion::Accepted
+    }
+
+    fn refuse_foreign(&self, node: u64, generation: u64) -> Completion {
+        if let Ok(mut r) = self.refused.lock() {
+            *r.entry(node).or_default() += 1;
+        }
+        let count = self
+            .links
+            .lock()
+            .ok()
+            .and_then(|mut links| {
+                let l = links
+                    .get_mut(&node)
+                    .filter(|l| l.generation == generation)?;
+                l.foreign_results += 1;
+                Some(l.foreign_results)
+            })
+            .unwrap_or(MAX_FOREIGN_RESULTS);
+        Completion::Foreign { count }
+    }
+
+    /// Results refused from `node` because their calls were sent elsewhere (since start).
+    pub fn refused_results(&self, node: u64) -> u64 {
+        self.refused
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&node).copied())
+            .unwrap_or(0)
     }
 
     /// Tells workers that these (node, invocation id) usage records are committed, so they
@@ -460,10 +530,21 @@ impl WorkerHub {
             link.outstanding += 1;
             (c.allocation, c.node, link.generation, link.tx.clone())
         };
-        // Globally unique (the ledger deduplicates usage by it): this hub's random prefix,
-        // fresh on every start, and a counter.
-        let id = format!("{}{n:016x}", self.id_prefix).into_bytes();
+        // Unique (the ledger deduplicates usage by it) and unguessable: a result is matched
+        // to its call by this id, and every caller sees the ids of its own calls.
+        let (id, seed) = match fresh_invocation() {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                if let Ok(mut links) = self.links.lock()
+                    && let Some(l) = links.get_mut(&node)
+                {
+                    l.outstanding = l.outstanding.saturating_sub(1);
+                }
+                return Err(e);
+            }
+        };
         invocation.invocation_id = id.clone();
+        invocation.random_seed = seed;
         invocation.allocation = allocation;
         let (reply, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
@@ -506,6 +587,7 @@ pub struct AgentService {
     replica: ReplicaHandle,
     hub: Arc<WorkerHub>,
     usage: UsageWriter,
+    states: AllocationStateWriter,
     heartbeat_ms: u32,
     join_token: Option<Arc<str>>,
 }
@@ -521,6 +603,7 @@ impl AgentService {
         join_token: Option<String>,
     ) -> Self {
         AgentService {
+            states: AllocationStateWriter::spawn(replica.clone()),
             replica,
             hub,
             usage,
@@ -630,12 +713,26 @@ impl pb::agent_server::Agent for AgentService {
             .await;
         let generation = self.hub.attach(node, tx.clone(), region, zone);
         tokio::spawn(reconcile(self.replica.clone(), node, tx.clone()));
-        let (replica, hub, usage) = (self.replica.clone(), self.hub.clone(), self.usage.clone());
+        let (replica, hub, usage, states) = (
+            self.replica.clone(),
+            self.hub.clone(),
+            self.usage.clone(),
+            self.states.clone(),
+        );
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let Ok(msg) = msg else { break };
                 let Some(kind) = msg.kind else { continue };
-                if let Err(e) = on_message(&replica, &hub, &usage, node, &tx, kind).await {
+                if let Err(e) = on_message(
+                    &replica,
+                    &hub,
+                    (&usage, &states),
+                    (node, generation),
+                    &tx,
+                    kind,
+                )
+                .await
+                {
                     tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
                     let _ = tx.try_send(Err(e));
                     break;
@@ -654,8 +751,8 @@ impl pb::agent_server::Agent for AgentService {
 async fn on_message(
     replica: &ReplicaHandle,
     hub: &WorkerHub,
-    usage: &UsageWriter,
-    node: u64,
+    (usage, states): (&UsageWriter, &AllocationStateWriter),
+    (node, generation): (u64, u64),
     tx: &Outbox,
     kind: pb::worker_message::Kind,
 ) -> Result<(), Status> {
@@ -691,17 +788,49 @@ async fn on_message(
         }
         Kind::Allocation(u) => {
             let running = u.state == pb::AllocationState::Running as i32;
-            hub.set_ready(node, u.allocation, running);
-            if !running && !u.message.is_empty() {
+            // A failure to load (older workers say STOPPED with a reason).
+            let failed = u.state == pb::AllocationState::Failed as i32
+                || (u.state == pb::AllocationState::Stopped as i32 && !u.message.is_empty());
+            let newly_ready = hub.set_ready(node, u.allocation, running);
+            if newly_ready {
+                states.report(node, u.allocation, pb::AllocationState::Running, "");
+            }
+            if failed {
                 tracing::warn!(
                     node = format!("{node:016x}"),
                     allocation = u.allocation,
                     message = %u.message,
-                    "worker could not start an instance"
+                    "worker could not load an instance's module"
                 );
+                if !states.report(node, u.allocation, pb::AllocationState::Failed, &u.message) {
+                    tracing::warn!(
+                        node = format!("{node:016x}"),
+                        "allocation-state queue full; failure not recorded"
+                    );
+                }
             }
         }
-        Kind::Result(r) => hub.complete(node, r),
+        Kind::Result(r) => match hub.complete(node, generation, r) {
+            Completion::Accepted => {}
+            Completion::Late => {
+                tracing::debug!(
+                    node = format!("{node:016x}"),
+                    "a result came after its caller stopped waiting"
+                );
+            }
+            Completion::Foreign { count } => {
+                tracing::warn!(
+                    node = format!("{node:016x}"),
+                    count,
+                    "refused a result for a call this node was not sent"
+                );
+                if count >= MAX_FOREIGN_RESULTS {
+                    return Err(Status::permission_denied(format!(
+                        "{count} results for calls this node was not sent; stream closed"
+                    )));
+                }
+            }
+        },
         Kind::Usage(report) => {
             for mut r in report.records {
                 // A worker reports only its own usage.
@@ -876,6 +1005,71 @@ mod tests {
             est_ms,
             outstanding,
         }
+    }
+
+    #[tokio::test]
+    async fn results_are_accepted_only_from_the_node_and_stream_they_were_sent_to() {
+        let hub = WorkerHub::new();
+        let (a_tx, mut a_rx) = mpsc::channel(8);
+        let (b_tx, _b_rx) = mpsc::channel(8);
+        let a_gen = hub.attach(1, a_tx, "r".into(), "z".into());
+        let b_gen = hub.attach(2, b_tx, "r".into(), "z".into());
+        hub.set_ready(1, 10, true);
+        let call = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.invoke(
+                    &[(10, 1)],
+                    &Near::default(),
+                    &[],
+                    pb::Invocation::default(),
+                    Duration::from_secs(10),
+                )
+                .await
+            })
+        };
+        let sent = match a_rx.recv().await {
+            Some(Ok(pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::Invocation(i)),
+            })) => i,
+            other => panic!("expected an invocation on node 1's stream, got {other:?}"),
+        };
+        // 128 random bits, in hex; a secret seed of 32 bytes for the WASI random source.
+        assert_eq!(sent.invocation_id.len(), 32);
+        assert!(sent.invocation_id.iter().all(u8::is_ascii_hexdigit));
+        assert_eq!(sent.random_seed.len(), 32);
+        let forged = |stdout: &[u8]| pb::InvocationResult {
+            invocation_id: sent.invocation_id.clone(),
+            stdout: stdout.to_vec(),
+            ..Default::default()
+        };
+        // Another node answering the call: refused, counted, the call still open.
+        assert_eq!(
+            hub.complete(2, b_gen, forged(b"forged")),
+            Completion::Foreign { count: 1 }
+        );
+        assert_eq!(hub.refused_results(2), 1);
+        // The right node on a stream it no longer has (an older generation): refused too.
+        assert!(matches!(
+            hub.complete(1, a_gen + 100, forged(b"stale")),
+            Completion::Foreign { .. }
+        ));
+        assert!(!call.is_finished());
+        // The node it was sent to, on that stream: answered.
+        assert_eq!(
+            hub.complete(1, a_gen, forged(b"real")),
+            Completion::Accepted
+        );
+        let (node, allocation, r) = call.await.unwrap().unwrap();
+        assert_eq!(
+            (node, allocation, r.stdout.as_slice()),
+            (1, 10, b"real".as_slice())
+        );
+        // A second answer to the same call finds nobody waiting.
+        assert_eq!(hub.complete(1, a_gen, forged(b"again")), Completion::Late);
+        // Ids never repeat.
+        let ids: HashSet<Vec<u8>> = (0..1000).map(|_| fresh_invocation().unwrap().0).collect();
+        assert_eq!(ids.len(), 1000);
     }
 
     #[test]

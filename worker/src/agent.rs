@@ -459,7 +459,7 @@ impl Agent {
                         }
                         Err(e) => {
                             tracing::warn!(allocation = id, function = %i.function, error = %e, "instance failed to load");
-                            let _ = tx.send(update(*id, pb::AllocationState::Stopped, e)).await;
+                            let _ = tx.send(update(*id, pb::AllocationState::Failed, e)).await;
                         }
                     }
                 }
@@ -488,6 +488,14 @@ impl Agent {
             // refusal there could wait on itself.
             let _ = tx.send(result_message(r)).await;
             return;
+        };
+        let random_seed = match crate::sandbox::seed_or_fresh(&inv.random_seed) {
+            Ok(s) => s,
+            Err(e) => {
+                let r = refuse("UNAVAILABLE", format!("not run: {e}"));
+                let _ = tx.send(result_message(r)).await;
+                return;
+            }
         };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             let r = refuse(
@@ -523,6 +531,7 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             let input = InvocationInput {
                 invocation_id: inv.invocation_id.clone(),
+                random_seed,
                 args: inv.args,
                 env: inv.env.into_iter().map(|l| (l.key, l.value)).collect(),
                 stdin: inv.stdin,

@@ -94,6 +94,10 @@ impl ArtefactCache {
 
 /// A stable hex digest of wasmtime's precompile compatibility hash (sha256 rather than
 /// `DefaultHasher`, whose output may change between Rust releases).
+/// Names the local patches of the code generator (worker/vendor/README.md): code an
+/// unpatched build compiled is never reused by a patched one.
+pub const ENGINE_PATCH: &str = "stellar-fuel-saved-at-epoch-check/1";
+
 fn engine_hash(engine: &wasmtime::Engine) -> String {
     struct ShaHasher(Sha256);
     impl Hasher for ShaHasher {
@@ -105,6 +109,7 @@ fn engine_hash(engine: &wasmtime::Engine) -> String {
         }
     }
     let mut h = ShaHasher(Sha256::new());
+    h.write(ENGINE_PATCH.as_bytes());
     std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut h);
     hex::encode(&h.0.finalize()[..8])
 }

@@ -13,9 +13,11 @@
 //!             ─▶ instantiate (copy-on-write heap image, pooled slot) ─▶ _start ─▶ Outcome
 //! ```
 //!
-//! Fuel is the deterministic compute unit: WASI's random source is seeded from the
-//! invocation id, so re-running an invocation anywhere costs the same fuel and prints the
-//! same output, which is what lets another node check a usage claim.
+//! Fuel is the deterministic compute unit: WASI's random source is a ChaCha20 stream keyed
+//! by a per-invocation secret seed the dispatcher draws and sends only to the node that runs
+//! the call, so re-running an invocation with its seed costs the same fuel and prints the
+//! same output (which is what lets another node check a usage claim), while no caller can
+//! predict the function's "secure" random bytes.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,7 +32,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
-use wasmtime_wasi::{Deterministic, FsPerms, I32Exit, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::cache::ArtefactCache;
 
@@ -97,7 +99,10 @@ impl InvocationLimits {
                 Duration::from_millis(u64::from(l.timeout_ms))
             },
             fuel: or(l.fuel, Self::DEFAULT_FUEL),
-            max_output_bytes: or(u64::from(l.max_output_bytes), Self::DEFAULT_MAX_OUTPUT),
+            // Clamped to what the stream back to the gateway carries: a larger output fails
+            // this call with OUTPUT_TOO_LARGE instead of knocking the worker's stream off.
+            max_output_bytes: or(u64::from(l.max_output_bytes), Self::DEFAULT_MAX_OUTPUT)
+                .min(u64::from(stellar_proto::limits::MAX_OUTPUT_BYTES)),
             scratch_dir: None,
         }
     }
@@ -106,8 +111,11 @@ impl InvocationLimits {
 /// The request side of one invocation.
 #[derive(Debug, Clone, Default)]
 pub struct InvocationInput {
-    /// Identifies the invocation; also seeds the function's random source.
+    /// Identifies the invocation.
     pub invocation_id: Vec<u8>,
+    /// Keys the function's random source (secret: never derive it from anything a caller
+    /// sees). The same seed gives the same random bytes, so a re-run is identical.
+    pub random_seed: [u8; 32],
     /// Arguments after `argv[0]` (which is the function's name).
     pub args: Vec<String>,
     /// Environment variables.
@@ -493,8 +501,13 @@ impl Sandbox {
             .stdin(MemoryInputPipe::new(input.stdin.clone()))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .secure_random(Deterministic::new(random_stream(&input.invocation_id)))
-            .insecure_random(Deterministic::new(random_stream(&input.invocation_id)))
+            .secure_random(random_source(&input.random_seed, b"secure"))
+            .insecure_random(random_source(&input.random_seed, b"insecure"))
+            .insecure_random_seed(u128::from_le_bytes(
+                derive_key(&input.random_seed, b"insecure-seed")[..16]
+                    .try_into()
+                    .expect("16 bytes"),
+            ))
             .allow_blocking_current_thread(true);
         for (k, v) in &input.env {
             b.env(k, v);
@@ -595,18 +608,35 @@ impl Drop for Sandbox {
     }
 }
 
-/// 256 bytes the function's random source cycles through, derived from the invocation id:
-/// unknown to others before the invocation, identical when it is re-run to check its usage.
-fn random_stream(invocation_id: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    for block in 0u8..8 {
-        let mut h = Sha256::new();
-        h.update(b"stellar-wasi-random");
-        h.update(invocation_id);
-        h.update([block]);
-        out.extend_from_slice(&h.finalize());
+/// A key for one of the invocation's random streams: the seed hashed with the stream's
+/// purpose, so the secure and insecure sources never share bytes.
+fn derive_key(seed: &[u8; 32], purpose: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"stellar-wasi-random/v2/");
+    h.update(purpose);
+    h.update(seed);
+    h.finalize().into()
+}
+
+/// A ChaCha20 stream keyed from the invocation's secret seed (a CSPRNG: one output reveals
+/// nothing about the next).
+fn random_source(seed: &[u8; 32], purpose: &[u8]) -> chacha20::ChaCha20Rng {
+    use chacha20::rand_core::SeedableRng;
+    chacha20::ChaCha20Rng::from_seed(derive_key(seed, purpose))
+}
+
+/// The call's seed as its dispatcher sent it, or, when it sent none, a fresh one from the
+/// OS (unpredictable, but the call is then not replayable).
+pub fn seed_or_fresh(seed: &[u8]) -> std::result::Result<[u8; 32], String> {
+    if let Ok(s) = <[u8; 32]>::try_from(seed) {
+        return Ok(s);
     }
-    out
+    if !seed.is_empty() {
+        return Err(format!("random seed is {} bytes; expected 32", seed.len()));
+    }
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).map_err(|e| format!("no OS randomness: {e}"))?;
+    Ok(s)
 }
 
 /// The trap's own message first (e.g. "wasm `unreachable` instruction executed"), then the

@@ -35,6 +35,7 @@ fn limits() -> InvocationLimits {
 fn input(args: &[&str], stdin: &[u8]) -> InvocationInput {
     InvocationInput {
         invocation_id: b"inv-1".to_vec(),
+        random_seed: [7; 32],
         args: args.iter().map(|s| s.to_string()).collect(),
         env: Vec::new(),
         stdin: stdin.to_vec(),
@@ -104,13 +105,17 @@ fn an_infinite_loop_ends_at_its_deadline() {
     let sb = sandbox();
     let mut lim = limits();
     lim.timeout = Duration::from_millis(200);
-    lim.fuel = u64::MAX / 2;
+    lim.fuel = InvocationLimits::DEFAULT_FUEL * 100;
     let out = run(&sb, "probe", &input(&["spin"], b""), &lim);
     assert_eq!(
         out.result,
         Err(InvokeError::DeadlineExceeded { timeout_ms: 200 })
     );
     assert!(out.metering.wall_us >= 200_000, "{:?}", out.metering);
+    // What it burned until the deadline is metered, as for a call that returns: 200 ms of
+    // a tight loop is tens of millions of fuel units at the least.
+    assert!(out.metering.fuel > 10_000_000, "{:?}", out.metering);
+    assert!(out.metering.peak_memory_bytes > 0, "{:?}", out.metering);
     // The worker is unharmed: the next invocation runs normally.
     let ok = run(&sb, "hello", &input(&[], b"after"), &limits());
     assert_eq!(text(&ok.stdout), "Hello, after!\n");
@@ -258,11 +263,48 @@ fn fuel_is_identical_across_runs_and_fresh_workers() {
     let fresh = run(&b, "wordcount", &inp, &limits());
     assert_eq!(fresh.metering.fuel, first.metering.fuel, "a fresh worker");
     // Even a randomly seeded HashMap costs the same when the invocation is re-run: WASI's
-    // random source is seeded from the invocation id.
+    // random source is keyed by the invocation's seed.
     let h1 = run(&a, "probe", &input(&["hash"], b""), &limits());
     let h2 = run(&b, "probe", &input(&["hash"], b""), &limits());
     assert_eq!(h1.stdout, h2.stdout);
     assert_eq!(h1.metering.fuel, h2.metering.fuel);
+}
+
+#[test]
+fn random_bytes_come_from_the_secret_seed_not_the_invocation_id() {
+    let sb = sandbox();
+    let random = |id: &[u8], seed: [u8; 32]| {
+        let mut inp = input(&["random", "64"], b"");
+        inp.invocation_id = id.to_vec();
+        inp.random_seed = seed;
+        let out = run(&sb, "probe", &inp, &limits());
+        assert_eq!(out.result, Ok(()), "{}", text(&out.stderr));
+        let hex = text(&out.stdout).trim().to_string();
+        assert_eq!(hex.len(), 128, "{hex}");
+        hex
+    };
+    // Replayable: the same seed gives the same bytes, on any node, whatever the id.
+    let a = random(b"call-1", [1; 32]);
+    assert_eq!(random(b"call-1", [1; 32]), a);
+    assert_eq!(
+        random(b"another-id", [1; 32]),
+        a,
+        "the id must not key the stream"
+    );
+    // Unpredictable from what a caller sees: the same id with another seed differs.
+    let b = random(b"call-1", [2; 32]);
+    assert_ne!(a, b);
+    // A CSPRNG stream, not a short cycle: no 32-byte block of the 64 repeats.
+    assert_ne!(a[..64], a[64..], "the stream repeats within 64 bytes");
+    // The worker's fallback seed (a dispatcher that sent none) is fresh each time.
+    let s1 = stellar_worker::sandbox::seed_or_fresh(&[]).unwrap();
+    let s2 = stellar_worker::sandbox::seed_or_fresh(&[]).unwrap();
+    assert_ne!(s1, s2);
+    assert_eq!(
+        stellar_worker::sandbox::seed_or_fresh(&[9; 32]),
+        Ok([9; 32])
+    );
+    assert!(stellar_worker::sandbox::seed_or_fresh(&[9; 5]).is_err());
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //!   probe panic           panics (a trap)
 //!   probe hash            iterates a std HashMap (randomly seeded through WASI random_get)
 //!   probe scratch         writes and reads back /scratch/probe.txt
+//!   probe random N        prints N bytes of WASI `random_get` in hex
+//!   probe exit N          exits with status N at once (no output)
 //!
 //! Run on its own:
 //!   wasmtime --env EXIT_CODE=3 target/wasm32-wasip1/release/probe.wasm echo a b < /etc/hostname
@@ -92,9 +94,39 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("random") => {
+            let n: usize = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(32);
+            let mut buf = vec![0u8; n];
+            if let Err(errno) = random_get(&mut buf) {
+                eprintln!("random_get failed: errno {errno}");
+                return ExitCode::from(1);
+            }
+            let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+            let _ = writeln!(out, "{hex}");
+            ExitCode::SUCCESS
+        }
+        Some("exit") => {
+            let code: u8 = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+            ExitCode::from(code)
+        }
         other => {
             eprintln!("probe: unknown mode {other:?}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+unsafe extern "C" {
+    #[link_name = "random_get"]
+    fn wasi_random_get(buf: *mut u8, len: usize) -> u16;
+}
+
+/// WASI preview 1 `random_get`, called directly (std has no public way to read it).
+fn random_get(buf: &mut [u8]) -> Result<(), u16> {
+    // SAFETY: the host writes exactly `buf.len()` bytes into `buf`, which we own mutably.
+    match unsafe { wasi_random_get(buf.as_mut_ptr(), buf.len()) } {
+        0 => Ok(()),
+        errno => Err(errno),
     }
 }
