@@ -73,12 +73,18 @@ fn new_request_id() -> Result<Vec<u8>, String> {
 pub async fn deploy(a: DeployArgs) -> Result<(), String> {
     let module =
         std::fs::read(&a.file).map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
-    if !module.starts_with(b"\0asm") {
+    // Checked here first, so a module the cluster would refuse is not uploaded.
+    let limit = stellar_proto::limits::MAX_MODULE_BYTES;
+    if module.len() > limit {
         return Err(format!(
-            "{} is not a WebAssembly module (no \\0asm header); build it with `cargo build --target wasm32-wasip1 --release`",
-            a.file.display()
+            "{} is {}; a module may be at most {} (strip debug info: `strip = true` in the release profile)",
+            a.file.display(),
+            human_bytes(module.len() as u64),
+            human_bytes(limit as u64)
         ));
     }
+    stellar_proto::module_check::check_module(&module, a.memory)
+        .map_err(|e| format!("{}: {e}", a.file.display()))?;
     let name = match a.name.clone() {
         Some(n) => n,
         None => a
@@ -200,6 +206,7 @@ fn allocation_state(s: i32) -> &'static str {
         Ok(pb::AllocationState::Running) => "running",
         Ok(pb::AllocationState::Stopped) => "stopped",
         Ok(pb::AllocationState::Lost) => "lost",
+        Ok(pb::AllocationState::Failed) => "failed",
         _ => "unknown",
     }
 }
@@ -219,8 +226,11 @@ EXAMPLES:
   stellar invoke wordcount --data @book.txt --near cn-east/shanghai
   cat frame.yuv | stellar invoke framefilter --data - --arg gray > out.yuv
 
-The function's stdout goes to stdout, its stderr to stderr; the exit status is 1 when the
-function failed. `-o json` prints the output, usage and where it ran as one JSON object.")]
+The function's stdout goes to stdout, its stderr to stderr. The exit status is the
+function's own (as with `wasmtime run`): 0, or the status it exited with; 134 when it
+trapped, ran out of fuel or time, or went over a limit; 1 when the platform could not run
+it (the error on stderr says why). `-o json` prints the output, usage and where it ran as
+one JSON object (and exits the same way).")]
 pub struct InvokeArgs {
     /// The function's name.
     name: String,
@@ -257,8 +267,19 @@ fn read_data(data: Option<&str>) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Runs a function once.
-pub async fn invoke(a: InvokeArgs) -> Result<bool, String> {
+/// The exit status `stellar invoke` passes on for a function's answer: its own exit
+/// status, or 134 (SIGABRT, as `wasmtime run` uses) when it did not exit on its own.
+pub fn exit_status(r: &pb::InvokeResponse) -> u8 {
+    let code = r.usage.as_ref().map_or(-1, |u| u.exit_code);
+    match (r.error_code.as_str(), code) {
+        ("", _) => 0,
+        ("EXIT_CODE", c) if (1..=255).contains(&c) => c as u8,
+        _ => 134,
+    }
+}
+
+/// Runs a function once; the exit status to end with.
+pub async fn invoke(a: InvokeArgs) -> Result<u8, String> {
     let stdin = read_data(a.data.as_deref())?;
     let (near_region, near_zone) = split_near(a.near.as_deref());
     let req = pb::InvokeRequest {
@@ -276,6 +297,7 @@ pub async fn invoke(a: InvokeArgs) -> Result<bool, String> {
     drop(progress);
     let r = r.map_err(|s| a.conn.explain(&format!("invoking `{}`", a.name), &s))?;
     let ok = r.error_code.is_empty();
+    let status = exit_status(&r);
     if a.conn.json() {
         let u = r.usage.clone().unwrap_or_default();
         let v = serde_json::json!({
@@ -288,7 +310,7 @@ pub async fn invoke(a: InvokeArgs) -> Result<bool, String> {
                       "bytes_in": u.bytes_in, "bytes_out": u.bytes_out, "exit_code": u.exit_code},
         });
         println!("{v}");
-        return Ok(ok);
+        return Ok(status);
     }
     let _ = std::io::stdout().write_all(&r.stdout);
     let _ = std::io::stdout().flush();
@@ -302,7 +324,7 @@ pub async fn invoke(a: InvokeArgs) -> Result<bool, String> {
             r.error_message
         );
     }
-    Ok(ok)
+    Ok(status)
 }
 
 /// Arguments of `stellar ls`.
@@ -369,6 +391,7 @@ fn function_json(f: &pb::FunctionStatus) -> serde_json::Value {
             v
         }).collect::<Vec<_>>(),
         "placements": f.placements.iter().map(reason_json).collect::<Vec<_>>(),
+        "load_failures": f.load_failures, "load_error": f.load_error,
     })
 }
 
@@ -443,6 +466,18 @@ pub async fn status(a: NameArgs) -> Result<(), String> {
                 if ready { "yes" } else { "no" }
             );
         }
+    }
+    if f.load_failures > 0 {
+        println!(
+            "\nthe module failed to load on {} worker(s){}; last reason: {}",
+            f.load_failures,
+            if f.load_failures >= stellar_scheduler::state::MAX_LOAD_FAILURES {
+                " and is not placed again: deploy a fixed version"
+            } else {
+                ""
+            },
+            f.load_error
+        );
     }
     if !f.placements.is_empty() {
         println!("\nwhy these nodes (the placer's per-stage scores):");

@@ -131,27 +131,26 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Demo(args) => demo::run(args).await.map(|()| true),
-            Command::Dev(args) => dev::run(args).await.map(|()| true),
-            Command::Deploy(args) => functions::deploy(args).await.map(|()| true),
-            // A function that ran and failed exits 1, like the command it replaces.
+            Command::Demo(args) => demo::run(args).await.map(|()| 0),
+            Command::Dev(args) => dev::run(args).await.map(|()| 0),
+            Command::Deploy(args) => functions::deploy(args).await.map(|()| 0),
+            // A function's own exit status passes through, as `wasmtime run` does.
             Command::Invoke(args) => functions::invoke(args).await,
-            Command::Ls(args) => functions::ls(args).await.map(|()| true),
-            Command::Status(args) => functions::status(args).await.map(|()| true),
-            Command::Rm(args) => functions::rm(args).await.map(|()| true),
-            Command::Logs(args) => functions::logs(args).await.map(|()| true),
-            Command::Nodes(args) => admin::nodes(args).await.map(|()| true),
-            Command::Usage(args) => usage::run(args).await.map(|()| true),
-            Command::Tenant(cmd) => admin::tenant(cmd).await.map(|()| true),
-            Command::Token(cmd) => admin::token(cmd).await.map(|()| true),
-            Command::Scheduler(args) => scheduler::run(args).await.map(|()| true),
-            Command::Worker(args) => worker::run(args).await.map(|()| true),
-            Command::Cluster(cmd) => cluster::run(cmd).await.map(|()| true),
+            Command::Ls(args) => functions::ls(args).await.map(|()| 0),
+            Command::Status(args) => functions::status(args).await.map(|()| 0),
+            Command::Rm(args) => functions::rm(args).await.map(|()| 0),
+            Command::Logs(args) => functions::logs(args).await.map(|()| 0),
+            Command::Nodes(args) => admin::nodes(args).await.map(|()| 0),
+            Command::Usage(args) => usage::run(args).await.map(|()| 0),
+            Command::Tenant(cmd) => admin::tenant(cmd).await.map(|()| 0),
+            Command::Token(cmd) => admin::token(cmd).await.map(|()| 0),
+            Command::Scheduler(args) => scheduler::run(args).await.map(|()| 0),
+            Command::Worker(args) => worker::run(args).await.map(|()| 0),
+            Command::Cluster(cmd) => cluster::run(cmd).await.map(|()| 0),
         }
     });
     match result {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::FAILURE,
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE

@@ -12,3 +12,4 @@ pub mod v1 {
 pub mod codec;
 pub mod identity;
 pub mod limits;
+pub mod module_check;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -50,13 +51,75 @@ impl HttpState {
     }
 }
 
-/// The HTTP routes.
+/// Longest request target (path and query) served, bytes; longer gets a JSON 414.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
+/// The HTTP routes. Every answer that is not a function's own output is the JSON error
+/// shape, including the framework's own refusals (unknown route, wrong method, a body over
+/// the limit, a path that is not UTF-8, a target too long).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/health", get(health))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_INVOKE_INPUT))
+        .layer(axum::middleware::from_fn(refuse_long_uris))
         .with_state(state)
+}
+
+async fn unknown_route(uri: axum::http::Uri) -> Response {
+    error(
+        404,
+        "NOT_FOUND",
+        &format!(
+            "no route {}; the API is POST /v1/functions/{{name}}/invoke and GET /v1/health",
+            crate::state::shown(uri.path())
+        ),
+    )
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let allowed = if uri.path() == "/v1/health" {
+        "GET"
+    } else {
+        "POST"
+    };
+    let mut r = error(
+        405,
+        "METHOD_NOT_ALLOWED",
+        &format!(
+            "{method} is not allowed on {}; use {allowed}",
+            crate::state::shown(uri.path())
+        ),
+    );
+    r.headers_mut()
+        .insert("allow", HeaderValue::from_static(allowed));
+    r
+}
+
+async fn refuse_long_uris(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return error(
+            414,
+            "URI_TOO_LONG",
+            &format!("the request target is {len} bytes; at most {MAX_URI_BYTES}"),
+        );
+    }
+    next.run(req).await
+}
+
+/// The JSON error for a request the framework could not take apart.
+fn rejection(status: StatusCode, what: &str, detail: &str) -> Response {
+    let (code, message) = match status.as_u16() {
+        413 => (
+            "PAYLOAD_TOO_LARGE",
+            format!("the body (the function's stdin) is over the {MAX_INVOKE_INPUT}-byte limit"),
+        ),
+        _ => ("INVALID_ARGUMENT", format!("bad {what}: {detail}")),
+    };
+    error(status.as_u16(), code, &message)
 }
 
 /// Query parameters of an invocation.
@@ -69,6 +132,7 @@ pub struct InvokeParams {
 }
 
 fn error(status: u16, code: &str, message: &str) -> Response {
+    let message = crate::error::clip_message(message.to_string());
     let body = serde_json::json!({"error": {"code": code, "message": message}});
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
@@ -119,11 +183,23 @@ async fn health(State(s): State<HttpState>) -> Response {
 
 async fn invoke(
     State(s): State<HttpState>,
-    Path(name): Path<String>,
-    Query(q): Query<InvokeParams>,
+    name: Result<Path<String>, PathRejection>,
+    q: Result<Query<InvokeParams>, QueryRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let name = match name {
+        Ok(Path(n)) => n,
+        Err(e) => return rejection(e.status(), "function name in the path", &e.body_text()),
+    };
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return rejection(e.status(), "query", &e.body_text()),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return rejection(e.status(), "body", &e.body_text()),
+    };
     let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
         return error(
             401,

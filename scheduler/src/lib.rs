@@ -20,6 +20,7 @@ pub mod gateway;
 pub mod http;
 pub mod leader;
 pub mod logger;
+pub mod modules;
 pub mod node;
 pub mod pricing;
 pub mod replica;

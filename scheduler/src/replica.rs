@@ -960,6 +960,9 @@ impl Replica {
         mut cmd: pb::Command,
         attempt: u32,
     ) -> Result<(pb::Command, PendingKind)> {
+        // Kept with its module bytes: if the stored copy is freed before this applies, the
+        // re-plan sends them.
+        let original = Request::Deploy(cmd.clone());
         let Some(pb::command::Kind::Deploy(d)) = cmd.kind.as_mut() else {
             return Err(Error::Apply(ApplyError::Invalid("not a deploy".into())));
         };
@@ -1018,7 +1021,6 @@ impl Replica {
             self.plan(None, (&tenant, &name), &version, d.replicas, origin)?
         };
         d.place_on = nodes.clone();
-        let original = Request::Deploy(cmd.clone());
         Ok((
             cmd,
             PendingKind::Plan {

@@ -216,6 +216,10 @@ impl pb::control_server::Control for ControlService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         crate::state::validate_name("function", &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A module that cannot run is refused here, with the reason, rather than stored to
+        // leave its allocation pending and its calls hanging.
+        stellar_proto::module_check::check_module(&r.module, limits.memory_mib)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let cmd = deploy_command(
             request_id(r.request_id)?,
             pb::DeployCmd {

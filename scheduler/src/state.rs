@@ -16,9 +16,9 @@ use stellar_proto::v1 as pb;
 
 use crate::error::ApplyError;
 
+use crate::modules::ModuleStore;
+pub use crate::modules::{MAX_MODULES_TOTAL_BYTES, MAX_TENANT_MODULE_BYTES};
 pub use stellar_proto::limits::MAX_MODULE_BYTES;
-/// Total module bytes the replicated state keeps (every replica holds all of them in memory).
-pub const MAX_MODULES_TOTAL_BYTES: u64 = 1 << 30;
 /// Retried request ids remembered, oldest forgotten first.
 pub const DEDUPE_CAPACITY: usize = 200_000;
 /// Invocation ids remembered for usage deduplication, oldest forgotten first.
@@ -244,8 +244,7 @@ pub struct StateMachine {
     functions: Vec<Function>,
     /// Function ids by tenant, then name (no allocation on lookup; listings sort by name).
     function_ids: rustc_hash::FxHashMap<String, rustc_hash::FxHashMap<String, u32>>,
-    modules: BTreeMap<[u8; 32], Arc<[u8]>>,
-    module_bytes: u64,
+    modules: ModuleStore,
     nodes: BTreeMap<u64, Node>,
     allocations: BTreeMap<u64, Allocation>,
     node_allocations: BTreeSet<(u64, u64)>,
@@ -477,7 +476,7 @@ impl StateMachine {
 
     /// A stored module by content address.
     pub fn module(&self, sha256: &[u8; 32]) -> Option<Arc<[u8]>> {
-        self.modules.get(sha256).cloned()
+        self.modules.get(sha256)
     }
 
     /// Whether a tenant exists.
@@ -555,7 +554,11 @@ impl StateMachine {
             Ok(r) => r,
             Err(e) => error_result(&e),
         };
-        if let Some(key) = key {
+        // A stale plan changed nothing and its retry is re-planned, so it is not an answer
+        // to remember.
+        if let Some(key) = key
+            && result.error_code != ApplyError::StalePlan(String::new()).code()
+        {
             self.remember(key, index, result.clone());
         }
         result
@@ -656,8 +659,13 @@ impl StateMachine {
         }
         let sha = sha32(&c.module_sha256, "module sha256")?;
         let new_module = if c.module.is_empty() {
-            if !self.modules.contains_key(&sha) {
-                return Err(not_found("module", hex::encode(sha)));
+            if !self.modules.contains(&sha) {
+                // The leader left the bytes out because the module was stored when it
+                // planned; it has since been freed: the leader re-plans with the bytes.
+                return Err(ApplyError::StalePlan(format!(
+                    "module {} is no longer stored",
+                    hex::encode(sha)
+                )));
             }
             None
         } else {
@@ -678,17 +686,20 @@ impl StateMachine {
                     hex::encode(actual)
                 )));
             }
-            if !self.modules.contains_key(&sha)
-                && self.module_bytes + c.module.len() as u64 > MAX_MODULES_TOTAL_BYTES
-            {
-                return Err(ApplyError::Limit(format!(
-                    "module store is full ({} bytes); delete unused functions",
-                    self.module_bytes
-                )));
-            }
             Some(c.module)
         };
         let existing = self.function_id(&c.tenant, &c.name);
+        // The module the function runs now, which this version stops referring to.
+        let replacing = existing
+            .map(|id| &self.functions[id as usize])
+            .filter(|f| !f.deleted)
+            .and_then(|f| f.current())
+            .map(|v| v.module_sha256);
+        let len = new_module
+            .as_ref()
+            .map_or_else(|| self.modules.get(&sha).map_or(0, |b| b.len()), Vec::len);
+        self.modules
+            .check_reference(&c.tenant, &sha, len as u64, replacing.as_ref())?;
         let next_version = existing.map_or(1, |id| {
             self.functions[id as usize]
                 .versions
@@ -721,11 +732,12 @@ impl StateMachine {
         self.check_placements(existing, &version, &c.place_on, &stop_set)?;
 
         // Validated: mutate.
-        if let Some(bytes) = new_module
-            && !self.modules.contains_key(&sha)
-        {
-            self.module_bytes += bytes.len() as u64;
-            self.modules.insert(sha, Arc::from(bytes));
+        if let Some(bytes) = new_module {
+            self.modules.insert(sha, bytes);
+        }
+        self.modules.reference(&c.tenant, &sha);
+        if let Some(old) = replacing {
+            self.modules.release(&c.tenant, &old);
         }
         let fid = match existing {
             Some(id) => id,
@@ -906,12 +918,16 @@ impl StateMachine {
             .function(&c.tenant, &c.name)
             .ok_or_else(|| not_found("function", format!("{}/{}", c.tenant, c.name)))?;
         let allocs: Vec<u64> = f.on_nodes.values().copied().collect();
+        let module = f.current().map(|v| v.module_sha256);
         let mut result = ok_result();
         result.count = allocs.len() as u32;
         for a in allocs {
             self.remove_allocation(a, fx);
         }
         self.functions[fid as usize].deleted = true;
+        if let Some(sha) = module {
+            self.modules.release(&c.tenant, &sha);
+        }
         Ok(result)
     }
 
@@ -1449,8 +1465,13 @@ impl StateMachine {
         }
         for md in s.modules {
             let h = sha32(&md.sha256, "snapshot module sha256")?;
-            m.module_bytes += md.bytes.len() as u64;
-            m.modules.insert(h, Arc::from(md.bytes));
+            m.modules.insert(h, md.bytes);
+        }
+        // References are derived state: each live function's current version.
+        for f in m.functions.iter().filter(|f| !f.deleted) {
+            if let Some(v) = f.current() {
+                m.modules.reference(&f.tenant, &v.module_sha256);
+            }
         }
         for n in s.nodes {
             let id = n.id;
@@ -1724,6 +1745,211 @@ mod tests {
             assert!(r.error_code.is_empty(), "{r:?}");
         }
         m
+    }
+
+    /// A module of `len` bytes (the header, then filler) distinct per `seed`.
+    fn big_module(len: usize, seed: u8) -> Vec<u8> {
+        let mut m = MODULE.to_vec();
+        m.resize(len, seed);
+        m
+    }
+
+    fn ok(r: &pb::CommandResult) {
+        assert!(r.error_code.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn modules_are_freed_with_their_last_function_and_quota_is_per_tenant() {
+        let mut m = machine();
+        let mut fx = Effects::default();
+        let mib = 1 << 20;
+        let v1 = big_module(15 * mib, 1);
+        ok(&m.apply(10, cmd(b"", deploy("acme", "f", &v1)), &mut fx));
+        let sha1: [u8; 32] = Sha256::digest(&v1).into();
+        assert!(m.module(&sha1).is_some());
+        // A new version of the only function using v1 frees v1: it leaves the snapshot.
+        let before = m.to_snapshot().encode_to_vec().len();
+        let v2 = big_module(mib, 2);
+        ok(&m.apply(11, cmd(b"", deploy("acme", "f", &v2)), &mut fx));
+        assert!(m.module(&sha1).is_none(), "the replaced module was kept");
+        let after = m.to_snapshot().encode_to_vec().len();
+        assert!(after + 13 * mib < before, "{before} -> {after}");
+        // Deleting the function frees v2.
+        let sha2: [u8; 32] = Sha256::digest(&v2).into();
+        ok(&m.apply(
+            12,
+            cmd(
+                b"",
+                pb::command::Kind::DeleteFunction(pb::DeleteFunctionCmd {
+                    tenant: "acme".into(),
+                    name: "f".into(),
+                }),
+            ),
+            &mut fx,
+        ));
+        assert!(m.module(&sha2).is_none());
+        assert_eq!(m.modules.total_bytes(), 0);
+        // One tenant fills its quota and is refused, naming it; another still deploys.
+        let per = 15 * mib;
+        let fit = (MAX_TENANT_MODULE_BYTES as usize) / per;
+        for i in 0..fit {
+            let name = format!("f{i}");
+            ok(&m.apply(
+                20 + i as u64,
+                cmd(b"", deploy("acme", &name, &big_module(per, 10 + i as u8))),
+                &mut fx,
+            ));
+        }
+        let r = m.apply(
+            90,
+            cmd(b"", deploy("acme", "one-more", &big_module(per, 99))),
+            &mut fx,
+        );
+        assert_eq!(r.error_code, "resource_exhausted", "{r:?}");
+        assert!(r.error_message.contains("quota"), "{r:?}");
+        ok(&m.apply(
+            91,
+            cmd(b"", deploy("globex", "g", &big_module(per, 98))),
+            &mut fx,
+        ));
+        // The same module again costs acme nothing more.
+        ok(&m.apply(
+            92,
+            cmd(b"", deploy("acme", "again", &big_module(per, 10))),
+            &mut fx,
+        ));
+        // Quota accounting survives a snapshot.
+        let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
+        assert_eq!(
+            back.modules.tenant_bytes("acme"),
+            m.modules.tenant_bytes("acme")
+        );
+        assert_eq!(back.digest(), m.digest());
+    }
+
+    fn node_record(id: u64) -> pb::NodeRecord {
+        pb::NodeRecord {
+            id,
+            attributes: Some(pb::NodeAttributes {
+                region: "r".into(),
+                zone: "z".into(),
+                arch: "x86_64".into(),
+                runtimes: vec!["wasm".into()],
+                capacity: Some(pb::Resources {
+                    cpu_millis: 4000,
+                    memory_mib: 4096,
+                    disk_mib: 0,
+                }),
+                ..Default::default()
+            }),
+            state: pb::NodeState::Ready as i32,
+            reputation: 1.0,
+            managed: true,
+            ..Default::default()
+        }
+    }
+
+    fn report(node: u64, allocation: u64, state: pb::AllocationState) -> pb::Command {
+        cmd(
+            b"",
+            pb::command::Kind::AllocationStates(pb::AllocationStatesCmd {
+                updates: vec![pb::AllocationStateUpdate {
+                    allocation,
+                    state: state as i32,
+                    node,
+                    message: "incompatible import type for `wasi_snapshot_preview1::fd_write`"
+                        .into(),
+                }],
+            }),
+        )
+    }
+
+    #[test]
+    fn workers_report_their_own_instances_and_load_failures_are_bounded() {
+        let mut m = machine();
+        let mut fx = Effects::default();
+        let nodes = (1..=5).map(node_record).collect();
+        ok(&m.apply(
+            5,
+            cmd(
+                b"",
+                pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd { nodes }),
+            ),
+            &mut fx,
+        ));
+        let mut d = deploy("acme", "f", MODULE);
+        if let pb::command::Kind::Deploy(c) = &mut d {
+            c.replicas = 1;
+            c.place_on = vec![1];
+        }
+        let placed = m.apply(6, cmd(b"", d), &mut fx);
+        let alloc = placed.allocations[0].id;
+        // Another node cannot speak for this allocation.
+        let mut fx = Effects::default();
+        ok(&m.apply(7, report(2, alloc, pb::AllocationState::Running), &mut fx));
+        assert_eq!(m.allocations()[&alloc].state, pb::AllocationState::Pending);
+        ok(&m.apply(8, report(1, alloc, pb::AllocationState::Running), &mut fx));
+        assert_eq!(m.allocations()[&alloc].state, pb::AllocationState::Running);
+        // A load failure removes the allocation, records why, and asks for a replacement;
+        // the third failure does not.
+        let fid = m.function("acme", "f").unwrap().0;
+        let mut alloc = alloc;
+        for failure in 1..=3u32 {
+            let mut fx = Effects::default();
+            ok(&m.apply(
+                10 + u64::from(failure),
+                report(u64::from(failure), alloc, pb::AllocationState::Failed),
+                &mut fx,
+            ));
+            assert!(!m.allocations().contains_key(&alloc));
+            let v = m
+                .function("acme", "f")
+                .unwrap()
+                .1
+                .current()
+                .unwrap()
+                .clone();
+            assert_eq!(v.load_failures, failure);
+            assert!(v.load_error.contains("fd_write"), "{}", v.load_error);
+            assert_eq!(v.failed_nodes.len(), failure as usize);
+            assert_eq!(fx.load_failed, if failure < 3 { vec![fid] } else { vec![] });
+            assert_eq!(v.broken(), failure >= 3);
+            // The leader's replacement, on the next node.
+            let next = u64::from(failure) + 1;
+            let plan = cmd(
+                b"",
+                pb::command::Kind::Plan(pb::PlanCmd {
+                    tenant: "acme".into(),
+                    function: "f".into(),
+                    version: 1,
+                    place_on: vec![next],
+                    ..Default::default()
+                }),
+            );
+            let r = m.apply(20 + u64::from(failure), plan, &mut Effects::default());
+            ok(&r);
+            alloc = r.allocations[0].id;
+        }
+        // Stale reports (an allocation already gone) change nothing and refuse nothing.
+        ok(&m.apply(40, report(1, 999_999, pb::AllocationState::Failed), &mut fx));
+        let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
+        assert_eq!(back.digest(), m.digest());
+    }
+
+    #[test]
+    fn a_stale_plan_is_not_remembered_so_its_retry_is_applied() {
+        let mut m = machine();
+        let mut fx = Effects::default();
+        let mut stale = deploy("acme", "f", MODULE);
+        if let pb::command::Kind::Deploy(d) = &mut stale {
+            d.replicas = 1;
+            d.place_on = vec![42]; // no such node
+        }
+        let r = m.apply(10, cmd(b"rid", stale), &mut fx);
+        assert_eq!(r.error_code, "stale_plan", "{r:?}");
+        let r = m.apply(11, cmd(b"rid", deploy("acme", "f", MODULE)), &mut fx);
+        ok(&r);
+        assert!(m.function("acme", "f").is_some());
     }
 
     #[test]
