@@ -124,6 +124,63 @@ async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // `stellar invoke` ends with the function's own exit status, as `wasmtime run` does.
+    let admin = common::admin_token(&cluster).await;
+    let stellar = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_stellar"))
+            .args(args)
+            .args(["--endpoint", &cluster.addresses[0], "--token", &admin])
+            .env("HOME", "/nonexistent")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stellar")
+    };
+    let probe = format!(
+        "{}/../examples/wasm/prebuilt/probe.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = stellar(&[
+        "deploy", &probe, "--name", "probe", "--memory", "32", "--tenant", "acme",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    for (args, want) in [
+        (&["--arg", "exit", "--arg", "3"][..], 3),
+        (&["--arg", "panic"][..], 134),
+        (&["--arg", "echo"][..], 0),
+    ] {
+        let code = loop {
+            let mut a = vec!["invoke", "probe", "--tenant", "acme"];
+            a.extend_from_slice(args);
+            let out = stellar(&a);
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            // Until the instance is ready the platform's own failure (1) says so.
+            if !err.contains("NO_READY_INSTANCE") && !err.contains("no ready instance") {
+                break out.status.code();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{err}");
+        };
+        assert_eq!(code, Some(want), "stellar invoke probe {args:?}");
+    }
+    // A module over the size limit is refused before upload, saying so (not an h2 error).
+    let big = dir.path().join("big.wasm");
+    let mut bytes = std::fs::read(&probe).unwrap();
+    bytes.resize(17 << 20, 0);
+    std::fs::write(&big, bytes).unwrap();
+    let out = stellar(&[
+        "deploy",
+        big.to_str().unwrap(),
+        "--name",
+        "big",
+        "--tenant",
+        "acme",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("at most"), "{err}");
     // SIGTERM: drain, then a clean exit.
     let pid = worker.id().to_string();
     let killed = Command::new("kill")

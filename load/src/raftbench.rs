@@ -148,7 +148,7 @@ pub fn deploy_request(tenant: &str, name: &str, request_id: Vec<u8>) -> pb::Depl
     pb::DeployRequest {
         request_id,
         name: name.into(),
-        module: b"\0asm\x01\0\0\0".to_vec(),
+        module: stellar_proto::module_check::MINIMAL_COMMAND.to_vec(),
         limits: Some(pb::FunctionLimits {
             cpu_millis: 10,
             memory_mib: 8,

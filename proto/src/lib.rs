@@ -10,6 +10,8 @@ pub mod v1 {
 }
 
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod limits;
 pub mod module_check;

@@ -60,6 +60,17 @@ pub const WASI_P1_FUNCTIONS: [&str; 46] = [
     "sock_shutdown",
 ];
 
+/// The smallest module the check accepts: one page of memory and a `_start` that returns
+/// at once (placement benchmarks and tests deploy it; a worker can run it).
+pub const MINIMAL_COMMAND: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // \0asm, version 1
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // types: [] -> []
+    0x03, 0x02, 0x01, 0x00, // functions: one of type 0
+    0x05, 0x03, 0x01, 0x00, 0x01, // memories: one, at least one page
+    0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export _start
+    0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b, // code: an empty body
+];
+
 /// Why a module cannot be deployed; each says what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModuleError {
@@ -256,6 +267,11 @@ mod tests {
         m.push(id);
         m.push(body.len() as u8);
         m.extend_from_slice(body);
+    }
+
+    #[test]
+    fn the_minimal_command_passes() {
+        assert_eq!(check_module(MINIMAL_COMMAND, 1), Ok(()));
     }
 
     #[test]

@@ -327,3 +327,99 @@ pub fn never_connected(s: &Status) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A peer that accepts connections, holds each for `hold`, then closes it unanswered:
+    /// a request sent on it may or may not have been acted on.
+    async fn silent_peer(hold: Duration) -> (String, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    tokio::time::sleep(hold).await;
+                    drop(s);
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn an_invocation_that_may_have_run_is_not_repeated() {
+        let (addr, accepted) = silent_peer(Duration::from_millis(300)).await;
+        let c = ClusterClient::new(&[addr]).unwrap();
+        let e = c.invoke(pb::InvokeRequest::default()).await.unwrap_err();
+        assert!(!did_not_run(&e), "{e:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn patience_is_wall_clock_time_attempts_included() {
+        let (addr, accepted) = silent_peer(Duration::from_millis(700)).await;
+        let mut c = ClusterClient::new(&[addr]).unwrap();
+        c.patience = Duration::from_secs(2);
+        let start = crate::clock::now();
+        let e = c
+            .call(|mut cl| async move { cl.who_am_i(pb::WhoAmIRequest {}).await })
+            .await
+            .unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(retryable(&e), "{e:?}");
+        assert!(accepted.load(Ordering::SeqCst) >= 2, "a read is retried");
+        // Counting only the pauses between attempts, 2 s of pauses took ~8 attempts of
+        // 0.7 s each (7.7 s); the bound is the patience plus the attempt under way.
+        assert!(elapsed < Duration::from_millis(4500), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn an_invocation_that_never_connected_is_retried_until_patience() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let mut c = ClusterClient::new(&[addr]).unwrap();
+        c.patience = Duration::from_millis(600);
+        let start = crate::clock::now();
+        let e = c.invoke(pb::InvokeRequest::default()).await.unwrap_err();
+        assert!(never_connected(&e), "{e:?}");
+        assert!(did_not_run(&e));
+        assert!(
+            start.elapsed() >= Duration::from_millis(500),
+            "retried, not given up at once"
+        );
+    }
+
+    #[test]
+    fn only_answers_that_prove_nothing_ran_are_unrun() {
+        let marked = |code: &'static str| {
+            let mut s = Status::unavailable("x");
+            s.metadata_mut()
+                .insert(ERROR_METADATA, code.parse().unwrap());
+            s
+        };
+        assert!(did_not_run(&marked("NOT_LEADER")));
+        assert!(did_not_run(&marked("UNAVAILABLE")));
+        assert!(!did_not_run(&marked("WORKER_LOST")));
+        assert!(!did_not_run(&marked("NO_READY_INSTANCE")));
+        assert!(!did_not_run(&Status::unavailable("connection reset")));
+        let mut hinted = Status::unavailable("not the leader");
+        hinted
+            .metadata_mut()
+            .insert(LEADER_METADATA, "127.0.0.1:7002".parse().unwrap());
+        assert!(did_not_run(&hinted));
+        assert!(did_not_run(&Status::resource_exhausted(
+            "the control plane is overloaded (proposal queue full)"
+        )));
+        assert!(!did_not_run(&Status::deadline_exceeded("slow")));
+    }
+}

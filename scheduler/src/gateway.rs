@@ -310,6 +310,13 @@ impl Gateway {
             )
             .await
             .map_err(|e| match e {
+                // Every node it could go to has failed to load it.
+                Error::Placement(p) if route.load_failures > 0 => {
+                    GatewayError::ModuleLoadFailed(format!(
+                        "`{}` failed to load on {} worker(s) ({}) and no other node can take it: {p} Fix the module and deploy a new version",
+                        key.1, route.load_failures, route.load_error
+                    ))
+                }
                 Error::Placement(p) => GatewayError::NoCapacity(format!(
                     "no instance of `{}` and none can be placed: {p} Try another --region, a smaller --memory, or `stellar nodes` to see free capacity",
                     key.1

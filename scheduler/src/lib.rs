@@ -16,6 +16,8 @@ pub mod batching;
 pub mod client;
 pub mod clock;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod leader;

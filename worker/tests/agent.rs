@@ -5,98 +5,15 @@
 
 #![allow(clippy::disallowed_methods)]
 
-use std::future::Future;
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Duration;
+
+use common::{Plane, TOKEN, free_port, until, worker_config};
 use stellar_proto::v1 as pb;
-use stellar_scheduler::ReplicaConfig;
 use stellar_scheduler::client::ClusterClient;
-use stellar_scheduler::server::{ServerConfig, serve};
-use stellar_worker::{AgentConfig, Identity, SandboxConfig};
+use stellar_worker::Identity;
 use tokio::sync::oneshot;
-
-const TOKEN: &str = "test-join-token";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Plane {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<stellar_scheduler::Result<()>>,
-}
-
-impl Plane {
-    fn start(dir: &Path, addr: &str) -> Plane {
-        let cfg = ServerConfig {
-            replica: ReplicaConfig::new(1, dir.to_path_buf(), vec![(1, addr.to_string())]),
-            listen: addr.parse().expect("address"),
-            advertise: addr.to_string(),
-            tick: Duration::from_millis(20),
-            join_token: Some(TOKEN.into()),
-            http_listen: None,
-        };
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(cfg, async move {
-            let _ = rx.await;
-        }));
-        Plane {
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-fn worker_config(dir: &Path, addr: &str, token: &str) -> AgentConfig {
-    AgentConfig {
-        join: vec![addr.to_string()],
-        token: token.to_string(),
-        data_dir: dir.to_path_buf(),
-        region: "cn-east".into(),
-        zone: "shanghai".into(),
-        labels: vec![("tier".into(), "home".into())],
-        capacity: Some(pb::Resources {
-            cpu_millis: 4000,
-            memory_mib: 4096,
-            disk_mib: 0,
-        }),
-        sandbox: SandboxConfig {
-            slots: 8,
-            max_memory_bytes: 128 << 20,
-            ..Default::default()
-        },
-        drain_timeout: Duration::from_secs(5),
-    }
-}
-
-async fn until<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn nodes(client: &ClusterClient) -> Vec<pb::NodeInfo> {
     client.nodes().await.unwrap_or_default()
@@ -104,11 +21,7 @@ async fn nodes(client: &ClusterClient) -> Vec<pb::NodeInfo> {
 
 /// Deploys the committed build of example `name` (one replica in tenant `acme`).
 async fn deploy(client: &ClusterClient, name: &str, scratch_dir: bool) -> pb::DeployResponse {
-    let module = std::fs::read(format!(
-        "{}/../examples/wasm/prebuilt/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("example module");
+    let module = common::prebuilt(name);
     let req = pb::DeployRequest {
         request_id: format!("deploy-{name}-01").into_bytes(),
         name: name.into(),
