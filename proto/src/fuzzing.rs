@@ -63,3 +63,41 @@ pub fn check_module(data: &[u8]) {
         assert!(e.to_string().len() < 4096, "an unbounded error message");
     }
 }
+
+/// The committed corpus of fuzz target `target` (`fuzz/corpus/TARGET`).
+pub fn corpus_dir(target: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
+}
+
+/// Runs `body` over every committed input of `target`; how many there were.
+pub fn replay_corpus(target: &str, body: fn(&[u8])) -> usize {
+    let dir = corpus_dir(target);
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("the committed corpus {}: {e}", dir.display()));
+    let mut n = 0;
+    for entry in entries {
+        let path = entry.expect("a corpus entry").path();
+        body(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+        n += 1;
+    }
+    n
+}
+
+/// Writes hand-made seed inputs into `target`'s corpus, named by content, when
+/// `STELLAR_FUZZ_SEEDS=write` (how the committed seeds were made).
+pub fn write_seeds(target: &str, seeds: Vec<Vec<u8>>) {
+    use sha2::Digest;
+    if std::env::var("STELLAR_FUZZ_SEEDS").as_deref() != Ok("write") {
+        return;
+    }
+    for s in seeds {
+        let name: String = sha2::Sha256::digest(&s)[..20]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = corpus_dir(target).join(name);
+        std::fs::write(&path, s).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}

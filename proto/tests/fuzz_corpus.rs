@@ -2,41 +2,9 @@
 //! the same code the fuzzers run, so an input that once crashed stays fixed without building
 //! the fuzzers. `STELLAR_FUZZ_SEEDS=write` first (re)writes the hand-made seeds.
 
-use std::path::PathBuf;
-
 use prost::Message;
-use sha2::{Digest, Sha256};
-use stellar_proto::fuzzing;
+use stellar_proto::fuzzing::{self, replay_corpus, write_seeds};
 use stellar_proto::v1 as pb;
-
-fn corpus(target: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "{}/../fuzz/corpus/{target}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-}
-
-fn replay(target: &str, body: fn(&[u8])) -> usize {
-    let mut n = 0;
-    for entry in std::fs::read_dir(corpus(target)).expect("the committed corpus") {
-        body(&std::fs::read(entry.unwrap().path()).unwrap());
-        n += 1;
-    }
-    n
-}
-
-fn write_seeds(target: &str, seeds: Vec<Vec<u8>>) {
-    if std::env::var("STELLAR_FUZZ_SEEDS").as_deref() != Ok("write") {
-        return;
-    }
-    for s in seeds {
-        let name: String = Sha256::digest(&s)[..20]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        std::fs::write(corpus(target).join(name), s).unwrap();
-    }
-}
 
 fn tagged(tag: u8, m: impl Message) -> Vec<u8> {
     let mut v = vec![tag];
@@ -86,7 +54,7 @@ fn decode_messages_corpus() {
             ),
         ],
     );
-    assert!(replay("decode_messages", fuzzing::decode_messages) > 0);
+    assert!(replay_corpus("decode_messages", fuzzing::decode_messages) > 0);
 }
 
 #[test]
@@ -101,5 +69,5 @@ fn check_module_corpus() {
         })
         .collect();
     write_seeds("check_module", seeds);
-    assert!(replay("check_module", fuzzing::check_module) > 0);
+    assert!(replay_corpus("check_module", fuzzing::check_module) > 0);
 }

@@ -11,8 +11,9 @@ use stellar_proto::v1 as pb;
 
 use crate::state::{Effects, StateMachine};
 
-/// A node every apply run starts with (some commands need one to place on).
-fn node(id: u64) -> pb::NodeRecord {
+/// A ready, managed node in cn-east with 2 cores and 2 GiB (the fuzzer's commands and the
+/// state machine's unit tests place on such nodes).
+pub fn node(id: u64) -> pb::NodeRecord {
     pb::NodeRecord {
         id,
         attributes: Some(pb::NodeAttributes {

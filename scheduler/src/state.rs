@@ -1827,28 +1827,6 @@ mod tests {
         assert_eq!(back.digest(), m.digest());
     }
 
-    fn node_record(id: u64) -> pb::NodeRecord {
-        pb::NodeRecord {
-            id,
-            attributes: Some(pb::NodeAttributes {
-                region: "r".into(),
-                zone: "z".into(),
-                arch: "x86_64".into(),
-                runtimes: vec!["wasm".into()],
-                capacity: Some(pb::Resources {
-                    cpu_millis: 4000,
-                    memory_mib: 4096,
-                    disk_mib: 0,
-                }),
-                ..Default::default()
-            }),
-            state: pb::NodeState::Ready as i32,
-            reputation: 1.0,
-            managed: true,
-            ..Default::default()
-        }
-    }
-
     fn report(node: u64, allocation: u64, state: pb::AllocationState) -> pb::Command {
         cmd(
             b"",
@@ -1868,7 +1846,7 @@ mod tests {
     fn workers_report_their_own_instances_and_load_failures_are_bounded() {
         let mut m = machine();
         let mut fx = Effects::default();
-        let nodes = (1..=5).map(node_record).collect();
+        let nodes = (1..=5).map(crate::fuzzing::node).collect();
         ok(&m.apply(
             5,
             cmd(

@@ -2,39 +2,11 @@
 //! through the same code the fuzzers run, so an input that once crashed stays fixed without
 //! building the fuzzers. `STELLAR_FUZZ_SEEDS=write` first (re)writes the hand-made seeds.
 
-use std::path::PathBuf;
-
 use prost::Message;
 use sha2::{Digest, Sha256};
+use stellar_proto::fuzzing::{replay_corpus, write_seeds};
 use stellar_proto::v1 as pb;
 use stellar_scheduler::fuzzing;
-
-fn corpus(target: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "{}/../fuzz/corpus/{target}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-}
-
-fn replay(target: &str, body: fn(&[u8])) -> usize {
-    let mut n = 0;
-    for entry in std::fs::read_dir(corpus(target)).expect("the committed corpus") {
-        let path = entry.unwrap().path();
-        body(&std::fs::read(&path).unwrap());
-        n += 1;
-    }
-    n
-}
-
-fn write_seeds(target: &str, seeds: Vec<Vec<u8>>) {
-    if std::env::var("STELLAR_FUZZ_SEEDS").as_deref() != Ok("write") {
-        return;
-    }
-    for s in seeds {
-        let name = hex::encode(&Sha256::digest(&s)[..20]);
-        std::fs::write(corpus(target).join(name), s).unwrap();
-    }
-}
 
 fn cmd(request_id: &[u8], kind: pb::command::Kind) -> pb::Command {
     pb::Command {
@@ -135,7 +107,7 @@ fn command_seeds() -> Vec<Vec<u8>> {
 #[test]
 fn apply_commands_corpus() {
     write_seeds("apply_commands", command_seeds());
-    assert!(replay("apply_commands", fuzzing::apply_commands) > 0);
+    assert!(replay_corpus("apply_commands", fuzzing::apply_commands) > 0);
 }
 
 #[test]
@@ -151,5 +123,5 @@ fn http_request_corpus() {
         "http_request",
         requests.iter().map(|r| r.to_vec()).collect(),
     );
-    assert!(replay("http_request", fuzzing::http_request) > 0);
+    assert!(replay_corpus("http_request", fuzzing::http_request) > 0);
 }

@@ -111,6 +111,25 @@ fn deploy_on(
     }
 }
 
+/// `acme/name` as the committed state has it (leader read).
+async fn function(client: &ClusterClient, name: &str) -> Option<pb::FunctionStatus> {
+    let name = name.to_string();
+    client
+        .call(|mut cl| {
+            let name = name.clone();
+            async move {
+                cl.get_function(pb::GetFunctionRequest {
+                    tenant: "acme".into(),
+                    name,
+                    read: None,
+                })
+                .await
+            }
+        })
+        .await
+        .ok()
+}
+
 fn call(name: &str, args: &[&str]) -> pb::InvokeRequest {
     pb::InvokeRequest {
         tenant: "acme".into(),
@@ -334,18 +353,7 @@ async fn a_module_that_fails_to_load_is_replaced_elsewhere_then_fails_fast() {
         .await
         .expect("deploy");
     let status = until("both workers to fail loading it", || async {
-        let f = c
-            .admin
-            .call(|mut cl| async move {
-                cl.get_function(pb::GetFunctionRequest {
-                    tenant: "acme".into(),
-                    name: "broken".into(),
-                    read: None,
-                })
-                .await
-            })
-            .await
-            .ok()?;
+        let f = function(&c.admin, "broken").await?;
         (f.load_failures >= 2).then_some(f)
     })
     .await;
@@ -607,18 +615,7 @@ async fn bad_input_gets_a_typed_error_that_names_the_problem() {
     })
     .await;
     until("the allocation to be committed running", || async {
-        let f = c
-            .admin
-            .call(|mut cl| async move {
-                cl.get_function(pb::GetFunctionRequest {
-                    tenant: "acme".into(),
-                    name: "hello".into(),
-                    read: None,
-                })
-                .await
-            })
-            .await
-            .ok()?;
+        let f = function(&c.admin, "hello").await?;
         f.allocations
             .iter()
             .all(|a| a.state == pb::AllocationState::Running as i32)
