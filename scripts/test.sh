@@ -2,8 +2,9 @@
 # Runs every test of the workspace on a fresh machine of this kind: first installs what the
 # machine lacks, then checks formatting and lints, then runs the whole suite.
 #
-#   scripts/test.sh            # everything
-#   QUICK=1 scripts/test.sh    # skip fmt and clippy (while iterating)
+#   scripts/test.sh                  # everything
+#   QUICK=1 scripts/test.sh          # skip fmt and clippy (while iterating)
+#   FUZZ_SECONDS=0 scripts/test.sh   # skip the bounded fuzz run (default 20 s per target)
 #
 # Needs: rustup's toolchain with cargo (the machine has it). Installs, when missing: the
 # Debian packages listed below (after `apt-get update`), the rustfmt and clippy components,
@@ -57,6 +58,14 @@ if [[ -z "${QUICK:-}" ]]; then
   cargo fmt --manifest-path examples/wasm/Cargo.toml --all -- --check
   log "cargo clippy --all-targets -- -D warnings"
   cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+fi
+
+# Every fuzz target for a short bounded time (fuzz/README.md; scripts/fuzz.sh installs
+# cargo-fuzz when missing). The committed corpus is also replayed by the test suite below.
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+if ((FUZZ_SECONDS > 0)); then
+  log "fuzz targets, ${FUZZ_SECONDS} s each"
+  FUZZ_JOBS=2 scripts/fuzz.sh "" "$FUZZ_SECONDS"
 fi
 
 log "test suite"

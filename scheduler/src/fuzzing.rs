@@ -188,8 +188,14 @@ pub fn http_request(data: &[u8]) {
         return;
     };
     let head = String::from_utf8_lossy(&resp[..split]).to_ascii_lowercase();
-    let body = &resp[split + 4..];
-    if head.contains("content-type: application/json") && !head.contains("transfer-encoding") {
+    // The first answer only: the input may hold several pipelined requests.
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    let rest = &resp[split + 4..];
+    let body = &rest[..length.unwrap_or(rest.len()).min(rest.len())];
+    if head.contains("content-type: application/json") && length.is_some() {
         let v: serde_json::Value =
             serde_json::from_slice(body).expect("a JSON answer that is not JSON");
         assert!(
