@@ -119,7 +119,19 @@ fn http_target() -> &'static HttpTarget {
             default(info);
             std::process::abort();
         }));
-        let dir = std::env::temp_dir().join(format!("stellar-fuzz-http-{}", std::process::id()));
+        // One data dir per process; those of processes that have exited are removed.
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("stellar-fuzz-http-")
+                    && !std::path::Path::new("/proc").join(pid).exists()
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("stellar-fuzz-http-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let free = || {
             std::net::TcpListener::bind("127.0.0.1:0")
