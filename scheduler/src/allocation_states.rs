@@ -55,13 +55,7 @@ impl AllocationStateWriter {
         reason: &str,
     ) -> bool {
         let mut message = reason.to_string();
-        if message.len() > MAX_REASON_BYTES {
-            let mut end = MAX_REASON_BYTES;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-        }
+        crate::error::truncate_chars(&mut message, MAX_REASON_BYTES);
         self.tx
             .try_send(pb::AllocationStateUpdate {
                 allocation,

@@ -28,6 +28,9 @@ pub enum ApplyError {
     Limit(String),
 }
 
+/// The stored code of a refused plan (the leader re-plans; the dedupe table forgets it).
+pub const STALE_PLAN: &str = "stale_plan";
+
 impl ApplyError {
     /// The stable code stored in results and shown to API clients.
     pub fn code(&self) -> &'static str {
@@ -35,7 +38,7 @@ impl ApplyError {
             ApplyError::Invalid(_) => "invalid_argument",
             ApplyError::NotFound(_) => "not_found",
             ApplyError::AlreadyExists(_) => "already_exists",
-            ApplyError::StalePlan(_) => "stale_plan",
+            ApplyError::StalePlan(_) => STALE_PLAN,
             ApplyError::Limit(_) => "resource_exhausted",
         }
     }
@@ -46,7 +49,7 @@ impl ApplyError {
         match code {
             "not_found" => ApplyError::NotFound(m),
             "already_exists" => ApplyError::AlreadyExists(m),
-            "stale_plan" => {
+            STALE_PLAN => {
                 ApplyError::StalePlan(m.strip_prefix("stale plan: ").unwrap_or(&m).to_string())
             }
             "resource_exhausted" => ApplyError::Limit(m),
@@ -100,14 +103,21 @@ pub const MAX_ERROR_MESSAGE: usize = 2048;
 /// `msg` cut to [`MAX_ERROR_MESSAGE`] bytes on a character boundary (whatever it quotes).
 pub fn clip_message(mut msg: String) -> String {
     if msg.len() > MAX_ERROR_MESSAGE {
-        let mut end = MAX_ERROR_MESSAGE - 3;
-        while !msg.is_char_boundary(end) {
-            end -= 1;
-        }
-        msg.truncate(end);
+        truncate_chars(&mut msg, MAX_ERROR_MESSAGE - 3);
         msg.push('…');
     }
     msg
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+pub fn truncate_chars(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
 }
 
 fn leader_hint(leader: Option<u64>, address: Option<&str>) -> String {

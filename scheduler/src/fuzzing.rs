@@ -79,7 +79,7 @@ pub fn apply_commands(data: &[u8]) {
         let again = cmd.clone();
         let first = m.apply(100 + i as u64, cmd, &mut fx);
         // A command with a request id is answered the same way when retried.
-        if !again.request_id.is_empty() && first.error_code != "stale_plan" {
+        if !again.request_id.is_empty() && first.error_code != crate::error::STALE_PLAN {
             let retried = m.apply(100 + i as u64, again, &mut Effects::default());
             assert_eq!(retried, first, "a retried request id got another answer");
         }

@@ -180,13 +180,16 @@ impl Route {
     fn broken(&self, name: &str, waited: bool) -> Option<GatewayError> {
         let gave_up = self.load_failures >= crate::state::MAX_LOAD_FAILURES
             || (waited && self.load_failures > 0);
-        (self.allocations.is_empty() && gave_up)
-            .then(|| {
-                GatewayError::ModuleLoadFailed(format!(
-                    "`{name}` failed to load on {} worker(s) and no other node is trying it: {}. Fix the module and deploy a new version; `stellar logs {name}` shows the failures",
-                    self.load_failures, self.load_error
-                ))
-            })
+        (self.allocations.is_empty() && gave_up).then(|| self.load_failed(name, ""))
+    }
+
+    /// The typed error for a module that failed to load and that no node runs (`detail`:
+    /// why no other node takes it, when known).
+    fn load_failed(&self, name: &str, detail: &str) -> GatewayError {
+        GatewayError::ModuleLoadFailed(format!(
+            "`{name}` failed to load on {} worker(s) ({}) and no other node is trying it{detail}. Fix the module and deploy a new version; `stellar logs {name}` shows the failures",
+            self.load_failures, self.load_error
+        ))
     }
 }
 
@@ -312,10 +315,7 @@ impl Gateway {
             .map_err(|e| match e {
                 // Every node it could go to has failed to load it.
                 Error::Placement(p) if route.load_failures > 0 => {
-                    GatewayError::ModuleLoadFailed(format!(
-                        "`{}` failed to load on {} worker(s) ({}) and no other node can take it: {p} Fix the module and deploy a new version",
-                        key.1, route.load_failures, route.load_error
-                    ))
+                    route.load_failed(&key.1, &format!(": {p}"))
                 }
                 Error::Placement(p) => GatewayError::NoCapacity(format!(
                     "no instance of `{}` and none can be placed: {p} Try another --region, a smaller --memory, or `stellar nodes` to see free capacity",

@@ -1185,7 +1185,7 @@ impl Replica {
                         for a in &lost {
                             self.replacing.remove(a);
                         }
-                        let stale = result.error_code == "stale_plan";
+                        let stale = result.error_code == crate::error::STALE_PLAN;
                         match request {
                             Some(req) if stale && attempt + 1 < MAX_PLAN_ATTEMPTS => {
                                 tracing::debug!(replica = self.cfg.id, attempt, reason = %result.error_message, "re-planning a stale plan");

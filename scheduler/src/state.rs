@@ -557,7 +557,7 @@ impl StateMachine {
         // A stale plan changed nothing and its retry is re-planned, so it is not an answer
         // to remember.
         if let Some(key) = key
-            && result.error_code != ApplyError::StalePlan(String::new()).code()
+            && result.error_code != crate::error::STALE_PLAN
         {
             self.remember(key, index, result.clone());
         }
