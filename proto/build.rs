@@ -4,12 +4,13 @@
 //! binary, so a fresh machine needs no system package.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const PROTOS: [&str; 5] = [
+    const PROTOS: [&str; 6] = [
         "stellar/v1/common.proto",
         "stellar/v1/control.proto",
         "stellar/v1/agent.proto",
         "stellar/v1/raft.proto",
         "stellar/v1/state.proto",
+        "stellar/v1/edge.proto",
     ];
     let protoc = match std::env::var_os("PROTOC") {
         Some(p) => std::path::PathBuf::from(p),

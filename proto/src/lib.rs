@@ -1,7 +1,9 @@
-//! StellarCloud's wire and storage formats: the `Control`, `Agent` and `Raft` gRPC services
-//! and the replicated-state messages, generated from `proto/stellar/v1/*.proto`.
+//! StellarCloud's wire and storage formats: the `Control`, `Agent`, `Edge` and `Raft` gRPC
+//! services and the replicated-state messages, generated from `proto/stellar/v1/*.proto`,
+//! with the leader-following client and the conventions every role shares.
 //!
-//! One crate so the scheduler, the worker, the CLI and the load tools agree on every byte.
+//! One crate so the control plane, the gateways, the workers, the CLI and the load tools
+//! agree on every byte.
 
 /// Version 1 of the API and of the replicated state encoding.
 pub mod v1 {
@@ -9,9 +11,14 @@ pub mod v1 {
     tonic::include_proto!("stellar.v1");
 }
 
+pub mod client;
+pub mod clock;
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
 pub mod limits;
 pub mod module_check;
+pub mod text;
+pub mod tokens;
+pub mod wire;

@@ -96,29 +96,7 @@ pub enum Error {
     Stopped,
 }
 
-/// Longest message put in a gRPC status or an HTTP error body: it travels in a header
-/// (`grpc-message`), which a peer refuses past its header-list limit.
-pub const MAX_ERROR_MESSAGE: usize = 2048;
-
-/// `msg` cut to [`MAX_ERROR_MESSAGE`] bytes on a character boundary (whatever it quotes).
-pub fn clip_message(mut msg: String) -> String {
-    if msg.len() > MAX_ERROR_MESSAGE {
-        truncate_chars(&mut msg, MAX_ERROR_MESSAGE - 3);
-        msg.push('…');
-    }
-    msg
-}
-
-/// Cuts `s` to at most `max` bytes, on a character boundary.
-pub fn truncate_chars(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-}
+pub use stellar_proto::text::{MAX_ERROR_MESSAGE, clip_message, truncate_chars};
 
 fn leader_hint(leader: Option<u64>, address: Option<&str>) -> String {
     match (leader, address) {

@@ -1,6 +1,7 @@
 //! The leader's soft state: the placement table (free capacity, coordinates), plans in
-//! flight, and node liveness. None of it goes through Raft; a new leader rebuilds it from the
-//! committed state and gives every node a grace period before judging it down.
+//! flight, and node liveness from gateways' reports (`liveness.rs`). None of it goes through
+//! Raft; a new leader rebuilds it from the committed state and gives gateways a grace period
+//! to tell it who is attached before judging any node down.
 
 use std::collections::HashMap;
 
@@ -12,6 +13,7 @@ use stellar_placement::{
 use stellar_proto::v1 as pb;
 
 use crate::error::{Error, Result};
+use crate::liveness::Liveness;
 use crate::state::{Allocation, Effects, FunctionVersion, Node, StateMachine};
 
 /// The placer's CPU request for an exact millicore amount: the placement library rounds
@@ -26,11 +28,8 @@ pub struct LeaderState {
     placer: Placer,
     /// Nodes chosen by plans proposed but not yet applied, per function id.
     inflight: HashMap<u32, Vec<u64>>,
-    /// Last tick each managed node was heard from.
-    last_seen: HashMap<u64, u64>,
-    /// Nodes heard from since they were marked down (to be marked back up).
-    back: Vec<u64>,
-    grace_until: u64,
+    /// Which gateway holds each node's stream; transitions to commit.
+    pub liveness: Liveness,
     /// Why each replica this leader placed went where it did, per (tenant, function), for
     /// `stellar status` and deploy answers ("why this node"). Soft state, bounded.
     reasons: HashMap<(String, String), HashMap<u64, pb::PlacementReason>>,
@@ -95,13 +94,14 @@ fn spec_of(state: &StateMachine, id: u64, n: &Node) -> NodeSpec {
 }
 
 impl LeaderState {
-    /// Builds the table from committed nodes; every managed node gets `grace_ticks` to
-    /// heartbeat before it can be judged down.
+    /// Builds the table from committed nodes; gateways get `grace_ticks` to report who is
+    /// attached before any node can be judged down, and a dead gateway's nodes
+    /// `reattach_ticks` to re-attach elsewhere.
     pub fn build(
         state: &StateMachine,
         seed: u64,
         now: u64,
-        grace_ticks: u64,
+        (grace_ticks, reattach_ticks): (u64, u64),
     ) -> Result<LeaderState> {
         let mut table = NodeTable::with_capacity(state.nodes().len());
         for (&id, n) in state.nodes() {
@@ -115,9 +115,7 @@ impl LeaderState {
             table,
             placer,
             inflight: HashMap::new(),
-            last_seen: HashMap::new(),
-            back: Vec::new(),
-            grace_until: now + grace_ticks,
+            liveness: Liveness::new(now, grace_ticks, reattach_ticks),
             reasons: HashMap::new(),
         })
     }
@@ -272,66 +270,11 @@ impl LeaderState {
         }
     }
 
-    /// A managed node was heard from: liveness, and its network coordinate.
-    pub fn heartbeat(
-        &mut self,
-        state: &StateMachine,
-        node: u64,
-        now: u64,
-        coordinate: Option<Coordinate>,
-    ) {
-        self.last_seen.insert(node, now);
-        if let Some(c) = coordinate
-            && c.is_valid()
-        {
+    /// A node's network coordinate as its gateway reported it (soft: placement only).
+    pub fn set_coordinate(&mut self, node: u64, c: Coordinate) {
+        if c.is_valid() {
             let _ = self.table.set_coordinate(NodeId(node), c);
         }
-        if state
-            .nodes()
-            .get(&node)
-            .is_some_and(|n| n.state == NodeState::Down)
-        {
-            self.back.push(node);
-        }
-    }
-
-    /// Liveness transitions to commit now: managed ready nodes silent for `down_after` ticks
-    /// go down (after the grace period), down nodes heard from again come back.
-    pub fn liveness_transitions(
-        &mut self,
-        state: &StateMachine,
-        now: u64,
-        down_after: u64,
-        max: usize,
-    ) -> Vec<(u64, NodeState)> {
-        let mut out: Vec<(u64, NodeState)> = Vec::new();
-        for n in self.back.drain(..) {
-            if state
-                .nodes()
-                .get(&n)
-                .is_some_and(|x| x.state == NodeState::Down)
-            {
-                out.push((n, NodeState::Ready));
-            }
-        }
-        out.sort_unstable_by_key(|x| x.0);
-        out.dedup_by_key(|x| x.0);
-        if now < self.grace_until {
-            return out;
-        }
-        for (&id, n) in state.nodes() {
-            if out.len() >= max {
-                break;
-            }
-            if !n.managed || n.state != NodeState::Ready {
-                continue;
-            }
-            let seen = self.last_seen.get(&id).copied().unwrap_or(self.grace_until);
-            if now.saturating_sub(seen) >= down_after {
-                out.push((id, NodeState::Down));
-            }
-        }
-        out
     }
 
     /// Allocations that sit on nodes no longer ready: the leader re-places them.

@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use stellar_placement::{Coordinate, NodeState, Origin, Resources};
 use stellar_proto::v1 as pb;
 
+use crate::changes::{ChangeLog, Changes, Page};
 use crate::error::{ApplyError, Error, Result};
 use crate::leader::LeaderState;
 use crate::logger::raft_logger;
@@ -67,17 +68,19 @@ pub struct ReplicaConfig {
     pub max_batch_bytes: usize,
     /// Seed of the leader's placement RNG.
     pub seed: u64,
-    /// Ticks without a heartbeat before a managed node is marked down.
-    pub node_down_after_ticks: u64,
-    /// Ticks a new leader waits before judging any node down.
+    /// Ticks a dead gateway's nodes have to re-attach elsewhere before they go down.
+    pub gateway_reattach_ticks: u64,
+    /// Ticks a new leader waits for gateways to report who is attached before judging any
+    /// node down.
     pub node_grace_ticks: u64,
-    /// Ticks between liveness sweeps on the leader.
+    /// Ticks between the leader's liveness rounds (dirty nodes only, never a sweep).
     pub liveness_every_ticks: u64,
 }
 
 impl ReplicaConfig {
     /// Production defaults for a replica ticking every 50 ms: elections after 0.5–1 s,
-    /// heartbeats every 100 ms, nodes down after 15 s of silence, 30 s grace for a new leader.
+    /// heartbeats every 100 ms, a dead gateway's nodes down after 10 s unless they re-attach,
+    /// 10 s grace for gateways to resync with a new leader, liveness rounds every 250 ms.
     pub fn new(id: u64, data_dir: PathBuf, peers: Vec<(u64, String)>) -> Self {
         ReplicaConfig {
             id,
@@ -90,9 +93,9 @@ impl ReplicaConfig {
             keep_entries: 5_000,
             max_batch_bytes: 1 << 20,
             seed: id,
-            node_down_after_ticks: 300,
-            node_grace_ticks: 600,
-            liveness_every_ticks: 20,
+            gateway_reattach_ticks: 200,
+            node_grace_ticks: 200,
+            liveness_every_ticks: 5,
         }
     }
 }
@@ -151,10 +154,15 @@ pub enum Query {
         /// Most nodes returned.
         limit: usize,
     },
-    /// What a node should run: a start assignment per live allocation on it.
-    NodeAssignments {
-        /// The node.
-        node: u64,
+    /// Everything changed after an applied index (`Edge.Watch`).
+    WatchChanges {
+        /// The watcher's last applied index.
+        from: u64,
+    },
+    /// One page of a watcher's reset.
+    WatchPage {
+        /// Where the page starts.
+        page: Page,
     },
     /// A stored module, by content address.
     Module {
@@ -190,8 +198,10 @@ pub enum Reply {
     Nodes(pb::ListNodesResponse),
     /// Membership after a change.
     Membership(Vec<pb::ReplicaInfo>),
-    /// A node's assignments.
-    Assignments(Vec<pb::Assignment>),
+    /// Changes for a watcher.
+    Changes(Box<Changes>),
+    /// A reset page and where the next starts.
+    WatchPage(Box<pb::WatchEvent>, Option<Page>),
     /// A module's bytes (`None`: not stored).
     Module(Option<std::sync::Arc<[u8]>>),
     /// The priced usage ledger.
@@ -270,6 +280,7 @@ pub struct Replica {
     storage_error: Option<String>,
     removed: bool,
     snapshots_installed: u64,
+    changes: ChangeLog,
 }
 
 impl std::fmt::Debug for Replica {
@@ -375,6 +386,7 @@ impl Replica {
         Ok(Replica {
             cfg,
             raw,
+            changes: ChangeLog::new(state.applied_index()),
             state,
             leader: None,
             role: StateRole::Follower,
@@ -485,7 +497,7 @@ impl Replica {
                 .ticks
                 .is_multiple_of(self.cfg.liveness_every_ticks.max(1))
         {
-            self.liveness_sweep();
+            self.liveness_round();
         }
     }
 
@@ -525,21 +537,48 @@ impl Replica {
         self.reads.remove(&token);
     }
 
-    /// A managed node's heartbeat reached this replica (only the leader keeps liveness).
-    pub fn heartbeat(&mut self, node: u64, coordinate: Option<Coordinate>) -> Result<()> {
+    /// A gateway opened a session with this leader.
+    pub fn gateway_open(&mut self, address: &str, session: u64) -> Result<()> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
-        if !self.state.nodes().contains_key(&node) {
-            return Err(
-                ApplyError::NotFound(format!("node `{node:016x}` is not registered")).into(),
-            );
+        self.ensure_leader_state()?
+            .liveness
+            .open(address, session)
+            .map_err(|e| ApplyError::Invalid(e.to_string()).into())
+    }
+
+    /// A gateway's report: the soft state takes its deltas at once; the nodes to register
+    /// (new, or with a new key or attributes) come back to be committed before the gateway
+    /// is acknowledged. Transitions are committed by the next liveness rounds.
+    pub fn gateway_report(
+        &mut self,
+        session: u64,
+        report: &pb::GatewayReport,
+    ) -> Result<Vec<pb::NodeRecord>> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
         }
-        let now = self.ticks;
         self.ensure_leader_state()?;
         let leader = self.leader.as_mut().expect("ensured");
-        leader.heartbeat(&self.state, node, now, coordinate);
-        Ok(())
+        for l in &report.loads {
+            if let Some(c) = l.coordinate.as_ref().and_then(coordinate_of) {
+                leader.set_coordinate(l.node, c);
+            }
+        }
+        leader
+            .liveness
+            .report(&self.state, session, report)
+            .map_err(|e| ApplyError::Invalid(e.to_string()).into())
+    }
+
+    /// A gateway's session ended (stream closed or silent): unless its nodes re-attach
+    /// elsewhere within the window, they go down.
+    pub fn gateway_closed(&mut self, address: &str, session: u64) {
+        let now = self.ticks;
+        if let Some(l) = self.leader.as_mut() {
+            l.liveness.close(address, session, now);
+        }
     }
 
     /// A peer could not be reached.
@@ -571,8 +610,12 @@ impl Replica {
     fn ensure_leader_state(&mut self) -> Result<&mut LeaderState> {
         if self.leader.is_none() {
             let seed = self.cfg.seed ^ self.raw.raft.term.rotate_left(17);
-            let built =
-                LeaderState::build(&self.state, seed, self.ticks, self.cfg.node_grace_ticks)?;
+            let built = LeaderState::build(
+                &self.state,
+                seed,
+                self.ticks,
+                (self.cfg.node_grace_ticks, self.cfg.gateway_reattach_ticks),
+            )?;
             tracing::info!(
                 replica = self.cfg.id,
                 term = self.raw.raft.term,
@@ -707,6 +750,7 @@ impl Replica {
         self.state = state;
         self.leader = None;
         self.snapshots_installed += 1;
+        self.changes.restart(snap.get_metadata().index);
         tracing::info!(
             replica = self.cfg.id,
             index = snap.get_metadata().index,
@@ -765,6 +809,9 @@ impl Replica {
             if let Some((_, _, token)) = self.pending_conf.take() {
                 self.reply(token, Err(Error::OutcomeUnknown));
             }
+        }
+        if role == StateRole::Leader && !was_leader {
+            self.replace_stranded();
         }
     }
 
@@ -1150,7 +1197,9 @@ impl Replica {
         for (i, cmd) in batch.commands.into_iter().enumerate() {
             let mut fx = Effects::default();
             let addresses = matches!(cmd.kind, Some(pb::command::Kind::ReplicaAddress(_)));
+            let keys = crate::changes::keys_of(&cmd);
             let result = self.state.apply(e.index, cmd, &mut fx);
+            self.changes.record(e.index, keys, &fx, &self.state);
             if addresses {
                 for (id, a) in self.state.replica_addresses() {
                     if *id != self.cfg.id {
@@ -1201,6 +1250,8 @@ impl Replica {
             }
             if let Some(l) = self.leader.as_mut() {
                 l.observe(&self.state, &fx, own_placed);
+                l.liveness.observe(&fx.nodes_changed);
+                l.liveness.observe(&fx.nodes_joined);
             }
             if self.is_leader() && !fx.nodes_down.is_empty() {
                 self.queue_replacements(&fx.nodes_down);
@@ -1349,40 +1400,37 @@ impl Replica {
         Some(name)
     }
 
-    fn liveness_sweep(&mut self) {
+    /// The leader's liveness round: transitions of the nodes whose gateway said something
+    /// (or whose gateway died) go into one command; the work is O(those nodes), never O(N).
+    fn liveness_round(&mut self) {
         let now = self.ticks;
-        let down_after = self.cfg.node_down_after_ticks;
         if self.ensure_leader_state().is_err() {
             return;
         }
         let leader = self.leader.as_mut().expect("ensured");
-        let transitions = leader.liveness_transitions(&self.state, now, down_after, 10_000);
-        if !transitions.is_empty() {
-            let down = transitions
-                .iter()
-                .filter(|t| t.1 == NodeState::Down)
-                .count();
-            tracing::info!(
-                replica = self.cfg.id,
-                down,
-                back = transitions.len() - down,
-                "committing node liveness transitions"
-            );
-            let cmd = command(
-                Vec::new(),
-                pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
-                    transitions: transitions
-                        .into_iter()
-                        .map(|(node, s)| pb::NodeTransition {
-                            node,
-                            state: node_state_to_pb(s) as i32,
-                        })
-                        .collect(),
-                }),
-            );
-            self.internal.push_back((cmd, PendingKind::Plain));
+        let transitions = leader.liveness.transitions(&self.state, now, 10_000);
+        if transitions.is_empty() {
+            return;
         }
-        // Replicas still on down nodes (a previous leader's unfinished work, or no room then).
+        let down = transitions
+            .iter()
+            .filter(|t| t.state == pb::NodeState::Down as i32)
+            .count();
+        tracing::info!(
+            replica = self.cfg.id,
+            down,
+            other = transitions.len() - down,
+            "committing node liveness transitions"
+        );
+        let cmd = command(
+            Vec::new(),
+            pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd { transitions }),
+        );
+        self.internal.push_back((cmd, PendingKind::Plain));
+    }
+
+    /// Once per leadership: replicas a previous leader left on down nodes are re-placed.
+    fn replace_stranded(&mut self) {
         let down_nodes: Vec<u64> = self
             .state
             .nodes()
@@ -1391,7 +1439,6 @@ impl Replica {
                 n.allocations > 0 && matches!(n.state, NodeState::Down | NodeState::Quarantined)
             })
             .map(|(&id, _)| id)
-            .take(1000)
             .collect();
         if !down_nodes.is_empty() {
             self.queue_replacements(&down_nodes);
@@ -1495,25 +1542,13 @@ impl Replica {
                 }
                 Ok(Reply::Nodes(out))
             }
-            Query::NodeAssignments { node } => Ok(Reply::Assignments(
-                self.state
-                    .allocations_on(*node)
-                    .filter_map(|id| self.state.allocations().get(&id))
-                    .filter_map(|a| {
-                        let f = self.state.function_by_id(a.function)?;
-                        let v = f.versions.iter().rev().find(|v| v.version == a.version)?;
-                        Some(pb::Assignment {
-                            allocation: a.id,
-                            start: true,
-                            tenant: f.tenant.clone(),
-                            function: f.name.clone(),
-                            version: v.version,
-                            module_sha256: hex::encode(v.module_sha256),
-                            limits: Some(v.limits),
-                        })
-                    })
-                    .collect(),
-            )),
+            Query::WatchChanges { from } => Ok(Reply::Changes(Box::new(
+                self.changes.since(*from, &self.state),
+            ))),
+            Query::WatchPage { page } => {
+                let (ev, next) = crate::changes::reset_page(&self.state, *page);
+                Ok(Reply::WatchPage(Box::new(ev), next))
+            }
             Query::Module { sha256 } => Ok(Reply::Module(self.state.module(sha256))),
             Query::Usage { tenant, since_hour } => {
                 Ok(Reply::Usage(self.usage(tenant.as_deref(), *since_hour)))
@@ -1701,9 +1736,23 @@ pub fn node_state_command(request_id: Vec<u8>, node: u64, state: i32) -> Result<
     Ok(command(
         request_id,
         pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
-            transitions: vec![pb::NodeTransition { node, state }],
+            transitions: vec![pb::NodeTransition {
+                node,
+                state,
+                gateway: String::new(),
+            }],
         }),
     ))
+}
+
+/// A node coordinate from the wire (None: malformed, e.g. not three dimensions).
+pub fn coordinate_of(c: &pb::Coordinate) -> Option<Coordinate> {
+    let vec: [f32; 3] = c.vec.as_slice().try_into().ok()?;
+    let c = Coordinate {
+        vec,
+        height_ms: c.height_ms,
+    };
+    c.is_valid().then_some(c)
 }
 
 /// Parses one `ID=HOST:PORT` peer of a `--peers` list.

@@ -1,47 +1,34 @@
 //! Runs one control-plane replica: opens its storage, starts the replica thread, serves
-//! `Control`, `Raft` and `Agent` on one address and the HTTP gateway on another, until
-//! `shutdown` resolves. A new cluster's first leader writes the admin token.
+//! `Control`, `Raft` and `Edge` on one address until `shutdown` resolves. A new cluster's
+//! first leader writes the admin token. Workers and HTTP clients are served by gateways.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use stellar_proto::v1::agent_server::AgentServer;
 use stellar_proto::v1::control_server::ControlServer;
+use stellar_proto::v1::edge_server::EdgeServer;
 use stellar_proto::v1::raft_server::RaftServer;
 
 use crate::auth::TokenCache;
+use crate::edge::EdgeService;
 use crate::error::{Error, Result};
-use crate::gateway::Gateway;
-use crate::node::ReplicaThread;
 use crate::replica::{Replica, ReplicaConfig};
+use crate::replica_thread::ReplicaThread;
 use crate::service::{ControlService, MAX_MESSAGE_BYTES, RaftService};
 use crate::transport::GrpcTransport;
-use crate::usage::UsageWriter;
-use crate::workers::{AgentService, WorkerHub};
 
 /// How a replica process runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// The replica itself.
     pub replica: ReplicaConfig,
-    /// Where to listen (clients, peers and workers share it).
+    /// Where to listen (clients, peers and gateways share it).
     pub listen: SocketAddr,
     /// The address peers and clients use to reach this replica.
     pub advertise: String,
-    /// The logical clock's period (raft ticks, liveness).
+    /// The logical clock's period (raft ticks, liveness rounds).
     pub tick: Duration,
-    /// The secret workers present to join (none: workers are refused).
-    pub join_token: Option<String>,
-    /// Where the HTTP gateway listens (none: no HTTP).
-    pub http_listen: Option<SocketAddr>,
-}
-
-/// The HTTP gateway's default address for a gRPC address: the same host, port + 1000.
-pub fn default_http_listen(grpc: SocketAddr) -> Option<SocketAddr> {
-    grpc.port()
-        .checked_add(1000)
-        .map(|p| SocketAddr::new(grpc.ip(), p))
 }
 
 /// How long a shutdown waits for open calls before closing them.
@@ -76,51 +63,16 @@ pub async fn serve(
     let thread = ReplicaThread::start(replica, cfg.tick, transport.clone());
     let handle = thread.handle();
     transport.attach(handle.clone());
-    let heartbeat_ms = (cfg.tick.as_millis() as u32).saturating_mul(20).max(100);
-    let hub = WorkerHub::new();
-    let usage = UsageWriter::spawn(handle.clone(), hub.clone());
-    let gateway = std::sync::Arc::new(Gateway::new(handle.clone(), hub.clone(), usage.clone()));
     let auth = std::sync::Arc::new(TokenCache::new(handle.clone()));
+    let (closing, closed) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::auth::bootstrap_admin(
         handle.clone(),
         dir.clone(),
-        hub.closed(),
+        closed.clone(),
     ));
-    let http = match cfg.http_listen {
-        None => None,
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                Error::Config(format!(
-                    "cannot listen for HTTP on {addr}: {e} (pass --http-listen with a free port)"
-                ))
-            })?;
-            tracing::info!(replica = id, listen = %addr, "HTTP gateway serving: POST /v1/functions/{{name}}/invoke");
-            let router = crate::http::router(crate::http::HttpState::new(
-                handle.clone(),
-                gateway.clone(),
-                auth.clone(),
-            ));
-            let mut closed = hub.closed();
-            Some(tokio::spawn(async move {
-                use axum::serve::ListenerExt;
-                let l = l.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                let r = axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = closed.wait_for(|c| *c).await;
-                    })
-                    .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "HTTP gateway stopped");
-                }
-            }))
-        }
-    };
     // Stop serving when asked, or when the replica thread ends by itself (removed).
     let thread = std::sync::Arc::new(std::sync::Mutex::new(Some(thread)));
     let watched = thread.clone();
-    let closing = hub.clone();
     let (fired, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {
@@ -138,14 +90,15 @@ pub async fn serve(
                 }
             } => {}
         }
-        // Workers' streams never end on their own: end them so the drain can finish.
-        closing.close();
+        // Gateways' watch and session streams never end on their own: end them so the
+        // drain can finish.
+        closing.send_replace(true);
         let _ = fired.send(());
     };
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
-            ControlServer::new(ControlService::new(handle.clone(), gateway, auth))
+            ControlServer::new(ControlService::new(handle.clone(), auth.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -155,19 +108,13 @@ pub async fn serve(
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(
-            AgentServer::new(AgentService::new(
-                handle,
-                hub,
-                usage,
-                heartbeat_ms,
-                cfg.join_token,
-            ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            EdgeServer::new(EdgeService::new(handle, auth, closed))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         // TCP_NODELAY on every accepted connection (the builder's own setting applies only
-        // to listeners it binds): a worker's stream carries small messages both ways, and
-        // Nagle's algorithm would hold one behind the peer's delayed ACK for ~40 ms.
+        // to listeners it binds): peers' and gateways' streams carry small messages both
+        // ways, and Nagle's algorithm would hold one behind the peer's delayed ACK for ~40 ms.
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
@@ -184,10 +131,6 @@ pub async fn serve(
             Ok(())
         }
     };
-    if let Some(h) = http {
-        // It stops with the hub; open requests get the same grace as gRPC calls.
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, h).await;
-    }
     let thread = thread.lock().ok().and_then(|mut g| g.take());
     if let Some(thread) = thread {
         tokio::task::spawn_blocking(move || thread.stop())

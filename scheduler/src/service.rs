@@ -1,6 +1,7 @@
-//! The gRPC edge: `Control` (clients), `Raft` (peers) and `Agent` (workers). Requests are
-//! validated here for size and shape, handed to the replica thread, and errors become
-//! `tonic::Status` only here, with a leader hint in `x-stellar-leader` metadata.
+//! The replica's gRPC services: `Control` (clients and gateways) and `Raft` (peers); `Edge`
+//! is in `edge.rs`. Requests are validated here for size and shape, handed to the replica
+//! thread, and errors become `tonic::Status` only here and there, with a leader hint in
+//! `x-stellar-leader` metadata. Invocations are not served here: gateways serve them.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -12,18 +13,17 @@ use stellar_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
-use crate::auth::{Caller, TokenCache};
+use crate::auth::TokenCache;
+use stellar_proto::tokens::Caller;
 use crate::error::{ApplyError, Error};
-use crate::gateway::Gateway;
-use crate::node::ReplicaHandle;
+use crate::replica_thread::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
 use crate::state::{
     MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, MAX_REQUEST_ID_BYTES, node_state_from_pb,
 };
 
-/// Metadata key naming the leader's address on UNAVAILABLE answers.
-pub const LEADER_METADATA: &str = "x-stellar-leader";
-pub use stellar_proto::limits::{MAX_INVOKE_INPUT, MAX_MESSAGE_BYTES};
+pub use stellar_proto::limits::MAX_MESSAGE_BYTES;
+use stellar_proto::wire::LEADER_METADATA;
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_ATTEMPTS: u32 = 3;
@@ -77,22 +77,11 @@ fn token_sha256(h: &[u8]) -> Result<(), Status> {
     }
 }
 
-/// Marks an UNAVAILABLE answer given before an invocation was routed, so clients may retry
-/// it (`x-stellar-error: UNAVAILABLE`, or NOT_LEADER when it carries a leader hint).
-fn not_run(mut s: Status) -> Status {
-    use crate::gateway::ERROR_METADATA;
-    if s.code() == tonic::Code::Unavailable && s.metadata().get(ERROR_METADATA).is_none() {
-        let code = if s.metadata().get(LEADER_METADATA).is_some() {
-            "NOT_LEADER"
-        } else {
-            "UNAVAILABLE"
-        };
-        s.metadata_mut().insert(
-            ERROR_METADATA,
-            tonic::metadata::MetadataValue::from_static(code),
-        );
-    }
-    s
+/// Why a replica does not serve a call that belongs to a gateway.
+fn gateway_only(what: &str) -> Status {
+    Status::failed_precondition(format!(
+        "{what} are served by gateways, not by control-plane replicas: point --control (or STELLAR_CONTROL) at a `stellar gateway` address"
+    ))
 }
 
 fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
@@ -106,22 +95,13 @@ fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
 #[derive(Debug, Clone)]
 pub struct ControlService {
     replica: ReplicaHandle,
-    gateway: std::sync::Arc<Gateway>,
     auth: std::sync::Arc<TokenCache>,
 }
 
 impl ControlService {
-    /// Serves `replica`; invocations go through `gateway`; callers are named by `auth`.
-    pub fn new(
-        replica: ReplicaHandle,
-        gateway: std::sync::Arc<Gateway>,
-        auth: std::sync::Arc<TokenCache>,
-    ) -> Self {
-        ControlService {
-            replica,
-            gateway,
-            auth,
-        }
+    /// Serves `replica`; callers are named by `auth`.
+    pub fn new(replica: ReplicaHandle, auth: std::sync::Arc<TokenCache>) -> Self {
+        ControlService { replica, auth }
     }
 
     async fn caller<T>(&self, req: &GrpcRequest<T>) -> Result<Caller, Status> {
@@ -132,25 +112,6 @@ impl ControlService {
         let c = self.caller(req).await?;
         c.require_admin(what)?;
         Ok(c)
-    }
-
-    /// Sends the caller to the leader (whose gateway knows which instances are ready).
-    fn on_leader(&self) -> Result<(), Status> {
-        let info = self.replica.info();
-        if info.is_leader {
-            return Ok(());
-        }
-        Err(to_status(Error::NotLeader {
-            leader: (info.leader != 0).then_some(info.leader),
-            address: info.leader_address,
-        }))
-    }
-
-    /// Marks which allocations are attached and ready on this replica's gateway.
-    fn with_ready(&self, mut f: pb::FunctionStatus) -> pb::FunctionStatus {
-        let allocs: Vec<(u64, u64)> = f.allocations.iter().map(|a| (a.id, a.node)).collect();
-        f.ready = self.gateway.hub().ready_of(&allocs);
-        f
     }
 
     async fn write(&self, request: Request) -> Result<pb::CommandResult, Status> {
@@ -345,18 +306,9 @@ impl pb::control_server::Control for ControlService {
 
     async fn invoke(
         &self,
-        req: GrpcRequest<pb::InvokeRequest>,
+        _req: GrpcRequest<pb::InvokeRequest>,
     ) -> Result<Response<pb::InvokeResponse>, Status> {
-        // Refused before the gateway routes it: stamped so a client knows it did not run
-        // (an unmarked UNAVAILABLE may be a connection lost mid-call).
-        let caller = self.caller(&req).await.map_err(not_run)?;
-        let r = req.into_inner();
-        let tenant = caller.tenant_for(&r.tenant)?;
-        self.gateway
-            .invoke(tenant, r)
-            .await
-            .map(Response::new)
-            .map_err(crate::gateway::GatewayError::into_status)
+        Err(gateway_only("invocations"))
     }
 
     async fn get_usage(
@@ -382,10 +334,6 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::FunctionStatus>, Status> {
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
-        // Readiness is the leader's soft state: asked for, the leader answers.
-        if r.read.is_some_and(|o| o.readiness) {
-            self.on_leader()?;
-        }
         match self
             .read(
                 Query::Function {
@@ -396,7 +344,7 @@ impl pb::control_server::Control for ControlService {
             )
             .await?
         {
-            Reply::Function(f) => Ok(Response::new(self.with_ready(*f))),
+            Reply::Function(f) => Ok(Response::new(*f)),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }
@@ -408,12 +356,9 @@ impl pb::control_server::Control for ControlService {
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
         let tenant = caller.filter(&r.tenant)?;
-        if r.read.is_some_and(|o| o.readiness) {
-            self.on_leader()?;
-        }
         match self.read(Query::Functions { tenant }, r.read).await? {
             Reply::Functions(functions) => Ok(Response::new(pb::ListFunctionsResponse {
-                functions: functions.into_iter().map(|f| self.with_ready(f)).collect(),
+                functions,
             })),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
@@ -461,6 +406,7 @@ impl pb::control_server::Control for ControlService {
                 state: pb::NodeState::Ready as i32,
                 reputation: n.reputation,
                 managed: n.managed,
+                gateway: String::new(),
             })
             .collect();
         let res = self
@@ -570,54 +516,9 @@ impl pb::control_server::Control for ControlService {
 
     async fn get_logs(
         &self,
-        req: GrpcRequest<pb::GetLogsRequest>,
+        _req: GrpcRequest<pb::GetLogsRequest>,
     ) -> Result<Response<pb::GetLogsResponse>, Status> {
-        let caller = self.caller(&req).await?;
-        let r = req.into_inner();
-        let tenant = caller.tenant_for(&r.tenant)?;
-        let info = self.replica.info();
-        if !info.is_leader {
-            // Invocation logs live on the gateway that ran them: the leader.
-            return Err(to_status(Error::NotLeader {
-                leader: (info.leader != 0).then_some(info.leader),
-                address: info.leader_address,
-            }));
-        }
-        // NOT_FOUND for a function this tenant does not have (not an empty list).
-        let status = match self
-            .read(
-                Query::Function {
-                    tenant: tenant.clone(),
-                    name: r.name.clone(),
-                },
-                Some(pb::ReadOptions {
-                    stale: true,
-                    readiness: false,
-                }),
-            )
-            .await?
-        {
-            Reply::Function(f) => f,
-            other => return Err(Status::internal(format!("unexpected reply {other:?}"))),
-        };
-        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as usize;
-        let mut invocations = self.gateway.logs(&tenant, &r.name, limit);
-        // Workers that could not load the current version say why first: no call ran.
-        if status.load_failures > 0 {
-            invocations.insert(
-                0,
-                pb::InvocationLog {
-                    error_code: "MODULE_LOAD_FAILED".into(),
-                    error_message: format!(
-                        "version {} failed to load on {} worker(s); last reason: {}",
-                        status.version, status.load_failures, status.load_error
-                    ),
-                    ..Default::default()
-                },
-            );
-            invocations.truncate(limit);
-        }
-        Ok(Response::new(pb::GetLogsResponse { invocations }))
+        Err(gateway_only("invocation logs"))
     }
 
     async fn who_am_i(
@@ -762,7 +663,3 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(pb::RaftAck {}))
     }
 }
-
-/// The server side of a worker's stream.
-pub(crate) type ControlStream =
-    Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;

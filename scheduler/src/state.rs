@@ -127,6 +127,8 @@ pub struct Node {
     pub reputation: f32,
     /// Whether a worker agent heartbeats for it (only such nodes can be marked down).
     pub managed: bool,
+    /// The gateway holding its worker's stream (interned address), if any.
+    gateway: Option<u32>,
     /// Sum of the resources of its live allocations.
     pub allocated: Resources,
     /// Number of live allocations.
@@ -284,6 +286,9 @@ fn not_found(what: &str, name: impl std::fmt::Display) -> ApplyError {
     ApplyError::NotFound(format!("{what} {} not found", shown(&name.to_string())))
 }
 
+/// Longest gateway address a node record may name.
+pub const MAX_ADDRESS_BYTES: usize = 256;
+
 /// Checks a tenant or function name: 1–63 of `[a-z0-9-]`, starting with a letter or digit.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -302,21 +307,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
-/// A caller-supplied string fit to quote in an error: at most 64 characters, control
-/// characters escaped, with its length when cut (a 1 MB name must not become a 1 MB error).
-pub fn shown(s: &str) -> String {
-    const MAX: usize = 64;
-    let mut out = String::from("`");
-    for (i, c) in s.chars().enumerate() {
-        if i == MAX {
-            out.push_str(&format!("…` ({} bytes)", s.len()));
-            return out;
-        }
-        out.extend(c.escape_debug());
-    }
-    out.push('`');
-    out
-}
+pub use stellar_proto::text::shown;
 
 fn sha32(bytes: &[u8], what: &str) -> Result<[u8; 32]> {
     bytes
@@ -423,6 +414,11 @@ impl StateMachine {
             .collect()
     }
 
+    /// The address of the gateway holding a node's worker stream ("" when none).
+    pub fn node_gateway(&self, node: &Node) -> &str {
+        node.gateway.map_or("", |g| self.symbols.get(g))
+    }
+
     /// Live allocations by id.
     pub fn allocations(&self) -> &BTreeMap<u64, Allocation> {
         &self.allocations
@@ -492,6 +488,13 @@ impl StateMachine {
     /// The tenant and admin flag of a token hash.
     pub fn token(&self, sha256: &[u8]) -> Option<(&str, bool)> {
         self.tokens.get(sha256).map(|(t, a)| (t.as_str(), *a))
+    }
+
+    /// Every live token: (sha256, tenant, admin).
+    pub fn tokens(&self) -> impl Iterator<Item = (&[u8], &str, bool)> + '_ {
+        self.tokens
+            .iter()
+            .map(|(h, (t, a))| (h.as_slice(), t.as_str(), *a))
     }
 
     /// Usage totals per (function id, node).
@@ -959,8 +962,13 @@ impl StateMachine {
                     // Re-registration: new attributes; committed load, state and reputation
                     // kept (reconnecting must not reset a poor reputation).
                     let old = o.get();
-                    let (allocated, allocations, state, reputation) =
-                        (old.allocated, old.allocations, old.state, old.reputation);
+                    let (allocated, allocations, state, reputation, gateway) = (
+                        old.allocated,
+                        old.allocations,
+                        old.state,
+                        old.reputation,
+                        old.gateway,
+                    );
                     previous = Some(state);
                     let slot = o.get_mut();
                     *slot = node;
@@ -968,6 +976,8 @@ impl StateMachine {
                     slot.allocations = allocations;
                     slot.state = state;
                     slot.reputation = reputation;
+                    // A registration through a gateway names it; an admin import keeps it.
+                    slot.gateway = slot.gateway.or(gateway);
                 }
                 std::collections::btree_map::Entry::Vacant(v) => {
                     v.insert(node);
@@ -1026,6 +1036,7 @@ impl StateMachine {
             state: node_state_from_pb(r.state).unwrap_or(NodeState::Ready),
             reputation: r.reputation,
             managed: r.managed,
+            gateway: (!r.gateway.is_empty()).then(|| self.symbols.intern(&r.gateway)),
             allocated: Resources::default(),
             allocations: 0,
         }
@@ -1042,15 +1053,36 @@ impl StateMachine {
             if !self.nodes.contains_key(&t.node) {
                 return Err(not_found("node", format!("{:016x}", t.node)));
             }
-            parsed.push((t.node, state));
+            if t.gateway.len() > MAX_ADDRESS_BYTES {
+                return Err(invalid(format!(
+                    "gateway address of node {:016x} is {} bytes; at most {MAX_ADDRESS_BYTES}",
+                    t.node,
+                    t.gateway.len()
+                )));
+            }
+            parsed.push((t.node, state, t.gateway.as_str()));
         }
         let mut result = ok_result();
-        if let [(node, _)] = parsed.as_slice() {
+        if let [(node, _, _)] = parsed.as_slice() {
             result.previous_state = node_state_to_pb(self.nodes[node].state) as i32;
         }
-        for (id, state) in parsed {
+        for (id, state, gateway) in parsed {
+            let gateway = if state == NodeState::Down {
+                None
+            } else if gateway.is_empty() {
+                self.nodes[&id].gateway
+            } else {
+                Some(self.symbols.intern(gateway))
+            };
             let n = self.nodes.get_mut(&id).expect("checked above");
+            if n.state == state && n.gateway == gateway {
+                continue;
+            }
+            n.gateway = gateway;
             if n.state == state {
+                // Moved to another gateway: a change watchers see, not a state change.
+                result.count += 1;
+                fx.nodes_changed.push(id);
                 continue;
             }
             n.state = state;
@@ -1367,6 +1399,7 @@ impl StateMachine {
                     state: node_state_to_pb(n.state) as i32,
                     reputation: n.reputation,
                     managed: n.managed,
+                    gateway: self.node_gateway(n).to_string(),
                 })
                 .collect(),
             allocations: self
@@ -1605,6 +1638,12 @@ fn validate_node(n: &pb::NodeRecord) -> Result<()> {
     let id = n.id;
     if id == 0 {
         return Err(invalid("node id 0 is reserved"));
+    }
+    if n.gateway.len() > MAX_ADDRESS_BYTES {
+        return Err(invalid(format!(
+            "node {id:016x}: gateway address is {} bytes; at most {MAX_ADDRESS_BYTES}",
+            n.gateway.len()
+        )));
     }
     if !n.public_key.is_empty() && n.public_key.len() != 32 {
         return Err(invalid(format!(

@@ -14,7 +14,7 @@ use stellar_proto::v1 as pb;
 use stellar_proto::v1::raft_client::RaftClient;
 use tokio::sync::mpsc;
 
-use crate::node::{Outbox, ReplicaHandle};
+use crate::replica_thread::{Outbox, ReplicaHandle};
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 8192;

@@ -72,10 +72,19 @@ fn command_seeds() -> Vec<Vec<u8>> {
         unix_ms: 1_800_000_000_000,
     });
     let down = pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
-        transitions: vec![pb::NodeTransition {
-            node: 2,
-            state: pb::NodeState::Down as i32,
-        }],
+        transitions: vec![
+            pb::NodeTransition {
+                node: 2,
+                state: pb::NodeState::Down as i32,
+                gateway: String::new(),
+            },
+            // A node whose worker moved to another gateway.
+            pb::NodeTransition {
+                node: 3,
+                state: pb::NodeState::Ready as i32,
+                gateway: "127.0.0.1:7101".into(),
+            },
+        ],
     });
     let delete = pb::command::Kind::DeleteFunction(pb::DeleteFunctionCmd {
         tenant: "acme".into(),
@@ -108,20 +117,4 @@ fn command_seeds() -> Vec<Vec<u8>> {
 fn apply_commands_corpus() {
     write_seeds("apply_commands", command_seeds());
     assert!(replay_corpus("apply_commands", fuzzing::apply_commands) > 0);
-}
-
-#[test]
-fn http_request_corpus() {
-    let requests: [&[u8]; 5] = [
-        b"POST /v1/functions/hello/invoke?tenant=acme&near=cn-east/sh HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nAda",
-        b"GET /v1/health HTTP/1.1\r\nhost: a\r\n\r\n",
-        b"DELETE /v1/functions/x/invoke HTTP/1.1\r\nhost: a\r\n\r\n",
-        b"POST /v1/functions/%ff/invoke HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n",
-        b"POST /v1/functions/hello/invoke?near=%zz HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-    ];
-    write_seeds(
-        "http_request",
-        requests.iter().map(|r| r.to_vec()).collect(),
-    );
-    assert!(replay_corpus("http_request", fuzzing::http_request) > 0);
 }

@@ -723,5 +723,6 @@ pub fn node_record(id: u64) -> pb::NodeRecord {
         state: pb::NodeState::Ready as i32,
         reputation: 0.9,
         managed: false,
+        gateway: String::new(),
     }
 }

@@ -92,6 +92,7 @@ pub fn managed_node(id: u64) -> pb::NodeRecord {
         state: pb::NodeState::Ready as i32,
         reputation: 0.9,
         managed: true,
+        gateway: String::new(),
     }
 }
 

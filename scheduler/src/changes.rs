@@ -1,0 +1,386 @@
+//! What changed at which applied index, for `Edge.Watch`: every replica keeps the keys its
+//! applies touched (functions, allocations, nodes, tokens) in a bounded ring, and answers a
+//! watcher with the current value of each key changed since the index it names. Soft state:
+//! a restarted replica, an installed snapshot or an overflowing ring make watchers from
+//! before start over with a reset (the state in pages), never miss a change.
+//!
+//! ```text
+//!  apply(index, command) ─▶ keys of the command + its effects ─▶ ring [(index, key)]
+//!  Watch(from) ─▶ from ≥ oldest? ─yes─▶ current values of keys with index > from
+//!                               └─no──▶ reset: tokens, functions, allocations, nodes pages
+//! ```
+
+use std::collections::{BTreeSet, VecDeque};
+
+use stellar_proto::v1 as pb;
+
+use crate::state::{Effects, StateMachine, node_state_to_pb};
+
+/// Keys kept; past it the oldest go and watchers that far behind get a reset.
+pub const RING_CAPACITY: usize = 500_000;
+/// Objects per reset page.
+pub const PAGE: usize = 10_000;
+
+/// One changed object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// A token, by its sha256.
+    Token(Vec<u8>),
+    /// A function, by (tenant, name).
+    Function(String, String),
+    /// An allocation, by id.
+    Allocation(u64),
+    /// A node, by id.
+    Node(u64),
+}
+
+/// Where a reset continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// Tokens and functions (small), then allocations.
+    Start,
+    /// Allocations after this id.
+    Allocations(u64),
+    /// Nodes after this id.
+    Nodes(u64),
+}
+
+/// The answer to a watcher.
+#[derive(Debug, Clone)]
+pub enum Changes {
+    /// Everything changed since the index asked for, as of `event.applied_index`.
+    Since(pb::WatchEvent),
+    /// This replica no longer knows every change since then: start over with a reset.
+    TooOld,
+}
+
+/// The ring of changed keys (see the module docs).
+#[derive(Debug)]
+pub struct ChangeLog {
+    ring: VecDeque<(u64, Key)>,
+    /// Every change after this index is in the ring.
+    complete_after: u64,
+    capacity: usize,
+}
+
+/// The keys a command touches, read before it is applied (its own names), completed after
+/// with its effects (allocations placed and removed, nodes changed).
+pub fn keys_of(cmd: &pb::Command) -> Vec<Key> {
+    use pb::command::Kind;
+    let mut keys = Vec::new();
+    match &cmd.kind {
+        Some(Kind::CreateTenant(c)) if !c.token_sha256.is_empty() => {
+            keys.push(Key::Token(c.token_sha256.clone()));
+        }
+        Some(Kind::PutToken(c)) => keys.push(Key::Token(c.token_sha256.clone())),
+        Some(Kind::RevokeToken(c)) => keys.push(Key::Token(c.token_sha256.clone())),
+        Some(Kind::Deploy(c)) => keys.push(Key::Function(c.tenant.clone(), c.name.clone())),
+        Some(Kind::DeleteFunction(c)) => {
+            keys.push(Key::Function(c.tenant.clone(), c.name.clone()))
+        }
+        Some(Kind::Plan(c)) => keys.push(Key::Function(c.tenant.clone(), c.function.clone())),
+        Some(Kind::AllocationStates(c)) => {
+            keys.extend(c.updates.iter().map(|u| Key::Allocation(u.allocation)));
+        }
+        _ => {}
+    }
+    keys
+}
+
+impl ChangeLog {
+    /// A log that knows every change after `applied` (the state it starts from).
+    pub fn new(applied: u64) -> ChangeLog {
+        ChangeLog::with_capacity(applied, RING_CAPACITY)
+    }
+
+    /// [`ChangeLog::new`] keeping at most `capacity` keys.
+    pub fn with_capacity(applied: u64, capacity: usize) -> ChangeLog {
+        ChangeLog {
+            ring: VecDeque::new(),
+            complete_after: applied,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The state was replaced wholesale (a snapshot installed at `index`): watchers from
+    /// before it start over.
+    pub fn restart(&mut self, index: u64) {
+        self.ring.clear();
+        self.complete_after = index;
+    }
+
+    /// Records what one applied command at `index` touched: `before` (its keys) plus its
+    /// effects, and the functions of allocation-state reports (their load failures).
+    pub fn record(&mut self, index: u64, before: Vec<Key>, fx: &Effects, state: &StateMachine) {
+        let mut keys = before;
+        for a in fx.placed.iter().chain(&fx.removed) {
+            keys.push(Key::Allocation(a.id));
+            if let Some(f) = state.function_by_id(a.function) {
+                keys.push(Key::Function(f.tenant.clone(), f.name.clone()));
+            }
+        }
+        for &fid in &fx.load_failed {
+            if let Some(f) = state.function_by_id(fid) {
+                keys.push(Key::Function(f.tenant.clone(), f.name.clone()));
+            }
+        }
+        keys.extend(
+            fx.nodes_joined
+                .iter()
+                .chain(&fx.nodes_changed)
+                .map(|&n| Key::Node(n)),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys {
+            if self.ring.len() >= self.capacity
+                && let Some((i, _)) = self.ring.pop_front()
+            {
+                self.complete_after = self.complete_after.max(i);
+            }
+            self.ring.push_back((index, k));
+        }
+    }
+
+    /// The current value of everything changed after `from` (see [`Changes`]).
+    pub fn since(&self, from: u64, state: &StateMachine) -> Changes {
+        if from < self.complete_after || from == 0 {
+            return Changes::TooOld;
+        }
+        let start = self.ring.partition_point(|(i, _)| *i <= from);
+        let keys: BTreeSet<&Key> = self.ring.range(start..).map(|(_, k)| k).collect();
+        let mut ev = pb::WatchEvent {
+            applied_index: state.applied_index().max(from),
+            ..Default::default()
+        };
+        for k in keys {
+            add(&mut ev, k, state);
+        }
+        Changes::Since(ev)
+    }
+}
+
+/// The watched form of a function (its current version).
+fn function_pb(state: &StateMachine, tenant: &str, name: &str) -> pb::WatchedFunction {
+    let gone = pb::WatchedFunction {
+        tenant: tenant.to_string(),
+        name: name.to_string(),
+        deleted: true,
+        ..Default::default()
+    };
+    let Some((_, f)) = state.function(tenant, name) else {
+        return gone;
+    };
+    let Some(v) = f.current().filter(|_| !f.deleted) else {
+        return gone;
+    };
+    pb::WatchedFunction {
+        tenant: f.tenant.clone(),
+        name: f.name.clone(),
+        version: v.version,
+        module_sha256: hex::encode(v.module_sha256),
+        limits: Some(v.limits),
+        idempotent: v.idempotent,
+        load_failures: v.load_failures,
+        load_error: v.load_error.clone(),
+        deleted: false,
+    }
+}
+
+fn node_pb(state: &StateMachine, id: u64) -> Option<pb::WatchedNode> {
+    let n = state.nodes().get(&id)?;
+    let (region, zone) = state.node_location(n);
+    Some(pb::WatchedNode {
+        id,
+        state: node_state_to_pb(n.state) as i32,
+        region: region.to_string(),
+        zone: zone.to_string(),
+        gateway: state.node_gateway(n).to_string(),
+        reputation: n.reputation,
+    })
+}
+
+fn add(ev: &mut pb::WatchEvent, k: &Key, state: &StateMachine) {
+    match k {
+        Key::Token(h) => {
+            let t = state.token(h);
+            ev.tokens.push(pb::WatchedToken {
+                token_sha256: h.clone(),
+                tenant: t.map(|t| t.0.to_string()).unwrap_or_default(),
+                admin: t.is_some_and(|t| t.1),
+                revoked: t.is_none(),
+            });
+        }
+        Key::Function(t, n) => ev.functions.push(function_pb(state, t, n)),
+        Key::Allocation(id) => match state.allocations().get(id) {
+            Some(a) => ev.allocations.push(state.allocation_pb(a)),
+            None => ev.removed_allocations.push(*id),
+        },
+        Key::Node(id) => ev.nodes.extend(node_pb(state, *id)),
+    }
+}
+
+/// One page of a reset from `page` on, and where the next one starts (None: it was the
+/// last). The first page has `reset` set.
+pub fn reset_page(state: &StateMachine, page: Page) -> (pb::WatchEvent, Option<Page>) {
+    let mut ev = pb::WatchEvent {
+        applied_index: state.applied_index(),
+        reset: page == Page::Start,
+        ..Default::default()
+    };
+    let next = match page {
+        Page::Start => {
+            for (h, tenant, admin) in state.tokens() {
+                ev.tokens.push(pb::WatchedToken {
+                    token_sha256: h.to_vec(),
+                    tenant: tenant.to_string(),
+                    admin,
+                    revoked: false,
+                });
+            }
+            for (_, f) in state.functions(None) {
+                let w = function_pb(state, &f.tenant, &f.name);
+                if !w.deleted {
+                    ev.functions.push(w);
+                }
+            }
+            Some(Page::Allocations(0))
+        }
+        Page::Allocations(after) => {
+            let mut last = None;
+            for (&id, a) in state
+                .allocations()
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .take(PAGE)
+            {
+                ev.allocations.push(state.allocation_pb(a));
+                last = Some(id);
+            }
+            Some(match last {
+                Some(id) if ev.allocations.len() == PAGE => Page::Allocations(id),
+                _ => Page::Nodes(0),
+            })
+        }
+        Page::Nodes(after) => {
+            let mut last = None;
+            for (&id, _) in state
+                .nodes()
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .take(PAGE)
+            {
+                ev.nodes.extend(node_pb(state, id));
+                last = Some(id);
+            }
+            match last {
+                Some(id) if ev.nodes.len() == PAGE => Some(Page::Nodes(id)),
+                _ => None,
+            }
+        }
+    };
+    ev.more = next.is_some();
+    (ev, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(kind: pb::command::Kind) -> pb::Command {
+        pb::Command {
+            request_id: vec![],
+            kind: Some(kind),
+        }
+    }
+
+    fn apply(s: &mut StateMachine, log: &mut ChangeLog, index: u64, c: pb::Command) {
+        let keys = keys_of(&c);
+        let mut fx = Effects::default();
+        let r = s.apply(index, c, &mut fx);
+        assert!(r.error_code.is_empty(), "{r:?}");
+        s.set_applied_index(index);
+        log.record(index, keys, &fx, s);
+    }
+
+    fn token(h: u8) -> pb::Command {
+        cmd(pb::command::Kind::PutToken(pb::PutTokenCmd {
+            tenant: String::new(),
+            token_sha256: vec![h; 32],
+            admin: true,
+        }))
+    }
+
+    #[test]
+    fn a_watcher_gets_the_current_value_of_each_change_or_a_reset() {
+        let mut s = StateMachine::new();
+        let mut log = ChangeLog::with_capacity(0, 4);
+        apply(&mut s, &mut log, 1, token(1));
+        apply(
+            &mut s,
+            &mut log,
+            2,
+            cmd(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
+                nodes: vec![crate::fuzzing::node(5)],
+            })),
+        );
+        apply(
+            &mut s,
+            &mut log,
+            3,
+            cmd(pb::command::Kind::RevokeToken(pb::RevokeTokenCmd {
+                token_sha256: vec![1; 32],
+            })),
+        );
+        // From index 1: the node joined and the token (now revoked), once each.
+        let Changes::Since(ev) = log.since(1, &s) else {
+            panic!("expected changes")
+        };
+        assert_eq!(ev.applied_index, 3);
+        assert_eq!(ev.nodes.len(), 1);
+        assert_eq!(ev.tokens.len(), 1);
+        assert!(ev.tokens[0].revoked);
+        // Nothing since the last index: an empty event at that index.
+        let Changes::Since(ev) = log.since(3, &s) else {
+            panic!("expected changes")
+        };
+        assert!(ev.nodes.is_empty() && ev.tokens.is_empty());
+        // Past the ring's capacity the oldest changes go: a watcher from before needs a reset.
+        for i in 4..10 {
+            apply(&mut s, &mut log, i, token(i as u8));
+        }
+        assert!(matches!(log.since(1, &s), Changes::TooOld));
+        assert!(matches!(log.since(8, &s), Changes::Since(_)));
+        assert!(matches!(log.since(0, &s), Changes::TooOld));
+        log.restart(9);
+        assert!(matches!(log.since(8, &s), Changes::TooOld));
+    }
+
+    #[test]
+    fn a_reset_pages_through_the_whole_state() {
+        let mut s = StateMachine::new();
+        let mut log = ChangeLog::new(0);
+        let nodes: Vec<pb::NodeRecord> = (1..=(PAGE as u64 + 5)).map(crate::fuzzing::node).collect();
+        for (i, chunk) in nodes.chunks(1000).enumerate() {
+            apply(
+                &mut s,
+                &mut log,
+                1 + i as u64,
+                cmd(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
+                    nodes: chunk.to_vec(),
+                })),
+            );
+        }
+        let mut page = Some(Page::Start);
+        let mut seen = 0;
+        let mut events = 0;
+        while let Some(p) = page {
+            let (ev, next) = reset_page(&s, p);
+            assert_eq!(ev.reset, events == 0);
+            assert_eq!(ev.more, next.is_some());
+            seen += ev.nodes.len();
+            events += 1;
+            page = next;
+        }
+        assert_eq!(seen, PAGE + 5);
+        assert!(events >= 3, "tokens+functions, allocations, two node pages");
+    }
+}
