@@ -2,10 +2,10 @@
 //! instance that became ready (so `stellar status` shows it RUNNING, not PENDING forever)
 //! and one whose module failed to load (recorded on the function version with the reason,
 //! and re-placed on another node a bounded number of times). One writer task batches the
-//! reports of every attached worker into `AllocationStates` commands.
+//! reports of every attached worker into `Edge.ReportAllocations` calls to the leader.
 //!
 //! ```text
-//!  AllocationUpdate(RUNNING | FAILED + why) ─▶ bounded queue ─▶ writer: ≤ 1024 / 50 ms ─▶ Raft
+//!  AllocationUpdate(RUNNING | FAILED + why) ─▶ bounded queue ─▶ writer: ≤ 1024 / 50 ms ─▶ leader
 //!        (node = the stream's own node)                 apply: skips what is stale or not
 //!                                                       that node's; FAILED ─▶ leader re-plans
 //! ```
@@ -18,9 +18,7 @@ use std::time::Duration;
 use stellar_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-use crate::node::ReplicaHandle;
-use crate::replica::Request;
-use crate::service::WRITE_TIMEOUT;
+use stellar_proto::client::{ClusterClient, RetryPolicy};
 
 /// Updates per Raft command.
 const BATCH: usize = 1024;
@@ -39,10 +37,10 @@ pub struct AllocationStateWriter {
 }
 
 impl AllocationStateWriter {
-    /// Starts the writer task on the current runtime.
-    pub fn spawn(replica: ReplicaHandle) -> AllocationStateWriter {
+    /// Starts the writer task on the current runtime, writing through `client`.
+    pub fn spawn(client: ClusterClient) -> AllocationStateWriter {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(replica, rx));
+        tokio::spawn(write_loop(client, rx));
         AllocationStateWriter { tx }
     }
 
@@ -55,7 +53,7 @@ impl AllocationStateWriter {
         reason: &str,
     ) -> bool {
         let mut message = reason.to_string();
-        crate::error::truncate_chars(&mut message, MAX_REASON_BYTES);
+        stellar_proto::text::truncate_chars(&mut message, MAX_REASON_BYTES);
         self.tx
             .try_send(pb::AllocationStateUpdate {
                 allocation,
@@ -67,20 +65,29 @@ impl AllocationStateWriter {
     }
 }
 
-async fn write_loop(replica: ReplicaHandle, mut rx: mpsc::Receiver<pb::AllocationStateUpdate>) {
+async fn write_loop(client: ClusterClient, mut rx: mpsc::Receiver<pb::AllocationStateUpdate>) {
     while let Some(first) = rx.recv().await {
         let updates = crate::batching::gather(&mut rx, first, BATCH, LINGER).await;
         let n = updates.len();
-        let cmd = pb::Command {
-            request_id: Vec::new(),
-            kind: Some(pb::command::Kind::AllocationStates(
-                pb::AllocationStatesCmd { updates },
-            )),
-        };
-        if let Err(e) = replica.write(Request::Command(cmd), WRITE_TIMEOUT).await {
-            // Not the leader any more, or no quorum: the workers re-report on their next
-            // stream (to the new leader), so nothing is retried here.
-            tracing::warn!(updates = n, error = %e, "allocation states not recorded");
+        // A retry of this batch (the leader changed mid-write) is answered, not applied
+        // again: a load failure counts once.
+        let mut request_id = vec![0u8; 16];
+        if getrandom::fill(&mut request_id).is_err() {
+            request_id.clear();
+        }
+        let sent = client
+            .edge_call(RetryPolicy::Safe, |mut c| {
+                let req = pb::ReportAllocationsRequest {
+                    updates: updates.clone(),
+                    request_id: request_id.clone(),
+                };
+                async move { c.report_allocations(req).await }
+            })
+            .await;
+        if let Err(e) = sent {
+            // No leader within the client's patience: the workers re-report on their next
+            // stream, so nothing more is retried here.
+            tracing::warn!(updates = n, error = %e.message(), "allocation states not recorded");
         }
     }
 }

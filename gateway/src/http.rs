@@ -6,12 +6,11 @@
 //! ```text
 //!  curl -H 'authorization: Bearer …' --data-binary @in.txt
 //!       http://HOST:8001/v1/functions/wordcount/invoke?near=cn-east/shanghai
-//!    │ token ─▶ TokenCache ─▶ tenant
-//!    ├─ leader: Gateway::invoke
-//!    └─ follower: forwarded over gRPC Control.Invoke to the leader
+//!    │ token ─▶ Callers (the watched token hashes) ─▶ tenant
+//!    └─ Router::invoke (here, or forwarded to the gateway holding an instance)
 //! ```
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -23,30 +22,31 @@ use axum::routing::{get, post};
 use stellar_proto::v1 as pb;
 use tonic::Code;
 
-use crate::auth::{TokenCache, parse_bearer};
-use crate::client::ClusterClient;
-use crate::gateway::{ERROR_METADATA, Gateway, GatewayError, http_status_of};
-use crate::node::ReplicaHandle;
-use crate::service::MAX_INVOKE_INPUT;
+use stellar_proto::limits::MAX_INVOKE_INPUT;
+use stellar_proto::text::shown;
+use stellar_proto::tokens::parse_bearer;
+use stellar_proto::wire::ERROR_METADATA;
+
+use crate::auth::Callers;
+use crate::error::http_status_of;
+use crate::router::{CallContext, Router as Invocations};
+use crate::session::Session;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
-    replica: ReplicaHandle,
-    gateway: Arc<Gateway>,
-    auth: Arc<TokenCache>,
-    /// A client for the leader, kept while the leader stays the same.
-    forward: Arc<Mutex<Option<(String, ClusterClient)>>>,
+    router: Arc<Invocations>,
+    callers: Arc<Callers>,
+    session: Arc<Session>,
 }
 
 impl HttpState {
-    /// Handlers over this replica, its gateway and its token cache.
-    pub fn new(replica: ReplicaHandle, gateway: Arc<Gateway>, auth: Arc<TokenCache>) -> Self {
+    /// Handlers over this gateway's router and callers (`session`: for health).
+    pub fn new(router: Arc<Invocations>, callers: Arc<Callers>, session: Arc<Session>) -> Self {
         HttpState {
-            replica,
-            gateway,
-            auth,
-            forward: Arc::default(),
+            router,
+            callers,
+            session,
         }
     }
 }
@@ -74,7 +74,7 @@ async fn unknown_route(uri: axum::http::Uri) -> Response {
         "NOT_FOUND",
         &format!(
             "no route {}; the API is POST /v1/functions/{{name}}/invoke and GET /v1/health",
-            crate::state::shown(uri.path())
+            shown(uri.path())
         ),
     )
 }
@@ -90,7 +90,7 @@ async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Respo
         "METHOD_NOT_ALLOWED",
         &format!(
             "{method} is not allowed on {}; use {allowed}",
-            crate::state::shown(uri.path())
+            shown(uri.path())
         ),
     );
     r.headers_mut()
@@ -132,7 +132,7 @@ pub struct InvokeParams {
 }
 
 fn error(status: u16, code: &str, message: &str) -> Response {
-    let message = crate::error::clip_message(message.to_string());
+    let message = stellar_proto::text::clip_message(message.to_string());
     let body = serde_json::json!({"error": {"code": code, "message": message}});
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
@@ -166,13 +166,17 @@ fn status_error(s: &tonic::Status) -> Response {
 }
 
 async fn health(State(s): State<HttpState>) -> Response {
-    let info = s.replica.info();
+    let view = s.router.view();
+    let (functions, allocations, nodes) = view.counts();
     let body = serde_json::json!({
-        "replica": s.replica.id(),
-        "leader": info.is_leader,
-        "leader_address": info.leader_address,
-        "applied_index": info.applied,
-        "workers_attached": s.gateway.hub().attached(),
+        "gateway": true,
+        "state_loaded": view.complete(),
+        "leader_session": s.session.connected(),
+        "applied_index": view.applied(),
+        "workers_attached": s.router.hub().attached(),
+        "functions": functions,
+        "allocations": allocations,
+        "nodes": nodes,
     });
     (
         [("content-type", HeaderValue::from_static("application/json"))],
@@ -211,7 +215,7 @@ async fn invoke(
         Ok(t) => t.to_string(),
         Err(st) => return status_error(&st),
     };
-    let caller = match s.auth.resolve(&token).await {
+    let caller = match s.callers.resolve(&token).await {
         Ok(c) => c,
         Err(st) => return status_error(&st),
     };
@@ -236,41 +240,14 @@ async fn invoke(
         near_region,
         near_zone,
     };
-    let res = match s.gateway.invoke(tenant, req.clone()).await {
-        Ok(r) => r,
-        Err(GatewayError::NotLeader {
-            address: Some(leader),
-        }) => match forward(&s, &leader, &token, req).await {
-            Ok(r) => r,
-            Err(st) => return status_error(&st),
-        },
-        Err(e) => return error(e.http_status(), e.code(), &e.to_string()),
+    let ctx = CallContext {
+        token,
+        forwarded: false,
     };
-    answer(res)
-}
-
-/// Forwards a call to the leader's gRPC gateway with the caller's own token.
-async fn forward(
-    s: &HttpState,
-    leader: &str,
-    token: &str,
-    req: pb::InvokeRequest,
-) -> Result<pb::InvokeResponse, tonic::Status> {
-    let client = {
-        let mut g = s
-            .forward
-            .lock()
-            .map_err(|_| tonic::Status::internal("poisoned"))?;
-        match g.as_ref() {
-            Some((a, c)) if a == leader => c.clone(),
-            _ => {
-                let c = ClusterClient::new(&[leader.to_string()])?;
-                *g = Some((leader.to_string(), c.clone()));
-                c
-            }
-        }
-    };
-    client.with_token(token).invoke(req).await
+    match s.router.invoke(tenant, req, &ctx).await {
+        Ok(r) => answer(r),
+        Err(e) => error(e.http_status(), e.code(), &e.to_string()),
+    }
 }
 
 fn answer(res: pb::InvokeResponse) -> Response {

@@ -1,55 +1,34 @@
-//! Workers' streams on the leader: registration, assignments, module transfer, invocations
-//! and usage. A worker dials in (NAT-friendly) and keeps one `Agent.Attach` stream; the
-//! control plane never connects to it.
+//! The workers attached to this gateway and the invocations in flight on them: one link per
+//! node (a newer stream replaces an older one), the instances each reported ready, and the
+//! calls waiting for a result. A result is accepted only from the node and stream generation
+//! the call was sent to.
 //!
 //! ```text
-//!  worker ─Register(signed)──▶ verify key→node id, signature, join token ─▶ RegisterNodes (Raft)
-//!         ◀─Registered──────── link kept in the WorkerHub (one per node; a newer one wins)
-//!         ◀─Assignment──────── reconcile loop: committed allocations on the node vs what the
-//!                              link was told (level-triggered, re-run when state changes)
-//!         ─FetchModule───────▶ module from the replicated state, in 1 MiB chunks
-//!         ─AllocationUpdate──▶ RUNNING marks the instance ready for invocations
-//!         ─Heartbeat─────────▶ leader soft state (liveness, coordinate) ◀─HeartbeatAck (RTT)
-//!  Invoke ─▶ gateway picks a ready instance (workers::choose) ─Invocation─▶ worker
-//!         ◀─InvocationResult── answered to the caller; its usage ─▶ UsageWriter (Raft)
-//!         ─UsageReport───────▶ records not acknowledged in time ◀─UsageAck── once committed
+//!  attach(node) ─▶ Link{generation, outbox, ready, outstanding, rtt, last heard}
+//!  invoke ─▶ candidates(ready, not excluded) ─▶ choose (p2c on latency + queue)
+//!         ─▶ pending[id] = (node, generation) ─Invocation─▶ worker
+//!  complete(node, generation, result) ─▶ Accepted | Late | Foreign (counted; 3 closes)
+//!  detach / reattach ─▶ calls on the old stream fail at once (WORKER_LOST)
 //! ```
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use stellar_placement::Coordinate;
 use stellar_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::StreamExt;
-use tonic::{Request as GrpcRequest, Response, Status, Streaming};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tonic::Status;
 
-use crate::allocation_states::AllocationStateWriter;
-use crate::error::Error;
-use crate::node::ReplicaHandle;
-use crate::replica::{Query, Reply, Request, node_state_command};
-use crate::service::{ControlStream, WRITE_TIMEOUT, to_status};
-use crate::usage::UsageWriter;
+use crate::view::Affected;
 
-/// Module bytes per `ModuleChunk`.
-const MODULE_CHUNK: usize = 1 << 20;
-/// How often a link re-checks the committed allocations of its node.
-const RECONCILE_EVERY: Duration = Duration::from_millis(200);
+/// A worker's outbound queue (what the gateway sends down its stream).
+pub type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
 
-type Outbox = mpsc::Sender<Result<pb::ControlMessage, Status>>;
-
-fn control(kind: pb::control_message::Kind) -> pb::ControlMessage {
+/// A message for a worker.
+pub fn control(kind: pb::control_message::Kind) -> pb::ControlMessage {
     pb::ControlMessage { kind: Some(kind) }
-}
-
-/// Sends a worker to the leader (an empty address: unknown yet, retry another replica).
-fn not_leader(info: crate::node::Snapshot) -> pb::ControlMessage {
-    control(pb::control_message::Kind::NotLeader(pb::NotLeader {
-        leader_address: info.leader_address.unwrap_or_default(),
-    }))
 }
 
 /// One attached worker.
@@ -63,17 +42,23 @@ struct Link {
     /// Where the node says it is (routing prefers instances near the caller).
     region: String,
     zone: String,
-    /// The worker's measured distance to this replica (its Vivaldi coordinate against the
-    /// replica's fixed landmark), in ms: the gateway-to-worker hop every call pays.
+    /// The worker's measured distance to this gateway (its Vivaldi coordinate against the
+    /// gateway's), in ms: the gateway-to-worker hop every call pays.
     rtt_ms: f32,
     /// Results this stream sent for calls that were issued to another node or stream.
     foreign_results: u32,
+    /// When the worker last said anything (a silent stream is closed).
+    last_heard: Instant,
+    /// Wakes the link's reconcile task when its node's assignments may have changed.
+    wake: Arc<Notify>,
+    /// The worker is draining: no new calls.
+    draining: bool,
 }
 
 /// Results for calls issued elsewhere that end a worker's stream: such a result is never
 /// an accident (ids are 128 random bits and only the node that ran a call learns its id
 /// before it is answered).
-const MAX_FOREIGN_RESULTS: u32 = 3;
+pub const MAX_FOREIGN_RESULTS: u32 = 3;
 
 /// What the hub did with a worker's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,16 +273,11 @@ impl WorkerHub {
         self.closed.subscribe()
     }
 
-    /// `stream`, ended when the hub closes.
-    fn until_closed(&self, stream: ControlStream) -> ControlStream {
-        let mut closed = self.closed.subscribe();
-        Box::pin(futures::StreamExt::take_until(stream, async move {
-            let _ = closed.wait_for(|c| *c).await;
-        }))
-    }
-
-    fn attach(&self, node: u64, tx: Outbox, region: String, zone: String) -> u64 {
+    /// Attaches `node`'s new stream (replacing any older one, whose calls fail at once); its
+    /// generation, and the notifier that wakes its reconcile task.
+    pub fn attach(&self, node: u64, tx: Outbox, region: String, zone: String) -> (u64, Arc<Notify>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let wake = Arc::new(Notify::new());
         if let Ok(mut links) = self.links.lock() {
             // A reconnect replaces the old stream; dropping its sender ends it.
             links.insert(
@@ -311,12 +291,80 @@ impl WorkerHub {
                     zone,
                     rtt_ms: 0.0,
                     foreign_results: 0,
+                    last_heard: stellar_proto::clock::now(),
+                    wake: wake.clone(),
+                    draining: false,
                 },
             );
         }
         // Calls on the replaced stream will never be answered there.
         self.fail_pending(node, |g| g != generation);
-        generation
+        (generation, wake)
+    }
+
+    /// Whether `node` has a stream here now.
+    pub fn holds(&self, node: u64) -> bool {
+        self.links.lock().is_ok_and(|l| l.contains_key(&node))
+    }
+
+    /// Every node attached here (a new leader learns them in one report).
+    pub fn nodes(&self) -> Vec<u64> {
+        self.links
+            .lock()
+            .map(|l| l.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Wakes the reconcile tasks of the nodes whose assignments may have changed.
+    pub fn wake(&self, affected: &Affected) {
+        let Ok(links) = self.links.lock() else {
+            return;
+        };
+        match affected {
+            Affected::All => links.values().for_each(|l| l.wake.notify_one()),
+            Affected::Nodes(nodes) => {
+                for n in nodes {
+                    if let Some(l) = links.get(n) {
+                        l.wake.notify_one();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The worker on `node` (this stream) said something: it is alive.
+    pub fn heard(&self, node: u64, generation: u64) {
+        if let Ok(mut links) = self.links.lock()
+            && let Some(l) = links.get_mut(&node)
+            && l.generation == generation
+        {
+            l.last_heard = stellar_proto::clock::now();
+        }
+    }
+
+    /// Ends the streams of workers silent for longer than `silent` (their keepalive
+    /// stopped: a dead device, a cut line); the nodes they were on.
+    pub fn close_silent(&self, silent: Duration) -> Vec<u64> {
+        let quiet: Vec<(u64, u64)> = match self.links.lock() {
+            Ok(links) => links
+                .iter()
+                .filter(|(_, l)| l.last_heard.elapsed() > silent)
+                .map(|(&n, l)| (n, l.generation))
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        for &(node, generation) in &quiet {
+            if let Ok(links) = self.links.lock()
+                && let Some(l) = links.get(&node)
+            {
+                let _ = l.tx.try_send(Err(Status::unavailable(format!(
+                    "no heartbeat for {} ms; reconnect",
+                    silent.as_millis()
+                ))));
+            }
+            self.detach(node, generation);
+        }
+        quiet.into_iter().map(|(n, _)| n).collect()
     }
 
     fn fail_pending(&self, node: u64, which: impl Fn(u64) -> bool) {
@@ -334,7 +382,9 @@ impl WorkerHub {
         }
     }
 
-    fn detach(&self, node: u64, generation: u64) {
+    /// Forgets `node`'s stream `generation` (a newer one stays); true if it was the current
+    /// one (the node is no longer attached here).
+    pub fn detach(&self, node: u64, generation: u64) -> bool {
         let gone = self
             .links
             .lock()
@@ -350,12 +400,14 @@ impl WorkerHub {
         if gone {
             self.fail_pending(node, |g| g == generation);
         }
+        gone
     }
 
     /// Marks an instance ready or not; true when it just became ready on this stream.
-    fn set_ready(&self, node: u64, allocation: u64, ready: bool) -> bool {
+    pub fn set_ready(&self, node: u64, allocation: u64, ready: bool) -> bool {
         if let Ok(mut links) = self.links.lock()
             && let Some(l) = links.get_mut(&node)
+            && !l.draining
         {
             if ready {
                 return l.ready.insert(allocation);
@@ -365,16 +417,19 @@ impl WorkerHub {
         false
     }
 
-    /// A draining node takes no new calls: none of its instances is ready any more.
-    fn set_draining(&self, node: u64) {
+    /// A draining node takes no new calls: none of its instances is ready any more, and none
+    /// becomes ready again on this stream.
+    pub fn set_draining(&self, node: u64) {
         if let Ok(mut links) = self.links.lock()
             && let Some(l) = links.get_mut(&node)
         {
             l.ready.clear();
+            l.draining = true;
         }
     }
 
-    fn set_rtt(&self, node: u64, rtt_ms: f32) {
+    /// The worker's measured distance to this gateway.
+    pub fn set_rtt(&self, node: u64, rtt_ms: f32) {
         if let Ok(mut links) = self.links.lock()
             && let Some(l) = links.get_mut(&node)
             && rtt_ms.is_finite()
@@ -386,7 +441,7 @@ impl WorkerHub {
     /// Answers the call `result` is for, if it was sent to this node on this stream; a
     /// result for a call issued elsewhere is refused (the call stays open for its own node)
     /// and counted against the sender.
-    fn complete(&self, node: u64, generation: u64, result: pb::InvocationResult) -> Completion {
+    pub fn complete(&self, node: u64, generation: u64, result: pb::InvocationResult) -> Completion {
         let Ok(mut pending) = self.pending.lock() else {
             return Completion::Late;
         };
@@ -581,419 +636,6 @@ impl WorkerHub {
     }
 }
 
-/// The `Agent` service: workers dial in and keep one stream.
-#[derive(Clone)]
-pub struct AgentService {
-    replica: ReplicaHandle,
-    hub: Arc<WorkerHub>,
-    usage: UsageWriter,
-    states: AllocationStateWriter,
-    heartbeat_ms: u32,
-    join_token: Option<Arc<str>>,
-}
-
-impl AgentService {
-    /// Serves `replica`; workers must present `join_token` (none set: workers are refused)
-    /// and heartbeat every `heartbeat_ms`.
-    pub fn new(
-        replica: ReplicaHandle,
-        hub: Arc<WorkerHub>,
-        usage: UsageWriter,
-        heartbeat_ms: u32,
-        join_token: Option<String>,
-    ) -> Self {
-        AgentService {
-            states: AllocationStateWriter::spawn(replica.clone()),
-            replica,
-            hub,
-            usage,
-            heartbeat_ms,
-            join_token: join_token.map(Into::into),
-        }
-    }
-
-    fn check(&self, reg: &pb::Register) -> Result<(), Status> {
-        let Some(expected) = &self.join_token else {
-            return Err(Status::failed_precondition(
-                "this control plane accepts no workers: start its replicas with --join-token",
-            ));
-        };
-        if !constant_time_eq(reg.join_token.as_bytes(), expected.as_bytes()) {
-            return Err(Status::unauthenticated(
-                "wrong join token; ask the cluster's operator for the current one",
-            ));
-        }
-        if !stellar_proto::identity::verify_registration(
-            reg.node,
-            &reg.public_key,
-            &reg.join_token,
-            &reg.signature,
-        ) {
-            return Err(Status::unauthenticated(
-                "the registration signature does not match the node's public key and id",
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[tonic::async_trait]
-impl pb::agent_server::Agent for AgentService {
-    type AttachStream = ControlStream;
-
-    async fn attach(
-        &self,
-        req: GrpcRequest<Streaming<pb::WorkerMessage>>,
-    ) -> Result<Response<ControlStream>, Status> {
-        let mut inbound = req.into_inner();
-        let first = inbound
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("stream closed before Register"))??;
-        let Some(pb::worker_message::Kind::Register(reg)) = first.kind else {
-            return Err(Status::invalid_argument(
-                "the first message must be Register",
-            ));
-        };
-        let (tx, rx) = mpsc::channel::<Result<pb::ControlMessage, Status>>(256);
-        let stream = self
-            .hub
-            .until_closed(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        let info = self.replica.info();
-        if !info.is_leader {
-            let _ = tx.send(Ok(not_leader(info))).await;
-            return Ok(Response::new(stream));
-        }
-        self.check(&reg)?;
-        let attrs = reg
-            .attributes
-            .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
-        let node = reg.node;
-        let (region, zone) = (attrs.region.clone(), attrs.zone.clone());
-        let record = pb::NodeRecord {
-            id: node,
-            public_key: reg.public_key,
-            attributes: Some(attrs),
-            state: pb::NodeState::Ready as i32,
-            reputation: 1.0,
-            managed: true,
-        };
-        let registered = self
-            .replica
-            .write(
-                Request::Command(pb::Command {
-                    request_id: Vec::new(),
-                    kind: Some(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
-                        nodes: vec![record],
-                    })),
-                }),
-                WRITE_TIMEOUT,
-            )
-            .await
-            .map_err(to_status)?;
-        // A worker that drained (SIGTERM) and came back is ready again. (A node an operator
-        // drained becomes ready too when its worker restarts; quarantine stays.)
-        if let Reply::Applied(r) = &registered
-            && r.previous_state == pb::NodeState::Draining as i32
-        {
-            set_node_state(&self.replica, node, pb::NodeState::Ready).await;
-        }
-        tracing::info!(node = format!("{node:016x}"), "worker attached");
-        let _ = tx
-            .send(Ok(control(pb::control_message::Kind::Registered(
-                pb::Registered {
-                    node,
-                    heartbeat_ms: self.heartbeat_ms,
-                },
-            ))))
-            .await;
-        let generation = self.hub.attach(node, tx.clone(), region, zone);
-        tokio::spawn(reconcile(self.replica.clone(), node, tx.clone()));
-        let (replica, hub, usage, states) = (
-            self.replica.clone(),
-            self.hub.clone(),
-            self.usage.clone(),
-            self.states.clone(),
-        );
-        tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let Ok(msg) = msg else { break };
-                let Some(kind) = msg.kind else { continue };
-                if let Err(e) = on_message(
-                    &replica,
-                    &hub,
-                    (&usage, &states),
-                    (node, generation),
-                    &tx,
-                    kind,
-                )
-                .await
-                {
-                    tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
-                    let _ = tx.try_send(Err(e));
-                    break;
-                }
-            }
-            hub.detach(node, generation);
-            tracing::info!(node = format!("{node:016x}"), "worker stream ended");
-        });
-        Ok(Response::new(stream))
-    }
-}
-
-/// Handles one message from a worker. It never waits on the worker's outbound queue (acks
-/// are dropped when it is full, module transfers run in their own task): the worker may be
-/// waiting on us to read, and both sides blocking on each other would stall the stream.
-async fn on_message(
-    replica: &ReplicaHandle,
-    hub: &WorkerHub,
-    (usage, states): (&UsageWriter, &AllocationStateWriter),
-    (node, generation): (u64, u64),
-    tx: &Outbox,
-    kind: pb::worker_message::Kind,
-) -> Result<(), Status> {
-    use pb::worker_message::Kind;
-    match kind {
-        Kind::Register(_) => return Err(Status::invalid_argument("already registered")),
-        Kind::Heartbeat(hb) => {
-            let coordinate = hb.coordinate.and_then(|c| {
-                let v: [f32; 3] = c.vec.as_slice().try_into().ok()?;
-                Some(Coordinate {
-                    vec: v,
-                    height_ms: c.height_ms,
-                })
-            });
-            if let Some(c) = &coordinate {
-                hub.set_rtt(node, c.distance_ms(&Coordinate::ORIGIN));
-            }
-            replica
-                .heartbeat(node, coordinate)
-                .await
-                .map_err(to_status)?;
-            // The replica is a fixed landmark at the origin; the worker's RTT to it moves
-            // the worker's own coordinate.
-            let _ = tx.try_send(Ok(control(pb::control_message::Kind::HeartbeatAck(
-                pb::HeartbeatAck {
-                    seq: hb.seq,
-                    coordinate: Some(pb::Coordinate {
-                        vec: vec![0.0; 3],
-                        height_ms: 0.0,
-                    }),
-                },
-            ))));
-        }
-        Kind::Allocation(u) => {
-            let running = u.state == pb::AllocationState::Running as i32;
-            // A failure to load (older workers say STOPPED with a reason).
-            let failed = u.state == pb::AllocationState::Failed as i32
-                || (u.state == pb::AllocationState::Stopped as i32 && !u.message.is_empty());
-            let newly_ready = hub.set_ready(node, u.allocation, running);
-            if newly_ready {
-                states.report(node, u.allocation, pb::AllocationState::Running, "");
-            }
-            if failed {
-                tracing::warn!(
-                    node = format!("{node:016x}"),
-                    allocation = u.allocation,
-                    message = %u.message,
-                    "worker could not load an instance's module"
-                );
-                if !states.report(node, u.allocation, pb::AllocationState::Failed, &u.message) {
-                    tracing::warn!(
-                        node = format!("{node:016x}"),
-                        "allocation-state queue full; failure not recorded"
-                    );
-                }
-            }
-        }
-        Kind::Result(r) => match hub.complete(node, generation, r) {
-            Completion::Accepted => {}
-            Completion::Late => {
-                tracing::debug!(
-                    node = format!("{node:016x}"),
-                    "a result came after its caller stopped waiting"
-                );
-            }
-            Completion::Foreign { count } => {
-                tracing::warn!(
-                    node = format!("{node:016x}"),
-                    count,
-                    "refused a result for a call this node was not sent"
-                );
-                if count >= MAX_FOREIGN_RESULTS {
-                    return Err(Status::permission_denied(format!(
-                        "{count} results for calls this node was not sent; stream closed"
-                    )));
-                }
-            }
-        },
-        Kind::Usage(report) => {
-            for mut r in report.records {
-                // A worker reports only its own usage.
-                r.node = node;
-                if !usage.record(r) {
-                    tracing::warn!(
-                        node = format!("{node:016x}"),
-                        "usage queue full; record dropped"
-                    );
-                }
-            }
-        }
-        Kind::Draining(_) => {
-            tracing::info!(node = format!("{node:016x}"), "worker draining");
-            hub.set_draining(node);
-            let replica = replica.clone();
-            tokio::spawn(async move {
-                set_node_state(&replica, node, pb::NodeState::Draining).await;
-            });
-        }
-        Kind::FetchModule(f) => {
-            let (replica, tx) = (replica.clone(), tx.clone());
-            tokio::spawn(async move { send_module(&replica, &tx, &f.sha256).await });
-        }
-    }
-    Ok(())
-}
-
-async fn set_node_state(replica: &ReplicaHandle, node: u64, state: pb::NodeState) {
-    let written = match node_state_command(Vec::new(), node, state as i32) {
-        Ok(cmd) => replica
-            .write(Request::Command(cmd), WRITE_TIMEOUT)
-            .await
-            .map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = written {
-        tracing::warn!(node = format!("{node:016x}"), ?state, error = %e, "node state not recorded");
-    }
-}
-
-async fn send_module(replica: &ReplicaHandle, tx: &Outbox, sha: &str) {
-    let refuse = |error: String| {
-        control(pb::control_message::Kind::ModuleChunk(pb::ModuleChunk {
-            sha256: sha.to_string(),
-            last: true,
-            error,
-            ..Default::default()
-        }))
-    };
-    let key: Option<[u8; 32]> = hex::decode(sha).ok().and_then(|b| b.try_into().ok());
-    let Some(key) = key else {
-        let _ = tx
-            .send(Ok(refuse(format!("`{sha}` is not a sha256"))))
-            .await;
-        return;
-    };
-    let bytes = match replica
-        .read(Query::Module { sha256: key }, true, WRITE_TIMEOUT)
-        .await
-    {
-        Ok(Reply::Module(Some(b))) => b,
-        Ok(_) => {
-            let _ = tx
-                .send(Ok(refuse(format!("module {sha} is not stored"))))
-                .await;
-            return;
-        }
-        Err(e) => {
-            let _ = tx.send(Ok(refuse(e.to_string()))).await;
-            return;
-        }
-    };
-    let total = bytes.len();
-    let mut offset = 0;
-    loop {
-        let end = (offset + MODULE_CHUNK).min(total);
-        let chunk = pb::ModuleChunk {
-            sha256: sha.to_string(),
-            offset: offset as u64,
-            data: bytes[offset..end].to_vec(),
-            last: end == total,
-            error: String::new(),
-        };
-        if tx
-            .send(Ok(control(pb::control_message::Kind::ModuleChunk(chunk))))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        if end == total {
-            return;
-        }
-        offset = end;
-    }
-}
-
-/// Keeps a worker's instances equal to the committed allocations on its node: a start for
-/// each new one, a stop for each gone one; re-checked whenever the applied state moves.
-async fn reconcile(replica: ReplicaHandle, node: u64, tx: Outbox) {
-    let mut told: HashMap<u64, pb::Assignment> = HashMap::new();
-    let mut seen_applied = u64::MAX;
-    loop {
-        if tx.is_closed() {
-            return;
-        }
-        let info = replica.info();
-        if !info.is_leader {
-            // Workers follow the leader; tell this one where to go and end its stream.
-            let _ = tx.send(Ok(not_leader(info))).await;
-            return;
-        }
-        if info.applied != seen_applied {
-            seen_applied = info.applied;
-            match replica
-                .read(Query::NodeAssignments { node }, true, WRITE_TIMEOUT)
-                .await
-            {
-                Ok(Reply::Assignments(now)) => {
-                    let current: HashSet<u64> = now.iter().map(|a| a.allocation).collect();
-                    let mut out = Vec::new();
-                    for a in now {
-                        if let std::collections::hash_map::Entry::Vacant(e) =
-                            told.entry(a.allocation)
-                        {
-                            e.insert(a.clone());
-                            out.push(a);
-                        }
-                    }
-                    let gone: Vec<u64> = told
-                        .keys()
-                        .copied()
-                        .filter(|id| !current.contains(id))
-                        .collect();
-                    for id in gone {
-                        if let Some(mut a) = told.remove(&id) {
-                            a.start = false;
-                            out.push(a);
-                        }
-                    }
-                    for a in out {
-                        if tx
-                            .send(Ok(control(pb::control_message::Kind::Assignment(a))))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(Error::Stopped) => return,
-                Err(e) => {
-                    tracing::debug!(node = format!("{node:016x}"), error = %e, "reconcile read failed");
-                    seen_applied = u64::MAX;
-                }
-            }
-        }
-        tokio::time::sleep(RECONCILE_EVERY).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1012,8 +654,8 @@ mod tests {
         let hub = WorkerHub::new();
         let (a_tx, mut a_rx) = mpsc::channel(8);
         let (b_tx, _b_rx) = mpsc::channel(8);
-        let a_gen = hub.attach(1, a_tx, "r".into(), "z".into());
-        let b_gen = hub.attach(2, b_tx, "r".into(), "z".into());
+        let (a_gen, _) = hub.attach(1, a_tx, "r".into(), "z".into());
+        let (b_gen, _) = hub.attach(2, b_tx, "r".into(), "z".into());
         hub.set_ready(1, 10, true);
         let call = {
             let hub = hub.clone();

@@ -1,32 +1,36 @@
-//! The invocation gateway on the leader: finds a function's ready instances, routes each
-//! call by estimated latency to the caller and outstanding requests (power of two choices),
-//! places a first instance when a function has none (scale from zero), retries an idempotent
-//! call once on another instance when its worker vanishes, keeps recent invocations for
-//! `stellar logs`, and hands every usage record to the ledger.
+//! Invocation routing on a gateway: finds a function's ready instances among this gateway's
+//! workers, routes each call by estimated latency to the caller and outstanding requests
+//! (power of two choices), forwards a call to the gateway that holds an instance when none is
+//! here, places a first instance when a function has none (scale from zero), retries an
+//! idempotent call once on another instance when its worker vanishes, keeps recent
+//! invocations for `stellar logs`, and hands every usage record to the ledger. The replica
+//! thread is never on this path: routing reads the watched view.
 //!
 //! ```text
 //!  Invoke(tenant, name, stdin, near)
-//!    │ route: allocations of the current version (cached while the applied index stands)
-//!    ├─ none ─▶ one caller per function: Allocate (plan-apply) ─▶ wait until ready
-//!    ├─ hub.invoke: choose(near, outstanding) ─Invocation─▶ worker ─Result─▶
+//!    │ view.route: allocations of the current version
+//!    ├─ none ─▶ one caller per function: Allocate (leader) ─▶ view catches up ─▶ wait ready
+//!    ├─ ready here ─▶ hub.invoke: choose(near, outstanding) ─Invocation─▶ worker ─Result─▶
 //!    │     worker vanished + idempotent ─▶ once more, that node excluded
 //!    │     refused unrun (busy / not here) ─▶ another instance
-//!    └─ answer + usage record ─▶ UsageWriter ─▶ Raft;  log ring per function
+//!    ├─ ready only elsewhere ─▶ Control.Invoke on the gateway holding it (once, marked
+//!    │     forwarded: the peer never forwards again)
+//!    └─ answer + usage record ─▶ UsageWriter ─▶ leader;  log ring per function
 //! ```
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stellar_proto::client::ClusterClient;
+use stellar_proto::limits::MAX_INVOKE_INPUT;
 use stellar_proto::v1 as pb;
-use tonic::Status;
+use stellar_proto::wire::FORWARDED_METADATA;
 
-use crate::error::{ApplyError, Error};
-use crate::node::ReplicaHandle;
-use crate::replica::{Query, Reply, Request};
-use crate::service::{LEADER_METADATA, MAX_INVOKE_INPUT, WRITE_TIMEOUT};
+use crate::error::GatewayError;
+use crate::hub::{HubError, Near, WorkerHub};
 use crate::usage::UsageWriter;
-use crate::workers::{HubError, Near, WorkerHub};
+use crate::view::{Route, View};
 
 /// Invocations kept per function for `stellar logs`.
 const LOG_DEPTH: usize = 100;
@@ -39,6 +43,9 @@ const READY_WAIT: Duration = Duration::from_secs(30);
 /// How long a call waits for a replacement of an instance whose module failed to load
 /// before it is told the module failed.
 const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
+/// How long a call for a function this gateway has not heard of waits for the watch to
+/// catch up (a deploy through another gateway a moment ago).
+const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
 /// A function's default per-invocation timeout when its limits set none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Slack on top of the function's own timeout for the round trip to the worker.
@@ -46,174 +53,79 @@ const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
 /// Attempts for calls a worker refused without running them (busy, not running there).
 const UNRUN_ATTEMPTS: u32 = 3;
 
-/// Why an invocation failed before the function could answer; each has a stable code for
-/// HTTP clients.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum GatewayError {
-    /// No such function for this tenant.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request itself is wrong (too large, bad name).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// Instances exist but none became ready in time.
-    #[error("{0}")]
-    NoReadyInstance(String),
-    /// No instance exists and none can be placed (the placer's diagnosis says why).
-    #[error("{0}")]
-    NoCapacity(String),
-    /// The worker vanished mid-call and the function is not idempotent (or the retry failed).
-    #[error("{0}")]
-    WorkerLost(String),
-    /// The worker did not answer in time.
-    #[error("{0}")]
-    Timeout(String),
-    /// This replica does not lead; the leader's address when known.
-    #[error("this replica is not the leader; retry on {}", .address.as_deref().unwrap_or("another replica"))]
-    NotLeader {
-        /// The leader's address.
-        address: Option<String>,
-    },
-    /// The control plane could not serve the call now (election, storage, overload).
-    #[error("{0}")]
-    Unavailable(String),
-    /// The function's module failed to load on several workers; it is not placed again
-    /// until a new version is deployed.
-    #[error("{0}")]
-    ModuleLoadFailed(String),
+/// The typed error for a version whose module failed to load and that has no instance left:
+/// at once when it is not placed again (too many failures), or after a pause (`waited`)
+/// when no other node took a replacement.
+fn broken(route: &Route, name: &str, waited: bool) -> Option<GatewayError> {
+    let gave_up = route.load_failures >= MAX_LOAD_FAILURES || (waited && route.load_failures > 0);
+    (route.allocations.is_empty() && gave_up).then(|| load_failed(route, name, ""))
 }
 
-impl GatewayError {
-    /// The stable error code HTTP clients match on.
-    pub fn code(&self) -> &'static str {
-        match self {
-            GatewayError::NotFound(_) => "NOT_FOUND",
-            GatewayError::InvalidArgument(_) => "INVALID_ARGUMENT",
-            GatewayError::NoReadyInstance(_) => "NO_READY_INSTANCE",
-            GatewayError::NoCapacity(_) => "NO_CAPACITY",
-            GatewayError::WorkerLost(_) => "WORKER_LOST",
-            GatewayError::Timeout(_) => "DEADLINE_EXCEEDED",
-            GatewayError::NotLeader { .. } => "NOT_LEADER",
-            GatewayError::Unavailable(_) => "UNAVAILABLE",
-            GatewayError::ModuleLoadFailed(_) => "MODULE_LOAD_FAILED",
-        }
-    }
+/// Workers that may fail to load a version before it is no longer placed (the control
+/// plane's rule, mirrored for the error message).
+const MAX_LOAD_FAILURES: u32 = 3;
 
-    /// The HTTP status for this error.
-    pub fn http_status(&self) -> u16 {
-        http_status_of(self.code())
-    }
-
-    /// The gRPC status, with the leader hint for NotLeader and the stable code in
-    /// `x-stellar-error` metadata.
-    pub fn into_status(self) -> Status {
-        let msg = crate::error::clip_message(self.to_string());
-        let code = self.code();
-        let mut s = match &self {
-            GatewayError::NotFound(_) => Status::not_found(msg),
-            GatewayError::InvalidArgument(_) => Status::invalid_argument(msg),
-            GatewayError::NoCapacity(_) | GatewayError::ModuleLoadFailed(_) => {
-                Status::failed_precondition(msg)
-            }
-            GatewayError::Timeout(_) => Status::deadline_exceeded(msg),
-            GatewayError::NoReadyInstance(_)
-            | GatewayError::WorkerLost(_)
-            | GatewayError::NotLeader { .. }
-            | GatewayError::Unavailable(_) => Status::unavailable(msg),
-        };
-        if let GatewayError::NotLeader { address: Some(a) } = &self
-            && let Ok(v) = a.parse()
-        {
-            s.metadata_mut().insert(LEADER_METADATA, v);
-        }
-        if let Ok(v) = code.parse() {
-            s.metadata_mut().insert(ERROR_METADATA, v);
-        }
-        s
-    }
+/// The typed error for a module that failed to load and that no node runs (`detail`: why no
+/// other node takes it, when known).
+fn load_failed(route: &Route, name: &str, detail: &str) -> GatewayError {
+    GatewayError::ModuleLoadFailed(format!(
+        "`{name}` failed to load on {} worker(s) ({}) and no other node is trying it{detail}. Fix the module and deploy a new version; `stellar logs {name}` shows the failures",
+        route.load_failures, route.load_error
+    ))
 }
 
-/// The HTTP status for a gateway error code (also for codes read back from gRPC metadata).
-pub fn http_status_of(code: &str) -> u16 {
-    match code {
-        "NOT_FOUND" => 404,
-        "INVALID_ARGUMENT" => 400,
-        "WORKER_LOST" => 502,
-        "DEADLINE_EXCEEDED" => 504,
-        "MODULE_LOAD_FAILED" => 500,
-        _ => 503,
-    }
-}
-
-/// Metadata key carrying a gateway error's stable code on gRPC answers.
-pub const ERROR_METADATA: &str = "x-stellar-error";
-
-impl From<Error> for GatewayError {
-    fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        match e {
-            Error::NotLeader { address, .. } => GatewayError::NotLeader { address },
-            Error::Apply(ApplyError::NotFound(_)) => GatewayError::NotFound(msg),
-            Error::Apply(ApplyError::Invalid(_)) => GatewayError::InvalidArgument(msg),
-            Error::Placement(_) => GatewayError::NoCapacity(msg),
-            _ => GatewayError::Unavailable(msg),
-        }
-    }
-}
-
-/// What routing needs of a function, as last read.
-#[derive(Debug)]
-struct Route {
-    idempotent: bool,
-    timeout: Duration,
-    /// (allocation, node) of the current version.
-    allocations: Vec<(u64, u64)>,
-    /// Workers that could not load the current version, and the last reason.
-    load_failures: u32,
-    load_error: String,
-}
-
-impl Route {
-    /// The typed error for a version whose module failed to load and that has no instance
-    /// left: at once when it is not placed again (too many failures), or after a pause
-    /// (`waited`) when no other node took a replacement.
-    fn broken(&self, name: &str, waited: bool) -> Option<GatewayError> {
-        let gave_up = self.load_failures >= crate::state::MAX_LOAD_FAILURES
-            || (waited && self.load_failures > 0);
-        (self.allocations.is_empty() && gave_up).then(|| self.load_failed(name, ""))
-    }
-
-    /// The typed error for a module that failed to load and that no node runs (`detail`:
-    /// why no other node takes it, when known).
-    fn load_failed(&self, name: &str, detail: &str) -> GatewayError {
-        GatewayError::ModuleLoadFailed(format!(
-            "`{name}` failed to load on {} worker(s) ({}) and no other node is trying it{detail}. Fix the module and deploy a new version; `stellar logs {name}` shows the failures",
-            self.load_failures, self.load_error
-        ))
-    }
+fn timeout_of(route: &Route) -> Duration {
+    let own = if route.timeout_ms == 0 {
+        DEFAULT_TIMEOUT
+    } else {
+        Duration::from_millis(u64::from(route.timeout_ms))
+    };
+    own + TIMEOUT_SLACK
 }
 
 type FunctionKey = (String, String);
 
-/// The leader's invocation gateway (see the module docs).
+/// Where a call comes from, as the router needs it.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// The caller's bearer token (a forwarded call presents it to the peer gateway).
+    pub token: String,
+    /// Whether another gateway forwarded this call here (it is never forwarded again).
+    pub forwarded: bool,
+}
+
+/// A gateway's router (see the module docs).
 #[derive(Debug)]
-pub struct Gateway {
-    replica: ReplicaHandle,
+pub struct Router {
     hub: Arc<WorkerHub>,
+    view: Arc<View>,
     usage: UsageWriter,
-    routes: Mutex<HashMap<FunctionKey, (u64, Arc<Route>)>>,
+    /// The gateway's own client (admin token) for the control plane.
+    client: ClusterClient,
+    /// This gateway's advertised address (a node held here is not forwarded).
+    advertise: String,
+    peers: Mutex<HashMap<String, ClusterClient>>,
     scaling: Mutex<HashMap<FunctionKey, Arc<tokio::sync::Mutex<()>>>>,
     logs: Mutex<HashMap<FunctionKey, VecDeque<pb::InvocationLog>>>,
 }
 
-impl Gateway {
-    /// A gateway over `replica`'s state and the workers attached to `hub`.
-    pub fn new(replica: ReplicaHandle, hub: Arc<WorkerHub>, usage: UsageWriter) -> Self {
-        Gateway {
-            replica,
+impl Router {
+    /// A router over `hub`'s workers and `view`'s state; `client` reaches the control plane
+    /// and `advertise` is this gateway's address as other gateways know it.
+    pub fn new(
+        hub: Arc<WorkerHub>,
+        view: Arc<View>,
+        usage: UsageWriter,
+        client: ClusterClient,
+        advertise: String,
+    ) -> Self {
+        Router {
             hub,
+            view,
             usage,
-            routes: Mutex::default(),
+            client,
+            advertise,
+            peers: Mutex::default(),
             scaling: Mutex::default(),
             logs: Mutex::default(),
         }
@@ -224,65 +136,37 @@ impl Gateway {
         &self.hub
     }
 
-    async fn route(&self, key: &FunctionKey, fresh: bool) -> Result<Arc<Route>, GatewayError> {
-        let applied = self.replica.info().applied;
-        if !fresh
-            && let Some(r) = self
-                .routes
-                .lock()
-                .ok()
-                .and_then(|m| m.get(key).filter(|e| e.0 == applied).map(|e| e.1.clone()))
-        {
-            return Ok(r);
+    /// The watched state.
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
+    }
+
+    /// The current route of `key`, waiting briefly for a function the view has not seen.
+    async fn route(&self, key: &FunctionKey) -> Result<Route, GatewayError> {
+        if !self.view.complete() {
+            return Err(GatewayError::Unavailable(
+                "this gateway is still loading the cluster's state; retry in a moment".into(),
+            ));
         }
-        let f = match self
-            .replica
-            .read(
-                Query::Function {
-                    tenant: key.0.clone(),
-                    name: key.1.clone(),
-                },
-                true,
-                Duration::from_secs(2),
-            )
-            .await?
-        {
-            Reply::Function(f) => f,
-            other => {
-                return Err(GatewayError::Unavailable(format!(
-                    "unexpected reply {other:?}"
+        let start = stellar_proto::clock::now();
+        loop {
+            if let Some(r) = self.view.route(&key.0, &key.1) {
+                return Ok(r);
+            }
+            if start.elapsed() >= UNKNOWN_WAIT {
+                return Err(GatewayError::NotFound(format!(
+                    "function {} not found in tenant {}",
+                    stellar_proto::text::shown(&key.1),
+                    stellar_proto::text::shown(&key.0)
                 )));
             }
-        };
-        let timeout_ms = f.limits.map_or(0, |l| l.timeout_ms);
-        let route = Arc::new(Route {
-            idempotent: f.idempotent,
-            timeout: if timeout_ms == 0 {
-                DEFAULT_TIMEOUT
-            } else {
-                Duration::from_millis(u64::from(timeout_ms))
-            } + TIMEOUT_SLACK,
-            allocations: f
-                .allocations
-                .iter()
-                .filter(|a| a.version == f.version)
-                .map(|a| (a.id, a.node))
-                .collect(),
-            load_failures: f.load_failures,
-            load_error: f.load_error,
-        });
-        if let Ok(mut m) = self.routes.lock() {
-            if m.len() >= LOG_FUNCTIONS * 10 {
-                m.clear();
-            }
-            m.insert(key.clone(), (applied, route.clone()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(route)
     }
 
     /// Places a first instance of a function that has none; one caller per function does
     /// it while the others wait for its result.
-    async fn scale_from_zero(&self, key: &FunctionKey) -> Result<(Arc<Route>, bool), GatewayError> {
+    async fn scale_from_zero(&self, key: &FunctionKey) -> Result<bool, GatewayError> {
         let lock = self
             .scaling
             .lock()
@@ -291,50 +175,131 @@ impl Gateway {
             .or_default()
             .clone();
         let _one = lock.lock().await;
-        let route = self.route(key, true).await?;
+        let route = self.route(key).await?;
         if !route.allocations.is_empty() {
-            return Ok((route, false));
+            return Ok(false);
         }
-        if let Some(e) = route.broken(&key.1, false) {
+        if let Some(e) = broken(&route, &key.1, false) {
             return Err(e);
         }
         let mut request_id = [0u8; 16];
         getrandom::fill(&mut request_id)
             .map_err(|e| GatewayError::Unavailable(format!("no OS randomness: {e}")))?;
         tracing::info!(tenant = %key.0, function = %key.1, "no instance: placing one for the first call");
-        self.replica
-            .write(
-                Request::Allocate {
+        let placed = self
+            .client
+            .call(|mut c| {
+                let req = pb::AllocateRequest {
                     request_id: request_id.to_vec(),
                     tenant: key.0.clone(),
                     function: key.1.clone(),
-                },
-                WRITE_TIMEOUT,
-            )
+                };
+                async move { c.allocate(req).await }
+            })
             .await
-            .map_err(|e| match e {
+            .map_err(|s| match GatewayError::from_status(&s) {
                 // Every node it could go to has failed to load it.
-                Error::Placement(p) if route.load_failures > 0 => {
-                    route.load_failed(&key.1, &format!(": {p}"))
+                GatewayError::NoCapacity(p) if route.load_failures > 0 => {
+                    load_failed(&route, &key.1, &format!(": {p}"))
                 }
-                Error::Placement(p) => GatewayError::NoCapacity(format!(
+                GatewayError::NoCapacity(p) => GatewayError::NoCapacity(format!(
                     "no instance of `{}` and none can be placed: {p} Try another --region, a smaller --memory, or `stellar nodes` to see free capacity",
                     key.1
                 )),
-                other => other.into(),
+                other => other,
             })?;
-        Ok((self.route(key, true).await?, true))
+        self.view
+            .wait_for(placed.applied_index, Duration::from_secs(5))
+            .await;
+        Ok(true)
     }
 
-    /// Waits until one of the route's instances is attached and ready.
-    async fn wait_ready(&self, key: &FunctionKey) -> Result<Arc<Route>, GatewayError> {
-        let start = crate::clock::now();
-        loop {
-            let route = self.route(key, false).await?;
-            if !self.hub.ready_of(&route.allocations).is_empty() {
-                return Ok(route);
+    /// A gateway other than this one that holds a ready-looking node of `route` (the call
+    /// is forwarded there).
+    fn elsewhere(&self, route: &Route) -> Option<String> {
+        route
+            .allocations
+            .iter()
+            .filter_map(|&(_, node)| {
+                let g = self.view.gateway_of(node)?;
+                let ready = self.view.node_state(node) == Some(pb::NodeState::Ready as i32);
+                (ready && !g.is_empty() && *g != *self.advertise).then(|| g.to_string())
+            })
+            .next()
+    }
+
+    fn peer(&self, address: &str, token: &str) -> Result<ClusterClient, GatewayError> {
+        let mut peers = self
+            .peers
+            .lock()
+            .map_err(|_| GatewayError::Unavailable("gateway state poisoned".into()))?;
+        let c = match peers.get(address) {
+            Some(c) => c.clone(),
+            None => {
+                let c = ClusterClient::new(&[address.to_string()])
+                    .map_err(|s| GatewayError::Unavailable(s.message().to_string()))?;
+                peers.insert(address.to_string(), c.clone());
+                c
             }
-            if let Some(e) = route.broken(&key.1, start.elapsed() >= REPLACEMENT_WAIT) {
+        };
+        Ok(c.with_token(token))
+    }
+
+    /// Runs the call on the gateway at `address`, once.
+    async fn forward(
+        &self,
+        address: &str,
+        ctx: &CallContext,
+        req: pb::InvokeRequest,
+    ) -> Result<pb::InvokeResponse, GatewayError> {
+        let peer = self.peer(address, &ctx.token)?;
+        let mut c = peer
+            .client_for(address)
+            .map_err(|s| GatewayError::Unavailable(s.message().to_string()))?;
+        let mut r = tonic::Request::new(req);
+        r.metadata_mut().insert(
+            FORWARDED_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        c.invoke(r)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| GatewayError::from_status(&s))
+    }
+
+    /// Runs `tenant`'s function once and returns its output and usage.
+    pub async fn invoke(
+        &self,
+        tenant: String,
+        req: pb::InvokeRequest,
+        ctx: &CallContext,
+    ) -> Result<pb::InvokeResponse, GatewayError> {
+        if req.stdin.len() > MAX_INVOKE_INPUT {
+            return Err(GatewayError::InvalidArgument(format!(
+                "stdin is {} bytes; at most {MAX_INVOKE_INPUT} per invocation",
+                req.stdin.len()
+            )));
+        }
+        let key: FunctionKey = (tenant, req.function.clone());
+        let start = stellar_proto::clock::now();
+        let mut scaled = false;
+        let route = loop {
+            let route = self.route(&key).await?;
+            if route.allocations.is_empty() && !scaled {
+                scaled = self.scale_from_zero(&key).await?;
+                continue;
+            }
+            if !self.hub.ready_of(&route.allocations).is_empty() {
+                break route;
+            }
+            if !ctx.forwarded
+                && let Some(gw) = self.elsewhere(&route)
+            {
+                let mut r = self.forward(&gw, ctx, req).await?;
+                r.scaled_from_zero |= scaled;
+                return Ok(r);
+            }
+            if let Some(e) = broken(&route, &key.1, start.elapsed() >= REPLACEMENT_WAIT) {
                 return Err(e);
             }
             if start.elapsed() >= READY_WAIT {
@@ -347,36 +312,18 @@ impl Gateway {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
+        self.run_here(&key, route, req, scaled).await
     }
 
-    /// Runs `tenant`'s function once and returns its output and usage.
-    pub async fn invoke(
+    /// Runs the call on one of this gateway's ready instances of `route`.
+    async fn run_here(
         &self,
-        tenant: String,
+        key: &FunctionKey,
+        route: Route,
         req: pb::InvokeRequest,
+        scaled: bool,
     ) -> Result<pb::InvokeResponse, GatewayError> {
-        let info = self.replica.info();
-        if !info.is_leader {
-            return Err(GatewayError::NotLeader {
-                address: info.leader_address,
-            });
-        }
-        if req.stdin.len() > MAX_INVOKE_INPUT {
-            return Err(GatewayError::InvalidArgument(format!(
-                "stdin is {} bytes; at most {MAX_INVOKE_INPUT} per invocation",
-                req.stdin.len()
-            )));
-        }
-        let key: FunctionKey = (tenant, req.function.clone());
-        let mut route = self.route(&key, false).await?;
-        let mut scaled = false;
-        if route.allocations.is_empty() {
-            (route, scaled) = self.scale_from_zero(&key).await?;
-        }
-        if self.hub.ready_of(&route.allocations).is_empty() {
-            route = self.wait_ready(&key).await?;
-        }
         let near = Near {
             region: req.near_region.clone(),
             zone: req.near_zone.clone(),
@@ -389,6 +336,7 @@ impl Gateway {
             env: req.env,
             random_seed: Vec::new(),
         };
+        let timeout = timeout_of(&route);
         let mut exclude: Vec<u64> = Vec::new();
         let mut attempts = 0u32;
         let mut lost_once = false;
@@ -401,7 +349,7 @@ impl Gateway {
                     &near,
                     &exclude,
                     invocation.clone(),
-                    route.timeout,
+                    timeout,
                 )
                 .await
             {
@@ -423,7 +371,7 @@ impl Gateway {
                         }
                         continue;
                     }
-                    return Ok(self.finish(&key, node, allocation, res, attempts, scaled));
+                    return Ok(self.finish(key, node, allocation, res, attempts, scaled));
                 }
                 Err(HubError::WorkerLost { node }) if route.idempotent && !lost_once => {
                     tracing::info!(tenant = %key.0, function = %key.1, node = format!("{node:016x}"), "worker vanished mid-call; retrying the idempotent call elsewhere");
@@ -496,7 +444,7 @@ impl Gateway {
             invocation_id: res.invocation_id.clone(),
             node,
             allocation,
-            unix_ms: crate::clock::unix_ms(),
+            unix_ms: stellar_proto::clock::unix_ms(),
             wall_us: usage.as_ref().map_or(0, |u| u.wall_us),
             fuel: usage.as_ref().map_or(0, |u| u.fuel),
             error_code: res.error_code.clone(),
@@ -538,33 +486,5 @@ impl Gateway {
                     .map(|r| r.iter().take(limit).cloned().collect())
             })
             .unwrap_or_default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn errors_carry_stable_codes_to_grpc_and_http() {
-        let e = GatewayError::NoReadyInstance("none".into());
-        assert_eq!((e.code(), e.http_status()), ("NO_READY_INSTANCE", 503));
-        let s = e.into_status();
-        assert_eq!(s.code(), tonic::Code::Unavailable);
-        assert_eq!(
-            s.metadata().get(ERROR_METADATA).unwrap(),
-            "NO_READY_INSTANCE"
-        );
-        let s = GatewayError::NotLeader {
-            address: Some("127.0.0.1:7002".into()),
-        }
-        .into_status();
-        assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "127.0.0.1:7002");
-        assert_eq!(GatewayError::NotFound("x".into()).http_status(), 404);
-        assert_eq!(GatewayError::WorkerLost("x".into()).http_status(), 502);
-        assert_eq!(GatewayError::Timeout("x".into()).http_status(), 504);
-        let from: GatewayError =
-            Error::Apply(ApplyError::NotFound("function `f` not found".into())).into();
-        assert_eq!(from.code(), "NOT_FOUND");
     }
 }

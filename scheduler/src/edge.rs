@@ -74,11 +74,18 @@ impl EdgeService {
             .require_admin(what)
     }
 
-    async fn write(&self, kind: pb::command::Kind) -> Result<u64, Status> {
+    async fn write(&self, request_id: Vec<u8>, kind: pb::command::Kind) -> Result<u64, Status> {
+        if request_id.len() > crate::state::MAX_REQUEST_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "request_id is {} bytes; at most {}",
+                request_id.len(),
+                crate::state::MAX_REQUEST_ID_BYTES
+            )));
+        }
         self.replica
             .write(
                 Request::Command(pb::Command {
-                    request_id: Vec::new(),
+                    request_id,
                     kind: Some(kind),
                 }),
                 WRITE_TIMEOUT,
@@ -326,7 +333,7 @@ impl pb::edge_server::Edge for EdgeService {
             )));
         }
         let applied_index = self
-            .write(pb::command::Kind::Usage(pb::UsageCmd {
+            .write(Vec::new(), pb::command::Kind::Usage(pb::UsageCmd {
                 records,
                 unix_ms: stellar_proto::clock::unix_ms(),
             }))
@@ -339,7 +346,10 @@ impl pb::edge_server::Edge for EdgeService {
         req: GrpcRequest<pb::ReportAllocationsRequest>,
     ) -> Result<Response<pb::ReportAllocationsResponse>, Status> {
         self.admin(&req, "reporting allocation states").await?;
-        let updates = req.into_inner().updates;
+        let pb::ReportAllocationsRequest {
+            updates,
+            request_id,
+        } = req.into_inner();
         if updates.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
                 "{} allocation updates; at most {MAX_BATCH} per call",
@@ -347,7 +357,7 @@ impl pb::edge_server::Edge for EdgeService {
             )));
         }
         let applied_index = self
-            .write(pb::command::Kind::AllocationStates(
+            .write(request_id, pb::command::Kind::AllocationStates(
                 pb::AllocationStatesCmd { updates },
             ))
             .await?;

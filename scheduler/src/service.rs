@@ -243,6 +243,7 @@ impl pb::control_server::Control for ControlService {
             .await?;
         Ok(Response::new(pb::AllocateResponse {
             allocation: res.allocations.into_iter().next(),
+            applied_index: self.replica.info().applied,
             ..Default::default()
         }))
     }

@@ -1,0 +1,394 @@
+//! The `Agent` service on a gateway: home nodes dial in (NAT-friendly) and keep one stream;
+//! the control plane never connects to them and never hears from them directly.
+//!
+//! ```text
+//!  worker ─Register(signed)──▶ join token + signature ─▶ session: joined ─▶ committed (ack)
+//!         ◀─Registered──────── link in the hub (one per node; a newer stream wins)
+//!         ◀─Assignment──────── reconcile: the view's allocations on the node vs what the
+//!                              stream was told (woken by watch events, level-triggered)
+//!         ─FetchModule───────▶ module cache (fetched once from any replica), 1 MiB chunks
+//!         ─AllocationUpdate──▶ RUNNING: ready for calls; FAILED: recorded through Raft
+//!         ─Heartbeat─────────▶ alive (soft); coordinate moved ─▶ session: load
+//!                              ◀─HeartbeatAck (the worker's RTT sample)
+//!         ─InvocationResult──▶ hub: answers the call it was sent for, if it was sent here
+//!         ─UsageReport───────▶ usage writer ─▶ Raft ◀─UsageAck── once committed
+//!         ─Draining──────────▶ no new calls; session: draining
+//!  stream ends / silent ─▶ calls on it fail at once ─▶ session: gone (after a hold)
+//! ```
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use stellar_proto::v1 as pb;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::StreamExt;
+use tonic::{Request as GrpcRequest, Response, Status, Streaming};
+
+use crate::allocation_states::AllocationStateWriter;
+use crate::hub::{Completion, MAX_FOREIGN_RESULTS, Outbox, WorkerHub, control};
+use crate::modules::Modules;
+use crate::session::Session;
+use crate::usage::UsageWriter;
+use crate::view::View;
+
+/// How long a worker's registration may wait for the leader to commit it.
+const REGISTER_WAIT: Duration = Duration::from_secs(15);
+/// A coordinate that moved less than this (ms) is not worth telling the leader.
+const COORDINATE_SLACK_MS: f32 = 2.0;
+/// Messages queued for one worker; a full queue drops acks, never blocks the reader.
+const OUTBOX: usize = 256;
+
+/// The server side of a worker's stream.
+pub type WorkerStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+/// What the agent service shares with the rest of the gateway.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Attached workers and calls in flight.
+    pub hub: Arc<WorkerHub>,
+    /// The committed state, as watched.
+    pub view: Arc<View>,
+    /// The session with the leader (liveness deltas).
+    pub session: Arc<Session>,
+    /// Usage on its way to the ledger.
+    pub usage: UsageWriter,
+    /// Instance states on their way to the control plane.
+    pub states: AllocationStateWriter,
+    /// Modules for workers.
+    pub modules: Arc<Modules>,
+}
+
+/// The `Agent` service: workers dial in and keep one stream.
+#[derive(Clone)]
+pub struct AgentService {
+    edge: Edge,
+    heartbeat_ms: u32,
+    join_token: Option<Arc<str>>,
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AgentService {
+    /// Serves workers presenting `join_token` (none: workers are refused), asked to
+    /// heartbeat every `heartbeat_ms`; their streams end when `closed` fires.
+    pub fn new(
+        edge: Edge,
+        heartbeat_ms: u32,
+        join_token: Option<String>,
+        closed: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        AgentService {
+            edge,
+            heartbeat_ms,
+            join_token: join_token.map(Into::into),
+            closed,
+        }
+    }
+
+    fn check(&self, reg: &pb::Register) -> Result<(), Status> {
+        let Some(expected) = &self.join_token else {
+            return Err(Status::failed_precondition(
+                "this gateway accepts no workers: start it with --join-token",
+            ));
+        };
+        if !constant_time_eq(reg.join_token.as_bytes(), expected.as_bytes()) {
+            return Err(Status::unauthenticated(
+                "wrong join token; ask the cluster's operator for the current one",
+            ));
+        }
+        if !stellar_proto::identity::verify_registration(
+            reg.node,
+            &reg.public_key,
+            &reg.join_token,
+            &reg.signature,
+        ) {
+            return Err(Status::unauthenticated(
+                "the registration signature does not match the node's public key and id",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `stream`, ended when the gateway shuts down.
+    fn until_closed(&self, stream: WorkerStream) -> WorkerStream {
+        let mut closed = self.closed.clone();
+        Box::pin(futures::StreamExt::take_until(stream, async move {
+            let _ = closed.wait_for(|c| *c).await;
+        }))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    type AttachStream = WorkerStream;
+
+    async fn attach(
+        &self,
+        req: GrpcRequest<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<WorkerStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("stream closed before Register"))??;
+        let Some(pb::worker_message::Kind::Register(reg)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message must be Register",
+            ));
+        };
+        self.check(&reg)?;
+        let attrs = reg
+            .attributes
+            .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
+        let node = reg.node;
+        let (region, zone) = (attrs.region.clone(), attrs.zone.clone());
+        let record = pb::NodeRecord {
+            id: node,
+            public_key: reg.public_key,
+            attributes: Some(attrs),
+            state: pb::NodeState::Ready as i32,
+            reputation: 1.0,
+            managed: true,
+            gateway: String::new(),
+        };
+        let committed = self.edge.session.register(record);
+        match tokio::time::timeout(REGISTER_WAIT, committed).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => {
+                return Err(Status::unavailable(format!(
+                    "the control plane did not register this node: {why}; retrying is safe"
+                )));
+            }
+            Ok(Err(_)) | Err(_) => {
+                return Err(Status::unavailable(format!(
+                    "no leader confirmed the registration within {} s; retrying is safe",
+                    REGISTER_WAIT.as_secs()
+                )));
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Result<pb::ControlMessage, Status>>(OUTBOX);
+        let stream = self.until_closed(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let _ = tx
+            .send(Ok(control(pb::control_message::Kind::Registered(
+                pb::Registered {
+                    node,
+                    heartbeat_ms: self.heartbeat_ms,
+                },
+            ))))
+            .await;
+        let (generation, wake) = self.edge.hub.attach(node, tx.clone(), region, zone);
+        tracing::info!(node = format!("{node:016x}"), "worker attached");
+        tokio::spawn(reconcile(
+            self.edge.view.clone(),
+            node,
+            tx.clone(),
+            wake,
+        ));
+        let edge = self.edge.clone();
+        tokio::spawn(async move {
+            let mut reported: Option<pb::Coordinate> = None;
+            while let Some(msg) = inbound.next().await {
+                let Ok(msg) = msg else { break };
+                edge.hub.heard(node, generation);
+                let Some(kind) = msg.kind else { continue };
+                if let Err(e) =
+                    on_message(&edge, (node, generation), &tx, &mut reported, kind)
+                {
+                    tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
+                    let _ = tx.try_send(Err(e));
+                    break;
+                }
+            }
+            if edge.hub.detach(node, generation) {
+                edge.session.gone(&edge.hub, node);
+            }
+            tracing::info!(node = format!("{node:016x}"), "worker stream ended");
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// Handles one message from a worker. It never waits on the worker's outbound queue (acks
+/// are dropped when it is full, module transfers run in their own task): the worker may be
+/// waiting on us to read, and both sides blocking on each other would stall the stream.
+fn on_message(
+    edge: &Edge,
+    (node, generation): (u64, u64),
+    tx: &Outbox,
+    reported: &mut Option<pb::Coordinate>,
+    kind: pb::worker_message::Kind,
+) -> Result<(), Status> {
+    use pb::worker_message::Kind;
+    match kind {
+        Kind::Register(_) => return Err(Status::invalid_argument("already registered")),
+        Kind::Heartbeat(hb) => {
+            if let Some(c) = hb.coordinate.as_ref().filter(|c| c.vec.len() == 3) {
+                let dist = |a: &pb::Coordinate, b: &[f32]| -> f32 {
+                    a.vec
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y) * (x - y))
+                        .sum::<f32>()
+                        .sqrt()
+                        + a.height_ms
+                };
+                // The gateway is the worker's landmark at the origin for now.
+                edge.hub.set_rtt(node, dist(c, &[0.0; 3]));
+                let moved = reported.as_ref().is_none_or(|r| {
+                    r.vec.len() != 3
+                        || dist(c, &r.vec) - c.height_ms + (c.height_ms - r.height_ms).abs()
+                            > COORDINATE_SLACK_MS
+                });
+                if moved {
+                    edge.session.load(node, c.clone());
+                    *reported = Some(c.clone());
+                }
+            }
+            let _ = tx.try_send(Ok(control(pb::control_message::Kind::HeartbeatAck(
+                pb::HeartbeatAck {
+                    seq: hb.seq,
+                    coordinate: Some(pb::Coordinate {
+                        vec: vec![0.0; 3],
+                        height_ms: 0.0,
+                    }),
+                },
+            ))));
+        }
+        Kind::Allocation(u) => {
+            let running = u.state == pb::AllocationState::Running as i32;
+            // A failure to load (older workers say STOPPED with a reason).
+            let failed = u.state == pb::AllocationState::Failed as i32
+                || (u.state == pb::AllocationState::Stopped as i32 && !u.message.is_empty());
+            let newly_ready = edge.hub.set_ready(node, u.allocation, running);
+            if newly_ready {
+                edge.states
+                    .report(node, u.allocation, pb::AllocationState::Running, "");
+            }
+            if failed {
+                tracing::warn!(
+                    node = format!("{node:016x}"),
+                    allocation = u.allocation,
+                    message = %u.message,
+                    "worker could not load an instance's module"
+                );
+                if !edge
+                    .states
+                    .report(node, u.allocation, pb::AllocationState::Failed, &u.message)
+                {
+                    tracing::warn!(
+                        node = format!("{node:016x}"),
+                        "allocation-state queue full; failure not recorded"
+                    );
+                }
+            }
+        }
+        Kind::Result(r) => match edge.hub.complete(node, generation, r) {
+            Completion::Accepted => {}
+            Completion::Late => {
+                tracing::debug!(
+                    node = format!("{node:016x}"),
+                    "a result came after its caller stopped waiting"
+                );
+            }
+            Completion::Foreign { count } => {
+                tracing::warn!(
+                    node = format!("{node:016x}"),
+                    count,
+                    "refused a result for a call this node was not sent"
+                );
+                if count >= MAX_FOREIGN_RESULTS {
+                    return Err(Status::permission_denied(format!(
+                        "{count} results for calls this node was not sent; stream closed"
+                    )));
+                }
+            }
+        },
+        Kind::Usage(report) => {
+            for mut r in report.records {
+                // A worker reports only its own usage.
+                r.node = node;
+                if !edge.usage.record(r) {
+                    tracing::warn!(
+                        node = format!("{node:016x}"),
+                        "usage queue full; record dropped"
+                    );
+                }
+            }
+        }
+        Kind::Draining(_) => {
+            tracing::info!(node = format!("{node:016x}"), "worker draining");
+            edge.hub.set_draining(node);
+            edge.session.draining(node);
+        }
+        Kind::FetchModule(f) => {
+            let (modules, tx) = (edge.modules.clone(), tx.clone());
+            tokio::spawn(async move {
+                let bytes = modules.get(&f.sha256).await;
+                if let Err(e) = &bytes {
+                    tracing::warn!(sha256 = %f.sha256, error = %e, "module not available for a worker");
+                }
+                for chunk in crate::modules::chunks(&f.sha256, bytes) {
+                    if tx
+                        .send(Ok(control(pb::control_message::Kind::ModuleChunk(chunk))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Keeps a worker's instances equal to the watched allocations on its node: a start for
+/// each new one, a stop for each gone one; re-run whenever a watch event touches the node.
+async fn reconcile(view: Arc<View>, node: u64, tx: Outbox, wake: Arc<Notify>) {
+    let mut told: HashMap<u64, pb::Assignment> = HashMap::new();
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let now = view.assignments(node);
+        let current: std::collections::HashSet<u64> = now.iter().map(|a| a.allocation).collect();
+        let mut out = Vec::new();
+        for a in now {
+            let changed = told.get(&a.allocation).is_none_or(|t| *t != a);
+            if changed {
+                told.insert(a.allocation, a.clone());
+                out.push(a);
+            }
+        }
+        let gone: Vec<u64> = told
+            .keys()
+            .copied()
+            .filter(|id| !current.contains(id))
+            .collect();
+        for id in gone {
+            if let Some(mut a) = told.remove(&id) {
+                a.start = false;
+                out.push(a);
+            }
+        }
+        for a in out {
+            if tx
+                .send(Ok(control(pb::control_message::Kind::Assignment(a))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
