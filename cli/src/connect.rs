@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use stellar_scheduler::client::ClusterClient;
+use stellar_proto::client::ClusterClient;
 use tonic::{Code, Status};
 
 /// The address used when nothing names one (what `stellar dev` listens on).

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use stellar_proto::v1 as pb;
-use stellar_scheduler::client::ClusterClient;
+use stellar_proto::client::ClusterClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::node_id;
@@ -46,7 +46,7 @@ fn step(n: u32, what: &str) {
 
 /// Runs the demo; Ok once every step worked.
 pub async fn run(a: DemoArgs) -> Result<(), String> {
-    let started = stellar_scheduler::clock::now();
+    let started = stellar_proto::clock::now();
     let dir = std::env::temp_dir().join(format!("stellar-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let o = DevOptions {
@@ -54,6 +54,7 @@ pub async fn run(a: DemoArgs) -> Result<(), String> {
         workers: 3,
         listen: free_addr()?,
         http_listen: free_addr()?,
+        replica_listen: free_addr()?,
         slots: 16,
     };
     step(
@@ -292,8 +293,8 @@ async fn scenario(c: &DevCluster) -> Result<(), String> {
         5,
         "tenant isolation: tenant `globex` cannot see `dev`'s functions",
     );
-    let globex = stellar_scheduler::auth::new_token().map_err(|e| e.to_string())?;
-    let sha = stellar_scheduler::auth::token_hash(&globex).to_vec();
+    let globex = stellar_proto::tokens::new_token().map_err(|e| e.to_string())?;
+    let sha = stellar_proto::tokens::token_hash(&globex).to_vec();
     admin
         .call(|mut cl| {
             let req = pb::CreateTenantRequest {

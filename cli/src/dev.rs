@@ -1,11 +1,12 @@
 //! `stellar dev`: the embedded default cluster in one process: a single-replica control
-//! plane and N local workers with different regions and capacities, all over real gRPC on
-//! loopback. `stellar demo` runs its scenario against the same thing.
+//! plane, one gateway, and N local workers with different regions and capacities, all over
+//! real gRPC on loopback. `stellar demo` runs its scenario against the same thing.
 //!
 //! ```text
-//!  stellar dev ─┬─ control plane (replica 1, data-dir/replica) ◀─ gRPC 7001, HTTP 8001
+//!  stellar dev ─┬─ control plane (replica 1, data-dir/replica) ◀─ gRPC 7201 (Control, Edge)
+//!               ├─ gateway ◀─ clients: gRPC 7001, HTTP 8001 ── Edge ──▶ replica
 //!               ├─ worker w0 cn-east/shanghai   ─┐
-//!               ├─ worker w1 cn-south/guangzhou ─┼─ dial out to 7001 (join token)
+//!               ├─ worker w1 cn-south/guangzhou ─┼─ dial out to the gateway (join token)
 //!               └─ worker w2 cn-north/beijing   ─┘
 //! ```
 
@@ -13,10 +14,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use stellar_gateway::GatewayConfig;
+use stellar_proto::client::ClusterClient;
+use stellar_proto::tokens::{new_token, read_admin_token, token_hash, write_secret};
 use stellar_proto::v1 as pb;
 use stellar_scheduler::ReplicaConfig;
-use stellar_scheduler::auth::{new_token, read_admin_token, token_hash, write_secret};
-use stellar_scheduler::client::ClusterClient;
 use stellar_scheduler::server::{ServerConfig, serve};
 use stellar_worker::{AgentConfig, SandboxConfig};
 use tokio::sync::watch;
@@ -49,12 +51,15 @@ pub struct DevArgs {
     /// Local workers to run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: u32,
-    /// The control plane's gRPC address.
+    /// The gateway's gRPC address (what clients and workers use).
     #[arg(long, default_value = "127.0.0.1:7001")]
     listen: SocketAddr,
-    /// The HTTP gateway's address.
+    /// The gateway's HTTP address.
     #[arg(long, default_value = "127.0.0.1:8001")]
     http_listen: SocketAddr,
+    /// The control-plane replica's gRPC address (the gateway's upstream).
+    #[arg(long, default_value = "127.0.0.1:7201")]
+    replica_listen: SocketAddr,
 }
 
 /// What a dev cluster is made of.
@@ -64,18 +69,22 @@ pub struct DevOptions {
     pub data_dir: PathBuf,
     /// Workers to run.
     pub workers: u32,
-    /// gRPC address.
+    /// The gateway's gRPC address.
     pub listen: SocketAddr,
-    /// HTTP address.
+    /// The gateway's HTTP address.
     pub http_listen: SocketAddr,
+    /// The replica's gRPC address.
+    pub replica_listen: SocketAddr,
     /// Sandbox slots per worker.
     pub slots: u32,
 }
 
 /// A running dev cluster.
 pub struct DevCluster {
-    /// The gRPC endpoint.
+    /// The gRPC endpoint (the gateway).
     pub endpoint: String,
+    /// The control-plane replica's address.
+    pub replica: String,
     /// The HTTP gateway's base URL.
     pub http: String,
     /// The admin token (from the replica's data dir).
@@ -85,6 +94,7 @@ pub struct DevCluster {
     stop_workers: watch::Sender<bool>,
     stop_plane: watch::Sender<bool>,
     workers: Vec<JoinHandle<stellar_worker::Result<()>>>,
+    gateway: JoinHandle<Result<(), stellar_gateway::Error>>,
     plane: JoinHandle<stellar_scheduler::Result<()>>,
 }
 
@@ -102,20 +112,23 @@ fn kept_secret(path: &Path) -> Result<String, String> {
 }
 
 impl DevCluster {
-    /// Starts the control plane and the workers, and waits until every worker is ready.
+    /// Starts the control plane, the gateway and the workers, and waits until every worker
+    /// is ready.
     pub async fn start(o: &DevOptions) -> Result<DevCluster, String> {
         std::fs::create_dir_all(&o.data_dir)
             .map_err(|e| format!("cannot create {}: {e}", o.data_dir.display()))?;
         let join_token = kept_secret(&o.data_dir.join("join.token"))?;
         let endpoint = o.listen.to_string();
+        let replica = o.replica_listen.to_string();
         let replica_dir = o.data_dir.join("replica");
+        let mut rc = ReplicaConfig::new(1, replica_dir.clone(), vec![(1, replica.clone())]);
+        // One gateway in the same process: after a restart it is back within the second.
+        rc.node_grace_ticks = 250;
         let cfg = ServerConfig {
-            replica: ReplicaConfig::new(1, replica_dir.clone(), vec![(1, endpoint.clone())]),
-            listen: o.listen,
-            advertise: endpoint.clone(),
+            replica: rc,
+            listen: o.replica_listen,
+            advertise: replica.clone(),
             tick: Duration::from_millis(20),
-            join_token: Some(join_token.clone()),
-            http_listen: Some(o.http_listen),
         };
         let (stop_plane, mut plane_rx) = watch::channel(false);
         let plane = tokio::spawn(serve(cfg, async move {
@@ -140,6 +153,20 @@ impl DevCluster {
         }
         let admin_token =
             admin_token.ok_or("the control plane wrote no admin token within 15 s")?;
+        let gateway_cfg = GatewayConfig {
+            control: ClusterClient::new(std::slice::from_ref(&replica))
+                .map_err(|s| s.message().to_string())?
+                .with_token(&admin_token),
+            listen: o.listen,
+            advertise: endpoint.clone(),
+            http_listen: Some(o.http_listen),
+            join_token: Some(join_token.clone()),
+            heartbeat: Duration::from_secs(1),
+        };
+        let mut gateway_rx = stop_plane.subscribe();
+        let gateway = tokio::spawn(stellar_gateway::serve(gateway_cfg, async move {
+            let _ = gateway_rx.wait_for(|s| *s).await;
+        }));
         let admin = ClusterClient::new(std::slice::from_ref(&endpoint))
             .map_err(|s| s.message().to_string())?
             .with_token(&admin_token);
@@ -177,11 +204,13 @@ impl DevCluster {
         let cluster = DevCluster {
             http: format!("http://{}", o.http_listen),
             endpoint,
+            replica,
             admin_token,
             tenant_token,
             stop_workers,
             stop_plane,
             workers,
+            gateway,
             plane,
         };
         cluster.wait_ready(&admin, o.workers as usize).await?;
@@ -194,6 +223,12 @@ impl DevCluster {
             if self.workers.iter().any(JoinHandle::is_finished) {
                 return Err(
                     "a worker stopped while starting; run with STELLAR_LOG=debug for why".into(),
+                );
+            }
+            if self.gateway.is_finished() {
+                return Err(
+                    "the gateway stopped while starting (is --listen's port free?); run with STELLAR_LOG=debug for why"
+                        .into(),
                 );
             }
             let nodes = admin.nodes().await.map_or(0, |ns| {
@@ -226,7 +261,7 @@ impl DevCluster {
             .with_token(&self.admin_token))
     }
 
-    /// Drains the workers, then stops the control plane.
+    /// Drains the workers, then stops the gateway and the control plane.
     pub async fn stop(self) -> Result<(), String> {
         let _ = self.stop_workers.send(true);
         let mut err = None;
@@ -239,6 +274,12 @@ impl DevCluster {
             }
         }
         let _ = self.stop_plane.send(true);
+        match tokio::time::timeout(Duration::from_secs(15), self.gateway).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => err = Some(format!("the gateway stopped with: {e}")),
+            Ok(Err(e)) => err = Some(format!("the gateway panicked: {e}")),
+            Err(_) => err = Some("the gateway did not stop within 15 s".into()),
+        }
         match tokio::time::timeout(Duration::from_secs(15), self.plane).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => err = Some(format!("the control plane stopped with: {e}")),
@@ -276,11 +317,12 @@ pub async fn run(a: DevArgs) -> Result<(), String> {
         workers: a.workers,
         listen: a.listen,
         http_listen: a.http_listen,
+        replica_listen: a.replica_listen,
         slots: 32,
     };
     let c = DevCluster::start(&o).await?;
     println!(
-        "StellarCloud dev cluster: 1 control-plane replica, {} workers ({})",
+        "StellarCloud dev cluster: 1 control-plane replica, 1 gateway, {} workers ({})",
         a.workers,
         WORKER_SHAPES
             .iter()
@@ -290,8 +332,9 @@ pub async fn run(a: DevArgs) -> Result<(), String> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  gRPC endpoint  {}", c.endpoint);
-    println!("  HTTP gateway   {}", c.http);
+    println!("  gRPC endpoint  {} (gateway)", c.endpoint);
+    println!("  HTTP endpoint  {}", c.http);
+    println!("  replica        {} (control plane)", c.replica);
     println!("  admin token    {}", c.admin_token);
     println!("  tenant `{DEV_TENANT}`   {}", c.tenant_token);
     println!("  data           {}", a.data_dir.display());

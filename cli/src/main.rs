@@ -4,8 +4,9 @@
 //! stellar scheduler --id 1 --peers 1=127.0.0.1:7001,2=...,3=... --data-dir /var/lib/stellar
 //! stellar cluster status --endpoint 127.0.0.1:7001
 //! stellar cluster add --id 4 --address 127.0.0.1:7004 --endpoint 127.0.0.1:7001
-//! stellar worker --join 127.0.0.1:7001 --token "$JOIN_TOKEN" --data-dir /var/lib/stellar-worker
-//! stellar dev                                   # 1 replica + 3 workers in one process
+//! stellar gateway --control 127.0.0.1:7001,... --listen 127.0.0.1:7101 --token-file admin.token
+//! stellar worker --join 127.0.0.1:7101 --token "$JOIN_TOKEN" --data-dir /var/lib/stellar-worker
+//! stellar dev                                   # 1 replica + 1 gateway + 3 workers
 //! stellar deploy hello.wasm --name hello --replicas 2 && stellar invoke hello --data Ada
 //! ```
 
@@ -15,6 +16,7 @@ mod connect;
 mod demo;
 mod dev;
 mod functions;
+mod gateway;
 mod scheduler;
 mod usage;
 mod worker;
@@ -52,7 +54,7 @@ struct Cli {
 enum Command {
     /// Run the demo: a local cluster, the example functions deployed, invoked and billed.
     Demo(demo::DemoArgs),
-    /// Run a local cluster in one process: 1 control-plane replica and N workers.
+    /// Run a local cluster in one process: 1 control-plane replica, 1 gateway, N workers.
     Dev(dev::DevArgs),
     /// Upload a WebAssembly function and place its replicas.
     Deploy(functions::DeployArgs),
@@ -78,7 +80,9 @@ enum Command {
     Token(admin::TokenCommand),
     /// Run one control-plane replica (Raft-replicated; 3 or 5 make a cluster).
     Scheduler(scheduler::SchedulerArgs),
-    /// Run one home-node agent: dials out to the control plane and runs functions.
+    /// Run one edge gateway: holds workers' streams and serves invocations (stateless).
+    Gateway(gateway::GatewayArgs),
+    /// Run one home-node agent: dials out to a gateway and runs functions.
     Worker(worker::WorkerArgs),
     /// Inspect and change control-plane membership.
     #[command(subcommand)]
@@ -116,7 +120,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let servers = matches!(
         cli.command,
-        Command::Scheduler(_) | Command::Worker(_) | Command::Dev(_)
+        Command::Scheduler(_) | Command::Gateway(_) | Command::Worker(_) | Command::Dev(_)
     );
     init_logging(if servers { "info" } else { "warn" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -145,6 +149,7 @@ fn main() -> std::process::ExitCode {
             Command::Tenant(cmd) => admin::tenant(cmd).await.map(|()| 0),
             Command::Token(cmd) => admin::token(cmd).await.map(|()| 0),
             Command::Scheduler(args) => scheduler::run(args).await.map(|()| 0),
+            Command::Gateway(args) => gateway::run(args).await.map(|()| 0),
             Command::Worker(args) => worker::run(args).await.map(|()| 0),
             Command::Cluster(cmd) => cluster::run(cmd).await.map(|()| 0),
         }

@@ -1,4 +1,5 @@
-//! `stellar scheduler`: one control-plane replica in the foreground.
+//! `stellar scheduler`: one control-plane replica in the foreground. Workers and clients'
+//! invocations go to gateways (`stellar gateway`), which talk to the replicas.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,7 +27,8 @@ list that contradicts it is refused. Logs go to stderr; set STELLAR_LOG=debug fo
 TOKIO_WORKER_THREADS sets the async runtime's threads (default: one per core).
 
 The first leader of a new cluster writes an admin token to its data dir (admin.token, mode
-0600); client commands use it with --token or STELLAR_TOKEN, e.g. to create tenants.")]
+0600); client commands use it with --token or STELLAR_TOKEN, e.g. to create tenants, and
+gateways use it to follow the cluster (`stellar gateway --token-file d1/admin.token`).")]
 pub struct SchedulerArgs {
     /// This replica's id (non-zero, unique in the cluster).
     #[arg(long)]
@@ -52,18 +54,10 @@ pub struct SchedulerArgs {
     /// Log entries kept behind a snapshot for followers that lag a little.
     #[arg(long, default_value_t = 5_000)]
     keep_entries: u64,
-    /// The secret workers must present to join (`stellar worker --token`); the same on every
-    /// replica. Without it this cluster accepts no workers.
-    #[arg(long, env = "STELLAR_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
-    /// How long a worker may stay silent before its node is marked down and its replicas
-    /// are placed elsewhere, milliseconds.
-    #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(100..))]
-    node_down_after_ms: u64,
-    /// Where the HTTP gateway listens (`POST /v1/functions/NAME/invoke`) [default: the
-    /// listen address's host, port + 1000]; `off` serves no HTTP.
-    #[arg(long)]
-    http_listen: Option<String>,
+    /// How long the nodes of a gateway that died have to re-attach to another gateway
+    /// before they are marked down and their replicas placed elsewhere, milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    gateway_reattach_ms: u64,
 }
 
 /// Runs the replica until SIGINT or SIGTERM.
@@ -97,22 +91,12 @@ pub async fn run(args: SchedulerArgs) -> Result<(), String> {
     let mut replica = ReplicaConfig::new(args.id, args.data_dir, args.peers);
     replica.snapshot_every = args.snapshot_every;
     replica.keep_entries = args.keep_entries;
-    replica.node_down_after_ticks = (args.node_down_after_ms / args.tick_ms).max(1);
-    let http_listen = match args.http_listen.as_deref() {
-        Some("off") => None,
-        Some(a) => Some(
-            a.parse()
-                .map_err(|e| format!("--http-listen `{a}`: {e} (HOST:PORT or off)"))?,
-        ),
-        None => stellar_scheduler::server::default_http_listen(listen),
-    };
+    replica.gateway_reattach_ticks = (args.gateway_reattach_ms / args.tick_ms).max(1);
     let cfg = ServerConfig {
         replica,
         listen,
         advertise,
         tick: Duration::from_millis(args.tick_ms),
-        join_token: args.join_token.clone(),
-        http_listen,
     };
     serve(cfg, crate::shutdown_signal())
         .await

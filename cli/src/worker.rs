@@ -10,8 +10,8 @@ use stellar_worker::{AgentConfig, SandboxConfig};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 EXAMPLES:
-  # join a 3-replica control plane (any replica will do; the worker follows the leader)
-  stellar worker --join 10.0.0.1:7001,10.0.0.2:7001,10.0.0.3:7001 --token \"$JOIN_TOKEN\" \\
+  # join through the gateways (any will do; the worker tries the next one when one is gone)
+  stellar worker --join 10.0.0.1:7101,10.0.0.2:7101 --token \"$JOIN_TOKEN\" \\
       --data-dir /var/lib/stellar-worker --region cn-east --zone shanghai --labels isp=telecom
 
 The worker only dials out: it works behind NAT and never listens. Its identity (an ed25519
@@ -21,10 +21,10 @@ to --drain-timeout-secs), usage is reported, then it exits. Logs go to stderr; s
 STELLAR_LOG=debug for more. TOKIO_WORKER_THREADS sets the async runtime's threads (default: one
 per core).")]
 pub struct WorkerArgs {
-    /// Control-plane replicas to dial, comma-separated HOST:PORT.
+    /// Gateways to dial, comma-separated HOST:PORT.
     #[arg(long, value_delimiter = ',', required = true)]
     join: Vec<String>,
-    /// The cluster's join token (as given to the schedulers' --join-token).
+    /// The cluster's join token (as given to the gateways' --join-token).
     #[arg(long, env = "STELLAR_JOIN_TOKEN", hide_env_values = true)]
     token: String,
     /// Identity, compiled-module cache and scratch space (created if missing).

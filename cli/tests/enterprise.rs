@@ -187,12 +187,12 @@ fn admin_token(cluster: &ReplicaProcesses) -> String {
     use std::os::unix::fs::PermissionsExt;
     let (id, token) = wait_for("the admin token", 30, || {
         (1..=3).find_map(|id| {
-            stellar_scheduler::auth::read_admin_token(&cluster.data_dir(id)).map(|t| (id, t))
+            stellar_proto::tokens::read_admin_token(&cluster.data_dir(id)).map(|t| (id, t))
         })
     });
     let path = cluster
         .data_dir(id)
-        .join(stellar_scheduler::auth::ADMIN_TOKEN_FILE);
+        .join(stellar_proto::tokens::ADMIN_TOKEN_FILE);
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(
         mode & 0o777,

@@ -81,7 +81,7 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
     let token = {
         let mut t = None;
         for _ in 0..300 {
-            t = stellar_scheduler::auth::read_admin_token(dir.path());
+            t = stellar_proto::tokens::read_admin_token(dir.path());
             if t.is_some() {
                 break;
             }

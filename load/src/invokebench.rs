@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use stellar_proto::v1 as pb;
-use stellar_scheduler::client::ClusterClient;
+use stellar_proto::client::ClusterClient;
 
 use crate::wasmbench::{KillOnDrop, percentile_us};
 
@@ -207,8 +207,8 @@ async fn prepare(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let tenant_token = stellar_scheduler::auth::new_token().map_err(|e| fail(&e))?;
-    let sha = stellar_scheduler::auth::token_hash(&tenant_token).to_vec();
+    let tenant_token = stellar_proto::tokens::new_token().map_err(|e| fail(&e))?;
+    let sha = stellar_proto::tokens::token_hash(&tenant_token).to_vec();
     let tenant = format!("bench-{}", &hex::encode(&sha)[..8]);
     c.admin
         .call(|mut cl| {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use stellar_proto::v1 as pb;
-use stellar_scheduler::client::ClusterClient;
+use stellar_proto::client::ClusterClient;
 use tokio::sync::Mutex;
 
 #[cfg(feature = "etcd")]

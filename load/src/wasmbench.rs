@@ -269,7 +269,7 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
         .build()
         .map_err(|e| fail(&e))?;
     rt.block_on(async {
-        let client = stellar_scheduler::client::ClusterClient::new(std::slice::from_ref(&addr))
+        let client = stellar_proto::client::ClusterClient::new(std::slice::from_ref(&addr))
             .map_err(|e| fail(&e))?
             .with_admin_token_from(vec![plane_dir.clone()]);
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -14,7 +14,7 @@ use bytes::BufMut;
 use common::{Plane, TOKEN, free_port, prebuilt, until, worker_config};
 use stellar_proto::v1 as pb;
 use stellar_proto::v1::agent_client::AgentClient;
-use stellar_scheduler::client::ClusterClient;
+use stellar_proto::client::ClusterClient;
 use stellar_worker::Identity;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
@@ -592,7 +592,7 @@ async fn bad_input_gets_a_typed_error_that_names_the_problem() {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let mut req = tonic::Request::new(bytes);
-    let token = stellar_scheduler::auth::read_admin_token(&c.dir.path().join("plane")).unwrap();
+    let token = stellar_proto::tokens::read_admin_token(&c.dir.path().join("plane")).unwrap();
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let e = grpc
