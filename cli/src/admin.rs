@@ -1,7 +1,7 @@
 //! Cluster administration: `nodes`, `tenant create`, `token create|revoke`.
 
-use stellar_proto::v1 as pb;
 use stellar_proto::tokens::{new_token, token_hash};
+use stellar_proto::v1 as pb;
 
 use crate::connect::{Endpoint, node_id};
 

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use stellar_proto::v1 as pb;
 use stellar_proto::client::ClusterClient;
+use stellar_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::node_id;

@@ -1,7 +1,7 @@
 //! `stellar usage`: the priced usage ledger, a bill per function and a credit per node.
 
-use stellar_proto::v1 as pb;
 use stellar_proto::client::ClusterClient;
+use stellar_proto::v1 as pb;
 
 use crate::connect::{Endpoint, parse_since, utc};
 

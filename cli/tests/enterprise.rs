@@ -1,8 +1,10 @@
 //! The enterprise path end to end, on loopback, as real processes: three `stellar scheduler`
-//! replicas and three `stellar worker`s. Functions are deployed and invoked with the `stellar`
-//! CLI binary and over HTTP; a worker is killed (its replica is placed elsewhere while calls
-//! keep succeeding), the leader is killed (deploy and invoke resume), tenants are isolated,
-//! and after a worker restart the usage ledger equals the sum of the invocations' records.
+//! replicas, two `stellar gateway`s and three `stellar worker`s. Functions are deployed and
+//! invoked with the `stellar` CLI binary (pointed at the gateways) and over HTTP; a worker is
+//! killed (its replica is placed elsewhere while calls keep succeeding), the leader is killed
+//! (deploy and invoke resume), a gateway is killed (its workers re-attach to the other one and
+//! calls resume), tenants are isolated, and after a worker restart the usage ledger equals
+//! the sum of the invocations' records: nothing lost, nothing billed twice.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster;
+use common::{Gateway, cluster};
 use stellar_load::procs::ReplicaProcesses;
 
 const JOIN: &str = "enterprise-join-token";
@@ -163,9 +165,20 @@ fn http_post(addr: &str, path: &str, token: &str, body: &[u8]) -> (u16, Vec<u8>)
     (status, resp[split + 4..].to_vec())
 }
 
-fn http_addr(grpc: &str) -> String {
-    let (host, port) = grpc.rsplit_once(':').unwrap();
-    format!("{host}:{}", port.parse::<u16>().unwrap() + 1000)
+/// Workers attached to the gateway whose HTTP face is `http` (its health report).
+fn attached(http: &str) -> Option<u64> {
+    let mut s = std::net::TcpStream::connect(http).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /v1/health HTTP/1.1\r\nhost: {http}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let v: serde_json::Value = serde_json::from_slice(&resp[split + 4..]).ok()?;
+    v["workers_attached"].as_u64()
 }
 
 fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
@@ -224,18 +237,17 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
     let mut cluster = cluster(
         dir.path(),
         3,
-        &[
-            "--tick-ms",
-            "20",
-            "--join-token",
-            JOIN,
-            "--node-down-after-ms",
-            "3000",
-        ],
+        &["--tick-ms", "20", "--gateway-reattach-ms", "3000"],
     );
     cluster.wait_leader(1000).await.expect("a leader");
-    let eps = cluster.addresses.join(",");
     let admin = admin_token(&cluster);
+    let control = cluster.addresses.join(",");
+    let mut gateways = [
+        Gateway::start(dir.path(), &control, &admin, JOIN),
+        Gateway::start(dir.path(), &control, &admin, JOIN),
+    ];
+    // Clients use the gateways; the CLI tries the next one when one is unreachable.
+    let eps = format!("{},{}", gateways[0].grpc, gateways[1].grpc);
     // A wrong token is refused with a reason.
     let (ok, _, err) = cli(&eps, "stl_wrong", &["ls"]);
     assert!(!ok && err.contains("unknown or revoked token"), "{err}");
@@ -247,7 +259,8 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
         .map(|(i, r)| Worker {
             dir: dir.path().join(format!("worker-{i}")),
             region: r,
-            join: eps.clone(),
+            // Spread over both gateways: each worker's first choice differs.
+            join: format!("{},{}", gateways[i % 2].grpc, gateways[(i + 1) % 2].grpc),
             child: None,
         })
         .collect();
@@ -321,12 +334,11 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
         );
     }
 
-    // Invoke over HTTP, on the leader and on a follower (which forwards to the leader).
-    let leader = cluster.wait_leader(1000).await.expect("leader");
-    let follower = (1..=3u64).find(|id| *id != leader).unwrap();
-    for id in [leader, follower] {
+    // Invoke over HTTP on both gateways (one may hold no instance: it forwards the call to
+    // the gateway that does).
+    for g in &gateways {
         let (status, body) = http_post(
-            &http_addr(&cluster.addresses[(id - 1) as usize]),
+            &g.http,
             "/v1/functions/hello/invoke?near=cn-east",
             &acme,
             b"curl",
@@ -335,17 +347,12 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
         assert_eq!(String::from_utf8_lossy(&body).trim(), "Hello, curl!");
     }
     // HTTP errors are JSON with a stable code.
-    let (status, body) = http_post(
-        &http_addr(&cluster.addresses[0]),
-        "/v1/functions/nope/invoke",
-        &acme,
-        b"",
-    );
+    let (status, body) = http_post(&gateways[0].http, "/v1/functions/nope/invoke", &acme, b"");
     assert_eq!(status, 404);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], "NOT_FOUND");
     let (status, _) = http_post(
-        &http_addr(&cluster.addresses[0]),
+        &gateways[0].http,
         "/v1/functions/hello/invoke",
         "stl_nope",
         b"",
@@ -400,14 +407,11 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
     assert!(!replaced.iter().any(|(n, _)| *n == nodes[0].0));
     workers[victim].spawn();
 
-    // Kill -9 the leader: deploy and invoke resume through the CLI (which follows hints).
+    // Kill -9 the leader: deploy and invoke resume through the gateways (which follow the
+    // new leader).
     let leader = cluster.wait_leader(1000).await.expect("leader");
     cluster.kill(leader);
-    let eps_alive: String = (1..=3u64)
-        .filter(|id| *id != leader)
-        .map(|id| cluster.addresses[(id - 1) as usize].clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let eps_alive = eps.clone();
     let d = cli_json(
         &eps_alive,
         &acme,
@@ -432,6 +436,48 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
     });
     let _ = r; // `greet` is a different function; the ledger check below is for `wc`.
     cluster.spawn(leader).expect("restart the old leader");
+
+    // Kill -9 a gateway mid-load: callers keep invoking `hello` (same input, so every call
+    // costs the same fuel) through both gateways; the dead one's workers re-attach to the
+    // other within seconds and the calls resume there. A call caught in the dead gateway may
+    // have run (it is never retried by the client); every call is billed at most once.
+    wait_for("every worker attached to a gateway", 30, || {
+        let n: u64 = gateways.iter().filter_map(|g| attached(&g.http)).sum();
+        (n == 3).then_some(())
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, eps, acme) = (stop.clone(), eps.clone(), acme.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match invoke(&eps, &acme, "hello", "curl") {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    gateways[0].kill9();
+    let killed_at = Instant::now();
+    let reattached = wait_for("the dead gateway's workers on the survivor", 30, || {
+        (attached(&gateways[1].http) == Some(3)).then(|| killed_at.elapsed())
+    });
+    eprintln!("workers re-attached to the surviving gateway {reattached:?} after the kill");
+    // Calls succeed again through the survivor.
+    let per_call = wait_for("hello through the surviving gateway", 30, || {
+        invoke(&gateways[1].grpc, &acme, "hello", "curl").ok()
+    })
+    .0;
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("the load thread");
+    assert!(ok > 0, "no call succeeded during the gateway's death");
+    // Every `hello` call so far: 2 over HTTP, `ok` + 1 answered, `failed` that may have run.
+    let answered = 2 + ok + 1;
+    gateways[0].spawn();
 
     // Restart a worker (SIGTERM drains it), invoke more, and check the ledger: the total
     // for `wc` equals the sum of the records the invocations returned.
@@ -473,11 +519,27 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
     assert_eq!(line["fuel"].as_u64(), Some(want_fuel), "{line}");
     assert_eq!(line["bytes_in"].as_u64(), Some(want_bytes_in), "{line}");
     assert_eq!(line["bytes_out"].as_u64(), Some(want_bytes_out), "{line}");
+    // `hello`: every answered call billed, none twice (each call costs the same fuel, so
+    // the total is a whole number of calls), at most the calls that may have run besides.
+    let hello = u["bill"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["function"] == "hello")
+        .cloned()
+        .unwrap();
+    let calls = hello["invocations"].as_u64().unwrap();
+    assert!(
+        (answered..=answered + failed).contains(&calls),
+        "hello billed {calls} times for {answered} answered and {failed} failed calls"
+    );
+    assert_eq!(hello["fuel"].as_u64(), Some(calls * per_call), "{hello}");
     // A tenant's bill shows only its own functions.
     let theirs = cli_json(&eps, &globex, &["usage"]);
     assert!(theirs["bill"].as_array().unwrap().is_empty(), "{theirs}");
-    // Logs show recent invocations.
-    let logs = cli_json(&eps, &acme, &["logs", "wc", "--limit", "3"]);
+    // Logs show recent invocations (kept by the gateway that ran them: since the kill every
+    // worker is on the survivor).
+    let logs = cli_json(&gateways[1].grpc, &acme, &["logs", "wc", "--limit", "3"]);
     assert!(!logs.as_array().unwrap().is_empty(), "{logs}");
     drop(workers);
 }

@@ -1,6 +1,6 @@
-//! `stellar worker` as a real process: it joins a `stellar scheduler` process, serves an
-//! invocation whose usage `stellar usage` then bills, and SIGTERM makes it drain (the node is
-//! marked draining) and exit cleanly.
+//! `stellar worker` as a real process: it joins through a `stellar gateway` process in front
+//! of a `stellar scheduler` process, serves an invocation whose usage `stellar usage` then
+//! bills, and SIGTERM makes it drain (the node is marked draining) and exit cleanly.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -15,16 +15,18 @@ use stellar_proto::v1 as pb;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = cluster(
-        dir.path(),
-        1,
-        &["--tick-ms", "20", "--join-token", "process-token"],
-    );
+    let cluster = cluster(dir.path(), 1, &["--tick-ms", "20"]);
     cluster.wait_leader(1000).await.expect("leader");
+    let gateway = common::Gateway::start(
+        dir.path(),
+        &cluster.addresses[0],
+        &common::admin_token(&cluster).await,
+        "process-token",
+    );
     let log = std::fs::File::create(dir.path().join("worker.log")).expect("log");
     let mut worker = Command::new(env!("CARGO_BIN_EXE_stellar"))
         .args(["worker", "--join"])
-        .arg(&cluster.addresses[0])
+        .arg(&gateway.grpc)
         .args([
             "--token",
             "process-token",
@@ -37,7 +39,9 @@ async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
         .stderr(log)
         .spawn()
         .expect("spawn stellar worker");
-    let client = cluster.client();
+    let client = stellar_proto::client::ClusterClient::new(std::slice::from_ref(&gateway.grpc))
+        .expect("gateway address")
+        .with_token(&common::admin_token(&cluster).await);
     let list = || async { client.nodes().await.unwrap_or_default() };
     let start = Instant::now();
     let node = loop {
@@ -98,7 +102,7 @@ async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
     loop {
         let out = Command::new(env!("CARGO_BIN_EXE_stellar"))
             .args(["usage", "--tenant", "acme", "-o", "json", "--endpoint"])
-            .arg(&cluster.addresses[0])
+            .arg(&gateway.grpc)
             .arg("--token")
             .arg(common::admin_token(&cluster).await)
             .output()
@@ -129,7 +133,7 @@ async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
     let stellar = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_stellar"))
             .args(args)
-            .args(["--endpoint", &cluster.addresses[0], "--token", &admin])
+            .args(["--endpoint", &gateway.grpc, "--token", &admin])
             .env("HOME", "/nonexistent")
             .stdin(Stdio::null())
             .output()
@@ -200,7 +204,11 @@ async fn a_worker_process_serves_is_billed_and_drains_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
-    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{log}\ngateway log:\n{}",
+        gateway.log()
+    );
     assert!(log.contains("drained"), "log:\n{log}");
     let drained = list()
         .await

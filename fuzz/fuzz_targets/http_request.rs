@@ -1,4 +1,4 @@
 //! Run: `cargo fuzz run http_request` (from the repository root). See fuzz/README.md.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| stellar_scheduler::fuzzing::http_request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| stellar_gateway::fuzzing::http_request(data));

@@ -184,12 +184,7 @@ impl pb::agent_server::Agent for AgentService {
             .await;
         let (generation, wake) = self.edge.hub.attach(node, tx.clone(), region, zone);
         tracing::info!(node = format!("{node:016x}"), "worker attached");
-        tokio::spawn(reconcile(
-            self.edge.view.clone(),
-            node,
-            tx.clone(),
-            wake,
-        ));
+        tokio::spawn(reconcile(self.edge.view.clone(), node, tx.clone(), wake));
         let edge = self.edge.clone();
         tokio::spawn(async move {
             let mut reported: Option<pb::Coordinate> = None;
@@ -197,9 +192,7 @@ impl pb::agent_server::Agent for AgentService {
                 let Ok(msg) = msg else { break };
                 edge.hub.heard(node, generation);
                 let Some(kind) = msg.kind else { continue };
-                if let Err(e) =
-                    on_message(&edge, (node, generation), &tx, &mut reported, kind)
-                {
+                if let Err(e) = on_message(&edge, (node, generation), &tx, &mut reported, kind) {
                     tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
                     let _ = tx.try_send(Err(e));
                     break;

@@ -60,10 +60,26 @@ impl GatewayControl {
             .await
     }
 
-    /// Marks which of a function's allocations are attached and ready at this gateway.
+    /// Marks which of a function's allocations can serve a call now: ready on this
+    /// gateway's workers, or reported running by a worker that another gateway holds (this
+    /// gateway forwards calls there).
     fn with_ready(&self, mut f: pb::FunctionStatus) -> pb::FunctionStatus {
         let allocs: Vec<(u64, u64)> = f.allocations.iter().map(|a| (a.id, a.node)).collect();
-        f.ready = self.router.hub().ready_of(&allocs);
+        let mut ready = self.router.hub().ready_of(&allocs);
+        let view = self.router.view();
+        for a in &f.allocations {
+            let elsewhere = view
+                .gateway_of(a.node)
+                .is_some_and(|g| !g.is_empty() && !self.router.is_me(&g));
+            if elsewhere
+                && a.state == pb::AllocationState::Running as i32
+                && view.node_state(a.node) == Some(pb::NodeState::Ready as i32)
+                && !ready.contains(&a.id)
+            {
+                ready.push(a.id);
+            }
+        }
+        f.ready = ready;
         f
     }
 }

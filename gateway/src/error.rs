@@ -144,7 +144,7 @@ mod tests {
         let e = GatewayError::NoReadyInstance("none".into());
         assert_eq!((e.code(), e.http_status()), ("NO_READY_INSTANCE", 503));
         let s = e.into_status();
-        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(
             s.metadata().get(ERROR_METADATA).unwrap(),
             "NO_READY_INSTANCE"

@@ -60,19 +60,26 @@ fn http_target() -> &'static HttpTarget {
             advertise: grpc.to_string(),
             tick: Duration::from_millis(20),
         };
-        runtime.spawn(stellar_scheduler::server::serve(cfg, std::future::pending()));
-        let control = stellar_proto::client::ClusterClient::new(&[grpc.to_string()])
-            .expect("a replica address")
-            .with_admin_token_from(vec![dir.clone()]);
-        let gw = crate::GatewayConfig {
-            control,
-            listen: gateway,
-            advertise: gateway.to_string(),
-            http_listen: Some(http),
-            join_token: None,
-            heartbeat: Duration::from_secs(5),
-        };
-        runtime.spawn(crate::serve(gw, std::future::pending()));
+        runtime.spawn(stellar_scheduler::server::serve(
+            cfg,
+            std::future::pending(),
+        ));
+        {
+            // Clients connect lazily on the runtime they were made in.
+            let _enter = runtime.enter();
+            let control = stellar_proto::client::ClusterClient::new(&[grpc.to_string()])
+                .expect("a replica address")
+                .with_admin_token_from(vec![dir.clone()]);
+            let gw = crate::GatewayConfig {
+                control,
+                listen: gateway,
+                advertise: gateway.to_string(),
+                http_listen: Some(http),
+                join_token: None,
+                heartbeat: Duration::from_secs(5),
+            };
+            runtime.spawn(crate::serve(gw, std::future::pending()));
+        }
         // Serving once the admin token exists (a leader was elected and wrote it).
         let mut token = None;
         for _ in 0..400 {

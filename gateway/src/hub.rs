@@ -275,7 +275,13 @@ impl WorkerHub {
 
     /// Attaches `node`'s new stream (replacing any older one, whose calls fail at once); its
     /// generation, and the notifier that wakes its reconcile task.
-    pub fn attach(&self, node: u64, tx: Outbox, region: String, zone: String) -> (u64, Arc<Notify>) {
+    pub fn attach(
+        &self,
+        node: u64,
+        tx: Outbox,
+        region: String,
+        zone: String,
+    ) -> (u64, Arc<Notify>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let wake = Arc::new(Notify::new());
         if let Ok(mut links) = self.links.lock() {

@@ -137,7 +137,11 @@ impl Modules {
                         break;
                     }
                 }
-                Ok(None) => return Err(format!("module {sha}: the replica ended the transfer early")),
+                Ok(None) => {
+                    return Err(format!(
+                        "module {sha}: the replica ended the transfer early"
+                    ));
+                }
                 Err(s) => return Err(s.message().to_string()),
             }
         }

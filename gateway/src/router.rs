@@ -46,6 +46,8 @@ const REPLACEMENT_WAIT: Duration = Duration::from_secs(2);
 /// How long a call for a function this gateway has not heard of waits for the watch to
 /// catch up (a deploy through another gateway a moment ago).
 const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
+/// How long a call waits for a gateway that just started to load the cluster's state.
+const LOADING_WAIT: Duration = Duration::from_secs(5);
 /// A function's default per-invocation timeout when its limits set none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Slack on top of the function's own timeout for the round trip to the worker.
@@ -141,12 +143,21 @@ impl Router {
         &self.view
     }
 
+    /// Whether `address` is this gateway's own.
+    pub fn is_me(&self, address: &str) -> bool {
+        address == self.advertise
+    }
+
     /// The current route of `key`, waiting briefly for a function the view has not seen.
     async fn route(&self, key: &FunctionKey) -> Result<Route, GatewayError> {
-        if !self.view.complete() {
-            return Err(GatewayError::Unavailable(
-                "this gateway is still loading the cluster's state; retry in a moment".into(),
-            ));
+        let start = stellar_proto::clock::now();
+        while !self.view.complete() {
+            if start.elapsed() >= LOADING_WAIT {
+                return Err(GatewayError::Unavailable(
+                    "this gateway has not loaded the cluster's state yet (is the control plane up?); retry in a moment".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let start = stellar_proto::clock::now();
         loop {
@@ -223,7 +234,7 @@ impl Router {
             .filter_map(|&(_, node)| {
                 let g = self.view.gateway_of(node)?;
                 let ready = self.view.node_state(node) == Some(pb::NodeState::Ready as i32);
-                (ready && !g.is_empty() && *g != *self.advertise).then(|| g.to_string())
+                (ready && !g.is_empty() && !self.is_me(&g)).then(|| g.to_string())
             })
             .next()
     }

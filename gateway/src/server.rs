@@ -100,7 +100,11 @@ pub async fn serve(
         hub.clone(),
         hub.closed(),
     ));
-    tokio::spawn(session.clone().run(client.clone(), hub.clone(), hub.closed()));
+    tokio::spawn(
+        session
+            .clone()
+            .run(client.clone(), hub.clone(), hub.closed()),
+    );
     tokio::spawn(close_silent(
         hub.clone(),
         session.clone(),
@@ -203,7 +207,11 @@ async fn close_silent(hub: Arc<WorkerHub>, session: Arc<Session>, silent: Durati
             _ = closed.wait_for(|c| *c) => return,
         }
         for node in hub.close_silent(silent) {
-            tracing::info!(node = format!("{node:016x}"), silent_ms = silent.as_millis() as u64, "worker silent; stream closed");
+            tracing::info!(
+                node = format!("{node:016x}"),
+                silent_ms = silent.as_millis() as u64,
+                "worker silent; stream closed"
+            );
             session.gone(&hub, node);
         }
     }

@@ -174,7 +174,10 @@ impl View {
             s.remove_allocation(id, &mut affected);
         }
         for a in ev.allocations {
-            if s.allocations.get(&a.id).is_some_and(|old| old.node != a.node) {
+            if s.allocations
+                .get(&a.id)
+                .is_some_and(|old| old.node != a.node)
+            {
                 s.remove_allocation(a.id, &mut affected);
             }
             affected.push(a.node);
@@ -365,8 +368,15 @@ mod tests {
         };
         assert_eq!(n, vec![1, 2, 3]);
         let r = v.route("acme", "f").unwrap();
-        assert_eq!(r.allocations, vec![(12, 3)], "only the current version routes");
-        assert!(v.assignments(2).is_empty(), "an old version is not started again");
+        assert_eq!(
+            r.allocations,
+            vec![(12, 3)],
+            "only the current version routes"
+        );
+        assert!(
+            v.assignments(2).is_empty(),
+            "an old version is not started again"
+        );
         assert!(v.assignments(1).is_empty());
         // Deleted, revoked.
         let mut gone = function(2);

@@ -42,7 +42,9 @@ pub async fn follow(
                 }
                 tracing::info!(replica = %target, "watch stream ended; resuming on the next replica");
             }
-            Err(e) => tracing::warn!(replica = %target, error = %e, "watch failed; trying the next replica"),
+            Err(e) => {
+                tracing::warn!(replica = %target, error = %e, "watch failed; trying the next replica")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -78,7 +80,13 @@ async fn one(
                 }
                 if matches!(affected, crate::view::Affected::All) {
                     let (functions, allocations, nodes) = view.counts();
-                    tracing::info!(applied = view.applied(), functions, allocations, nodes, "watch: cluster state loaded");
+                    tracing::info!(
+                        applied = view.applied(),
+                        functions,
+                        allocations,
+                        nodes,
+                        "watch: cluster state loaded"
+                    );
                 }
                 events += 1;
             }

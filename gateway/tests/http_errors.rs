@@ -1,7 +1,7 @@
-//! The HTTP gateway answers every refusal with the documented JSON error, the framework's own
-//! included (unknown route, wrong method, a body over the limit, a path that is not UTF-8,
-//! a target too long): a replica served in-process, spoken to in raw HTTP/1.1 as a hostile
-//! or careless client would.
+//! A gateway's HTTP face answers every refusal with the documented JSON error, the
+//! framework's own included (unknown route, wrong method, a body over the limit, a path that
+//! is not UTF-8, a target too long): a replica and a gateway served in-process, spoken to in
+//! raw HTTP/1.1 as a hostile or careless client would.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -65,18 +65,31 @@ fn code(body: &[u8]) -> String {
 async fn every_refusal_is_a_json_error_with_a_stable_code() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
+    let gateway = format!("127.0.0.1:{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
     let cfg = ServerConfig {
         replica: ReplicaConfig::new(1, dir.path().to_path_buf(), vec![(1, addr.clone())]),
         listen: addr.parse().unwrap(),
         advertise: addr.clone(),
         tick: Duration::from_millis(20),
-        join_token: None,
-        http_listen: Some(http.parse().unwrap()),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(cfg, async move {
         let _ = stopped.await;
+    }));
+    let gw = stellar_gateway::GatewayConfig {
+        control: stellar_proto::client::ClusterClient::new(std::slice::from_ref(&addr))
+            .unwrap()
+            .with_admin_token_from(vec![dir.path().to_path_buf()]),
+        listen: gateway.parse().unwrap(),
+        advertise: gateway.clone(),
+        http_listen: Some(http.parse().unwrap()),
+        join_token: None,
+        heartbeat: Duration::from_secs(1),
+    };
+    let (stop_gw, gw_stopped) = tokio::sync::oneshot::channel::<()>();
+    let gw_task = tokio::spawn(stellar_gateway::serve(gw, async move {
+        let _ = gw_stopped.await;
     }));
     let token = {
         let mut t = None;
@@ -127,6 +140,8 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
     })
     .await
     .unwrap();
+    let _ = stop_gw.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), gw_task).await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
 }

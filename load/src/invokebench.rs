@@ -1,11 +1,12 @@
-//! `invoke-bench`: end-to-end invocations through the gateway. It starts a cluster on
-//! loopback as real processes (one control-plane replica and N workers, this binary's hidden
-//! `replica` and `worker` roles) or targets `--endpoint`, deploys `hello`, and drives it with
-//! many concurrent callers over several gRPC connections for a fixed time.
+//! `invoke-bench`: end-to-end invocations through a gateway. It starts a cluster on
+//! loopback as real processes (one control-plane replica, one gateway and N workers, this
+//! binary's hidden `replica`, `gateway` and `worker` roles) or targets `--endpoint`, deploys
+//! `hello`, and drives it with many concurrent callers over several gRPC connections for a
+//! fixed time. The replica is not on the invocation path.
 //!
 //! ```text
-//!  callers ×C ─(K channels)─▶ Control.Invoke on the leader ─▶ gateway ─▶ worker stream
-//!      ◀───────────────────────── stdout + usage ◀────────────────────── wasmtime
+//!  callers ×C ─(K channels)─▶ Control.Invoke on the gateway ─▶ worker stream ─▶ wasmtime
+//!      ◀───────────────────────── stdout + usage ◀───────────────────────────────┘
 //! ```
 
 #![allow(clippy::disallowed_methods)] // a benchmark's timers read the clock
@@ -16,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use stellar_proto::v1 as pb;
 use stellar_proto::client::ClusterClient;
+use stellar_proto::v1 as pb;
 
 use crate::wasmbench::{KillOnDrop, percentile_us};
 
@@ -124,8 +125,9 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
     }
     let setup = |e: &dyn std::fmt::Display| InvokeBenchError::Setup(e.to_string());
     let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
-    let port = crate::procs::free_ports(1).map_err(|e| setup(&e))?[0];
-    let addr = format!("127.0.0.1:{port}");
+    let ports = crate::procs::free_ports(2).map_err(|e| setup(&e))?;
+    let replica = format!("127.0.0.1:{}", ports[0]);
+    let addr = format!("127.0.0.1:{}", ports[1]);
     let token = "invoke-bench-token";
     let plane = dir.path().join("plane");
     let mut procs = vec![spawn(
@@ -135,15 +137,29 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
             "--id",
             "1",
             "--peers",
-            &format!("1={addr}"),
+            &format!("1={replica}"),
             "--data-dir",
             &plane.to_string_lossy(),
-            "--join-token",
-            token,
         ],
         &dir.path().join("plane.log"),
         cfg.runtime_threads,
     )?];
+    procs.push(spawn(
+        &cfg.exe,
+        &[
+            "gateway",
+            "--control",
+            &replica,
+            "--listen",
+            &addr,
+            "--token-dirs",
+            &plane.to_string_lossy(),
+            "--join-token",
+            token,
+        ],
+        &dir.path().join("gateway.log"),
+        cfg.runtime_threads,
+    )?);
     for i in 0..cfg.workers {
         let wdir = dir.path().join(format!("worker-{i}"));
         procs.push(spawn(
@@ -279,7 +295,7 @@ pub fn run(
         .map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
     log(&if cfg.endpoint.is_empty() {
         format!(
-            "starting 1 control-plane replica and {} worker(s) on loopback",
+            "starting 1 control-plane replica, 1 gateway and {} worker(s) on loopback",
             cfg.workers
         )
     } else {

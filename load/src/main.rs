@@ -38,6 +38,9 @@ enum Command {
     /// Run one control-plane replica (used by raft-bench to start its cluster).
     #[command(hide = true)]
     Replica(ReplicaArgs),
+    /// Run one gateway (used by invoke-bench and wasm-bench).
+    #[command(hide = true)]
+    Gateway(GatewayArgs),
     /// Measure the worker's invocation path: instantiate + invoke `hello` in one sandbox
     /// (p50/p99 on one thread, invocations/s with one thread per core), the same module in a
     /// new process per call, and an idle sandbox's resident memory.
@@ -179,9 +182,21 @@ struct ReplicaArgs {
     tick_ms: u64,
     #[arg(long, default_value_t = 20_000)]
     snapshot_every: u64,
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// The replicas, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    control: Vec<String>,
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Replica data dirs to read the admin token from (the first leader writes it).
+    #[arg(long, value_delimiter = ',')]
+    token_dirs: Vec<std::path::PathBuf>,
     #[arg(long)]
     join_token: Option<String>,
-    /// The HTTP gateway's address (none: no HTTP).
+    /// The HTTP address (none: no HTTP).
     #[arg(long)]
     http_listen: Option<std::net::SocketAddr>,
 }
@@ -257,6 +272,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => run_sim(args),
         Command::RaftBench(args) => run_raft_bench(args),
         Command::Replica(args) => run_replica(args),
+        Command::Gateway(args) => run_gateway(args),
         Command::WasmBench(args) => run_wasm_bench(args),
         Command::InvokeBench(args) => run_invoke_bench(args),
         Command::WasmOnce(m) => match stellar_load::wasmbench::once(&m.module) {
@@ -459,8 +475,6 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
         listen,
         advertise: own.1.clone(),
         tick: std::time::Duration::from_millis(args.tick_ms),
-        join_token: args.join_token,
-        http_listen: args.http_listen,
     };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
@@ -472,6 +486,45 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("replica: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_gateway(args: GatewayArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let _enter = rt.enter();
+    let control = match stellar_proto::client::ClusterClient::new(&args.control) {
+        Ok(c) => c.with_admin_token_from(args.token_dirs),
+        Err(e) => {
+            eprintln!("gateway: {}", e.message());
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = stellar_gateway::GatewayConfig {
+        control,
+        listen: args.listen,
+        advertise: args.listen.to_string(),
+        http_listen: args.http_listen,
+        join_token: args.join_token,
+        heartbeat: std::time::Duration::from_secs(5),
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match rt.block_on(stellar_gateway::serve(cfg, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
             ExitCode::FAILURE
         }
     }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use stellar_proto::v1 as pb;
 use stellar_proto::client::ClusterClient;
+use stellar_proto::v1 as pb;
 
 /// Picks `n` distinct free loopback ports.
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use stellar_proto::v1 as pb;
 use stellar_proto::client::ClusterClient;
+use stellar_proto::v1 as pb;
 use tokio::sync::Mutex;
 
 #[cfg(feature = "etcd")]

@@ -222,14 +222,15 @@ pub fn run(
     })
 }
 
-/// A real idle worker: a one-replica control plane and a worker agent (default sandbox:
+/// A real idle worker: a one-replica control plane, a gateway and a worker agent (default sandbox:
 /// 64 slots of up to 256 MiB) as separate processes; `hello` is deployed and invoked once,
 /// then the worker's resident memory is read after it settles.
 fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
     let fail = |e: &dyn std::fmt::Display| WasmBenchError::Process(e.to_string());
     let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
-    let port = crate::procs::free_ports(1).map_err(|e| fail(&e))?[0];
-    let addr = format!("127.0.0.1:{port}");
+    let ports = crate::procs::free_ports(2).map_err(|e| fail(&e))?;
+    let replica = format!("127.0.0.1:{}", ports[0]);
+    let addr = format!("127.0.0.1:{}", ports[1]);
     let token = "wasm-bench-token";
     let spawn = |args: &[&str]| {
         Command::new(exe)
@@ -248,8 +249,17 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
         "--id",
         "1",
         "--peers",
-        &format!("1={addr}"),
+        &format!("1={replica}"),
         "--data-dir",
+        &plane_dir.to_string_lossy(),
+    ])?;
+    let _gateway = spawn(&[
+        "gateway",
+        "--control",
+        &replica,
+        "--listen",
+        &addr,
+        "--token-dirs",
         &plane_dir.to_string_lossy(),
         "--join-token",
         token,

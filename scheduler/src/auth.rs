@@ -19,9 +19,11 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::error::Error;
-use stellar_proto::tokens::{ADMIN_TOKEN_FILE, Caller, bearer, new_token, token_hash, write_secret};
-use crate::replica_thread::ReplicaHandle;
 use crate::replica::{Query, Reply, Request};
+use crate::replica_thread::ReplicaHandle;
+use stellar_proto::tokens::{
+    ADMIN_TOKEN_FILE, Caller, bearer, new_token, token_hash, write_secret,
+};
 
 const PENDING_SUFFIX: &str = ".pending";
 /// The request id of the bootstrap proposal: a second leader's retry is answered, not applied.

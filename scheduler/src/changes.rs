@@ -75,9 +75,7 @@ pub fn keys_of(cmd: &pb::Command) -> Vec<Key> {
         Some(Kind::PutToken(c)) => keys.push(Key::Token(c.token_sha256.clone())),
         Some(Kind::RevokeToken(c)) => keys.push(Key::Token(c.token_sha256.clone())),
         Some(Kind::Deploy(c)) => keys.push(Key::Function(c.tenant.clone(), c.name.clone())),
-        Some(Kind::DeleteFunction(c)) => {
-            keys.push(Key::Function(c.tenant.clone(), c.name.clone()))
-        }
+        Some(Kind::DeleteFunction(c)) => keys.push(Key::Function(c.tenant.clone(), c.name.clone())),
         Some(Kind::Plan(c)) => keys.push(Key::Function(c.tenant.clone(), c.function.clone())),
         Some(Kind::AllocationStates(c)) => {
             keys.extend(c.updates.iter().map(|u| Key::Allocation(u.allocation)));
@@ -358,7 +356,8 @@ mod tests {
     fn a_reset_pages_through_the_whole_state() {
         let mut s = StateMachine::new();
         let mut log = ChangeLog::new(0);
-        let nodes: Vec<pb::NodeRecord> = (1..=(PAGE as u64 + 5)).map(crate::fuzzing::node).collect();
+        let nodes: Vec<pb::NodeRecord> =
+            (1..=(PAGE as u64 + 5)).map(crate::fuzzing::node).collect();
         for (i, chunk) in nodes.chunks(1000).enumerate() {
             apply(
                 &mut s,

@@ -68,10 +68,7 @@ impl EdgeService {
     }
 
     async fn admin<T>(&self, req: &GrpcRequest<T>, what: &str) -> Result<(), Status> {
-        self.auth
-            .caller(req.metadata())
-            .await?
-            .require_admin(what)
+        self.auth.caller(req.metadata()).await?.require_admin(what)
     }
 
     async fn write(&self, request_id: Vec<u8>, kind: pb::command::Kind) -> Result<u64, Status> {
@@ -123,8 +120,7 @@ async fn watch(
                         && ev.removed_allocations.is_empty()
                         && ev.nodes.is_empty()
                         && ev.tokens.is_empty();
-                    let progress =
-                        ev.applied_index > from && last_sent.elapsed() >= WATCH_PROGRESS;
+                    let progress = ev.applied_index > from && last_sent.elapsed() >= WATCH_PROGRESS;
                     from = from.max(ev.applied_index);
                     if !empty || progress {
                         last_sent = stellar_proto::clock::now();
@@ -333,10 +329,13 @@ impl pb::edge_server::Edge for EdgeService {
             )));
         }
         let applied_index = self
-            .write(Vec::new(), pb::command::Kind::Usage(pb::UsageCmd {
-                records,
-                unix_ms: stellar_proto::clock::unix_ms(),
-            }))
+            .write(
+                Vec::new(),
+                pb::command::Kind::Usage(pb::UsageCmd {
+                    records,
+                    unix_ms: stellar_proto::clock::unix_ms(),
+                }),
+            )
             .await?;
         Ok(Response::new(pb::RecordUsageResponse { applied_index }))
     }
@@ -357,11 +356,14 @@ impl pb::edge_server::Edge for EdgeService {
             )));
         }
         let applied_index = self
-            .write(request_id, pb::command::Kind::AllocationStates(
-                pb::AllocationStatesCmd { updates },
-            ))
+            .write(
+                request_id,
+                pb::command::Kind::AllocationStates(pb::AllocationStatesCmd { updates }),
+            )
             .await?;
-        Ok(Response::new(pb::ReportAllocationsResponse { applied_index }))
+        Ok(Response::new(pb::ReportAllocationsResponse {
+            applied_index,
+        }))
     }
 
     async fn fetch_module(

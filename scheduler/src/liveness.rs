@@ -45,6 +45,8 @@ pub struct Liveness {
     gateways: Vec<Gateway>,
     by_address: HashMap<String, u32>,
     on: HashMap<u64, Attached>,
+    /// Nodes that left while draining: they stay draining (they were asked to go), not down.
+    drained: HashSet<u64>,
     dirty: BTreeSet<u64>,
     /// Until this tick a new leader waits for gateways to resync before judging anyone.
     grace_until: u64,
@@ -70,6 +72,7 @@ impl Liveness {
             gateways: Vec::new(),
             by_address: HashMap::new(),
             on: HashMap::new(),
+            drained: HashSet::new(),
             dirty: BTreeSet::new(),
             grace_until: now + grace_ticks,
             swept: false,
@@ -127,6 +130,7 @@ impl Liveness {
     }
 
     fn attach(&mut self, node: u64, g: u32) {
+        self.drained.remove(&node);
         let before = self.on.insert(
             node,
             Attached {
@@ -153,7 +157,9 @@ impl Liveness {
 
     fn detach(&mut self, node: u64, g: u32) {
         if self.on.get(&node).is_some_and(|a| a.gateway == g) {
-            self.on.remove(&node);
+            if self.on.remove(&node).is_some_and(|a| a.draining) {
+                self.drained.insert(node);
+            }
             self.dirty.insert(node);
         }
         self.gateways[g as usize].nodes.remove(&node);
@@ -267,17 +273,13 @@ impl Liveness {
                 }
             }
         }
-        if now < self.grace_until {
-            return Vec::new();
-        }
-        if !self.swept {
+        // Until the grace ends only what gateways reported is acted on: a node nobody has
+        // claimed yet is not judged (its gateway may not have resynced with this leader).
+        if now >= self.grace_until && !self.swept {
             // Once per leadership: committed-live nodes no gateway claimed during the grace.
             self.swept = true;
             for (&id, n) in state.nodes() {
-                if n.managed
-                    && matches!(n.state, NodeState::Ready | NodeState::Draining)
-                    && !self.on.contains_key(&id)
-                {
+                if n.managed && n.state == NodeState::Ready && !self.on.contains_key(&id) {
                     self.dirty.insert(id);
                 }
             }
@@ -310,7 +312,11 @@ impl Liveness {
             gateway: gateway.to_string(),
         };
         let Some(a) = self.on.get(&id).copied() else {
-            return (n.managed && matches!(n.state, NodeState::Ready | NodeState::Draining))
+            // A drained node stays draining when its worker leaves (it was asked to go).
+            if self.drained.remove(&id) {
+                return (n.state == NodeState::Ready).then(|| transition(NodeState::Draining, ""));
+            }
+            return (n.managed && n.state == NodeState::Ready)
                 .then(|| transition(NodeState::Down, ""));
         };
         let gw = self.gateways[a.gateway as usize].address.as_str();
@@ -413,7 +419,7 @@ mod tests {
 
     #[test]
     fn a_dead_gateways_nodes_go_down_unless_they_reattach_elsewhere() {
-        let mut s = registered(&[1, 2, 3]);
+        let mut s = registered(&[1, 2, 3, 4]);
         let mut l = Liveness::new(0, 10, 20);
         l.open("gw-a:1", 1).unwrap();
         l.open("gw-b:1", 2).unwrap();
@@ -425,10 +431,16 @@ mod tests {
         r.attached = vec![3];
         r.resync = true;
         l.report(&s, 2, &r).unwrap();
-        // Nothing is judged during the grace period.
-        assert!(l.transitions(&s, 5, 100).is_empty());
-        let t = l.transitions(&s, 10, 100);
+        // During the grace period what gateways reported is recorded, but node 4, which no
+        // gateway claimed yet, is not judged.
+        let t = l.transitions(&s, 5, 100);
+        assert_eq!(t.len(), 3, "{t:?}");
         apply(&mut s, 2, t);
+        assert_eq!(state_of(&s, 4).0, NodeState::Ready);
+        let t = l.transitions(&s, 10, 100);
+        assert_eq!(t.len(), 1, "{t:?}");
+        apply(&mut s, 6, t);
+        assert_eq!(state_of(&s, 4).0, NodeState::Down);
         assert_eq!(state_of(&s, 1), (NodeState::Ready, "gw-a:1".into()));
         assert_eq!(state_of(&s, 3), (NodeState::Ready, "gw-b:1".into()));
         // Gateway a dies; node 2 re-attaches to b at once, node 1 never does.
@@ -518,6 +530,9 @@ mod tests {
             Err(ReportError::Superseded(_))
         ));
         l.close("gw:1", 1, 10);
-        assert!(l.transitions(&s, 100, 100).is_empty(), "old session's end ignored");
+        assert!(
+            l.transitions(&s, 100, 100).is_empty(),
+            "old session's end ignored"
+        );
     }
 }

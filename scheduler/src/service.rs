@@ -14,13 +14,13 @@ use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::auth::TokenCache;
-use stellar_proto::tokens::Caller;
 use crate::error::{ApplyError, Error};
-use crate::replica_thread::ReplicaHandle;
 use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
+use crate::replica_thread::ReplicaHandle;
 use crate::state::{
     MAX_MODULE_BYTES, MAX_NODES_PER_COMMAND, MAX_REQUEST_ID_BYTES, node_state_from_pb,
 };
+use stellar_proto::tokens::Caller;
 
 pub use stellar_proto::limits::MAX_MESSAGE_BYTES;
 use stellar_proto::wire::LEADER_METADATA;
@@ -358,9 +358,9 @@ impl pb::control_server::Control for ControlService {
         let r = req.into_inner();
         let tenant = caller.filter(&r.tenant)?;
         match self.read(Query::Functions { tenant }, r.read).await? {
-            Reply::Functions(functions) => Ok(Response::new(pb::ListFunctionsResponse {
-                functions,
-            })),
+            Reply::Functions(functions) => {
+                Ok(Response::new(pb::ListFunctionsResponse { functions }))
+            }
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }

@@ -79,9 +79,17 @@ fn nodes_follow_their_gateways_and_replicas_move_off_down_nodes() {
     for _ in 0..50 {
         d.step();
     }
-    assert_eq!(d.r.state().applied_index(), applied, "steady state commits nothing");
+    assert_eq!(
+        d.r.state().applied_index(),
+        applied,
+        "steady state commits nothing"
+    );
     // The victim's stream ends at its gateway.
-    let holder = if victim <= 2 { ("gw-a:1", 1) } else { ("gw-b:1", 2) };
+    let holder = if victim <= 2 {
+        ("gw-a:1", 1)
+    } else {
+        ("gw-b:1", 2)
+    };
     let mut down = report(holder.0, 2);
     down.down = vec![victim];
     d.r.gateway_report(holder.1, &down).unwrap();

@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Plane, TOKEN, free_port, until, worker_config};
-use stellar_proto::v1 as pb;
 use stellar_proto::client::ClusterClient;
+use stellar_proto::v1 as pb;
 use stellar_worker::Identity;
 use tokio::sync::oneshot;
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BufMut;
 use common::{Plane, TOKEN, free_port, prebuilt, until, worker_config};
+use stellar_proto::client::ClusterClient;
 use stellar_proto::v1 as pb;
 use stellar_proto::v1::agent_client::AgentClient;
-use stellar_proto::client::ClusterClient;
 use stellar_worker::Identity;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};

@@ -32,3 +32,90 @@ pub async fn admin_token(cluster: &ReplicaProcesses) -> String {
     }
     panic!("no admin token was written within 15 s");
 }
+
+/// A `stellar gateway` process in front of `control` (its replicas' addresses).
+pub struct Gateway {
+    /// Its gRPC address (workers and clients).
+    pub grpc: String,
+    /// Its HTTP address.
+    pub http: String,
+    log: std::path::PathBuf,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl Gateway {
+    /// Starts a gateway on free ports, following `control` with `admin_token`, accepting
+    /// workers that present `join`; keepalives every 500 ms (workers down within ~2 s of
+    /// going silent).
+    pub fn start(dir: &std::path::Path, control: &str, admin_token: &str, join: &str) -> Gateway {
+        let port = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port")
+        };
+        let (g, h) = (port(0), port(1));
+        let grpc = format!("127.0.0.1:{g}");
+        let http = format!("127.0.0.1:{h}");
+        let args = vec![
+            "gateway".into(),
+            "--control".into(),
+            control.into(),
+            "--listen".into(),
+            grpc.clone(),
+            "--http-listen".into(),
+            http.clone(),
+            "--token".into(),
+            admin_token.into(),
+            "--join-token".into(),
+            join.into(),
+            "--heartbeat-ms".into(),
+            "500".into(),
+        ];
+        let mut gw = Gateway {
+            log: dir.join(format!("gateway-{g}.log")),
+            grpc,
+            http,
+            args,
+            child: None,
+        };
+        gw.spawn();
+        gw
+    }
+
+    /// (Re)starts the process with the same addresses.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("gateway log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stellar"))
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn stellar gateway");
+        self.child = Some(child);
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

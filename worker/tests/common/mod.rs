@@ -1,5 +1,5 @@
 //! What the worker's integration tests share: a control plane served in-process (one
-//! replica, real gRPC on loopback) and a worker configuration for it.
+//! replica and one gateway, real gRPC on loopback) and a worker configuration for it.
 #![allow(dead_code)] // each test crate uses its own part
 #![allow(clippy::disallowed_methods)]
 
@@ -24,30 +24,59 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A one-replica control plane running in this process.
+/// A one-replica control plane and its gateway running in this process.
 pub struct Plane {
     stop: Option<oneshot::Sender<()>>,
+    stop_gateway: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<stellar_scheduler::Result<()>>,
+    gateway: tokio::task::JoinHandle<Result<(), stellar_gateway::Error>>,
 }
 
 impl Plane {
-    /// Serves replica 1 from `dir` on `addr` (HTTP on `http`, when given).
+    /// Serves replica 1 from `dir` and a gateway on `addr` (what workers and clients use;
+    /// HTTP on `http`, when given).
     pub fn start_with_http(dir: &Path, addr: &str, http: Option<&str>) -> Plane {
+        // The replica's own port: `dir` keeps it, so a restarted plane finds its peer list.
+        let port_file = dir.with_extension("port");
+        let replica = match std::fs::read_to_string(&port_file) {
+            Ok(p) => format!("127.0.0.1:{}", p.trim()),
+            Err(_) => {
+                let p = free_port();
+                std::fs::create_dir_all(dir.parent().expect("a parent")).expect("parent dir");
+                std::fs::write(&port_file, p.to_string()).expect("port file");
+                format!("127.0.0.1:{p}")
+            }
+        };
         let cfg = ServerConfig {
-            replica: ReplicaConfig::new(1, dir.to_path_buf(), vec![(1, addr.to_string())]),
-            listen: addr.parse().expect("address"),
-            advertise: addr.to_string(),
+            replica: ReplicaConfig::new(1, dir.to_path_buf(), vec![(1, replica.clone())]),
+            listen: replica.parse().expect("address"),
+            advertise: replica.clone(),
             tick: Duration::from_millis(20),
-            join_token: Some(TOKEN.into()),
-            http_listen: http.map(|h| h.parse().expect("HTTP address")),
         };
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(cfg, async move {
             let _ = rx.await;
         }));
+        let control = stellar_proto::client::ClusterClient::new(&[replica])
+            .expect("replica address")
+            .with_admin_token_from(vec![dir.to_path_buf()]);
+        let gw = stellar_gateway::GatewayConfig {
+            control,
+            listen: addr.parse().expect("address"),
+            advertise: addr.to_string(),
+            http_listen: http.map(|h| h.parse().expect("HTTP address")),
+            join_token: Some(TOKEN.into()),
+            heartbeat: Duration::from_secs(1),
+        };
+        let (stop_gateway, grx) = oneshot::channel::<()>();
+        let gateway = tokio::spawn(stellar_gateway::serve(gw, async move {
+            let _ = grx.await;
+        }));
         Plane {
             stop: Some(stop),
+            stop_gateway: Some(stop_gateway),
             task,
+            gateway,
         }
     }
 
@@ -58,6 +87,10 @@ impl Plane {
 
     /// Stops it (bounded wait).
     pub async fn stop(mut self) {
+        if let Some(s) = self.stop_gateway.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.gateway).await;
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
