@@ -71,9 +71,11 @@ fi
 log "test suite"
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest does not run doc tests; run them first so nextest's summary closes the output.
-  cargo test --workspace --locked --doc
-  cargo nextest run --workspace --locked --no-fail-fast
+  # --all-features: the same feature set as clippy's (one compile of the dependencies), and
+  # the gateway's `harness` feature that its HTTP fuzz-corpus test needs.
+  cargo test --workspace --all-features --locked --doc
+  cargo nextest run --workspace --all-features --locked --no-fail-fast
 else
   log "cargo-nextest not found; using cargo test"
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --all-features --locked --no-fail-fast
 fi

@@ -24,6 +24,9 @@ const CHECKED_FOR: Duration = Duration::from_secs(2);
 /// Tokens remembered from such checks; past it the memory starts over.
 const CACHE_CAPACITY: usize = 10_000;
 
+/// When a token was checked with the control plane, and who it named (None: refused).
+type Checked = (Instant, Option<Caller>);
+
 fn unknown() -> Status {
     Status::unauthenticated(
         "unknown or revoked token; ask the cluster's admin for one (`stellar token create`)",
@@ -36,7 +39,7 @@ pub struct Callers {
     view: Arc<View>,
     client: ClusterClient,
     /// Tokens checked with the control plane: the caller, or None when it refused them.
-    checked: Mutex<HashMap<[u8; 32], (Instant, Option<Caller>)>>,
+    checked: Mutex<HashMap<[u8; 32], Checked>>,
 }
 
 impl Callers {

@@ -65,6 +65,12 @@ pub struct InvokeBenchReport {
     pub runtime_threads: usize,
     /// Measured seconds.
     pub seconds: u64,
+    /// CPU time (user + system) of every process of the run during the measured window,
+    /// the load generator included, seconds (cluster processes only when this run started
+    /// them; with --endpoint, the load generator alone).
+    pub cpu_seconds: f64,
+    /// Successful invocations per CPU second: what a call costs, whatever the core count.
+    pub invocations_per_cpu_sec: f64,
 }
 
 /// Why the benchmark could not run.
@@ -316,10 +322,25 @@ pub fn run(
         .collect::<Result<_, _>>()
         .map_err(|e| InvokeBenchError::Setup(e.message().to_string()))?;
     let errors = Arc::new(AtomicU64::new(0));
-    let (lat, window) = rt.block_on(async {
+    let pids: Vec<u32> = cluster._procs.iter().map(|p| p.0.id()).collect();
+    let cpu_now = move || -> f64 {
+        crate::procs::cpu_seconds(None).unwrap_or(0.0)
+            + pids
+                .iter()
+                .filter_map(|&p| crate::procs::cpu_seconds(Some(p)))
+                .sum::<f64>()
+    };
+    let (lat, window, cpu) = rt.block_on(async {
         let start = Instant::now();
         let warm_until = start + Duration::from_secs(1);
         let end = warm_until + Duration::from_secs(cfg.seconds);
+        let cpu_at_start = {
+            let cpu_now = cpu_now.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(warm_until.into()).await;
+                cpu_now()
+            })
+        };
         let mut tasks = Vec::new();
         for i in 0..cfg.concurrency {
             let client = clients[i % clients.len()].clone();
@@ -349,7 +370,8 @@ pub fn run(
         for t in tasks {
             all.extend(t.await.unwrap_or_default());
         }
-        (all, end.saturating_duration_since(warm_until))
+        let cpu = cpu_now() - cpu_at_start.await.unwrap_or(0.0);
+        (all, end.saturating_duration_since(warm_until), cpu)
     });
     let mut lat = lat;
     lat.sort_unstable();
@@ -362,5 +384,7 @@ pub fn run(
         workers,
         runtime_threads: cfg.runtime_threads,
         seconds: cfg.seconds,
+        cpu_seconds: cpu,
+        invocations_per_cpu_sec: lat.len() as f64 / cpu.max(1e-9),
     })
 }

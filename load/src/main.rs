@@ -373,15 +373,18 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
                         "workers": r.workers,
                         "runtime_threads": r.runtime_threads,
                         "seconds": r.seconds,
+                        "cpu_seconds": r.cpu_seconds,
+                        "invocations_per_cpu_sec": r.invocations_per_cpu_sec,
                     })
                 );
             } else {
                 println!(
-                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  ({} callers, {} worker(s), runtime threads per process: {}, {} s)",
+                    "invoke-bench  {:.0} invocations/s  p50 {:.2} ms  p99 {:.2} ms  errors {}  {:.0} invocations/CPU-s  ({} callers, {} worker(s), runtime threads per process: {}, {} s)",
                     r.invocations_per_sec,
                     r.p50_ms,
                     r.p99_ms,
                     r.errors,
+                    r.invocations_per_cpu_sec,
                     r.concurrency,
                     r.workers,
                     if r.runtime_threads == 0 {
