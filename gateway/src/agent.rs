@@ -342,9 +342,11 @@ fn on_message(
 }
 
 /// Keeps a worker's instances equal to the watched allocations on its node: a start for
-/// each new one, a stop for each gone one; re-run whenever a watch event touches the node.
+/// each new one, a stop for each gone one, and once per stream the whole set (the worker
+/// stops what is not in it); re-run whenever a watch event touches the node.
 async fn reconcile(view: Arc<View>, node: u64, tx: Outbox, wake: Arc<Notify>) {
     let mut told: HashMap<u64, pb::Assignment> = HashMap::new();
+    let mut first = true;
     loop {
         if tx.is_closed() {
             return;
@@ -379,9 +381,95 @@ async fn reconcile(view: Arc<View>, node: u64, tx: Outbox, wake: Arc<Notify>) {
                 return;
             }
         }
+        if first && view.complete() {
+            // The whole set once per stream: the worker stops instances removed while it
+            // was away (or attached elsewhere), which no stop assignment will ever name. Not
+            // before the view is loaded: an empty view would stop everything.
+            first = false;
+            let set = pb::AssignmentSet {
+                allocations: told.keys().copied().collect(),
+            };
+            if tx
+                .send(Ok(control(pb::control_message::Kind::AssignmentSet(set))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
         tokio::select! {
             _ = wake.notified() => {}
             _ = tx.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn next(
+        rx: &mut mpsc::Receiver<Result<pb::ControlMessage, Status>>,
+    ) -> Option<pb::control_message::Kind> {
+        rx.try_recv().ok().and_then(|m| m.ok()).and_then(|m| m.kind)
+    }
+
+    #[tokio::test]
+    async fn a_stream_gets_its_whole_assignment_set_once_the_view_is_loaded() {
+        let view = View::new();
+        let (tx, mut rx) = mpsc::channel(16);
+        let wake = Arc::new(Notify::new());
+        let task = tokio::spawn(reconcile(view.clone(), 1, tx, wake.clone()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Nothing is known yet: no set (it would stop every instance on the worker).
+        assert!(next(&mut rx).is_none());
+        view.apply(pb::WatchEvent {
+            applied_index: 3,
+            reset: true,
+            functions: vec![pb::WatchedFunction {
+                tenant: "acme".into(),
+                name: "f".into(),
+                version: 1,
+                module_sha256: "ab".repeat(32),
+                ..Default::default()
+            }],
+            allocations: vec![pb::Allocation {
+                id: 7,
+                tenant: "acme".into(),
+                function: "f".into(),
+                version: 1,
+                node: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match next(&mut rx) {
+            Some(pb::control_message::Kind::Assignment(a)) => {
+                assert!(a.start && a.allocation == 7, "{a:?}")
+            }
+            other => panic!("expected the start assignment, got {other:?}"),
+        }
+        match next(&mut rx) {
+            Some(pb::control_message::Kind::AssignmentSet(s)) => assert_eq!(s.allocations, vec![7]),
+            other => panic!("expected the whole set, got {other:?}"),
+        }
+        // Later changes are deltas only: a removal is a stop, not another set.
+        view.apply(pb::WatchEvent {
+            applied_index: 4,
+            removed_allocations: vec![7],
+            ..Default::default()
+        });
+        wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match next(&mut rx) {
+            Some(pb::control_message::Kind::Assignment(a)) => {
+                assert!(!a.start && a.allocation == 7, "{a:?}")
+            }
+            other => panic!("expected a stop, got {other:?}"),
+        }
+        assert!(next(&mut rx).is_none());
+        task.abort();
     }
 }

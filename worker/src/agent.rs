@@ -322,6 +322,19 @@ impl Agent {
         }
     }
 
+    /// Stops instance `allocation` (unloading its module when no other instance uses it).
+    async fn stop(&mut self, allocation: u64, tx: &mpsc::Sender<pb::WorkerMessage>) {
+        if let Some(i) = self.instances.remove(&allocation) {
+            tracing::info!(allocation, function = %i.function, "instance stopped");
+            if !self.instances.values().any(|o| o.sha256 == i.sha256) {
+                self.sandbox.unload(&i.sha256);
+            }
+        }
+        let _ = tx
+            .send(update(allocation, pb::AllocationState::Stopped, ""))
+            .await;
+    }
+
     async fn on_message(
         &mut self,
         kind: pb::control_message::Kind,
@@ -335,16 +348,19 @@ impl Agent {
             Kind::Registered(_) => {}
             Kind::NotLeader(n) => return Some(Ended::Redirect(n.leader_address)),
             Kind::Assignment(a) if a.start => self.start(a, tx, events, fetching).await,
-            Kind::Assignment(a) => {
-                if let Some(i) = self.instances.remove(&a.allocation) {
-                    tracing::info!(allocation = a.allocation, function = %i.function, "instance stopped");
-                    if !self.instances.values().any(|o| o.sha256 == i.sha256) {
-                        self.sandbox.unload(&i.sha256);
-                    }
+            Kind::Assignment(a) => self.stop(a.allocation, tx).await,
+            Kind::AssignmentSet(set) => {
+                // Instances removed while this node was away are not in the set: stop them.
+                let keep: std::collections::HashSet<u64> = set.allocations.into_iter().collect();
+                let gone: Vec<u64> = self
+                    .instances
+                    .keys()
+                    .copied()
+                    .filter(|id| !keep.contains(id))
+                    .collect();
+                for id in gone {
+                    self.stop(id, tx).await;
                 }
-                let _ = tx
-                    .send(update(a.allocation, pb::AllocationState::Stopped, ""))
-                    .await;
             }
             Kind::ModuleChunk(c) => {
                 if !c.error.is_empty() {
