@@ -452,7 +452,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-fn run_replica(args: ReplicaArgs) -> ExitCode {
+/// Logs of a role process (replica, gateway) to stderr at `STELLAR_LOG`, else info.
+fn init_role_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -460,6 +461,10 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+}
+
+fn run_replica(args: ReplicaArgs) -> ExitCode {
+    init_role_logging();
     let Some(own) = args.peers.iter().find(|p| p.0 == args.id).cloned() else {
         eprintln!("replica: --peers has no entry for id {}", args.id);
         return ExitCode::from(2);
@@ -495,13 +500,7 @@ fn run_replica(args: ReplicaArgs) -> ExitCode {
 }
 
 fn run_gateway(args: GatewayArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    init_role_logging();
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
