@@ -28,6 +28,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::allocation_states::AllocationStateWriter;
+use crate::coordinates::Coordinates;
 use crate::hub::{Completion, MAX_FOREIGN_RESULTS, Outbox, WorkerHub, control};
 use crate::modules::Modules;
 use crate::session::Session;
@@ -59,6 +60,10 @@ pub struct Edge {
     pub states: AllocationStateWriter,
     /// Modules for workers.
     pub modules: Arc<Modules>,
+    /// This gateway's network coordinate and its peers'.
+    pub coordinates: Arc<Coordinates>,
+    /// This gateway's advertised address (workers are told the others).
+    pub advertise: String,
 }
 
 /// The `Agent` service: workers dial in and keep one stream.
@@ -128,6 +133,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl pb::agent_server::Agent for AgentService {
     type AttachStream = WorkerStream;
 
+    async fn ping(
+        &self,
+        req: GrpcRequest<pb::PingRequest>,
+    ) -> Result<Response<pb::PingReply>, Status> {
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let r = req.into_inner();
+        if let Some(c) = r.coordinate.as_ref()
+            && r.rtt_ms > 0.0
+        {
+            self.edge.coordinates.observe(peer, c, f64::from(r.rtt_ms));
+        }
+        Ok(Response::new(pb::PingReply {
+            coordinate: Some(self.edge.coordinates.me_wire()),
+        }))
+    }
+
     async fn attach(
         &self,
         req: GrpcRequest<Streaming<pb::WorkerMessage>>,
@@ -143,6 +166,24 @@ impl pb::agent_server::Agent for AgentService {
             ));
         };
         self.check(&reg)?;
+        // Only gateways that answered their last probe take redirected workers (a dead one
+        // still holds its nodes in the committed view until they re-attach or go down).
+        let loads: Vec<_> = self
+            .edge
+            .view
+            .gateway_loads()
+            .into_iter()
+            .filter(|(g, _)| **g == *self.edge.advertise || self.edge.coordinates.answers(g))
+            .collect();
+        if let Some((to, reason)) = crate::balance::redirect_for(&loads, &self.edge.advertise) {
+            tracing::debug!(node = format!("{:016x}", reg.node), to = %to, %reason, "worker redirected");
+            let msg = control(pb::control_message::Kind::Redirect(pb::Redirect {
+                gateway: to,
+                reason,
+            }));
+            let stream: WorkerStream = Box::pin(futures::stream::iter([Ok(msg)]));
+            return Ok(Response::new(stream));
+        }
         let attrs = reg
             .attributes
             .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
@@ -179,6 +220,14 @@ impl pb::agent_server::Agent for AgentService {
                 pb::Registered {
                     node,
                     heartbeat_ms: self.heartbeat_ms,
+                    gateways: self
+                        .edge
+                        .view
+                        .gateways()
+                        .iter()
+                        .filter(|g| ***g != *self.edge.advertise)
+                        .map(|g| g.to_string())
+                        .collect(),
                 },
             ))))
             .await;
@@ -222,6 +271,13 @@ fn on_message(
         Kind::Register(_) => return Err(Status::invalid_argument("already registered")),
         Kind::Heartbeat(hb) => {
             if let Some(c) = hb.coordinate.as_ref().filter(|c| c.vec.len() == 3) {
+                if let Some(ms) = edge.coordinates.to_worker_ms(c) {
+                    edge.hub.set_rtt(node, ms);
+                }
+                if hb.rtt_ms > 0.0 {
+                    edge.coordinates
+                        .observe(format!("{node:016x}"), c, f64::from(hb.rtt_ms));
+                }
                 let dist = |a: &pb::Coordinate, b: &[f32]| -> f32 {
                     a.vec
                         .iter()
@@ -229,14 +285,10 @@ fn on_message(
                         .map(|(x, y)| (x - y) * (x - y))
                         .sum::<f32>()
                         .sqrt()
-                        + a.height_ms
                 };
-                // The gateway is the worker's landmark at the origin for now.
-                edge.hub.set_rtt(node, dist(c, &[0.0; 3]));
                 let moved = reported.as_ref().is_none_or(|r| {
                     r.vec.len() != 3
-                        || dist(c, &r.vec) - c.height_ms + (c.height_ms - r.height_ms).abs()
-                            > COORDINATE_SLACK_MS
+                        || dist(c, &r.vec) + (c.height_ms - r.height_ms).abs() > COORDINATE_SLACK_MS
                 });
                 if moved {
                     edge.session.load(node, c.clone());
@@ -246,10 +298,7 @@ fn on_message(
             let _ = tx.try_send(Ok(control(pb::control_message::Kind::HeartbeatAck(
                 pb::HeartbeatAck {
                     seq: hb.seq,
-                    coordinate: Some(pb::Coordinate {
-                        vec: vec![0.0; 3],
-                        height_ms: 0.0,
-                    }),
+                    coordinate: Some(edge.coordinates.me_wire()),
                 },
             ))));
         }

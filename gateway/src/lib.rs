@@ -15,8 +15,10 @@
 pub mod agent;
 pub mod allocation_states;
 pub mod auth;
+pub mod balance;
 pub mod batching;
 pub mod control;
+pub mod coordinates;
 pub mod error;
 #[cfg(feature = "harness")]
 #[doc(hidden)]

@@ -106,6 +106,8 @@ pub struct Router {
     client: ClusterClient,
     /// This gateway's advertised address (a node held here is not forwarded).
     advertise: String,
+    /// Where this gateway (and so its callers) is, and its peers.
+    coordinates: Arc<crate::coordinates::Coordinates>,
     peers: Mutex<HashMap<String, ClusterClient>>,
     scaling: Mutex<HashMap<FunctionKey, Arc<tokio::sync::Mutex<()>>>>,
     logs: Mutex<HashMap<FunctionKey, VecDeque<pb::InvocationLog>>>,
@@ -120,6 +122,7 @@ impl Router {
         usage: UsageWriter,
         client: ClusterClient,
         advertise: String,
+        coordinates: Arc<crate::coordinates::Coordinates>,
     ) -> Self {
         Router {
             hub,
@@ -127,6 +130,7 @@ impl Router {
             usage,
             client,
             advertise,
+            coordinates,
             peers: Mutex::default(),
             scaling: Mutex::default(),
             logs: Mutex::default(),
@@ -177,7 +181,7 @@ impl Router {
 
     /// Places a first instance of a function that has none; one caller per function does
     /// it while the others wait for its result.
-    async fn scale_from_zero(&self, key: &FunctionKey) -> Result<bool, GatewayError> {
+    async fn scale_from_zero(&self, key: &FunctionKey, near: &Near) -> Result<bool, GatewayError> {
         let lock = self
             .scaling
             .lock()
@@ -200,10 +204,14 @@ impl Router {
         let placed = self
             .client
             .call(|mut c| {
+                // The callers are where they said, else near this gateway (they reached it).
                 let req = pb::AllocateRequest {
                     request_id: request_id.to_vec(),
                     tenant: key.0.clone(),
                     function: key.1.clone(),
+                    near_region: near.region.clone(),
+                    near_zone: near.zone.clone(),
+                    near: Some(self.coordinates.me_wire()),
                 };
                 async move { c.allocate(req).await }
             })
@@ -225,8 +233,9 @@ impl Router {
         Ok(true)
     }
 
-    /// A gateway other than this one that holds a ready-looking node of `route` (the call
-    /// is forwarded there).
+    /// The nearest gateway other than this one (by the coordinates the gateways measure
+    /// between them; unknown ones last) that holds a ready-looking node of `route`: the call
+    /// is forwarded there.
     fn elsewhere(&self, route: &Route) -> Option<String> {
         route
             .allocations
@@ -236,7 +245,10 @@ impl Router {
                 let ready = self.view.node_state(node) == Some(pb::NodeState::Ready as i32);
                 (ready && !g.is_empty() && !self.is_me(&g)).then(|| g.to_string())
             })
-            .next()
+            .min_by(|a, b| {
+                let ms = |g: &str| self.coordinates.to_peer_ms(g).unwrap_or(f32::INFINITY);
+                ms(a).total_cmp(&ms(b))
+            })
     }
 
     fn peer(&self, address: &str, token: &str) -> Result<ClusterClient, GatewayError> {
@@ -297,7 +309,11 @@ impl Router {
         let route = loop {
             let route = self.route(&key).await?;
             if route.allocations.is_empty() && !scaled {
-                scaled = self.scale_from_zero(&key).await?;
+                let near = Near {
+                    region: req.near_region.clone(),
+                    zone: req.near_zone.clone(),
+                };
+                scaled = self.scale_from_zero(&key, &near).await?;
                 continue;
             }
             if !self.hub.ready_of(&route.allocations).is_empty() {

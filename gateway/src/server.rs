@@ -78,6 +78,7 @@ pub async fn serve(
     let view = View::new();
     let session = Session::new(cfg.advertise.clone());
     let usage = UsageWriter::spawn(client.clone(), hub.clone());
+    let coordinates = crate::coordinates::Coordinates::new();
     let edge = Edge {
         hub: hub.clone(),
         view: view.clone(),
@@ -85,6 +86,8 @@ pub async fn serve(
         usage: usage.clone(),
         states: AllocationStateWriter::spawn(client.clone()),
         modules: Modules::new(client.clone()),
+        coordinates: coordinates.clone(),
+        advertise: cfg.advertise.clone(),
     };
     let router = Arc::new(Router::new(
         hub.clone(),
@@ -92,7 +95,9 @@ pub async fn serve(
         usage,
         client.clone(),
         cfg.advertise.clone(),
+        coordinates.clone(),
     ));
+    tokio::spawn(coordinates.probe_peers(view.clone(), cfg.advertise.clone(), hub.closed()));
     let callers = Arc::new(Callers::new(view.clone(), client.clone()));
     tokio::spawn(crate::watcher::follow(
         client.clone(),

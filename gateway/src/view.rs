@@ -53,6 +53,8 @@ struct State {
     nodes: HashMap<u64, (i32, u32)>,
     gateways: Vec<Arc<str>>,
     gateway_ids: HashMap<Arc<str>, u32>,
+    /// Ready nodes per gateway symbol (how loaded each gateway is).
+    ready_on: Vec<usize>,
     tokens: HashMap<Vec<u8>, (String, bool)>,
     /// True once a whole reset has been applied (before, routing knows nothing).
     complete: bool,
@@ -67,6 +69,7 @@ impl State {
         let id = self.gateways.len() as u32;
         let a: Arc<str> = Arc::from(g);
         self.gateways.push(a.clone());
+        self.ready_on.push(0);
         self.gateway_ids.insert(a, id);
         id
     }
@@ -141,9 +144,11 @@ impl View {
         if ev.reset {
             let gateways = std::mem::take(&mut s.gateways);
             let gateway_ids = std::mem::take(&mut s.gateway_ids);
+            let ready_on = vec![0; gateways.len()];
             *s = State {
                 gateways,
                 gateway_ids,
+                ready_on,
                 resetting: true,
                 ..State::default()
             };
@@ -188,9 +193,17 @@ impl View {
             s.by_node.entry(a.node).or_default().insert(a.id);
             s.allocations.insert(a.id, a);
         }
+        let ready = pb::NodeState::Ready as i32;
         for n in ev.nodes {
             let g = s.gateway_id(&n.gateway);
-            s.nodes.insert(n.id, (n.state, g));
+            if let Some((old, og)) = s.nodes.insert(n.id, (n.state, g))
+                && old == ready
+            {
+                s.ready_on[og as usize] -= 1;
+            }
+            if n.state == ready {
+                s.ready_on[g as usize] += 1;
+            }
         }
         s.applied = s.applied.max(ev.applied_index);
         let all = s.resetting && !ev.more;
@@ -279,6 +292,26 @@ impl View {
         s.gateways.get(g as usize).cloned()
     }
 
+    /// Every gateway holding ready nodes, with how many (routing and rebalancing read it).
+    pub fn gateway_loads(&self) -> Vec<(Arc<str>, usize)> {
+        self.state
+            .read()
+            .map(|s| {
+                s.gateways
+                    .iter()
+                    .zip(&s.ready_on)
+                    .filter(|(g, n)| !g.is_empty() && **n > 0)
+                    .map(|(g, n)| (g.clone(), *n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The gateways holding ready nodes, by advertised address.
+    pub fn gateways(&self) -> Vec<Arc<str>> {
+        self.gateway_loads().into_iter().map(|(g, _)| g).collect()
+    }
+
     /// A node's committed state (as the wire enum's number), if known.
     pub fn node_state(&self, node: u64) -> Option<i32> {
         self.state.read().ok()?.nodes.get(&node).map(|n| n.0)
@@ -316,6 +349,58 @@ mod tests {
             module_sha256: format!("{version:064x}"),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn gateway_loads_follow_nodes_moving_going_down_and_a_reset() {
+        let node = |id: u64, state: pb::NodeState, gateway: &str| pb::WatchedNode {
+            id,
+            state: state as i32,
+            gateway: gateway.into(),
+            ..Default::default()
+        };
+        let loads = |v: &View| {
+            let mut l: Vec<(String, usize)> = v
+                .gateway_loads()
+                .into_iter()
+                .map(|(g, n)| (g.to_string(), n))
+                .collect();
+            l.sort();
+            l
+        };
+        let v = View::new();
+        v.apply(pb::WatchEvent {
+            applied_index: 1,
+            reset: true,
+            nodes: vec![
+                node(1, pb::NodeState::Ready, "a"),
+                node(2, pb::NodeState::Ready, "a"),
+                node(3, pb::NodeState::Ready, "b"),
+                node(4, pb::NodeState::Down, ""),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(loads(&v), vec![("a".into(), 2), ("b".into(), 1)]);
+        // 2 moves to b, 1 goes down, 4 comes back on a.
+        v.apply(pb::WatchEvent {
+            applied_index: 2,
+            nodes: vec![
+                node(2, pb::NodeState::Ready, "b"),
+                node(1, pb::NodeState::Down, ""),
+                node(4, pb::NodeState::Ready, "a"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(loads(&v), vec![("a".into(), 1), ("b".into(), 2)]);
+        assert_eq!(v.gateways().len(), 2);
+        // A reset starts the counts over.
+        v.apply(pb::WatchEvent {
+            applied_index: 3,
+            reset: true,
+            nodes: vec![node(9, pb::NodeState::Ready, "c")],
+            ..Default::default()
+        });
+        assert_eq!(loads(&v), vec![("c".into(), 1)]);
     }
 
     #[test]

@@ -25,11 +25,18 @@ pub async fn follow(
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let endpoints = client.endpoints().to_vec();
-    let mut next = 0usize;
+    // Gateways start on a random replica, so their watches spread over the replicas rather
+    // than all landing on the first (often the leader).
+    let mut next = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as usize
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
         let target = endpoints[next % endpoints.len()].clone();
-        next += 1;
+        next = next.wrapping_add(1);
         let from = if view.complete() { view.applied() } else { 0 };
         let outcome = tokio::select! {
             r = one(&client, &target, from, &view, &hub) => r,

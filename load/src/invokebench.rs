@@ -1,12 +1,12 @@
-//! `invoke-bench`: end-to-end invocations through a gateway. It starts a cluster on
-//! loopback as real processes (one control-plane replica, one gateway and N workers, this
-//! binary's hidden `replica`, `gateway` and `worker` roles) or targets `--endpoint`, deploys
-//! `hello`, and drives it with many concurrent callers over several gRPC connections for a
-//! fixed time. The replica is not on the invocation path.
+//! `invoke-bench`: end-to-end invocations through gateways. It starts a cluster on loopback
+//! as real processes of the shipped `stellar` binary (one control-plane replica, G gateways
+//! and N workers spread over them) or targets `--endpoint`, deploys `hello`, and drives it
+//! with many concurrent callers over several gRPC connections (spread over the gateways) for
+//! a fixed time. The replica is not on the invocation path.
 //!
 //! ```text
-//!  callers ×C ─(K channels)─▶ Control.Invoke on the gateway ─▶ worker stream ─▶ wasmtime
-//!      ◀───────────────────────── stdout + usage ◀───────────────────────────────┘
+//!  callers ×C ─(K channels)─▶ Control.Invoke on gateway k % G ─▶ worker stream ─▶ wasmtime
+//!      ◀───────────────────────── stdout + usage ◀──────────────────────────────────┘
 //! ```
 
 #![allow(clippy::disallowed_methods)] // a benchmark's timers read the clock
@@ -36,14 +36,16 @@ pub struct InvokeBenchConfig {
     pub runtime_threads: usize,
     /// Workers to start (ignored with `endpoint`).
     pub workers: usize,
+    /// Gateways to start (ignored with `endpoint`); workers and connections spread over them.
+    pub gateways: usize,
     /// An existing cluster to target instead of starting one.
     pub endpoint: Vec<String>,
     /// The token for `endpoint` (an admin token: the bench creates its tenant).
     pub token: Option<String>,
     /// The `hello` module.
     pub module: PathBuf,
-    /// This binary (for the replica and worker roles).
-    pub exe: PathBuf,
+    /// The shipped `stellar` binary (replica, gateways and workers).
+    pub stellar: PathBuf,
 }
 
 /// What was measured.
@@ -61,6 +63,8 @@ pub struct InvokeBenchReport {
     pub concurrency: usize,
     /// Workers serving `hello`.
     pub workers: usize,
+    /// Gateways the callers used.
+    pub gateways: usize,
     /// Async runtime threads per process (0 = one per core).
     pub runtime_threads: usize,
     /// Measured seconds.
@@ -85,7 +89,7 @@ pub enum InvokeBenchError {
 }
 
 struct Cluster {
-    endpoint: String,
+    endpoints: Vec<String>,
     admin: ClusterClient,
     _procs: Vec<KillOnDrop>,
     _dir: Option<tempfile::TempDir>,
@@ -123,23 +127,33 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
             InvokeBenchError::Setup("--endpoint needs --token (an admin token)".into())
         })?;
         return Ok(Cluster {
-            endpoint: cfg.endpoint[0].clone(),
+            endpoints: cfg.endpoint.clone(),
             admin: c.with_token(token),
             _procs: Vec::new(),
             _dir: None,
         });
     }
     let setup = |e: &dyn std::fmt::Display| InvokeBenchError::Setup(e.to_string());
+    if !cfg.stellar.is_file() {
+        return Err(setup(&format!(
+            "the `stellar` binary is not at {} (build it: cargo build --release -p stellar-cli, or pass --stellar PATH)",
+            cfg.stellar.display()
+        )));
+    }
     let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
-    let ports = crate::procs::free_ports(2).map_err(|e| setup(&e))?;
+    let g = cfg.gateways.max(1);
+    let ports = crate::procs::free_ports(1 + g).map_err(|e| setup(&e))?;
     let replica = format!("127.0.0.1:{}", ports[0]);
-    let addr = format!("127.0.0.1:{}", ports[1]);
+    let gateways: Vec<String> = ports[1..]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
     let token = "invoke-bench-token";
     let plane = dir.path().join("plane");
     let mut procs = vec![spawn(
-        &cfg.exe,
+        &cfg.stellar,
         &[
-            "replica",
+            "scheduler",
             "--id",
             "1",
             "--peers",
@@ -150,30 +164,45 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
         &dir.path().join("plane.log"),
         cfg.runtime_threads,
     )?];
-    procs.push(spawn(
-        &cfg.exe,
-        &[
-            "gateway",
-            "--control",
-            &replica,
-            "--listen",
-            &addr,
-            "--token-dirs",
-            &plane.to_string_lossy(),
-            "--join-token",
-            token,
-        ],
-        &dir.path().join("gateway.log"),
-        cfg.runtime_threads,
-    )?);
+    // Gateways authenticate with the admin token the first leader writes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stellar_proto::tokens::read_admin_token(&plane).is_none() {
+        if Instant::now() > deadline {
+            return Err(InvokeBenchError::Cluster(
+                "the replica wrote no admin token within 30 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let token_file = plane.join("admin.token");
+    for (i, addr) in gateways.iter().enumerate() {
+        procs.push(spawn(
+            &cfg.stellar,
+            &[
+                "gateway",
+                "--control",
+                &replica,
+                "--listen",
+                addr,
+                "--http-listen",
+                "off",
+                "--token-file",
+                &token_file.to_string_lossy(),
+                "--join-token",
+                token,
+            ],
+            &dir.path().join(format!("gateway-{i}.log")),
+            cfg.runtime_threads,
+        )?);
+    }
     for i in 0..cfg.workers {
         let wdir = dir.path().join(format!("worker-{i}"));
         procs.push(spawn(
-            &cfg.exe,
+            &cfg.stellar,
             &[
                 "worker",
                 "--join",
-                &addr,
+                &gateways[i % g],
                 "--token",
                 token,
                 "--data-dir",
@@ -183,11 +212,11 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
             cfg.runtime_threads,
         )?);
     }
-    let admin = ClusterClient::new(std::slice::from_ref(&addr))
+    let admin = ClusterClient::new(std::slice::from_ref(&gateways[0]))
         .map_err(|e| setup(&e.message()))?
         .with_admin_token_from(vec![plane]);
     Ok(Cluster {
-        endpoint: addr,
+        endpoints: gateways,
         admin,
         _procs: procs,
         _dir: Some(dir),
@@ -301,8 +330,10 @@ pub fn run(
         .map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
     log(&if cfg.endpoint.is_empty() {
         format!(
-            "starting 1 control-plane replica, 1 gateway and {} worker(s) on loopback",
-            cfg.workers
+            "starting 1 control-plane replica, {} gateway(s) and {} worker(s) on loopback ({})",
+            cfg.gateways.max(1),
+            cfg.workers,
+            cfg.stellar.display()
         )
     } else {
         format!("targeting {}", cfg.endpoint.join(","))
@@ -315,9 +346,9 @@ pub fn run(
         cfg.concurrency, cfg.connections, cfg.seconds
     ));
     let clients: Vec<ClusterClient> = (0..cfg.connections.max(1))
-        .map(|_| {
-            ClusterClient::new(std::slice::from_ref(&cluster.endpoint))
-                .map(|c| c.with_token(&token))
+        .map(|i| {
+            let endpoint = &cluster.endpoints[i % cluster.endpoints.len()];
+            ClusterClient::new(std::slice::from_ref(endpoint)).map(|c| c.with_token(&token))
         })
         .collect::<Result<_, _>>()
         .map_err(|e| InvokeBenchError::Setup(e.message().to_string()))?;
@@ -382,6 +413,11 @@ pub fn run(
         errors: errors.load(Ordering::Relaxed),
         concurrency: cfg.concurrency,
         workers,
+        gateways: if cfg.endpoint.is_empty() {
+            cfg.gateways.max(1)
+        } else {
+            cfg.endpoint.len()
+        },
         runtime_threads: cfg.runtime_threads,
         seconds: cfg.seconds,
         cpu_seconds: cpu,

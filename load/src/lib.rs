@@ -3,10 +3,12 @@
 
 pub mod alloc;
 pub mod baselines;
+pub mod edgebench;
 pub mod invokebench;
 pub mod procs;
 pub mod raftbench;
 pub mod sim;
+pub mod simworkers;
 pub mod wasmbench;
 pub mod workload;
 pub mod world;

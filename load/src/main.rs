@@ -59,6 +59,81 @@ enum Command {
     /// Run one worker agent until stdin closes (used by wasm-bench for the idle RSS).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Measure the edge tier at fleet scale: 3 replicas and G gateways (the `stellar` binary)
+    /// with N simulated workers on real gRPC streams; the leader's and the gateways' CPU and
+    /// memory in steady state, how fast killed and silent workers and a killed gateway are
+    /// committed, and whether any acknowledged usage is lost.
+    ///
+    /// Prints a summary, or with --json exactly one JSON object on stdout. Raise the port
+    /// range for more than ~25k workers per gateway (sysctl net.ipv4.ip_local_port_range).
+    EdgeBench(EdgeBenchArgs),
+    /// Simulated workers for edge-bench (commands on stdin, events on stdout).
+    #[command(hide = true)]
+    SimWorkers(SimWorkersArgs),
+}
+
+#[derive(clap::Args)]
+struct EdgeBenchArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 10_000)]
+    workers: usize,
+    /// Gateways (the first is killed in the failover phase when there are two or more).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    gateways: u64,
+    /// Seconds of the steady-state window.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Worker connections killed to measure detection.
+    #[arg(long, default_value_t = 200)]
+    kill_workers: usize,
+    /// Workers that go silent without closing their connection.
+    #[arg(long, default_value_t = 100)]
+    silence_workers: usize,
+    /// Keep every gateway up (skip the failover phase).
+    #[arg(long)]
+    no_gateway_kill: bool,
+    /// Usage records per second over the fleet.
+    #[arg(long, default_value_t = 200.0)]
+    usage_per_sec: f64,
+    /// Simulated workers per process.
+    #[arg(long, default_value_t = 5_000)]
+    per_process: usize,
+    /// Registrations per second while the fleet attaches.
+    #[arg(long, default_value_t = 2_000.0)]
+    ramp_per_sec: f64,
+    /// Workers sharing one HTTP/2 connection (1: one each, as real devices).
+    #[arg(long, default_value_t = 1)]
+    streams_per_connection: usize,
+    /// The `stellar` binary [default: next to this one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct SimWorkersArgs {
+    #[arg(long, value_delimiter = ',')]
+    gateways: Vec<String>,
+    #[arg(long)]
+    count: usize,
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, env = "STELLAR_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    function: String,
+    #[arg(long, default_value_t = 0.0)]
+    usage_per_sec: f64,
+    #[arg(long, default_value_t = 1000.0)]
+    ramp_per_sec: f64,
+    #[arg(long, default_value_t = 1)]
+    streams_per_connection: usize,
 }
 
 #[derive(clap::Args)]
@@ -90,6 +165,12 @@ struct InvokeBenchArgs {
     /// Workers to start on loopback.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Gateways to start; workers and the callers' connections spread over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    gateways: u64,
+    /// The `stellar` binary that runs the cluster [default: next to this one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
     /// Target this cluster instead of starting one (comma-separated replicas).
     #[arg(long, value_delimiter = ',')]
     endpoint: Vec<String>,
@@ -286,6 +367,113 @@ fn main() -> ExitCode {
             }
         },
         Command::Worker(args) => run_worker(args),
+        Command::EdgeBench(args) => run_edge_bench(args),
+        Command::SimWorkers(args) => run_sim_workers(args),
+    }
+}
+
+/// The shipped `stellar` binary: `--stellar`, else the one built next to this binary.
+fn stellar_binary(given: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    given.or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("stellar")))
+    })
+}
+
+fn run_edge_bench(args: EdgeBenchArgs) -> ExitCode {
+    let (Ok(exe), Some(stellar)) = (std::env::current_exe(), stellar_binary(args.stellar)) else {
+        eprintln!("edge-bench: cannot find my own binary");
+        return ExitCode::FAILURE;
+    };
+    let cfg = stellar_load::edgebench::EdgeBenchConfig {
+        workers: args.workers.max(1),
+        gateways: args.gateways as usize,
+        seconds: args.seconds.max(1),
+        kill_workers: args.kill_workers,
+        silence_workers: args.silence_workers,
+        kill_gateway: !args.no_gateway_kill,
+        usage_per_sec: args.usage_per_sec.max(0.0),
+        per_process: args.per_process.max(1),
+        ramp_per_sec: args.ramp_per_sec.max(1.0),
+        streams_per_connection: args.streams_per_connection.max(1),
+        stellar,
+        exe,
+    };
+    let mut log = |m: &str| eprintln!("[edge-bench] {m}");
+    match stellar_load::edgebench::run(&cfg, &mut log) {
+        Ok(r) => {
+            if args.json {
+                println!("{}", serde_json::to_value(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "edge-bench  {} workers, {} gateways: leader {:.2}% of a core, {} MiB; gateways {:.2}% of a core and {} MiB per 10k workers",
+                    r.workers,
+                    r.gateways,
+                    r.leader_cpu_pct,
+                    r.leader_rss_bytes >> 20,
+                    r.gateway_cpu_pct_per_10k_workers,
+                    r.gateway_rss_bytes_per_10k_workers >> 20
+                );
+                println!(
+                    "detection   killed worker p50 {:.0} ms p99 {:.0} ms; silent worker p50 {:.0} ms p99 {:.0} ms; dead gateway p99 {:.0} ms ({} re-attached, {} down, {} unresolved)",
+                    r.detect_worker_p50_ms,
+                    r.detect_worker_p99_ms,
+                    r.detect_silent_worker_p50_ms,
+                    r.detect_silent_worker_p99_ms,
+                    r.detect_gateway_p99_ms,
+                    r.gateway_nodes_reattached,
+                    r.gateway_nodes_down,
+                    r.gateway_nodes_unresolved
+                );
+                println!(
+                    "commits     {:.2} node transitions/s steady, {} peak; usage {} acknowledged, {} recorded, {} lost",
+                    r.committed_node_transitions_per_sec,
+                    r.peak_committed_node_transitions_per_sec,
+                    r.usage_acknowledged,
+                    r.usage_recorded,
+                    r.lost_acknowledged
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_sim_workers(args: SimWorkersArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sim-workers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = stellar_load::simworkers::SimWorkersConfig {
+        gateways: args.gateways,
+        count: args.count,
+        first: args.first,
+        seed: args.seed,
+        join_token: args.join_token,
+        tenant: args.tenant,
+        function: args.function,
+        usage_per_sec: args.usage_per_sec,
+        ramp_per_sec: args.ramp_per_sec,
+        streams_per_connection: args.streams_per_connection,
+    };
+    match rt.block_on(stellar_load::simworkers::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sim-workers: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -338,12 +526,9 @@ fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {
 }
 
 fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("invoke-bench: cannot find my own binary: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(stellar) = stellar_binary(args.stellar) else {
+        eprintln!("invoke-bench: cannot find the `stellar` binary; pass --stellar PATH");
+        return ExitCode::FAILURE;
     };
     let cfg = stellar_load::invokebench::InvokeBenchConfig {
         seconds: args.seconds.max(1),
@@ -351,12 +536,13 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
         connections: args.connections.max(1),
         runtime_threads: args.runtime_threads,
         workers: args.workers.max(1),
+        gateways: args.gateways as usize,
         endpoint: args.endpoint,
         token: args.token,
         module: args
             .module
             .unwrap_or_else(stellar_load::wasmbench::default_module),
-        exe,
+        stellar,
     };
     let mut log = |m: &str| eprintln!("[invoke-bench] {m}");
     match stellar_load::invokebench::run(&cfg, &mut log) {
@@ -371,6 +557,7 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
                         "errors": r.errors,
                         "concurrency": r.concurrency,
                         "workers": r.workers,
+                        "gateways": r.gateways,
                         "runtime_threads": r.runtime_threads,
                         "seconds": r.seconds,
                         "cpu_seconds": r.cpu_seconds,

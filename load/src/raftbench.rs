@@ -397,6 +397,7 @@ async fn stream_proposer(
             request_id: format!("a{t}-{seq}").into_bytes(),
             tenant: "bench".into(),
             function: format!("fn-{}", t * per + seq as usize % per),
+            ..Default::default()
         };
         if tx.send(req).await.is_err() {
             return false;
@@ -448,6 +449,7 @@ pub async fn throughput(
                         request_id: format!("a{t}-{seq}").into_bytes(),
                         tenant: "bench".into(),
                         function: format!("fn-{}", t * per_proposer + seq as usize % per_proposer),
+                        ..Default::default()
                     };
                     c.call(|mut cl| {
                         let req = req.clone();
@@ -613,6 +615,7 @@ pub async fn failover(
                     request_id: format!("w{t}-{seq}").into_bytes(),
                     tenant: "bench".into(),
                     function: format!("fn-{}", (t * 4 + seq as usize % 4) % 64),
+                    ..Default::default()
                 };
                 seq += 1;
                 let r = client
@@ -647,6 +650,7 @@ pub async fn failover(
                 request_id: format!("probe-{k}-{n}").into_bytes(),
                 tenant: "bench".into(),
                 function: format!("fn-{}", k % functions),
+                ..Default::default()
             };
             n += 1;
             let r = probe

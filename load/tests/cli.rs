@@ -159,3 +159,51 @@ fn invoke_bench_prints_one_json_object_and_no_errors() {
     assert_eq!(v["errors"], 0, "{v}");
     assert!(v["invocations_per_sec"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+/// `edge-bench` end to end, small: the shipped `stellar` binary for 3 replicas and 2
+/// gateways, 300 simulated workers; every killed worker and every node of the killed gateway
+/// is resolved, and no acknowledged usage record is missing from the ledger.
+#[test]
+fn edge_bench_resolves_every_failure_and_loses_no_acknowledged_usage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_stellar-load"))
+        .args([
+            "edge-bench",
+            "--workers",
+            "300",
+            "--gateways",
+            "2",
+            "--seconds",
+            "1",
+            "--kill-workers",
+            "10",
+            "--silence-workers",
+            "0",
+            "--per-process",
+            "150",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["workers"], 300, "{v}");
+    assert_eq!(v["detect_worker_count"], 10, "{v}");
+    assert!(v["gateway_nodes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["gateway_nodes_unresolved"], 0, "{v}");
+    assert_eq!(v["lost_acknowledged"], 0, "{v}");
+    assert!(v["usage_acknowledged"].as_u64().unwrap() > 0, "{v}");
+    for k in [
+        "leader_cpu_pct",
+        "gateway_cpu_pct_per_10k_workers",
+        "detect_worker_p99_ms",
+        "detect_gateway_p99_ms",
+        "committed_node_transitions_per_sec",
+    ] {
+        assert!(v[k].as_f64().is_some(), "missing {k}: {v}");
+    }
+}

@@ -63,4 +63,6 @@ pub use request::{
 };
 pub use stages::{Diagnosis, FilterKind, Score, Weights};
 pub use table::{NodeTable, NodeView, RegionId, Slot, TableError, ZoneId};
-pub use vivaldi::{Coordinate, VivaldiConfig, VivaldiError, VivaldiNode};
+pub use vivaldi::{
+    Coordinate, LATENCY_FILTER_WINDOW, LatencyFilter, VivaldiConfig, VivaldiError, VivaldiNode,
+};

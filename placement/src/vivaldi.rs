@@ -249,6 +249,101 @@ impl VivaldiNode {
     }
 }
 
+/// Samples kept per peer by [`LatencyFilter`] (Serf keeps 3).
+pub const LATENCY_FILTER_WINDOW: usize = 3;
+
+/// A per-peer moving median of RTT samples, as Serf filters them before Vivaldi sees them:
+/// one slow sample (a busy peer, a queued packet, a GC pause) does not throw a coordinate
+/// off. Peers are evicted oldest-first past `max_peers`, so memory stays bounded.
+#[derive(Clone, Debug)]
+pub struct LatencyFilter<K> {
+    window: usize,
+    max_peers: usize,
+    peers: std::collections::HashMap<K, (u64, std::collections::VecDeque<f64>)>,
+    clock: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> LatencyFilter<K> {
+    /// A filter keeping the last `window` samples (at least 1) of at most `max_peers` peers.
+    pub fn new(window: usize, max_peers: usize) -> Self {
+        LatencyFilter {
+            window: window.max(1),
+            max_peers: max_peers.max(1),
+            peers: std::collections::HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    /// Adds a sample for `peer` and returns the median of its kept samples (this one
+    /// included); a non-finite or negative sample is refused with `None` and not kept.
+    pub fn sample(&mut self, peer: K, rtt_ms: f64) -> Option<f64> {
+        if !(rtt_ms.is_finite() && rtt_ms >= 0.0) {
+            return None;
+        }
+        self.clock += 1;
+        if !self.peers.contains_key(&peer) && self.peers.len() >= self.max_peers {
+            let oldest = self
+                .peers
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.peers.remove(&k);
+            }
+        }
+        let clock = self.clock;
+        let entry = self.peers.entry(peer).or_default();
+        entry.0 = clock;
+        if entry.1.len() == self.window {
+            entry.1.pop_front();
+        }
+        entry.1.push_back(rtt_ms);
+        let mut sorted: Vec<f64> = entry.1.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        Some(sorted[sorted.len() / 2])
+    }
+
+    /// The current median for `peer`, if it has samples.
+    pub fn median(&self, peer: &K) -> Option<f64> {
+        let (_, samples) = self.peers.get(peer)?;
+        let mut sorted: Vec<f64> = samples.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied()
+    }
+
+    /// Forgets `peer` (it left).
+    pub fn forget(&mut self, peer: &K) {
+        self.peers.remove(peer);
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    #[test]
+    fn one_slow_sample_does_not_move_the_median_and_peers_are_bounded() {
+        let mut f = LatencyFilter::new(LATENCY_FILTER_WINDOW, 2);
+        assert_eq!(f.sample("a", 10.0), Some(10.0));
+        assert_eq!(f.sample("a", 12.0), Some(12.0));
+        // A 500 ms outlier: the median of [10, 12, 500] is 12.
+        assert_eq!(f.sample("a", 500.0), Some(12.0));
+        // The window slides: [12, 500, 11] -> 12; [500, 11, 13] -> 13.
+        assert_eq!(f.sample("a", 11.0), Some(12.0));
+        assert_eq!(f.sample("a", 13.0), Some(13.0));
+        assert_eq!(f.sample("a", f64::NAN), None);
+        assert_eq!(f.sample("a", -1.0), None);
+        assert_eq!(f.median(&"a"), Some(13.0));
+        // Peers are kept apart, and the least recently sampled is evicted past the bound.
+        assert_eq!(f.sample("b", 40.0), Some(40.0));
+        assert_eq!(f.sample("c", 70.0), Some(70.0));
+        assert_eq!(f.median(&"a"), None);
+        assert_eq!(f.median(&"b"), Some(40.0));
+        f.forget(&"b");
+        assert_eq!(f.median(&"b"), None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -289,8 +289,9 @@ impl Liveness {
             let Some(id) = self.dirty.pop_first() else {
                 break;
             };
+            // Not committed yet: its registration is on its way through Raft (it stays
+            // attached; forgetting it here would leave it committed ready but unwatched).
             let Some(n) = state.nodes().get(&id) else {
-                self.on.remove(&id);
                 continue;
             };
             if let Some(t) = self.desired(state, id, n) {
@@ -464,6 +465,50 @@ mod tests {
         let t = l.transitions(&s, 32, 100);
         apply(&mut s, 5, t);
         assert_eq!(state_of(&s, 1), (NodeState::Ready, "gw-b:1".into()));
+    }
+
+    #[test]
+    fn a_node_whose_registration_is_in_flight_stays_attached() {
+        // Found by edge-bench: a liveness round between a join report and the commit of its
+        // registration forgot the node; the grace sweep then committed it down while its
+        // worker was attached, and a later gateway death would not have touched it.
+        let mut s = registered(&[1]);
+        let mut l = Liveness::new(0, 10, 20);
+        l.open("gw-a:1", 1).unwrap();
+        let mut r = report("gw-a:1", 1);
+        r.joined = vec![crate::fuzzing::node(7)];
+        let register = l.report(&s, 1, &r).unwrap();
+        assert_eq!(register.len(), 1);
+        // A round before the registration commits.
+        assert!(l.transitions(&s, 1, 100).is_empty());
+        assert_eq!(l.gateway_of(7), Some("gw-a:1"));
+        // The registration commits (ready, on gw-a), then the grace ends.
+        let mut fx = crate::state::Effects::default();
+        let res = s.apply(
+            2,
+            pb::Command {
+                request_id: vec![],
+                kind: Some(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
+                    nodes: register,
+                })),
+            },
+            &mut fx,
+        );
+        assert!(res.error_code.is_empty(), "{res:?}");
+        l.observe(&[7]);
+        let t = l.transitions(&s, 11, 100);
+        assert!(
+            t.iter().all(|t| t.node != 7),
+            "node 7 is attached and must not go down: {t:?}"
+        );
+        // Its gateway dies and it never comes back: now it goes down.
+        l.close("gw-a:1", 1, 12);
+        let t = l.transitions(&s, 40, 100);
+        assert!(
+            t.iter()
+                .any(|t| t.node == 7 && t.state == pb::NodeState::Down as i32),
+            "{t:?}"
+        );
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub enum Request {
         tenant: String,
         /// Function name.
         function: String,
+        /// Where its callers are (the latency stage scores from here).
+        origin: Origin,
     },
     /// Adds a voter (ConfChangeV2).
     AddReplica {
@@ -925,6 +927,7 @@ impl Replica {
                 request_id,
                 tenant,
                 function,
+                origin,
             } => {
                 let scope = DedupeScope {
                     method: "plan",
@@ -946,14 +949,9 @@ impl Replica {
                     request_id: request_id.clone(),
                     tenant: tenant.clone(),
                     function: function.clone(),
+                    origin: origin.clone(),
                 };
-                let nodes = self.plan(
-                    Some(fid),
-                    (&tenant, &function),
-                    &version,
-                    1,
-                    Origin::Anywhere,
-                )?;
+                let nodes = self.plan(Some(fid), (&tenant, &function), &version, 1, origin)?;
                 let cmd = command(
                     request_id,
                     pb::command::Kind::Plan(pb::PlanCmd {
@@ -1053,14 +1051,7 @@ impl Replica {
             .into());
         }
         let fid = self.state.function(&d.tenant, &d.name).map(|(id, _)| id);
-        let origin = if d.near_region.is_empty() {
-            Origin::Anywhere
-        } else {
-            Origin::Zone {
-                region: d.near_region.clone(),
-                zone: d.near_zone.clone(),
-            }
-        };
+        let origin = origin_of(&d.near_region, &d.near_zone, None);
         let nodes = if d.replicas == 0 {
             Vec::new()
         } else {
@@ -1743,6 +1734,21 @@ pub fn node_state_command(request_id: Vec<u8>, node: u64, state: i32) -> Result<
             }],
         }),
     ))
+}
+
+/// Where callers are, from a request's fields: the zone they named, else a coordinate (the
+/// gateway they reached), else anywhere.
+pub fn origin_of(region: &str, zone: &str, near: Option<&pb::Coordinate>) -> Origin {
+    if !region.is_empty() {
+        return Origin::Zone {
+            region: region.to_string(),
+            zone: zone.to_string(),
+        };
+    }
+    match near.and_then(coordinate_of) {
+        Some(c) => Origin::Coordinate(c),
+        None => Origin::Anywhere,
+    }
 }
 
 /// A node coordinate from the wire (None: malformed, e.g. not three dimensions).

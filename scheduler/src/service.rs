@@ -238,6 +238,7 @@ impl pb::control_server::Control for ControlService {
             .write(Request::Allocate {
                 request_id: request_id(r.request_id)?,
                 tenant: caller.tenant_for(&r.tenant)?,
+                origin: crate::replica::origin_of(&r.near_region, &r.near_zone, r.near.as_ref()),
                 function: r.function,
             })
             .await?;
@@ -274,6 +275,11 @@ impl pb::control_server::Control for ControlService {
                                 Request::Allocate {
                                     request_id: id,
                                     tenant,
+                                    origin: crate::replica::origin_of(
+                                        &r.near_region,
+                                        &r.near_zone,
+                                        r.near.as_ref(),
+                                    ),
                                     function: r.function,
                                 },
                                 WRITE_TIMEOUT,

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use stellar_placement::{Coordinate, VivaldiConfig, VivaldiNode};
+use stellar_placement::{
+    Coordinate, LATENCY_FILTER_WINDOW, LatencyFilter, VivaldiConfig, VivaldiNode,
+};
 use stellar_proto::v1 as pb;
 use stellar_proto::v1::agent_client::AgentClient;
 use tokio::sync::{Semaphore, mpsc};
@@ -84,6 +86,12 @@ struct Agent {
     instances: HashMap<u64, Instance>,
     vivaldi: VivaldiNode,
     vivaldi_cfg: VivaldiConfig,
+    /// Per-gateway moving median of RTT samples (Serf's latency filter).
+    rtts: LatencyFilter<String>,
+    /// Every gateway this worker knows: `--join`, then those its gateways named.
+    gateways: Vec<String>,
+    /// The gateway of the current stream.
+    current: String,
     rng: rand_pcg::Pcg64,
     slots: Arc<Semaphore>,
     usage: Arc<Mutex<Unacked>>,
@@ -162,6 +170,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         rng: rand_pcg::Pcg64::seed_from_u64(identity.node()),
         vivaldi: VivaldiNode::new(&vivaldi_cfg),
         vivaldi_cfg,
+        rtts: LatencyFilter::new(LATENCY_FILTER_WINDOW, MAX_KNOWN_GATEWAYS),
+        gateways: cfg.join.clone(),
+        current: String::new(),
         identity,
         sandbox,
         attributes,
@@ -173,10 +184,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let mut hint: Option<String> = None;
-    let mut next = 0usize;
+    // Workers of a fleet share one --join list: each starts at its own place in it, so a
+    // restart of every device (or a dead gateway) does not send them all to the first one.
+    let mut next = agent.rng.random_range(0..agent.gateways.len());
     loop {
         let addr = hint.take().unwrap_or_else(|| {
-            let a = agent.cfg.join[next % agent.cfg.join.len()].clone();
+            let a = agent.gateways[next % agent.gateways.len()].clone();
             next += 1;
             a
         });
@@ -213,11 +226,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
 }
 
+/// Gateways a worker remembers (from `--join` and what its gateways told it).
+const MAX_KNOWN_GATEWAYS: usize = 64;
+/// A probe answered later than this is a fault, not a sample.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Messages from tasks the session spawned.
 enum Event {
     Loaded {
         sha256: String,
         result: std::result::Result<(), String>,
+    },
+    /// An RTT sample to a gateway this worker is not attached to.
+    Probed {
+        gateway: String,
+        rtt_ms: f64,
+        coordinate: pb::Coordinate,
     },
 }
 
@@ -268,7 +292,20 @@ impl Agent {
         let heartbeat_ms = match inbound.message().await {
             Ok(Some(pb::ControlMessage {
                 kind: Some(pb::control_message::Kind::Registered(r)),
-            })) => r.heartbeat_ms.max(50),
+            })) => {
+                for g in r.gateways {
+                    if !self.gateways.contains(&g) && self.gateways.len() < MAX_KNOWN_GATEWAYS {
+                        self.gateways.push(g);
+                    }
+                }
+                r.heartbeat_ms.max(50)
+            }
+            Ok(Some(pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::Redirect(r)),
+            })) => {
+                tracing::info!(from = %addr, to = %r.gateway, reason = %r.reason, "gateway redirected this worker");
+                return (Ended::Redirect(r.gateway), false);
+            }
             Ok(Some(pb::ControlMessage {
                 kind: Some(pb::control_message::Kind::NotLeader(n)),
             })) => return (Ended::Redirect(n.leader_address), false),
@@ -280,6 +317,7 @@ impl Agent {
             node = format!("{:016x}", self.identity.node()),
             "registered with the control plane"
         );
+        self.current = addr.to_string();
         // Whatever usage the last connection left unacknowledged goes out first.
         self.flush_usage(&tx, true).await;
         // Instances survive a reconnect, but the control plane re-sends what this node
@@ -291,6 +329,10 @@ impl Agent {
         let mut fetching: HashMap<String, Vec<u8>> = HashMap::new();
         let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms)));
         let mut usage_tick = tokio::time::interval(Duration::from_secs(1));
+        // One RTT probe per keepalive period to another gateway, round robin: the coordinate
+        // learns from several peers, not just the gateway of the stream.
+        let mut probe = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms)));
+        let mut probe_next = 0usize;
         let mut seq = 0u64;
         let mut sent_at: HashMap<u64, Instant> = HashMap::new();
         loop {
@@ -314,6 +356,15 @@ impl Agent {
                     let _ = tx.send(self.heartbeat(seq)).await;
                 }
                 _ = usage_tick.tick() => self.flush_usage(&tx, false).await,
+                _ = probe.tick() => {
+                    let others: Vec<&String> =
+                        self.gateways.iter().filter(|g| **g != self.current).collect();
+                    if !others.is_empty() {
+                        let g = others[probe_next % others.len()].clone();
+                        probe_next = probe_next.wrapping_add(1);
+                        self.probe(g, events_tx.clone());
+                    }
+                }
                 _ = shutdown.as_mut() => {
                     self.drain(&tx, &mut events).await;
                     return (Ended::Shutdown, true);
@@ -347,6 +398,7 @@ impl Agent {
         match kind {
             Kind::Registered(_) => {}
             Kind::NotLeader(n) => return Some(Ended::Redirect(n.leader_address)),
+            Kind::Redirect(r) => return Some(Ended::Redirect(r.gateway)),
             Kind::Assignment(a) if a.start => self.start(a, tx, events, fetching).await,
             Kind::Assignment(a) => self.stop(a.allocation, tx).await,
             Kind::AssignmentSet(set) => {
@@ -406,17 +458,10 @@ impl Agent {
                 // Invocations are bounded by their own deadline; nothing to cancel early.
             }
             Kind::HeartbeatAck(ack) => {
-                if let (Some(t), Some(c)) = (sent_at.remove(&ack.seq), ack.coordinate)
-                    && let Ok(vec) = <[f32; 3]>::try_from(c.vec.as_slice())
-                {
-                    let peer = Coordinate {
-                        vec,
-                        height_ms: c.height_ms,
-                    };
+                if let (Some(t), Some(c)) = (sent_at.remove(&ack.seq), ack.coordinate) {
                     let rtt_ms = t.elapsed().as_secs_f64() * 1000.0;
-                    let _ =
-                        self.vivaldi
-                            .observe(&self.vivaldi_cfg, &peer, 0.5, rtt_ms, &mut self.rng);
+                    let current = self.current.clone();
+                    self.observe(&current, &c, rtt_ms);
                 }
             }
         }
@@ -459,8 +504,87 @@ impl Agent {
         let _ = events;
     }
 
+    /// Measures the RTT to `gateway` in a task of its own; the sample comes back as an event.
+    fn probe(&self, gateway: String, events: mpsc::Sender<Event>) {
+        let c = self.vivaldi.coordinate();
+        let req = pb::PingRequest {
+            coordinate: Some(pb::Coordinate {
+                vec: c.vec.to_vec(),
+                height_ms: c.height_ms,
+                error: self.vivaldi.error() as f32,
+            }),
+            rtt_ms: self.rtts.median(&gateway).unwrap_or(0.0) as f32,
+        };
+        tokio::spawn(async move {
+            let url = if gateway.contains("://") {
+                gateway.clone()
+            } else {
+                format!("http://{gateway}")
+            };
+            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url) else {
+                return;
+            };
+            let attempt = async {
+                let channel = endpoint
+                    .connect_timeout(PROBE_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut client = AgentClient::new(channel);
+                // Warm the connection first: the sample is one request's round trip.
+                client.ping(req.clone()).await.ok()?;
+                let t = crate::clock::now();
+                let reply = client.ping(req).await.ok()?.into_inner();
+                Some((t.elapsed().as_secs_f64() * 1000.0, reply.coordinate?))
+            };
+            if let Ok(Some((rtt_ms, coordinate))) =
+                tokio::time::timeout(PROBE_TIMEOUT, attempt).await
+            {
+                let _ = events
+                    .send(Event::Probed {
+                        gateway,
+                        rtt_ms,
+                        coordinate,
+                    })
+                    .await;
+            }
+        });
+    }
+
+    /// Folds one filtered RTT sample to `gateway` at `peer` into the coordinate.
+    fn observe(&mut self, gateway: &str, peer: &pb::Coordinate, rtt_ms: f64) {
+        let Ok(vec) = <[f32; 3]>::try_from(peer.vec.as_slice()) else {
+            return;
+        };
+        let peer_coordinate = Coordinate {
+            vec,
+            height_ms: peer.height_ms,
+        };
+        let Some(filtered) = self.rtts.sample(gateway.to_string(), rtt_ms) else {
+            return;
+        };
+        let peer_error = if peer.error > 0.0 {
+            f64::from(peer.error)
+        } else {
+            0.5
+        };
+        let _ = self.vivaldi.observe(
+            &self.vivaldi_cfg,
+            &peer_coordinate,
+            peer_error,
+            filtered,
+            &mut self.rng,
+        );
+    }
+
     async fn on_event(&mut self, ev: Event, tx: &mpsc::Sender<pb::WorkerMessage>) {
         match ev {
+            Event::Probed {
+                gateway,
+                rtt_ms,
+                coordinate,
+            } => self.observe(&gateway, &coordinate, rtt_ms),
             Event::Loaded { sha256, result } => {
                 for (id, i) in self
                     .instances
@@ -614,9 +738,11 @@ impl Agent {
                 coordinate: Some(pb::Coordinate {
                     vec: c.vec.to_vec(),
                     height_ms: c.height_ms,
+                    error: self.vivaldi.error() as f32,
                 }),
                 running,
                 seq,
+                rtt_ms: self.rtts.median(&self.current).unwrap_or(0.0) as f32,
             })),
         }
     }

@@ -607,6 +607,7 @@ impl Sim {
                 request_id: rid,
                 tenant: tenant.clone(),
                 function: name.clone(),
+                origin: stellar_placement::Origin::Anywhere,
             },
         };
         self.outstanding.insert(token, (to, o));
