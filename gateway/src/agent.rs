@@ -137,14 +137,11 @@ impl pb::agent_server::Agent for AgentService {
         &self,
         req: GrpcRequest<pb::PingRequest>,
     ) -> Result<Response<pb::PingReply>, Status> {
-        let peer = req
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let r = req.into_inner();
         if let Some(c) = r.coordinate.as_ref()
             && r.rtt_ms > 0.0
         {
-            self.edge.coordinates.observe(peer, c, f64::from(r.rtt_ms));
+            self.edge.coordinates.observe(c, f64::from(r.rtt_ms));
         }
         Ok(Response::new(pb::PingReply {
             coordinate: Some(self.edge.coordinates.me_wire()),
@@ -275,8 +272,7 @@ fn on_message(
                     edge.hub.set_rtt(node, ms);
                 }
                 if hb.rtt_ms > 0.0 {
-                    edge.coordinates
-                        .observe(format!("{node:016x}"), c, f64::from(hb.rtt_ms));
+                    edge.coordinates.observe(c, f64::from(hb.rtt_ms));
                 }
                 let dist = |a: &pb::Coordinate, b: &[f32]| -> f32 {
                     a.vec

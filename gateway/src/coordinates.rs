@@ -5,9 +5,10 @@
 //! gateway's callers are: scale from zero places near it, routing estimates from it.
 //!
 //! ```text
-//!  worker heartbeat(coord, rtt to me) ─┐
-//!  Ping from a worker or a gateway ────┼─▶ filter(peer) ─▶ Vivaldi(me) ─▶ HeartbeatAck / PingReply
-//!  every 2 s: Ping a peer gateway ─────┘      peers[gw] = its coordinate (forwarding picks the nearest)
+//!  worker heartbeat(coord, its filtered rtt to me) ─┐
+//!  Ping from a worker or a gateway (same) ──────────┼─▶ Vivaldi(me) ─▶ HeartbeatAck / PingReply
+//!  every 2 s: Ping a peer gateway ─▶ filter(peer) ──┘   peers[gw] = its coordinate
+//!                                                       (forwarding picks the nearest)
 //! ```
 
 use std::collections::HashMap;
@@ -24,9 +25,9 @@ use crate::view::View;
 
 /// Error assumed for a peer that sent none.
 const UNKNOWN_ERROR: f64 = 0.5;
-/// Peers whose samples are filtered at once (workers and gateways); the least recent is
-/// forgotten past it.
-const FILTERED_PEERS: usize = 200_000;
+/// Peer gateways whose probe samples are filtered at once; the least recent is forgotten
+/// past it. (Workers and other probers filter their own samples before sending them.)
+const FILTERED_PEERS: usize = 256;
 /// How often the gateway probes one of its peer gateways.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// A probe that takes longer than this is a fault, not a sample.
@@ -62,17 +63,13 @@ pub fn to_wire(c: &Coordinate, error: f64) -> pb::Coordinate {
 
 /// A coordinate from the wire (None: malformed or not finite).
 pub fn from_wire(c: &pb::Coordinate) -> Option<(Coordinate, f64)> {
-    let vec: [f32; 3] = c.vec.as_slice().try_into().ok()?;
-    let coord = Coordinate {
-        vec,
-        height_ms: c.height_ms,
-    };
+    let coord = Coordinate::from_parts(&c.vec, c.height_ms)?;
     let error = if c.error.is_finite() && c.error > 0.0 {
         f64::from(c.error)
     } else {
         UNKNOWN_ERROR
     };
-    coord.is_valid().then_some((coord, error))
+    Some((coord, error))
 }
 
 impl Coordinates {
@@ -104,9 +101,10 @@ impl Coordinates {
         to_wire(&c, e)
     }
 
-    /// Folds an RTT sample between this gateway and `peer` (a worker's node id or a
-    /// gateway's address) at `coordinate` into this gateway's coordinate.
-    pub fn observe(&self, peer: String, coordinate: &pb::Coordinate, rtt_ms: f64) {
+    /// Folds an RTT sample that its sender already filtered (a worker's heartbeat, a
+    /// prober's ping) between this gateway and a peer at `coordinate` into this gateway's
+    /// coordinate.
+    pub fn observe(&self, coordinate: &pb::Coordinate, rtt_ms: f64) {
         let Some((c, error)) = from_wire(coordinate) else {
             return;
         };
@@ -114,11 +112,8 @@ impl Coordinates {
             return;
         }
         let Ok(mut i) = self.inner.lock() else { return };
-        let Some(filtered) = i.filter.sample(peer, rtt_ms) else {
-            return;
-        };
         let Inner { me, rng, .. } = &mut *i;
-        let _ = me.observe(&self.config, &c, error, filtered, rng);
+        let _ = me.observe(&self.config, &c, error, rtt_ms, rng);
     }
 
     /// Records a peer gateway's coordinate (from its ping reply).
@@ -209,9 +204,14 @@ impl Coordinates {
             };
             match rtt {
                 Some((ms, reply)) => {
-                    if let Some(c) = reply.coordinate {
+                    let filtered = self
+                        .inner
+                        .lock()
+                        .ok()
+                        .and_then(|mut i| i.filter.sample(peer.clone(), ms));
+                    if let (Some(c), Some(ms)) = (reply.coordinate, filtered) {
                         self.set_peer(&peer, &c);
-                        self.observe(peer, &c, ms);
+                        self.observe(&c, ms);
                     }
                 }
                 None => {
@@ -239,23 +239,22 @@ mod tests {
             error: 0.1,
         };
         for _ in 0..50 {
-            c.observe("w1".into(), &far, 41.0);
+            c.observe(&far, 41.0);
         }
         // Confident samples 41 ms away from a peer at 40: this gateway now sits near the
         // origin side of it, its estimate close to the measured RTT.
         let est = c.to_worker_ms(&far).expect("valid");
         assert!((est - 41.0).abs() < 8.0, "estimated {est} ms");
         let before = c.me();
-        c.observe("w2".into(), &pb::Coordinate::default(), 10.0); // malformed: no vec
+        c.observe(&pb::Coordinate::default(), 10.0); // malformed: no vec
         c.observe(
-            "w3".into(),
             &pb::Coordinate {
                 vec: vec![f32::NAN, 0.0, 0.0],
                 ..Default::default()
             },
             10.0,
         );
-        c.observe("w1".into(), &far, f64::INFINITY);
+        c.observe(&far, f64::INFINITY);
         assert_eq!(c.me().0, before.0);
         c.set_peer("gw:2", &far);
         assert!(c.to_peer_ms("gw:2").is_some());

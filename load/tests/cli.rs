@@ -130,19 +130,10 @@ fn bad_arguments_fail_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// `invoke-bench` end to end on real processes (short): one JSON object with the fields the
-/// issue names, and every call answered.
-#[test]
-fn invoke_bench_prints_one_json_object_and_no_errors() {
+/// Runs `stellar-load ARGS`, which must succeed and print exactly one JSON object.
+fn json_of(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_stellar-load"))
-        .args([
-            "invoke-bench",
-            "--seconds",
-            "1",
-            "--concurrency",
-            "4",
-            "--json",
-        ])
+        .args(args)
         .output()
         .expect("the binary runs");
     assert!(
@@ -152,7 +143,21 @@ fn invoke_bench_prints_one_json_object_and_no_errors() {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// `invoke-bench` end to end on real processes (short): one JSON object with the fields the
+/// issue names, and every call answered.
+#[test]
+fn invoke_bench_prints_one_json_object_and_no_errors() {
+    let v = json_of(&[
+        "invoke-bench",
+        "--seconds",
+        "1",
+        "--concurrency",
+        "4",
+        "--json",
+    ]);
     for k in ["invocations_per_sec", "p50_ms", "p99_ms", "errors"] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
@@ -165,32 +170,22 @@ fn invoke_bench_prints_one_json_object_and_no_errors() {
 /// is resolved, and no acknowledged usage record is missing from the ledger.
 #[test]
 fn edge_bench_resolves_every_failure_and_loses_no_acknowledged_usage() {
-    let out = Command::new(env!("CARGO_BIN_EXE_stellar-load"))
-        .args([
-            "edge-bench",
-            "--workers",
-            "300",
-            "--gateways",
-            "2",
-            "--seconds",
-            "1",
-            "--kill-workers",
-            "10",
-            "--silence-workers",
-            "0",
-            "--per-process",
-            "150",
-            "--json",
-        ])
-        .output()
-        .expect("the binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = json_of(&[
+        "edge-bench",
+        "--workers",
+        "300",
+        "--gateways",
+        "2",
+        "--seconds",
+        "1",
+        "--kill-workers",
+        "10",
+        "--silence-workers",
+        "0",
+        "--per-process",
+        "150",
+        "--json",
+    ]);
     assert_eq!(v["workers"], 300, "{v}");
     assert_eq!(v["detect_worker_count"], 10, "{v}");
     assert!(v["gateway_nodes"].as_u64().unwrap() > 0, "{v}");

@@ -38,6 +38,16 @@ impl Coordinate {
         euclidean(&self.vec, other)
     }
 
+    /// A coordinate from its parts as they travel (a slice of [`DIMENSIONS`] values and a
+    /// height); None when the shape is wrong or a value is not usable.
+    pub fn from_parts(vec: &[f32], height_ms: f32) -> Option<Coordinate> {
+        let c = Coordinate {
+            vec: vec.try_into().ok()?,
+            height_ms,
+        };
+        c.is_valid().then_some(c)
+    }
+
     /// Whether every component is finite and the height non-negative; others are refused.
     pub fn is_valid(&self) -> bool {
         self.vec.iter().all(|v| v.is_finite())

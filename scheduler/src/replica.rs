@@ -1753,12 +1753,7 @@ pub fn origin_of(region: &str, zone: &str, near: Option<&pb::Coordinate>) -> Ori
 
 /// A node coordinate from the wire (None: malformed, e.g. not three dimensions).
 pub fn coordinate_of(c: &pb::Coordinate) -> Option<Coordinate> {
-    let vec: [f32; 3] = c.vec.as_slice().try_into().ok()?;
-    let c = Coordinate {
-        vec,
-        height_ms: c.height_ms,
-    };
-    c.is_valid().then_some(c)
+    Coordinate::from_parts(&c.vec, c.height_ms)
 }
 
 /// Parses one `ID=HOST:PORT` peer of a `--peers` list.

@@ -92,6 +92,8 @@ struct Agent {
     gateways: Vec<String>,
     /// The gateway of the current stream.
     current: String,
+    /// Connections for RTT probes, one per gateway probed (made once, reused).
+    probes: HashMap<String, tonic::transport::Channel>,
     rng: rand_pcg::Pcg64,
     slots: Arc<Semaphore>,
     usage: Arc<Mutex<Unacked>>,
@@ -173,6 +175,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         rtts: LatencyFilter::new(LATENCY_FILTER_WINDOW, MAX_KNOWN_GATEWAYS),
         gateways: cfg.join.clone(),
         current: String::new(),
+        probes: HashMap::new(),
         identity,
         sandbox,
         attributes,
@@ -505,7 +508,7 @@ impl Agent {
     }
 
     /// Measures the RTT to `gateway` in a task of its own; the sample comes back as an event.
-    fn probe(&self, gateway: String, events: mpsc::Sender<Event>) {
+    fn probe(&mut self, gateway: String, events: mpsc::Sender<Event>) {
         let c = self.vivaldi.coordinate();
         let req = pb::PingRequest {
             coordinate: Some(pb::Coordinate {
@@ -515,25 +518,33 @@ impl Agent {
             }),
             rtt_ms: self.rtts.median(&gateway).unwrap_or(0.0) as f32,
         };
-        tokio::spawn(async move {
-            let url = if gateway.contains("://") {
-                gateway.clone()
-            } else {
-                format!("http://{gateway}")
-            };
-            let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url) else {
-                return;
-            };
-            let attempt = async {
-                let channel = endpoint
+        let fresh = !self.probes.contains_key(&gateway);
+        let channel = match self.probes.get(&gateway) {
+            Some(c) => c.clone(),
+            None => {
+                let url = if gateway.contains("://") {
+                    gateway.clone()
+                } else {
+                    format!("http://{gateway}")
+                };
+                let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url) else {
+                    return;
+                };
+                let c = endpoint
                     .connect_timeout(PROBE_TIMEOUT)
                     .tcp_nodelay(true)
-                    .connect()
-                    .await
-                    .ok()?;
+                    .connect_lazy();
+                self.probes.insert(gateway.clone(), c.clone());
+                c
+            }
+        };
+        tokio::spawn(async move {
+            let attempt = async {
                 let mut client = AgentClient::new(channel);
-                // Warm the connection first: the sample is one request's round trip.
-                client.ping(req.clone()).await.ok()?;
+                // A new connection is warmed first: the sample is one request's round trip.
+                if fresh {
+                    client.ping(req.clone()).await.ok()?;
+                }
                 let t = crate::clock::now();
                 let reply = client.ping(req).await.ok()?.into_inner();
                 Some((t.elapsed().as_secs_f64() * 1000.0, reply.coordinate?))
@@ -554,12 +565,8 @@ impl Agent {
 
     /// Folds one filtered RTT sample to `gateway` at `peer` into the coordinate.
     fn observe(&mut self, gateway: &str, peer: &pb::Coordinate, rtt_ms: f64) {
-        let Ok(vec) = <[f32; 3]>::try_from(peer.vec.as_slice()) else {
+        let Some(peer_coordinate) = Coordinate::from_parts(&peer.vec, peer.height_ms) else {
             return;
-        };
-        let peer_coordinate = Coordinate {
-            vec,
-            height_ms: peer.height_ms,
         };
         let Some(filtered) = self.rtts.sample(gateway.to_string(), rtt_ms) else {
             return;
