@@ -656,6 +656,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_that_cancels_frees_its_pending_entry_and_outstanding_count() {
+        let hub = WorkerHub::new();
+        let (tx, mut rx) = mpsc::channel(8);
+        let (generation, _) = hub.attach(1, tx, "r".into(), "z".into());
+        hub.set_ready(1, 10, true);
+        let outstanding = |hub: &WorkerHub| hub.links.lock().unwrap()[&1].outstanding;
+        let call = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.invoke(
+                    &[(10, 1)],
+                    &Near::default(),
+                    &[],
+                    pb::Invocation::default(),
+                    Duration::from_secs(60),
+                )
+                .await
+            })
+        };
+        let sent = match rx.recv().await {
+            Some(Ok(pb::ControlMessage {
+                kind: Some(pb::control_message::Kind::Invocation(i)),
+            })) => i,
+            other => panic!("expected an invocation, got {other:?}"),
+        };
+        assert_eq!(hub.pending.lock().unwrap().len(), 1);
+        assert_eq!(outstanding(&hub), 1);
+        // The caller goes away (its gRPC stream was cancelled): its task is dropped.
+        call.abort();
+        let _ = call.await;
+        assert_eq!(hub.pending.lock().unwrap().len(), 0, "entry freed");
+        assert_eq!(outstanding(&hub), 0, "the node is not counted busy");
+        // The worker's late answer finds nobody and is not held against it.
+        let late = pb::InvocationResult {
+            invocation_id: sent.invocation_id,
+            ..Default::default()
+        };
+        assert_eq!(hub.complete(1, generation, late), Completion::Late);
+        assert_eq!(hub.refused_results(1), 0);
+    }
+
+    #[tokio::test]
     async fn results_are_accepted_only_from_the_node_and_stream_they_were_sent_to() {
         let hub = WorkerHub::new();
         let (a_tx, mut a_rx) = mpsc::channel(8);

@@ -1736,10 +1736,11 @@ pub fn node_state_command(request_id: Vec<u8>, node: u64, state: i32) -> Result<
     ))
 }
 
-/// Where callers are, from a request's fields: the zone they named, else a coordinate (the
-/// gateway they reached), else anywhere.
+/// Where callers are, from a request's fields: the zone they named (region and zone), else
+/// a coordinate (the gateway they reached), else anywhere. A region without a zone names no
+/// point the latency stage can score from, so it falls through to the coordinate.
 pub fn origin_of(region: &str, zone: &str, near: Option<&pb::Coordinate>) -> Origin {
-    if !region.is_empty() {
+    if !region.is_empty() && !zone.is_empty() {
         return Origin::Zone {
             region: region.to_string(),
             zone: zone.to_string(),

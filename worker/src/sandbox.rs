@@ -234,6 +234,20 @@ impl Function {
 struct Guest {
     wasi: WasiP1Ctx,
     memory: MemoryMeter,
+    /// When the invocation must end (a guest sleeping past it is woken then).
+    deadline: std::time::Instant,
+    /// WASI's own `poll_oneoff` in this store, behind the deadline-bounded wrapper.
+    wasi_poll: Option<wasmtime::Func>,
+}
+
+impl crate::sleep_deadline::Deadline for Guest {
+    fn deadline(&self) -> std::time::Instant {
+        self.deadline
+    }
+
+    fn wasi_poll(&mut self) -> &mut Option<wasmtime::Func> {
+        &mut self.wasi_poll
+    }
 }
 
 /// Enforces the memory limit and records the peak.
@@ -334,6 +348,8 @@ impl Sandbox {
         let engine = Engine::new(&config).map_err(|e| Error::Config(format!("{e:#}")))?;
         let mut linker: Linker<Guest> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |g: &mut Guest| &mut g.wasi)
+            .map_err(|e| Error::Config(format!("linking WASI: {e:#}")))?;
+        crate::sleep_deadline::add(&mut linker)
             .map_err(|e| Error::Config(format!("linking WASI: {e:#}")))?;
         let cache = match &cfg.cache_dir {
             Some(dir) => Some(ArtefactCache::open(dir, &engine)?),
@@ -520,7 +536,10 @@ impl Sandbox {
                 Err(InvokeError::Instantiate(format!("scratch dir: {e:#}"))),
             );
         }
-        let limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        // A limit above the pool's slot cannot be honoured: the slot is the real bound, and
+        // hitting it is this call's MEMORY_LIMIT (not a guest trap from a failed grow).
+        let limit_bytes = limits.memory_bytes.min(self.cfg.max_memory_bytes);
+        let limit = usize::try_from(limit_bytes).unwrap_or(usize::MAX);
         let mut store = Store::new(
             &self.engine,
             Guest {
@@ -530,6 +549,8 @@ impl Sandbox {
                     peak: 0,
                     refused: None,
                 },
+                deadline: crate::clock::now() + limits.timeout,
+                wasi_poll: None,
             },
         );
         store.limiter(|g| &mut g.memory);
@@ -554,7 +575,7 @@ impl Sandbox {
                 let err = match refused {
                     Some(wanted) => InvokeError::MemoryLimit {
                         wanted: wanted as u64,
-                        limit: limits.memory_bytes,
+                        limit: limit_bytes,
                     },
                     None => InvokeError::Instantiate(format!("{e:#}")),
                 };
@@ -583,7 +604,7 @@ impl Sandbox {
                 } else if let Some(wanted) = refused {
                     Err(InvokeError::MemoryLimit {
                         wanted: wanted as u64,
-                        limit: limits.memory_bytes,
+                        limit: limit_bytes,
                     })
                 } else {
                     match e.downcast_ref::<Trap>() {
