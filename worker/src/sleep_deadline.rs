@@ -84,7 +84,7 @@ pub(crate) fn add<T: Deadline + 'static>(linker: &mut Linker<T>) -> wasmtime::Re
             let poll = match *caller.data_mut().wasi_poll() {
                 Some(f) => f,
                 None => {
-                    let Some(Extern::Func(f)) = wasi.get(&mut caller, MODULE, "poll_oneoff") else {
+                    let Ok(Extern::Func(f)) = wasi.get(&mut caller, MODULE, "poll_oneoff") else {
                         wasmtime::bail!("WASI poll_oneoff is not linked");
                     };
                     *caller.data_mut().wasi_poll() = Some(f);
