@@ -234,20 +234,6 @@ impl Function {
 struct Guest {
     wasi: WasiP1Ctx,
     memory: MemoryMeter,
-    /// When the invocation must end (a guest sleeping past it is woken then).
-    deadline: std::time::Instant,
-    /// WASI's own `poll_oneoff` in this store, behind the deadline-bounded wrapper.
-    wasi_poll: Option<wasmtime::Func>,
-}
-
-impl crate::sleep_deadline::Deadline for Guest {
-    fn deadline(&self) -> std::time::Instant {
-        self.deadline
-    }
-
-    fn wasi_poll(&mut self) -> &mut Option<wasmtime::Func> {
-        &mut self.wasi_poll
-    }
 }
 
 /// Enforces the memory limit and records the peak.
@@ -348,8 +334,6 @@ impl Sandbox {
         let engine = Engine::new(&config).map_err(|e| Error::Config(format!("{e:#}")))?;
         let mut linker: Linker<Guest> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |g: &mut Guest| &mut g.wasi)
-            .map_err(|e| Error::Config(format!("linking WASI: {e:#}")))?;
-        crate::sleep_deadline::add(&mut linker)
             .map_err(|e| Error::Config(format!("linking WASI: {e:#}")))?;
         let cache = match &cfg.cache_dir {
             Some(dir) => Some(ArtefactCache::open(dir, &engine)?),
@@ -549,8 +533,6 @@ impl Sandbox {
                     peak: 0,
                     refused: None,
                 },
-                deadline: crate::clock::now() + limits.timeout,
-                wasi_poll: None,
             },
         );
         store.limiter(|g| &mut g.memory);
