@@ -7,6 +7,7 @@ pub mod cache;
 pub mod error;
 pub mod identity;
 pub mod sandbox;
+mod sleep_deadline;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

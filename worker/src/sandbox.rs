@@ -234,6 +234,18 @@ impl Function {
 struct Guest {
     wasi: WasiP1Ctx,
     memory: MemoryMeter,
+    /// When the invocation must end (a guest asleep in WASI past it is woken then).
+    deadline: std::time::Instant,
+}
+
+impl crate::sleep_deadline::Deadline for Guest {
+    fn deadline(&self) -> std::time::Instant {
+        self.deadline
+    }
+
+    fn wasi(&mut self) -> &mut WasiP1Ctx {
+        &mut self.wasi
+    }
 }
 
 /// Enforces the memory limit and records the peak.
@@ -334,6 +346,8 @@ impl Sandbox {
         let engine = Engine::new(&config).map_err(|e| Error::Config(format!("{e:#}")))?;
         let mut linker: Linker<Guest> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |g: &mut Guest| &mut g.wasi)
+            .map_err(|e| Error::Config(format!("linking WASI: {e:#}")))?;
+        crate::sleep_deadline::add(&mut linker)
             .map_err(|e| Error::Config(format!("linking WASI: {e:#}")))?;
         let cache = match &cfg.cache_dir {
             Some(dir) => Some(ArtefactCache::open(dir, &engine)?),
@@ -533,6 +547,7 @@ impl Sandbox {
                     peak: 0,
                     refused: None,
                 },
+                deadline: crate::clock::now() + limits.timeout,
             },
         );
         store.limiter(|g| &mut g.memory);

@@ -155,6 +155,30 @@ fn a_memory_bomb_is_refused() {
 }
 
 #[test]
+fn a_guest_asleep_in_wasi_is_stopped_by_its_deadline() {
+    // No wasm runs while the guest waits in poll_oneoff, so the epoch deadline alone would
+    // let a one-second function hold its slot for the whole minute it asked to sleep.
+    let sb = sandbox();
+    let mut lim = limits();
+    lim.timeout = Duration::from_secs(1);
+    let out = run(&sb, "probe", &input(&["sleep", "60000"], b""), &lim);
+    assert_eq!(
+        out.result,
+        Err(InvokeError::DeadlineExceeded { timeout_ms: 1000 })
+    );
+    assert!(
+        out.metering.wall_us < 30_000_000,
+        "woken at its deadline, not after its minute: {} µs",
+        out.metering.wall_us
+    );
+    assert!(out.stdout.is_empty(), "it never finished its sleep");
+    // A sleep within the deadline completes.
+    let out = run(&sb, "probe", &input(&["sleep", "10"], b""), &limits());
+    assert_eq!(out.result, Ok(()));
+    assert_eq!(text(&out.stdout), "slept 10 ms\n");
+}
+
+#[test]
 fn a_memory_limit_above_the_pool_slot_is_clamped_and_reported_as_memory_limit() {
     // The pool's slots hold 128 MiB; the function asked for 4 GiB. Growing past the slot
     // used to fail inside the guest (a trap from its allocator), not as MEMORY_LIMIT.

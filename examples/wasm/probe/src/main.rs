@@ -6,6 +6,8 @@
 //!   probe spin            loops forever (the deadline must stop it)
 //!   probe alloc MIB       touches MIB mebibytes of heap (the memory limit must stop it)
 //!   probe out BYTES       writes BYTES bytes to stdout (the output cap must stop it)
+//!   probe sleep MS        sleeps MS milliseconds in WASI poll_oneoff (the deadline must
+//!                         wake and stop it)
 //!   probe panic           panics (a trap)
 //!   probe hash            iterates a std HashMap (randomly seeded through WASI random_get)
 //!   probe scratch         writes and reads back /scratch/probe.txt
@@ -18,6 +20,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -68,6 +71,12 @@ fn main() -> ExitCode {
                 }
                 left -= k;
             }
+            ExitCode::SUCCESS
+        }
+        Some("sleep") => {
+            let ms: u64 = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(ms));
+            let _ = writeln!(out, "slept {ms} ms");
             ExitCode::SUCCESS
         }
         Some("panic") => panic!("the probe was asked to panic"),
