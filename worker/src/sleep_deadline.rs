@@ -3,12 +3,13 @@
 //! function could hold its slot for an hour. This shadows preview 1's `poll_oneoff` with a
 //! wrapper that shortens every relative clock subscription to the time the call has left and
 //! then runs WASI's own implementation (its public `poll_oneoff`, on the guest's memory and
-//! WASI context, as the generated glue does); the guest wakes at its deadline, and the epoch
-//! check on its next wasm instruction ends it with DEADLINE_EXCEEDED.
+//! WASI context, as the generated glue does). A guest whose wait was cut short wakes at its
+//! deadline and the call ends there with the epoch deadline's own trap (DEADLINE_EXCEEDED).
 //!
 //! ```text
 //!  guest poll_oneoff(subs, events, n, out) ─▶ for each clock subscription without ABSTIME:
 //!      timeout = min(timeout, deadline - now) (in guest memory) ─▶ WASI poll_oneoff
+//!      ─▶ a timeout was cut: trap as the deadline does; otherwise WASI's answer
 //! ```
 //!
 //! Absolute-time clock subscriptions are left as they are (Rust's and C's `sleep` are
@@ -38,8 +39,9 @@ pub(crate) trait Deadline {
 }
 
 /// Shortens the relative clock timeouts of `n` subscriptions at `subs` in `memory` to at most
-/// `left`; out-of-bounds subscriptions are left for WASI to refuse (EFAULT).
-fn cap(memory: &mut [u8], subs: u32, n: u32, left: Duration) {
+/// `left`; whether any was cut. Out-of-bounds subscriptions are left for WASI to refuse
+/// (EFAULT).
+fn cap(memory: &mut [u8], subs: u32, n: u32, left: Duration) -> bool {
     let left_ns = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
     let start = subs as usize;
     let Some(end) = (n as usize)
@@ -47,8 +49,9 @@ fn cap(memory: &mut [u8], subs: u32, n: u32, left: Duration) {
         .and_then(|len| start.checked_add(len))
         .filter(|&end| end <= memory.len())
     else {
-        return;
+        return false;
     };
+    let mut cut = false;
     for s in memory[start..end].chunks_exact_mut(SUBSCRIPTION) {
         let flags = u16::from_le_bytes([s[FLAGS], s[FLAGS + 1]]);
         if s[TAG] != TAG_CLOCK || flags & ABSTIME != 0 {
@@ -58,8 +61,10 @@ fn cap(memory: &mut [u8], subs: u32, n: u32, left: Duration) {
         let timeout = u64::from_le_bytes(t.try_into().expect("8 bytes"));
         if timeout > left_ns {
             t.copy_from_slice(&left_ns.to_le_bytes());
+            cut = true;
         }
     }
+    cut
 }
 
 /// Replaces `poll_oneoff` in `linker` (which must already hold WASI preview 1) with the
@@ -83,9 +88,9 @@ pub(crate) fn add<T: Deadline + Send + 'static>(linker: &mut Linker<T>) -> wasmt
                 wasmtime::bail!("missing required memory export");
             };
             let (bytes, data) = memory.data_and_store_mut(&mut caller);
-            cap(bytes, subs as u32, n as u32, left);
+            let cut = cap(bytes, subs as u32, n as u32, left);
             let mut guest = wiggle::GuestMemory::Unshared(bytes);
-            wasmtime_wasi::runtime::in_tokio(
+            let answer = wasmtime_wasi::runtime::in_tokio(
                 wasmtime_wasi::p1::wasi_snapshot_preview1::poll_oneoff(
                     data.wasi(),
                     &mut guest,
@@ -94,7 +99,13 @@ pub(crate) fn add<T: Deadline + Send + 'static>(linker: &mut Linker<T>) -> wasmt
                     n,
                     out,
                 ),
-            )
+            )?;
+            if cut {
+                // It asked to wait past its deadline: the call ends now, as the epoch
+                // deadline would have ended it had wasm been running.
+                return Err(wasmtime::Trap::Interrupt.into());
+            }
+            Ok(answer)
         },
     )?;
     linker.allow_shadowing(false);
@@ -125,16 +136,16 @@ mod tests {
         m.extend(sub(TAG_CLOCK, 1_000, 0)); // shorter than what is left: kept
         m.extend(sub(TAG_CLOCK, 60_000_000_000, ABSTIME)); // absolute: kept
         m.extend(sub(1, 60_000_000_000, 0)); // an fd subscription: kept
-        cap(&mut m, 8, 4, Duration::from_millis(5));
+        assert!(cap(&mut m, 8, 4, Duration::from_millis(5)));
         assert_eq!(timeout_at(&m, 0), 5_000_000);
         assert_eq!(timeout_at(&m, 1), 1_000);
         assert_eq!(timeout_at(&m, 2), 60_000_000_000);
         assert_eq!(timeout_at(&m, 3), 60_000_000_000);
         // Past the end of memory: nothing is touched.
         let before = m.clone();
-        cap(&mut m, 8, 5, Duration::ZERO);
+        assert!(!cap(&mut m, 8, 5, Duration::ZERO));
         assert_eq!(m, before);
-        cap(&mut m, u32::MAX, 1, Duration::ZERO);
+        assert!(!cap(&mut m, u32::MAX, 1, Duration::ZERO));
         assert_eq!(m, before);
     }
 }
