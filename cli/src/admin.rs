@@ -68,7 +68,7 @@ pub async fn nodes(a: NodesArgs) -> Result<(), String> {
                     "state": state_name(n.state), "reputation": n.reputation,
                     "capacity": {"cpu_millis": cap.cpu_millis, "memory_mib": cap.memory_mib},
                     "allocated": {"cpu_millis": used.cpu_millis, "memory_mib": used.memory_mib},
-                    "allocations": n.allocations,
+                    "allocations": n.allocations, "gateway": n.gateway,
                 })
             })
             .collect();
@@ -76,7 +76,7 @@ pub async fn nodes(a: NodesArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<10} {:<12} {:<8} {:<11} {:>6} {:>13} {:>15} {:>6}",
+        "{:<18} {:<10} {:<12} {:<8} {:<11} {:>6} {:>13} {:>15} {:>6}  GATEWAY",
         "NODE", "REGION", "ZONE", "ARCH", "STATE", "REPUTE", "CPU FREE", "MEMORY FREE", "ALLOCS"
     );
     for n in &r.nodes {
@@ -84,7 +84,7 @@ pub async fn nodes(a: NodesArgs) -> Result<(), String> {
         let cap = at.capacity.unwrap_or_default();
         let used = n.allocated.unwrap_or_default();
         println!(
-            "{:<18} {:<10} {:<12} {:<8} {:<11} {:>6.2} {:>13} {:>15} {:>6}",
+            "{:<18} {:<10} {:<12} {:<8} {:<11} {:>6.2} {:>13} {:>15} {:>6}  {}",
             node_id(n.id),
             at.region,
             at.zone,
@@ -101,7 +101,12 @@ pub async fn nodes(a: NodesArgs) -> Result<(), String> {
                 cap.memory_mib.saturating_sub(used.memory_mib),
                 cap.memory_mib
             ),
-            n.allocations
+            n.allocations,
+            if n.gateway.is_empty() {
+                "-"
+            } else {
+                &n.gateway
+            }
         );
     }
     if r.total as usize > r.nodes.len() {

@@ -162,6 +162,7 @@ impl DevCluster {
             http_listen: Some(o.http_listen),
             join_token: Some(join_token.clone()),
             heartbeat: Duration::from_secs(1),
+            balance_slack: stellar_gateway::balance::DEFAULT_SLACK,
         };
         let mut gateway_rx = stop_plane.subscribe();
         let gateway = tokio::spawn(stellar_gateway::serve(gateway_cfg, async move {

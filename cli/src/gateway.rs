@@ -58,6 +58,11 @@ pub struct GatewayArgs {
     /// is disconnected and reported down.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
     heartbeat_ms: u64,
+    /// Ready nodes above the gateways' mean this gateway holds before it sends registering
+    /// workers, and a few idle ones every 10 s, to a less loaded gateway (0: balance even a
+    /// handful of workers)
+    #[arg(long, default_value_t = stellar_gateway::balance::DEFAULT_SLACK)]
+    balance_slack: usize,
 }
 
 /// Runs the gateway until SIGINT or SIGTERM.
@@ -93,6 +98,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
         http_listen,
         join_token: args.join_token,
         heartbeat: Duration::from_millis(args.heartbeat_ms),
+        balance_slack: args.balance_slack,
     };
     serve(cfg, crate::shutdown_signal())
         .await

@@ -466,6 +466,17 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
         (attached(&gateways[1].http) == Some(3)).then(|| killed_at.elapsed())
     });
     eprintln!("workers re-attached to the surviving gateway {reattached:?} after the kill");
+    // `stellar nodes` says where each node is: every one on the survivor once committed.
+    let survivor = gateways[1].grpc.clone();
+    wait_for("the moves committed", 30, || {
+        let v = cli_json(&eps, &admin, &["nodes", "--state", "ready"]);
+        let on: Vec<&str> = v["nodes"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n["gateway"].as_str())
+            .collect();
+        (on.len() == 3 && on.iter().all(|g| *g == survivor)).then_some(())
+    });
     // Calls succeed again through the survivor.
     let per_call = wait_for("hello through the surviving gateway", 30, || {
         invoke(&gateways[1].grpc, &acme, "hello", "curl").ok()

@@ -64,6 +64,20 @@ pub struct Edge {
     pub coordinates: Arc<Coordinates>,
     /// This gateway's advertised address (workers are told the others).
     pub advertise: String,
+    /// Nodes above the mean this gateway holds before it sends workers elsewhere.
+    pub balance_slack: usize,
+}
+
+impl Edge {
+    /// The gateways a worker may be sent to, with the ready nodes each holds.
+    pub fn loads(&self) -> Vec<(Arc<str>, usize)> {
+        crate::balance::loads(
+            self.view.gateway_loads(),
+            &self.session.gateways(),
+            &self.advertise,
+            |g| self.coordinates.answers(g),
+        )
+    }
 }
 
 /// The `Agent` service: workers dial in and keep one stream.
@@ -163,16 +177,11 @@ impl pb::agent_server::Agent for AgentService {
             ));
         };
         self.check(&reg)?;
-        // Only gateways that answered their last probe take redirected workers (a dead one
-        // still holds its nodes in the committed view until they re-attach or go down).
-        let loads: Vec<_> = self
-            .edge
-            .view
-            .gateway_loads()
-            .into_iter()
-            .filter(|(g, _)| **g == *self.edge.advertise || self.edge.coordinates.answers(g))
-            .collect();
-        if let Some((to, reason)) = crate::balance::redirect_for(&loads, &self.edge.advertise) {
+        if let Some((to, reason)) = crate::balance::redirect_for(
+            &self.edge.loads(),
+            &self.edge.advertise,
+            self.edge.balance_slack,
+        ) {
             tracing::debug!(node = format!("{:016x}", reg.node), to = %to, %reason, "worker redirected");
             let msg = control(pb::control_message::Kind::Redirect(pb::Redirect {
                 gateway: to,

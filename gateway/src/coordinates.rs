@@ -21,8 +21,6 @@ use stellar_placement::{
 };
 use stellar_proto::v1 as pb;
 
-use crate::view::View;
-
 /// Error assumed for a peer that sent none.
 const UNKNOWN_ERROR: f64 = 0.5;
 /// Peer gateways whose probe samples are filtered at once; the least recent is forgotten
@@ -144,10 +142,10 @@ impl Coordinates {
         Some(self.me().0.distance_ms(&c))
     }
 
-    /// Probes the other gateways the view knows, one every [`PROBE_EVERY`], until `closed`.
+    /// Probes the other gateways `known` names, one every [`PROBE_EVERY`], until `closed`.
     pub async fn probe_peers(
         self: Arc<Self>,
-        view: Arc<View>,
+        known: impl Fn() -> Vec<Arc<str>> + Send + 'static,
         advertise: String,
         mut closed: tokio::sync::watch::Receiver<bool>,
     ) {
@@ -158,12 +156,13 @@ impl Coordinates {
                 _ = tokio::time::sleep(PROBE_EVERY) => {}
                 _ = closed.wait_for(|c| *c) => return,
             }
-            let peers: Vec<String> = view
-                .gateways()
+            let mut peers: Vec<String> = known()
                 .into_iter()
                 .filter(|g| **g != *advertise)
                 .map(|g| g.to_string())
                 .collect();
+            peers.sort_unstable();
+            peers.dedup();
             if peers.is_empty() {
                 continue;
             }

@@ -77,6 +77,7 @@ fn http_target() -> &'static HttpTarget {
                 http_listen: Some(http),
                 join_token: None,
                 heartbeat: Duration::from_secs(5),
+                balance_slack: crate::balance::DEFAULT_SLACK,
             };
             runtime.spawn(crate::serve(gw, std::future::pending()));
         }

@@ -434,6 +434,30 @@ impl WorkerHub {
         }
     }
 
+    /// Sends `msg` (a Redirect) to at most `count` attached workers that have no call in
+    /// flight and are not draining, and routes no new call to them (they are leaving); how
+    /// many were sent.
+    pub fn shed(&self, count: usize, msg: &pb::ControlMessage) -> usize {
+        let Ok(mut links) = self.links.lock() else {
+            return 0;
+        };
+        let mut sent = 0;
+        for l in links.values_mut() {
+            if sent >= count {
+                break;
+            }
+            if l.outstanding > 0 || l.draining {
+                continue;
+            }
+            if l.tx.try_send(Ok(msg.clone())).is_ok() {
+                l.ready.clear();
+                l.draining = true;
+                sent += 1;
+            }
+        }
+        sent
+    }
+
     /// The worker's measured distance to this gateway.
     pub fn set_rtt(&self, node: u64, rtt_ms: f32) {
         if let Ok(mut links) = self.links.lock()

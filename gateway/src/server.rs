@@ -41,6 +41,10 @@ pub struct GatewayConfig {
     pub join_token: Option<String>,
     /// How often workers send a keepalive; three missed and their stream is closed.
     pub heartbeat: Duration,
+    /// Ready nodes above the gateways' mean this one holds before it sends registering and
+    /// idle workers to a less loaded peer (`balance::DEFAULT_SLACK`; 0 balances even tiny
+    /// fleets).
+    pub balance_slack: usize,
 }
 
 /// The HTTP default for a gRPC address: the same host, port + 1000.
@@ -88,6 +92,7 @@ pub async fn serve(
         modules: Modules::new(client.clone()),
         coordinates: coordinates.clone(),
         advertise: cfg.advertise.clone(),
+        balance_slack: cfg.balance_slack,
     };
     let router = Arc::new(Router::new(
         hub.clone(),
@@ -97,7 +102,20 @@ pub async fn serve(
         cfg.advertise.clone(),
         coordinates.clone(),
     ));
-    tokio::spawn(coordinates.probe_peers(view.clone(), cfg.advertise.clone(), hub.closed()));
+    let known = {
+        let (view, session) = (view.clone(), session.clone());
+        move || {
+            let mut g = view.gateways();
+            g.extend(session.gateways());
+            g
+        }
+    };
+    tokio::spawn(coordinates.probe_peers(known, cfg.advertise.clone(), hub.closed()));
+    tokio::spawn(crate::balance::shed_excess(
+        edge.clone(),
+        cfg.balance_slack,
+        hub.closed(),
+    ));
     let callers = Arc::new(Callers::new(view.clone(), client.clone()));
     tokio::spawn(crate::watcher::follow(
         client.clone(),

@@ -54,6 +54,8 @@ pub struct Session {
     pending: Mutex<Pending>,
     wake: Notify,
     connected: tokio::sync::watch::Sender<bool>,
+    /// The gateways with a session on the leader, as of its last acknowledgement.
+    gateways: Mutex<Vec<Arc<str>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -72,12 +74,19 @@ impl Session {
             pending: Mutex::default(),
             wake: Notify::new(),
             connected: tokio::sync::watch::Sender::new(false),
+            gateways: Mutex::default(),
         })
     }
 
     /// Whether a session with the leader is open now.
     pub fn connected(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    /// The gateways the leader last said have a session (this one included): peers that
+    /// hold no node yet are known only from here.
+    pub fn gateways(&self) -> Vec<Arc<str>> {
+        self.gateways.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
     /// Queues a worker's registration; answered once the leader committed it (or refused).
@@ -213,6 +222,11 @@ impl Session {
                     Ok(Some(a)) => {
                         if !a.error.is_empty() {
                             tracing::warn!(seq = a.seq, error = %a.error, "the leader refused part of a report");
+                        }
+                        if !a.gateways.is_empty()
+                            && let Ok(mut g) = self.gateways.lock()
+                        {
+                            *g = a.gateways.iter().map(|s| Arc::from(s.as_str())).collect();
                         }
                         for w in waiters.remove(&a.seq).unwrap_or_default() {
                             let _ = w.send(if a.error.is_empty() { Ok(()) } else { Err(a.error.clone()) });

@@ -86,6 +86,7 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
         http_listen: Some(http.parse().unwrap()),
         join_token: None,
         heartbeat: Duration::from_secs(1),
+        balance_slack: stellar_gateway::balance::DEFAULT_SLACK,
     };
     let (stop_gw, gw_stopped) = tokio::sync::oneshot::channel::<()>();
     let gw_task = tokio::spawn(stellar_gateway::serve(gw, async move {

@@ -164,17 +164,8 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
         &dir.path().join("plane.log"),
         cfg.runtime_threads,
     )?];
-    // Gateways authenticate with the admin token the first leader writes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stellar_proto::tokens::read_admin_token(&plane).is_none() {
-        if Instant::now() > deadline {
-            return Err(InvokeBenchError::Cluster(
-                "the replica wrote no admin token within 30 s".into(),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let token_file = plane.join("admin.token");
+    let token_file = crate::procs::wait_for_admin_token(&plane, Duration::from_secs(30))
+        .map_err(InvokeBenchError::Cluster)?;
     for (i, addr) in gateways.iter().enumerate() {
         procs.push(spawn(
             &cfg.stellar,

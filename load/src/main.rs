@@ -35,12 +35,6 @@ enum Command {
     ///
     /// Needs Debian's etcd-server for the etcd side (or --skip-etcd).
     RaftBench(RaftBenchArgs),
-    /// Run one control-plane replica (used by raft-bench to start its cluster).
-    #[command(hide = true)]
-    Replica(ReplicaArgs),
-    /// Run one gateway (used by invoke-bench and wasm-bench).
-    #[command(hide = true)]
-    Gateway(GatewayArgs),
     /// Measure the worker's invocation path: instantiate + invoke `hello` in one sandbox
     /// (p50/p99 on one thread, invocations/s with one thread per core), the same module in a
     /// new process per call, and an idle sandbox's resident memory.
@@ -56,9 +50,6 @@ enum Command {
     /// Run a module once in a fresh process (used by wasm-bench).
     #[command(hide = true)]
     WasmOnce(ModuleArg),
-    /// Run one worker agent until stdin closes (used by wasm-bench for the idle RSS).
-    #[command(hide = true)]
-    Worker(WorkerArgs),
     /// Measure the edge tier at fleet scale: 3 replicas and G gateways (the `stellar` binary)
     /// with N simulated workers on real gRPC streams; the leader's and the gateways' CPU and
     /// memory in steady state, how fast killed and silent workers and a killed gateway are
@@ -137,16 +128,6 @@ struct SimWorkersArgs {
 }
 
 #[derive(clap::Args)]
-struct WorkerArgs {
-    #[arg(long)]
-    join: String,
-    #[arg(long)]
-    token: String,
-    #[arg(long)]
-    data_dir: std::path::PathBuf,
-}
-
-#[derive(clap::Args)]
 struct InvokeBenchArgs {
     /// Measured seconds (after one second of warm-up).
     #[arg(long, default_value_t = 10)]
@@ -202,6 +183,10 @@ struct WasmBenchArgs {
     /// New-process calls for the comparison.
     #[arg(long, default_value_t = 20)]
     process_calls: usize,
+    /// The `stellar` binary that runs the idle worker and its cluster [default: next to this
+    /// one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -246,40 +231,12 @@ struct RaftBenchArgs {
     /// Directory for data dirs and logs (default: the system temp dir; use a real disk).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// The `stellar` binary whose `scheduler` role is measured [default: next to this one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(clap::Args)]
-struct ReplicaArgs {
-    #[arg(long)]
-    id: u64,
-    #[arg(long, value_delimiter = ',', value_parser = stellar_scheduler::replica::parse_peer)]
-    peers: Vec<(u64, String)>,
-    #[arg(long)]
-    data_dir: std::path::PathBuf,
-    #[arg(long, default_value_t = 50)]
-    tick_ms: u64,
-    #[arg(long, default_value_t = 20_000)]
-    snapshot_every: u64,
-}
-
-#[derive(clap::Args)]
-struct GatewayArgs {
-    /// The replicas, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    control: Vec<String>,
-    #[arg(long)]
-    listen: std::net::SocketAddr,
-    /// Replica data dirs to read the admin token from (the first leader writes it).
-    #[arg(long, value_delimiter = ',')]
-    token_dirs: Vec<std::path::PathBuf>,
-    #[arg(long)]
-    join_token: Option<String>,
-    /// The HTTP address (none: no HTTP).
-    #[arg(long)]
-    http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -352,8 +309,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Sim(args) => run_sim(args),
         Command::RaftBench(args) => run_raft_bench(args),
-        Command::Replica(args) => run_replica(args),
-        Command::Gateway(args) => run_gateway(args),
         Command::WasmBench(args) => run_wasm_bench(args),
         Command::InvokeBench(args) => run_invoke_bench(args),
         Command::WasmOnce(m) => match stellar_load::wasmbench::once(&m.module) {
@@ -366,7 +321,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Worker(args) => run_worker(args),
         Command::EdgeBench(args) => run_edge_bench(args),
         Command::SimWorkers(args) => run_sim_workers(args),
     }
@@ -491,6 +445,7 @@ fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {
         seconds: args.seconds.max(0.1),
         threads,
         process_calls: args.process_calls.max(1),
+        stellar: stellar_binary(args.stellar).unwrap_or_else(|| "stellar".into()),
     };
     let mut log = |m: &str| eprintln!("[wasm-bench] {m}");
     match stellar_load::wasmbench::run(&cfg, &mut log) {
@@ -594,38 +549,6 @@ fn run_invoke_bench(args: InvokeBenchArgs) -> ExitCode {
     }
 }
 
-fn run_worker(args: WorkerArgs) -> ExitCode {
-    let Some(rt) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    let cfg = stellar_worker::AgentConfig {
-        join: vec![args.join],
-        token: args.token,
-        data_dir: args.data_dir,
-        region: "local".into(),
-        zone: "local".into(),
-        labels: vec![],
-        capacity: None,
-        sandbox: stellar_worker::SandboxConfig::default(),
-        drain_timeout: std::time::Duration::from_secs(5),
-    };
-    // Runs until stdin closes (the benchmark holds it open).
-    let stdin_closed = async {
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        })
-        .await;
-    };
-    match rt.block_on(stellar_worker::run(cfg, stdin_closed)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("worker: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -635,86 +558,6 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
         Err(e) => {
             eprintln!("stellar-load: cannot start the async runtime: {e}");
             None
-        }
-    }
-}
-
-/// Logs of a role process (replica, gateway) to stderr at `STELLAR_LOG`, else info.
-fn init_role_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STELLAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
-}
-
-fn run_replica(args: ReplicaArgs) -> ExitCode {
-    init_role_logging();
-    let Some(own) = args.peers.iter().find(|p| p.0 == args.id).cloned() else {
-        eprintln!("replica: --peers has no entry for id {}", args.id);
-        return ExitCode::from(2);
-    };
-    let listen = match own.1.parse() {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("replica: cannot listen on `{}`: {e}", own.1);
-            return ExitCode::from(2);
-        }
-    };
-    let mut replica = stellar_scheduler::ReplicaConfig::new(args.id, args.data_dir, args.peers);
-    replica.snapshot_every = args.snapshot_every;
-    let cfg = stellar_scheduler::server::ServerConfig {
-        replica,
-        listen,
-        advertise: own.1.clone(),
-        tick: std::time::Duration::from_millis(args.tick_ms),
-    };
-    let Some(rt) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match rt.block_on(stellar_scheduler::server::serve(cfg, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("replica: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_gateway(args: GatewayArgs) -> ExitCode {
-    init_role_logging();
-    let Some(rt) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    let _enter = rt.enter();
-    let control = match stellar_proto::client::ClusterClient::new(&args.control) {
-        Ok(c) => c.with_admin_token_from(args.token_dirs),
-        Err(e) => {
-            eprintln!("gateway: {}", e.message());
-            return ExitCode::from(2);
-        }
-    };
-    let cfg = stellar_gateway::GatewayConfig {
-        control,
-        listen: args.listen,
-        advertise: args.listen.to_string(),
-        http_listen: args.http_listen,
-        join_token: args.join_token,
-        heartbeat: std::time::Duration::from_secs(5),
-    };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match rt.block_on(stellar_gateway::serve(cfg, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            ExitCode::FAILURE
         }
     }
 }
@@ -732,13 +575,17 @@ fn run_raft_bench(args: RaftBenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("raft-bench: cannot find my own binary: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(stellar) = stellar_binary(args.stellar) else {
+        eprintln!("raft-bench: cannot find my own binary (pass --stellar PATH)");
+        return ExitCode::FAILURE;
     };
+    if !stellar.is_file() {
+        eprintln!(
+            "raft-bench: the `stellar` binary is not at {} (build it: cargo build --release -p stellar-cli, or pass --stellar PATH)",
+            stellar.display()
+        );
+        return ExitCode::from(2);
+    }
     let cfg = raftbench::RaftBenchConfig {
         replicas: args.replicas as usize,
         seconds: args.seconds,
@@ -746,7 +593,7 @@ fn run_raft_bench(args: RaftBenchArgs) -> ExitCode {
         nodes: args.cluster_nodes,
         skip_etcd: args.skip_etcd,
         dir: dir.clone(),
-        replica_command: (exe, vec!["replica".to_string()]),
+        replica_command: (stellar, vec!["scheduler".to_string()]),
         unary: args.unary,
     };
     eprintln!("[raft-bench] data and logs in {}", dir.display());

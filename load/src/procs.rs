@@ -21,6 +21,23 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
         .collect()
 }
 
+/// Waits until the first leader of a new cluster has written its admin token into
+/// `data_dir` (gateways authenticate with it) and returns the token file's path.
+pub fn wait_for_admin_token(data_dir: &Path, timeout: Duration) -> Result<PathBuf, String> {
+    let deadline = stellar_proto::clock::now() + timeout;
+    while stellar_proto::tokens::read_admin_token(data_dir).is_none() {
+        if stellar_proto::clock::now() > deadline {
+            return Err(format!(
+                "the replica wrote no admin token into {} within {} s; its log says why",
+                data_dir.display(),
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(data_dir.join(stellar_proto::tokens::ADMIN_TOKEN_FILE))
+}
+
 /// Control-plane replicas as child processes, each with a data dir and a log file.
 #[derive(Debug)]
 pub struct ReplicaProcesses {

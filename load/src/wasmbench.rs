@@ -37,6 +37,8 @@ pub struct WasmBenchConfig {
     pub threads: usize,
     /// New-process calls for the per-process comparison.
     pub process_calls: usize,
+    /// The shipped `stellar` binary that runs the idle worker, its gateway and replica.
+    pub stellar: PathBuf,
 }
 
 /// The benchmark's figures (the `--json` object).
@@ -210,7 +212,7 @@ pub fn run(
     }
     per_process.sort_unstable();
     log("idle: a worker process with `hello` deployed and invoked once");
-    let worker_idle_rss_bytes = idle_rss(&exe, &cfg.module)?;
+    let worker_idle_rss_bytes = idle_rss(&cfg.stellar, &cfg.module)?;
     Ok(WasmBenchReport {
         invoke_p50_us: percentile_us(&lat, 0.5),
         invoke_p99_us: percentile_us(&lat, 0.99),
@@ -223,9 +225,15 @@ pub fn run(
 }
 
 /// A real idle worker: a one-replica control plane, a gateway and a worker agent (default sandbox:
-/// 64 slots of up to 256 MiB) as separate processes; `hello` is deployed and invoked once,
-/// then the worker's resident memory is read after it settles.
-fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
+/// 64 slots of up to 256 MiB), each a process of the shipped `stellar` binary; `hello` is
+/// deployed and invoked once, then the worker's resident memory is read after it settles.
+fn idle_rss(stellar: &Path, module: &Path) -> Result<u64, WasmBenchError> {
+    if !stellar.is_file() {
+        return Err(WasmBenchError::Process(format!(
+            "the `stellar` binary is not at {} (build it: cargo build --release -p stellar-cli, or pass --stellar PATH)",
+            stellar.display()
+        )));
+    }
     let fail = |e: &dyn std::fmt::Display| WasmBenchError::Process(e.to_string());
     let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
     let ports = crate::procs::free_ports(2).map_err(|e| fail(&e))?;
@@ -233,7 +241,7 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
     let addr = format!("127.0.0.1:{}", ports[1]);
     let token = "wasm-bench-token";
     let spawn = |args: &[&str]| {
-        Command::new(exe)
+        Command::new(stellar)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -245,7 +253,7 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
     let plane_dir = dir.path().join("plane");
     let worker_dir = dir.path().join("worker");
     let _plane = spawn(&[
-        "replica",
+        "scheduler",
         "--id",
         "1",
         "--peers",
@@ -253,14 +261,18 @@ fn idle_rss(exe: &Path, module: &Path) -> Result<u64, WasmBenchError> {
         "--data-dir",
         &plane_dir.to_string_lossy(),
     ])?;
+    let token_file = crate::procs::wait_for_admin_token(&plane_dir, Duration::from_secs(30))
+        .map_err(|e| fail(&e))?;
     let _gateway = spawn(&[
         "gateway",
         "--control",
         &replica,
         "--listen",
         &addr,
-        "--token-dirs",
-        &plane_dir.to_string_lossy(),
+        "--http-listen",
+        "off",
+        "--token-file",
+        &token_file.to_string_lossy(),
         "--join-token",
         token,
     ])?;

@@ -202,3 +202,34 @@ fn edge_bench_resolves_every_failure_and_loses_no_acknowledged_usage() {
         assert!(v[k].as_f64().is_some(), "missing {k}: {v}");
     }
 }
+
+/// `raft-bench --nodes` starts the shipped `stellar scheduler` (no hidden role of its own)
+/// and reads back every node it registered.
+#[test]
+fn raft_bench_measures_the_shipped_scheduler() {
+    let v = json_of(&["raft-bench", "--nodes", "2000", "--json"]);
+    assert_eq!(v["nodes"], 2000, "{v}");
+    assert!(v["rss_bytes"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// `wasm-bench` (short): the sandbox figures, and an idle worker's memory read from a real
+/// `stellar worker` that served `hello` through a `stellar gateway`.
+#[test]
+fn wasm_bench_reads_an_idle_shipped_worker() {
+    let v = json_of(&[
+        "wasm-bench",
+        "--invocations",
+        "200",
+        "--seconds",
+        "0.2",
+        "--process-calls",
+        "1",
+        "--json",
+    ]);
+    assert!(v["invocations_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["fuel_per_call"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["worker_idle_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{v}"
+    );
+}

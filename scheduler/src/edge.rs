@@ -220,10 +220,11 @@ async fn session(
             ));
         }
         let seq = report.seq;
-        let register = match replica.gateway_report(id, report).await {
-            Ok(r) => r,
-            Err(e) => break Some(to_status(e)),
-        };
+        let crate::replica::ReportReply { register, gateways } =
+            match replica.gateway_report(id, report).await {
+                Ok(r) => r,
+                Err(e) => break Some(to_status(e)),
+            };
         let mut error = String::new();
         for chunk in register.chunks(MAX_NODES_PER_COMMAND) {
             let cmd = pb::Command {
@@ -253,6 +254,7 @@ async fn session(
             seq,
             silent_ms: GATEWAY_SILENT.as_millis() as u32,
             error: crate::error::clip_message(error),
+            gateways,
         };
         if tx.send(Ok(ack)).await.is_err() {
             break None;

@@ -105,6 +105,15 @@ impl Liveness {
         g
     }
 
+    /// The gateways with a session now (advertised addresses).
+    pub fn live_gateways(&self) -> Vec<String> {
+        self.gateways
+            .iter()
+            .filter(|g| g.session != 0)
+            .map(|g| g.address.clone())
+            .collect()
+    }
+
     /// A gateway opened session `session` (a newer one replaces any older one).
     pub fn open(&mut self, address: &str, session: u64) -> Result<(), ReportError> {
         if address.is_empty() || address.len() > crate::state::MAX_ADDRESS_BYTES {

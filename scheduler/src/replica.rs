@@ -255,6 +255,15 @@ enum Stage {
     Persist,
 }
 
+/// The leader's answer to a gateway's report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReportReply {
+    /// Nodes to register (committed before the gateway is acknowledged).
+    pub register: Vec<pb::NodeRecord>,
+    /// Every gateway with a session now: peers learn of one that holds no node yet.
+    pub gateways: Vec<String>,
+}
+
 /// One replica; see the module docs.
 pub struct Replica {
     cfg: ReplicaConfig,
@@ -557,7 +566,7 @@ impl Replica {
         &mut self,
         session: u64,
         report: &pb::GatewayReport,
-    ) -> Result<Vec<pb::NodeRecord>> {
+    ) -> Result<ReportReply> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -568,10 +577,14 @@ impl Replica {
                 leader.set_coordinate(l.node, c);
             }
         }
-        leader
+        let register = leader
             .liveness
             .report(&self.state, session, report)
-            .map_err(|e| ApplyError::Invalid(e.to_string()).into())
+            .map_err(|e| Error::from(ApplyError::Invalid(e.to_string())))?;
+        Ok(ReportReply {
+            register,
+            gateways: leader.liveness.live_gateways(),
+        })
     }
 
     /// A gateway's session ended (stream closed or silent): unless its nodes re-attach
@@ -1528,6 +1541,7 @@ impl Replica {
                                 disk_mib: n.allocated.disk_mib,
                             }),
                             allocations: n.allocations,
+                            gateway: self.state.node_gateway(n).to_string(),
                         });
                     }
                 }

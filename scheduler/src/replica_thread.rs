@@ -44,7 +44,7 @@ enum GatewayEvent {
     Report {
         session: u64,
         report: Box<pb::GatewayReport>,
-        reply: oneshot::Sender<Result<Vec<pb::NodeRecord>>>,
+        reply: oneshot::Sender<Result<crate::replica::ReportReply>>,
     },
     Closed {
         address: String,
@@ -252,7 +252,7 @@ impl ReplicaHandle {
         &self,
         session: u64,
         report: pb::GatewayReport,
-    ) -> Result<Vec<pb::NodeRecord>> {
+    ) -> Result<crate::replica::ReportReply> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Event::Gateway(GatewayEvent::Report {

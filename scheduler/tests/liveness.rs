@@ -60,11 +60,14 @@ fn nodes_follow_their_gateways_and_replicas_move_off_down_nodes() {
     let mut a = report("gw-a:1", 1);
     a.attached = vec![1, 2];
     a.resync = true;
-    assert!(d.r.gateway_report(1, &a).unwrap().is_empty());
+    assert!(d.r.gateway_report(1, &a).unwrap().register.is_empty());
     let mut b = report("gw-b:1", 1);
     b.attached = vec![3, 4];
     b.resync = true;
-    d.r.gateway_report(2, &b).unwrap();
+    // Every report tells its gateway which gateways have a session (peers learn each other).
+    let mut live = d.r.gateway_report(2, &b).unwrap().gateways;
+    live.sort();
+    assert_eq!(live, ["gw-a:1", "gw-b:1"]);
     for _ in 0..30 {
         d.step();
     }
@@ -130,7 +133,11 @@ fn nodes_follow_their_gateways_and_replicas_move_off_down_nodes() {
     // The victim comes back through b.
     let mut again = report("gw-b:1", 3);
     again.attached = vec![victim];
-    d.r.gateway_report(2, &again).unwrap();
+    assert_eq!(
+        d.r.gateway_report(2, &again).unwrap().gateways,
+        ["gw-b:1"],
+        "a gateway whose session ended is no longer offered to peers"
+    );
     for _ in 0..6 {
         d.step();
     }

@@ -36,6 +36,11 @@ impl Plane {
     /// Serves replica 1 from `dir` and a gateway on `addr` (what workers and clients use;
     /// HTTP on `http`, when given).
     pub fn start_with_http(dir: &Path, addr: &str, http: Option<&str>) -> Plane {
+        Self::start_balanced(dir, addr, http, stellar_gateway::balance::DEFAULT_SLACK)
+    }
+
+    /// The same, with the gateway's balance slack (0: it sheds even a handful of workers).
+    pub fn start_balanced(dir: &Path, addr: &str, http: Option<&str>, slack: usize) -> Plane {
         // The replica's own port: `dir` keeps it, so a restarted plane finds its peer list.
         let port_file = dir.with_extension("port");
         let replica = match std::fs::read_to_string(&port_file) {
@@ -67,6 +72,7 @@ impl Plane {
             http_listen: http.map(|h| h.parse().expect("HTTP address")),
             join_token: Some(TOKEN.into()),
             heartbeat: Duration::from_secs(1),
+            balance_slack: slack,
         };
         let (stop_gateway, grx) = oneshot::channel::<()>();
         let gateway = tokio::spawn(stellar_gateway::serve(gw, async move {
@@ -96,6 +102,12 @@ impl Plane {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
+}
+
+/// The client address of the replica a plane serves from `dir`.
+pub fn replica_of(dir: &Path) -> String {
+    let port = std::fs::read_to_string(dir.with_extension("port")).expect("the plane's port file");
+    format!("127.0.0.1:{}", port.trim())
 }
 
 /// A worker in cn-east/shanghai labelled `tier=home`, with 8 slots of 128 MiB.
