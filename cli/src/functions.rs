@@ -250,7 +250,8 @@ pub struct InvokeArgs {
     conn: Endpoint,
 }
 
-fn read_data(data: Option<&str>) -> Result<Vec<u8>, String> {
+/// A function's input from TEXT, @FILE or - (this command's stdin).
+pub fn read_data(data: Option<&str>) -> Result<Vec<u8>, String> {
     match data {
         None => Ok(Vec::new()),
         Some("-") => {
@@ -270,8 +271,13 @@ fn read_data(data: Option<&str>) -> Result<Vec<u8>, String> {
 /// The exit status `stellar invoke` passes on for a function's answer: its own exit
 /// status, or 134 (SIGABRT, as `wasmtime run` uses) when it did not exit on its own.
 pub fn exit_status(r: &pb::InvokeResponse) -> u8 {
-    let code = r.usage.as_ref().map_or(-1, |u| u.exit_code);
-    match (r.error_code.as_str(), code) {
+    exit_status_of(&r.error_code, r.usage.as_ref().map_or(-1, |u| u.exit_code))
+}
+
+/// The same from an answer's error code and the function's own exit code (`stellar run`
+/// ends the same way as `stellar invoke`).
+pub fn exit_status_of(error_code: &str, exit_code: i32) -> u8 {
+    match (error_code, exit_code) {
         ("", _) => 0,
         ("EXIT_CODE", c) if (1..=255).contains(&c) => c as u8,
         _ => 134,

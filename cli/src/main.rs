@@ -17,6 +17,7 @@ mod demo;
 mod dev;
 mod functions;
 mod gateway;
+mod run;
 mod scheduler;
 mod usage;
 mod worker;
@@ -39,6 +40,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 GETTING STARTED:
   stellar demo                  # the whole system in one command (a few seconds)
   stellar dev                   # a local cluster to deploy to; prints its endpoint and tokens
+  stellar run FILE.wasm         # one function here, in a worker's sandbox (no cluster)
 
 Client commands find the cluster with --endpoint/STELLAR_ENDPOINT and authenticate with
 --token/STELLAR_TOKEN, or read both from ~/.config/stellar/config.toml:
@@ -60,6 +62,8 @@ enum Command {
     Deploy(functions::DeployArgs),
     /// Run a function once; its stdout is printed.
     Invoke(functions::InvokeArgs),
+    /// Run a WebAssembly function here, in the sandbox a worker uses (no cluster needed).
+    Run(run::RunArgs),
     /// List functions.
     Ls(functions::LsArgs),
     /// Show a function's replicas, their nodes and states, and why they are there.
@@ -140,6 +144,7 @@ fn main() -> std::process::ExitCode {
             Command::Deploy(args) => functions::deploy(args).await.map(|()| 0),
             // A function's own exit status passes through, as `wasmtime run` does.
             Command::Invoke(args) => functions::invoke(args).await,
+            Command::Run(args) => run::run(args).await,
             Command::Ls(args) => functions::ls(args).await.map(|()| 0),
             Command::Status(args) => functions::status(args).await.map(|()| 0),
             Command::Rm(args) => functions::rm(args).await.map(|()| 0),
