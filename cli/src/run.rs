@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::Args;
 use sha2::{Digest, Sha256};
-use stellar_worker::sandbox::{InvocationInput, InvocationLimits, Sandbox, SandboxConfig};
+use stellar_worker::sandbox::{InvocationInput, InvocationLimits, Preopen, Sandbox, SandboxConfig};
 
 /// Largest module `stellar run` reads (the deploy limit).
 const MAX_MODULE: u64 = stellar_proto::limits::MAX_MODULE_BYTES as u64;
@@ -25,6 +25,7 @@ const MAX_MODULE: u64 = stellar_proto::limits::MAX_MODULE_BYTES as u64;
   stellar run examples/wasm/prebuilt/hello.wasm --stdin Ada
   stellar run probe.wasm --arg echo --arg one --env GREETING=hi -v
   cat input.txt | stellar run examples/wasm/prebuilt/wordcount.wasm --stdin -
+  stellar run probe.wasm --arg scratch --dir /tmp/work::/scratch
 
 The exit status is the function's own (134 when it trapped or hit a limit), as `wasmtime
 run` does. Container images (IMAGE.tar) are not supported yet: only WebAssembly modules.")]
@@ -37,6 +38,11 @@ pub struct RunArgs {
     /// An environment variable KEY=VALUE (repeat for more).
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// A directory the function may use, HOST::GUEST (or HOST, seen at the same path),
+    /// read-write; nothing outside it is reachable (repeat for more; default: no
+    /// filesystem at all, as on a worker).
+    #[arg(long = "dir", value_parser = parse_dir)]
+    dirs: Vec<Preopen>,
     /// The function's stdin: TEXT, @FILE, or - for this command's stdin (default: empty).
     #[arg(long)]
     stdin: Option<String>,
@@ -52,6 +58,20 @@ pub struct RunArgs {
     /// Print the usage record (fuel, wall time, memory, bytes, exit code) on stderr.
     #[arg(short, long)]
     verbose: bool,
+}
+
+fn parse_dir(s: &str) -> Result<Preopen, String> {
+    let (host, guest) = s.split_once("::").unwrap_or((s, s));
+    if host.is_empty() || guest.is_empty() {
+        return Err(format!("`{s}` is not HOST::GUEST"));
+    }
+    if !std::path::Path::new(host).is_dir() {
+        return Err(format!("{host} is not a directory on this machine"));
+    }
+    Ok(Preopen {
+        host: host.into(),
+        guest: guest.to_string(),
+    })
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -97,7 +117,7 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
         timeout: Duration::from_secs_f64(a.timeout),
         fuel: a.fuel,
         max_output_bytes: u64::from(stellar_proto::limits::MAX_OUTPUT_BYTES),
-        scratch_dir: None,
+        dirs: a.dirs,
     };
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| format!("no OS randomness: {e}"))?;

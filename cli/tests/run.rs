@@ -103,6 +103,28 @@ fn the_fuel_is_the_fuel_a_worker_meters() {
 }
 
 #[test]
+fn a_directory_is_reachable_only_when_given() {
+    let probe = prebuilt("probe");
+    // No --dir: no filesystem at all, as on a worker.
+    let out = stellar_run(&[&probe, "--arg", "scratch"], b"");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write"));
+    let dir = tempfile::tempdir().unwrap();
+    let given = format!("{}::/scratch", dir.path().display());
+    let out = stellar_run(&[&probe, "--arg", "scratch", "--dir", &given], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept in scratch\n");
+    assert_eq!(
+        std::fs::read(dir.path().join("probe.txt")).unwrap(),
+        b"kept in scratch"
+    );
+    // A host path that is not a directory is refused before anything runs.
+    let out = stellar_run(&[&probe, "--dir", "/nonexistent::/scratch"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+}
+
+#[test]
 fn bad_input_is_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let not_wasm = dir.path().join("image.tar");

@@ -109,7 +109,7 @@ fn hello_limits() -> InvocationLimits {
         timeout: Duration::from_secs(5),
         fuel: 100_000_000,
         max_output_bytes: 4096,
-        scratch_dir: None,
+        dirs: Vec::new(),
     }
 }
 

@@ -666,7 +666,10 @@ impl Agent {
                 let _ = tx.send(result_message(r)).await;
                 return;
             }
-            limits.scratch_dir = Some(dir.clone());
+            limits.dirs.push(crate::sandbox::Preopen {
+                host: dir.clone(),
+                guest: "/scratch".into(),
+            });
         }
         let (tenant, name) = (i.tenant.clone(), i.function.clone());
         let (sandbox, usage, tx, node) = (

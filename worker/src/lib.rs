@@ -17,7 +17,7 @@ pub use agent::{AgentConfig, run};
 pub use error::{Error, Result};
 pub use identity::Identity;
 pub use sandbox::{
-    Function, InvocationInput, InvocationLimits, InvokeError, Metering, Outcome, Sandbox,
+    Function, InvocationInput, InvocationLimits, InvokeError, Metering, Outcome, Preopen, Sandbox,
     SandboxConfig,
 };
 

@@ -76,8 +76,19 @@ pub struct InvocationLimits {
     pub fuel: u64,
     /// Cap on stdout and on stderr, each.
     pub max_output_bytes: u64,
-    /// A private directory the function sees as `/scratch` (none: no filesystem at all).
-    pub scratch_dir: Option<PathBuf>,
+    /// Host directories the function sees, read-write (none: no filesystem at all): a
+    /// worker's private `/scratch`, or what `stellar run --dir` names.
+    pub dirs: Vec<Preopen>,
+}
+
+/// A host directory the function sees at `guest`. WASI resolves every path inside it (a
+/// `..` or a symlink that leads out is refused), so the function cannot reach past it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// The directory on this machine.
+    pub host: PathBuf,
+    /// Where the function sees it (e.g. `/scratch`).
+    pub guest: String,
 }
 
 impl InvocationLimits {
@@ -103,7 +114,7 @@ impl InvocationLimits {
             // this call with OUTPUT_TOO_LARGE instead of knocking the worker's stream off.
             max_output_bytes: or(u64::from(l.max_output_bytes), Self::DEFAULT_MAX_OUTPUT)
                 .min(u64::from(stellar_proto::limits::MAX_OUTPUT_BYTES)),
-            scratch_dir: None,
+            dirs: Vec::new(),
         }
     }
 }
@@ -526,13 +537,17 @@ impl Sandbox {
         for (k, v) in &input.env {
             b.env(k, v);
         }
-        if let Some(dir) = &limits.scratch_dir
-            && let Err(e) = b.preopened_dir(dir, "/scratch", FsPerms::ReadWrite)
-        {
-            return finish(
-                metering,
-                Err(InvokeError::Instantiate(format!("scratch dir: {e:#}"))),
-            );
+        for d in &limits.dirs {
+            if let Err(e) = b.preopened_dir(&d.host, &d.guest, FsPerms::ReadWrite) {
+                return finish(
+                    metering,
+                    Err(InvokeError::Instantiate(format!(
+                        "directory {} as {}: {e:#}",
+                        d.host.display(),
+                        d.guest
+                    ))),
+                );
+            }
         }
         // A limit above the pool's slot cannot be honoured: the slot is the real bound, and
         // hitting it is this call's MEMORY_LIMIT (not a guest trap from a failed grow).

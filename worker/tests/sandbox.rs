@@ -28,7 +28,7 @@ fn limits() -> InvocationLimits {
         timeout: Duration::from_secs(10),
         fuel: 5_000_000_000,
         max_output_bytes: 1 << 20,
-        scratch_dir: None,
+        dirs: Vec::new(),
     }
 }
 
@@ -238,7 +238,10 @@ fn no_filesystem_unless_the_spec_asks_for_scratch() {
     );
     let dir = tempfile::tempdir().unwrap();
     let mut lim = limits();
-    lim.scratch_dir = Some(dir.path().to_path_buf());
+    lim.dirs.push(stellar_worker::sandbox::Preopen {
+        host: dir.path().to_path_buf(),
+        guest: "/scratch".into(),
+    });
     let out = run(&sb, "probe", &input(&["scratch"], b""), &lim);
     assert_eq!(out.result, Ok(()), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "kept in scratch\n");
