@@ -118,6 +118,38 @@ fn a_directory_is_reachable_only_when_given() {
         std::fs::read(dir.path().join("probe.txt")).unwrap(),
         b"kept in scratch"
     );
+    // Nothing outside it is reachable: not through `..`, not through a symlink that leads
+    // out (the host file is right next to the given directory).
+    let root = tempfile::tempdir().unwrap();
+    let given = root.path().join("given");
+    std::fs::create_dir(&given).unwrap();
+    std::fs::write(given.join("inside.txt"), b"inside").unwrap();
+    std::fs::write(root.path().join("secret.txt"), b"secret").unwrap();
+    std::os::unix::fs::symlink(root.path().join("secret.txt"), given.join("link")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", given.join("rel")).unwrap();
+    let spec = format!("{}::/data", given.display());
+    let read = |path: &str| {
+        stellar_run(
+            &[&probe, "--arg", "read", "--arg", path, "--dir", &spec],
+            b"",
+        )
+    };
+    let out = read("/data/inside.txt");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"inside");
+    for escape in [
+        "/data/../secret.txt",
+        "/data/link",
+        "/data/rel",
+        "/secret.txt",
+    ] {
+        let out = read(escape);
+        assert_eq!(out.status.code(), Some(1), "{escape}: {out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("secret"),
+            "{escape} escaped"
+        );
+    }
     // A host path that is not a directory is refused before anything runs.
     let out = stellar_run(&[&probe, "--dir", "/nonexistent::/scratch"], b"");
     assert_eq!(out.status.code(), Some(2));

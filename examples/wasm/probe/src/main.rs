@@ -13,6 +13,7 @@
 //!   probe scratch         writes and reads back /scratch/probe.txt
 //!   probe random N        prints N bytes of WASI `random_get` in hex
 //!   probe exit N          exits with status N at once (no output)
+//!   probe read PATH       prints the file at PATH, or exits 1 naming why it cannot
 //!
 //! Run on its own:
 //!   wasmtime --env EXIT_CODE=3 target/wasm32-wasip1/release/probe.wasm echo a b < /etc/hostname
@@ -113,6 +114,19 @@ fn main() -> ExitCode {
             let hex: String = buf.iter().map(|b| format!("{b:02x}")).collect();
             let _ = writeln!(out, "{hex}");
             ExitCode::SUCCESS
+        }
+        Some("read") => {
+            let path = args.get(1).map_or("", String::as_str);
+            match std::fs::read(path) {
+                Ok(b) => {
+                    let _ = out.write_all(&b);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot read {path}: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Some("exit") => {
             let code: u8 = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
