@@ -69,22 +69,31 @@ fn new_request_id() -> Result<Vec<u8>, String> {
     Ok(id.to_vec())
 }
 
-/// Uploads and places a function.
-pub async fn deploy(a: DeployArgs) -> Result<(), String> {
-    let module =
-        std::fs::read(&a.file).map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
-    // Checked here first, so a module the cluster would refuse is not uploaded.
+/// Reads a module and checks it as the cluster will (size, a WASI preview 1 command, memory
+/// within `memory_mib`), so a module that would be refused is named here, before any upload
+/// or run.
+pub fn read_module(path: &std::path::Path, memory_mib: u32) -> Result<Vec<u8>, String> {
+    let shown = path.display();
     let limit = stellar_proto::limits::MAX_MODULE_BYTES;
-    if module.len() > limit {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?
+        .len();
+    if size > limit as u64 {
         return Err(format!(
-            "{} is {}; a module may be at most {} (strip debug info: `strip = true` in the release profile)",
-            a.file.display(),
-            human_bytes(module.len() as u64),
+            "{shown} is {}; a module may be at most {} (strip debug info: `strip = true` in the release profile)",
+            human_bytes(size),
             human_bytes(limit as u64)
         ));
     }
-    stellar_proto::module_check::check_module(&module, a.memory)
-        .map_err(|e| format!("{}: {e}", a.file.display()))?;
+    let module = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    stellar_proto::module_check::check_module(&module, memory_mib)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    Ok(module)
+}
+
+/// Uploads and places a function.
+pub async fn deploy(a: DeployArgs) -> Result<(), String> {
+    let module = read_module(&a.file, a.memory)?;
     let name = match a.name.clone() {
         Some(n) => n,
         None => a

@@ -17,9 +17,6 @@ use clap::Args;
 use sha2::{Digest, Sha256};
 use stellar_worker::sandbox::{InvocationInput, InvocationLimits, Preopen, Sandbox, SandboxConfig};
 
-/// Largest module `stellar run` reads (the deploy limit).
-const MAX_MODULE: u64 = stellar_proto::limits::MAX_MODULE_BYTES as u64;
-
 #[derive(Debug, Args)]
 #[command(after_help = "EXAMPLES:
   stellar run examples/wasm/prebuilt/hello.wasm --stdin Ada
@@ -90,23 +87,14 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
         ));
     }
     let shown = a.file.display().to_string();
-    let meta = std::fs::metadata(&a.file).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if meta.len() > MAX_MODULE {
-        return Err(format!(
-            "{shown} is {} bytes; a function module may be at most {MAX_MODULE}",
-            meta.len()
-        ));
-    }
-    let wasm = std::fs::read(&a.file).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if !wasm.starts_with(b"\0asm") {
-        return Err(if shown.ends_with(".tar") {
-            format!(
-                "{shown} looks like a container image: `stellar run` runs WebAssembly modules only for now"
-            )
+    // The checks `stellar deploy` makes: what runs here would also deploy.
+    let wasm = crate::functions::read_module(&a.file, a.memory).map_err(|e| {
+        if shown.ends_with(".tar") {
+            format!("{e} (a container image? `stellar run` runs WebAssembly modules only for now)")
         } else {
-            format!("{shown} is not a WebAssembly module (no `\\0asm` header)")
-        });
-    }
+            e
+        }
+    })?;
     let stdin = crate::functions::read_data(a.stdin.as_deref())?;
     let name = a
         .file

@@ -109,7 +109,7 @@ pub fn shed_plan(
 
 /// Sheds idle workers to less loaded peers every [`SHED_EVERY`] while this gateway is well
 /// above the mean, until `closed`.
-pub async fn shed_excess(edge: Edge, slack: usize, mut closed: tokio::sync::watch::Receiver<bool>) {
+pub async fn shed_excess(edge: Edge, mut closed: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SHED_EVERY) => {}
@@ -120,8 +120,12 @@ pub async fn shed_excess(edge: Edge, slack: usize, mut closed: tokio::sync::watc
             continue;
         }
         let loads = edge.loads();
-        let Some((to, n, why)) = shed_plan(&loads, &edge.advertise, slack, edge.hub.attached())
-        else {
+        let Some((to, n, why)) = shed_plan(
+            &loads,
+            &edge.advertise,
+            edge.balance_slack,
+            edge.hub.attached(),
+        ) else {
             continue;
         };
         let sent = edge.hub.shed(

@@ -111,11 +111,7 @@ pub async fn serve(
         }
     };
     tokio::spawn(coordinates.probe_peers(known, cfg.advertise.clone(), hub.closed()));
-    tokio::spawn(crate::balance::shed_excess(
-        edge.clone(),
-        cfg.balance_slack,
-        hub.closed(),
-    ));
+    tokio::spawn(crate::balance::shed_excess(edge.clone(), hub.closed()));
     let callers = Arc::new(Callers::new(view.clone(), client.clone()));
     tokio::spawn(crate::watcher::follow(
         client.clone(),
