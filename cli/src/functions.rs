@@ -288,7 +288,7 @@ pub fn exit_status(r: &pb::InvokeResponse) -> u8 {
 pub fn exit_status_of(error_code: &str, exit_code: i32) -> u8 {
     match (error_code, exit_code) {
         ("", _) => 0,
-        ("EXIT_CODE", c) if (1..=255).contains(&c) => c as u8,
+        ("EXIT_CODE" | "SIGNALLED", c) if (1..=255).contains(&c) => c as u8,
         _ => 134,
     }
 }

@@ -121,6 +121,12 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    // The container init is this binary re-executed by a worker: it must run before any
+    // thread starts (it forks), so it is dispatched ahead of argument parsing and the runtime.
+    #[cfg(target_os = "linux")]
+    if stellar_worker::container::init::is_init_invocation() {
+        stellar_worker::container::init::main();
+    }
     let cli = Cli::parse();
     let servers = matches!(
         cli.command,

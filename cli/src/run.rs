@@ -1,11 +1,13 @@
 //! `stellar run`: one function, run here in the very sandbox a worker uses (same engine,
-//! limits, fuel metering and WASI), with no control plane: what a developer tries before
-//! deploying, and what a node owner can use to check a bill (the same input gives the same
-//! fuel).
+//! limits, fuel metering and WASI for wasm; the same namespaces, cgroup, seccomp and
+//! cgroup metering for a container image), with no control plane: what a developer tries
+//! before deploying, and what a node owner can use to check a bill.
 //!
 //! ```text
 //!  FILE.wasm ─▶ Sandbox (1 slot, --memory) ─▶ load (sha256, compile) ─▶ invoke(args, env,
 //!      stdin, limits) ─▶ stdout / stderr written out ─▶ exit with the function's status
+//!  IMAGE.tar ─▶ ContainerRuntime (--cache-dir) ─▶ layers unpacked once ─▶ run(args, env,
+//!      stdin, --dir, limits) ─▶ stdout / stderr streamed as written ─▶ the same exit status
 //!                                                    └─ -v: the usage record on stderr
 //! ```
 
@@ -24,10 +26,17 @@ use stellar_worker::sandbox::{InvocationInput, InvocationLimits, Preopen, Sandbo
   cat input.txt | stellar run examples/wasm/prebuilt/wordcount.wasm --stdin -
   stellar run probe.wasm --arg scratch --dir /tmp/work::/scratch
 
-The exit status is the function's own (134 when it trapped or hit a limit), as `wasmtime
-run` does. Container images (IMAGE.tar) are not supported yet: only WebAssembly modules.")]
+  stellar run examples/images/busybox.tar --arg sh --arg -c --arg 'echo hi; uname -n'
+  stellar run rootfs.tar --command '/bin/ls -l /' --memory 64 --pids 16
+
+The exit status is the function's own (134 when it trapped or hit a limit, 128+N when a
+container's program was killed by signal N), as `wasmtime run` and `docker run` do.
+Containers need root (namespaces, overlayfs, cgroups); the program runs as root inside
+its own user namespace, an unprivileged uid (100000) on this machine, so a --dir must be
+writable by that uid for the program to write there.")]
 pub struct RunArgs {
-    /// The function: a WebAssembly module (WASI preview 1, exporting `_start`).
+    /// The function: a WebAssembly module (WASI preview 1, exporting `_start`), an OCI
+    /// image archive (`oci-layout` tar), or a rootfs tarball with --command.
     file: PathBuf,
     /// Arguments passed to the function (repeat for more; `--arg --top --arg 5`).
     #[arg(long = "arg", allow_hyphen_values = true)]
@@ -49,10 +58,29 @@ pub struct RunArgs {
     /// Wall-clock deadline, seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
-    /// Fuel budget (the deterministic compute unit a bill counts).
-    #[arg(long, default_value_t = InvocationLimits::DEFAULT_FUEL)]
-    fuel: u64,
-    /// Print the usage record (fuel, wall time, memory, bytes, exit code) on stderr.
+    /// Fuel budget, wasm only (the deterministic compute unit a bill counts) [default:
+    /// 10000000000].
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Container only: the program and its arguments, replacing the image's ENTRYPOINT and
+    /// CMD (needed for a rootfs tarball; quoted as in a shell).
+    #[arg(long)]
+    command: Option<String>,
+    /// Container only: processes and threads it may have at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=32_768))]
+    pids: Option<u64>,
+    /// Container only: CPU cores it may use (a CFS quota; 0.5 = half a core).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Container only: where unpacked image layers are kept between runs.
+    #[arg(
+        long,
+        env = "STELLAR_CACHE_DIR",
+        default_value = "/var/lib/stellar/run-cache"
+    )]
+    cache_dir: PathBuf,
+    /// Print the usage record (fuel or cpu time, wall time, memory, bytes, exit code) on
+    /// stderr.
     #[arg(short, long)]
     verbose: bool,
 }
@@ -86,15 +114,24 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
             a.timeout
         ));
     }
+    if !is_wasm(&a.file)? {
+        return run_container(a).await;
+    }
+    for (given, flag) in [
+        (a.command.is_some(), "--command"),
+        (a.pids.is_some(), "--pids"),
+        (a.cpus.is_some(), "--cpus"),
+    ] {
+        if given {
+            return Err(format!(
+                "{flag} is for container images; {} is a WebAssembly module",
+                a.file.display()
+            ));
+        }
+    }
     let shown = a.file.display().to_string();
     // The checks `stellar deploy` makes: what runs here would also deploy.
-    let wasm = crate::functions::read_module(&a.file, a.memory).map_err(|e| {
-        if shown.ends_with(".tar") {
-            format!("{e} (a container image? `stellar run` runs WebAssembly modules only for now)")
-        } else {
-            e
-        }
-    })?;
+    let wasm = crate::functions::read_module(&a.file, a.memory)?;
     let stdin = crate::functions::read_data(a.stdin.as_deref())?;
     let name = a
         .file
@@ -103,7 +140,7 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
     let limits = InvocationLimits {
         memory_bytes: u64::from(a.memory) << 20,
         timeout: Duration::from_secs_f64(a.timeout),
-        fuel: a.fuel,
+        fuel: a.fuel.unwrap_or(InvocationLimits::DEFAULT_FUEL),
         max_output_bytes: u64::from(stellar_proto::limits::MAX_OUTPUT_BYTES),
         dirs: a.dirs,
     };
@@ -136,7 +173,16 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
     let _ = std::io::stdout().write_all(&out.stdout);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().write_all(&out.stderr);
-    let (code, message) = match &out.result {
+    Ok(finish(&out.result, &out.metering, verbose))
+}
+
+/// Reports how the run ended (and, with -v, the usage record); the exit status.
+fn finish(
+    result: &Result<(), stellar_worker::InvokeError>,
+    m: &stellar_worker::Metering,
+    verbose: bool,
+) -> u8 {
+    let (code, message) = match result {
         Ok(()) => ("", String::new()),
         Err(e) => (e.code(), e.to_string()),
     };
@@ -144,18 +190,89 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
         eprintln!("stellar run: {code}: {message}");
     }
     if verbose {
-        let m = out.metering;
         eprintln!(
             "{}",
             serde_json::json!({
-                "fuel": m.fuel, "wall_us": m.wall_us, "peak_memory_bytes": m.peak_memory_bytes,
+                "fuel": m.fuel, "cpu_ns": m.cpu_ns, "wall_us": m.wall_us,
+                "peak_memory_bytes": m.peak_memory_bytes, "pids_peak": m.pids_peak,
                 "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "exit_code": m.exit_code,
                 "error_code": code,
             })
         );
     }
-    Ok(crate::functions::exit_status_of(
-        code,
-        out.metering.exit_code,
+    crate::functions::exit_status_of(code, m.exit_code)
+}
+
+/// A WebAssembly module (by its name or magic), rather than an image archive.
+fn is_wasm(path: &std::path::Path) -> Result<bool, String> {
+    use std::io::Read;
+    if path.extension().is_some_and(|e| e == "wasm" || e == "wat") {
+        return Ok(true);
+    }
+    let mut magic = [0u8; 4];
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(n < 4 || magic == *b"\0asm")
+}
+
+#[cfg(target_os = "linux")]
+async fn run_container(a: RunArgs) -> Result<u8, String> {
+    use stellar_worker::container::{
+        ContainerCall, ContainerLimits, ContainerRuntime, ImageArchive, OutputStream,
+    };
+    if a.fuel.is_some() {
+        return Err("--fuel is for WebAssembly modules; a container is metered in cpu time (--cpus bounds it)".into());
+    }
+    let cpus = a.cpus.unwrap_or(1.0);
+    if !(0.01..=1024.0).contains(&cpus) {
+        return Err(format!("--cpus {cpus} is out of range: give 0.01 to 1024"));
+    }
+    let command =
+        match a.command.as_deref() {
+            None => None,
+            Some(c) => Some(shlex::split(c).filter(|v| !v.is_empty()).ok_or_else(|| {
+                format!("--command `{c}` is not a command line (check its quotes)")
+            })?),
+        };
+    stellar_worker::container::capability()
+        .map_err(|e| format!("this machine cannot run containers: {e}"))?;
+    let image = ImageArchive::open(&a.file, command).map_err(|e| e.to_string())?;
+    let runtime = ContainerRuntime::open(&a.cache_dir)?;
+    let call = ContainerCall {
+        args: a.args,
+        env: a.env,
+        stdin: crate::functions::read_data(a.stdin.as_deref())?,
+        dirs: a.dirs,
+        limits: ContainerLimits {
+            memory_bytes: u64::from(a.memory) << 20,
+            timeout: Duration::from_secs_f64(a.timeout),
+            pids: a.pids.unwrap_or(ContainerLimits::default().pids),
+            cpu_millis: (cpus * 1000.0).round() as u64,
+            max_output_bytes: u64::from(stellar_proto::limits::MAX_OUTPUT_BYTES),
+            ..ContainerLimits::default()
+        },
+    };
+    // Output goes out as the program writes it, not after it ends.
+    let mut sink = |stream: OutputStream, bytes: &[u8]| {
+        let _ = match stream {
+            OutputStream::Stdout => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(bytes).and_then(|()| o.flush())
+            }
+            OutputStream::Stderr => std::io::stderr().lock().write_all(bytes),
+        };
+    };
+    let out = runtime.run(&image, call, &mut sink).await;
+    Ok(finish(&out.result, &out.metering, a.verbose))
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn run_container(a: RunArgs) -> Result<u8, String> {
+    Err(format!(
+        "{} is not a WebAssembly module; containers run on Linux only",
+        a.file.display()
     ))
 }

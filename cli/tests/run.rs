@@ -164,7 +164,8 @@ fn bad_input_is_refused_with_a_reason() {
     let out = stellar_run(&[&not_wasm.to_string_lossy()], b"");
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("WebAssembly modules only"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("neither an OCI image archive nor a rootfs tarball"),
         "{out:?}"
     );
     let out = stellar_run(&[&prebuilt("hello"), "--env", "NOEQUALS"], b"");

@@ -4,6 +4,8 @@
 
 pub mod agent;
 pub mod cache;
+#[cfg(target_os = "linux")]
+pub mod container;
 pub mod error;
 pub mod identity;
 pub mod sandbox;

@@ -175,6 +175,21 @@ pub enum InvokeError {
     /// It could not be instantiated with these limits (e.g. its initial memory is larger).
     #[error("could not start: {0}")]
     Instantiate(String),
+    /// A container reached its process limit (a fork was refused) and did not succeed.
+    #[error("reached its limit of {limit} processes")]
+    PidsLimit {
+        /// The limit.
+        limit: u64,
+    },
+    /// A container's program was killed by a signal it did not handle.
+    #[error("was killed by signal {0}")]
+    Signalled(i32),
+    /// The container image cannot run here (no such program, wrong architecture, corrupt).
+    #[error("the image cannot run: {0}")]
+    ImageInvalid(String),
+    /// This node could not build the sandbox: the node's fault, never the caller's.
+    #[error("the node could not build the sandbox: {0}")]
+    Sandbox(String),
 }
 
 impl InvokeError {
@@ -188,6 +203,10 @@ impl InvokeError {
             InvokeError::Trap(_) => "TRAP",
             InvokeError::Exit(_) => "EXIT_CODE",
             InvokeError::Instantiate(_) => "INSTANTIATE",
+            InvokeError::PidsLimit { .. } => "PIDS_LIMIT",
+            InvokeError::Signalled(_) => "SIGNALLED",
+            InvokeError::ImageInvalid(_) => "IMAGE_INVALID",
+            InvokeError::Sandbox(_) => "SANDBOX_FAILED",
         }
     }
 }
@@ -205,8 +224,28 @@ pub struct Metering {
     pub bytes_in: u64,
     /// stdout and stderr, bytes.
     pub bytes_out: u64,
-    /// Its exit status (0 on success; -1 when it did not exit on its own).
+    /// Its exit status (0 on success; -1 when it did not exit on its own; 128 + the signal
+    /// when a container's program was killed by one).
     pub exit_code: i32,
+    /// CPU time, ns (containers: the cgroup's counter; 0 for wasm, whose unit is fuel).
+    pub cpu_ns: u64,
+    /// The most processes a container had at once (0 for wasm).
+    pub pids_peak: u64,
+}
+
+impl Metering {
+    /// The record a call starts with: its input counted (stdin, arguments, environment),
+    /// no exit yet.
+    pub fn for_input(stdin: &[u8], args: &[String], env: &[(String, String)]) -> Metering {
+        let bytes_in = stdin.len()
+            + args.iter().map(String::len).sum::<usize>()
+            + env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        Metering {
+            bytes_in: bytes_in as u64,
+            exit_code: -1,
+            ..Default::default()
+        }
+    }
 }
 
 /// The result of one invocation.
@@ -480,18 +519,7 @@ impl Sandbox {
             .saturating_add(1);
         let stdout = MemoryOutputPipe::new(cap);
         let stderr = MemoryOutputPipe::new(cap);
-        let bytes_in = input.stdin.len()
-            + input.args.iter().map(String::len).sum::<usize>()
-            + input
-                .env
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
-        let mut metering = Metering {
-            bytes_in: bytes_in as u64,
-            exit_code: -1,
-            ..Default::default()
-        };
+        let mut metering = Metering::for_input(&input.stdin, &input.args, &input.env);
         let finish = |metering: Metering, result| {
             let (out, err) = (stdout.contents(), stderr.contents());
             let mut m = metering;

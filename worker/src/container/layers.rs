@@ -1,0 +1,234 @@
+//! The node's layer cache: each layer unpacked once, keyed by the sha256 of its blob, shared
+//! read-only by every container that uses it (the lower layers of their overlays).
+//!
+//! ```text
+//! blob bytes ─▶ sha256 while read ─▶ gunzip? ─▶ tar entries ─▶ layers/.tmp-<hex>-<n>/
+//!    whiteouts (.wh.NAME → 0:0 char device, .wh..wh..opq → trusted.overlay.opaque)
+//!    every entry owned by the sandbox uid (root inside the container)
+//!  all bytes read and the hash matches ─▶ rename to layers/<hex> (atomic: a crash leaves
+//!  only a .tmp the next start removes)
+//! ```
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::lchown;
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use sha2::{Digest, Sha256};
+
+use super::image::{ImageError, LayerBlob};
+
+/// Unpacked layers under one directory.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    dir: PathBuf,
+    uid: u32,
+    gid: u32,
+}
+
+/// Reads through to a hasher.
+struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl LayerCache {
+    /// The cache in `dir` (created), unpacking as owned by `uid`/`gid`; half-unpacked layers
+    /// a crash left are removed.
+    pub fn open(dir: PathBuf, uid: u32, gid: u32) -> std::io::Result<LayerCache> {
+        std::fs::create_dir_all(&dir)?;
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(LayerCache { dir, uid, gid })
+    }
+
+    /// Where the layer with this blob sha256 is (or would be) unpacked.
+    pub fn path_of(&self, sha256: &str) -> PathBuf {
+        self.dir.join(sha256)
+    }
+
+    /// Whether the layer is already unpacked here.
+    pub fn has(&self, sha256: &str) -> bool {
+        self.path_of(sha256).is_dir()
+    }
+
+    /// The layers unpacked here (hex sha256s).
+    pub fn list(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.len() == 64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Unpacks `layer` from `archive` unless it is here already; its path.
+    pub fn ensure(&self, archive: &Path, layer: &LayerBlob) -> Result<PathBuf, ImageError> {
+        let dest = self.path_of(&layer.sha256);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let read = |source| ImageError::Read {
+            path: archive.to_path_buf(),
+            source,
+        };
+        let mut f = File::open(archive).map_err(read)?;
+        f.seek(SeekFrom::Start(layer.offset)).map_err(read)?;
+        self.unpack(f.take(layer.size), &layer.sha256, layer.gzip)
+    }
+
+    /// Unpacks a layer's blob bytes from `blob`, checking they hash to `sha256`.
+    pub fn unpack(&self, blob: impl Read, sha256: &str, gzip: bool) -> Result<PathBuf, ImageError> {
+        let dest = self.path_of(sha256);
+        let mut nonce = [0u8; 4];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| ImageError::Invalid(format!("no randomness: {e}")))?;
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{sha256}-{}", hex::encode(nonce)));
+        let result = self.unpack_into(blob, &tmp, sha256, gzip);
+        match result {
+            Ok(()) => match std::fs::rename(&tmp, &dest) {
+                Ok(()) => Ok(dest),
+                // Another run unpacked the same layer meanwhile: theirs is as good.
+                Err(_) if dest.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Ok(dest)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Err(ImageError::Read {
+                        path: dest,
+                        source: e,
+                    })
+                }
+            },
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn unpack_into(
+        &self,
+        blob: impl Read,
+        tmp: &Path,
+        sha256: &str,
+        gzip: bool,
+    ) -> Result<(), ImageError> {
+        let bad = |e: std::io::Error| ImageError::Invalid(format!("layer sha256:{sha256}: {e}"));
+        std::fs::create_dir_all(tmp).map_err(bad)?;
+        let mut hashing = HashingReader {
+            inner: blob,
+            hash: Sha256::new(),
+        };
+        {
+            let tar_bytes: Box<dyn Read + '_> = if gzip {
+                Box::new(flate2::read::GzDecoder::new(&mut hashing))
+            } else {
+                Box::new(&mut hashing)
+            };
+            let mut archive = tar::Archive::new(tar_bytes);
+            archive.set_preserve_permissions(true);
+            archive.set_preserve_mtime(true);
+            archive.set_unpack_xattrs(false);
+            archive.set_overwrite(true);
+            for entry in archive.entries().map_err(bad)? {
+                let mut entry = entry.map_err(bad)?;
+                self.unpack_entry(&mut entry, tmp).map_err(bad)?;
+            }
+        }
+        // The hash covers every byte of the blob, past the tar's end-of-archive blocks too.
+        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(bad)?;
+        let actual = hex::encode(hashing.hash.finalize());
+        if actual != sha256 {
+            return Err(ImageError::DigestMismatch {
+                digest: format!("sha256:{sha256}"),
+                actual,
+            });
+        }
+        lchown(tmp, Some(self.uid), Some(self.gid)).map_err(bad)?;
+        Ok(())
+    }
+
+    fn unpack_entry<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        root: &Path,
+    ) -> std::io::Result<()> {
+        use tar::EntryType::*;
+        let path = entry.path()?.into_owned();
+        let kind = entry.header().entry_type();
+        if !matches!(kind, Regular | Directory | Symlink | Link | Continuous) {
+            return Ok(()); // devices and fifos: a container gets its /dev from the sandbox
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if let Some(name) = name.as_deref().filter(|n| n.starts_with(".wh.")) {
+            // Its directory must be inside the layer, reached through no symlink.
+            let marker = safe_join(root, &path)?;
+            let dir = marker.parent().unwrap_or(root).to_path_buf();
+            std::fs::create_dir_all(&dir)?;
+            if name == ".wh..wh..opq" {
+                xattr::set(&dir, "trusted.overlay.opaque", b"y")?;
+            } else {
+                let target = dir.join(&name[4..]);
+                mknod(&target, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0))
+                    .map_err(std::io::Error::from)?;
+                lchown(&target, Some(self.uid), Some(self.gid))?;
+            }
+            return Ok(());
+        }
+        if !entry.unpack_in(root)? {
+            return Ok(()); // a path that would escape the layer: skipped, as tar does
+        }
+        let target = safe_join(root, &path)?;
+        lchown(&target, Some(self.uid), Some(self.gid))
+    }
+}
+
+/// `root/rel` for a relative path with no `..` or root component and no symlink on the way
+/// (an earlier entry's symlink must not carry a whiteout outside the layer).
+fn safe_join(root: &Path, rel: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component::*;
+    let mut out = root.to_path_buf();
+    let mut components = rel.components().peekable();
+    while let Some(c) = components.next() {
+        match c {
+            Normal(p) => {
+                out.push(p);
+                let last = components.peek().is_none();
+                if !last
+                    && std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink())
+                {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} goes through a symlink", rel.display()),
+                    ));
+                }
+            }
+            CurDir => {}
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} leaves the layer", rel.display()),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,47 @@
+//! Containers on home nodes: OCI images run as hostile guests in namespaces, a cgroup and a
+//! seccomp allow-list, metered from the cgroup's counters (Linux only).
+//!
+//! ```text
+//! image.rs   IMAGE.tar ─▶ config + layer blobs (offsets)       (OCI layout or rootfs tar)
+//! layers.rs  blob ─▶ verified, unpacked once per node, owned by the sandbox uid
+//! run.rs     layers + private upper ─▶ cgroup ─▶ init ─▶ output streamed ─▶ Metering
+//! init.rs    `stellar __container-init`: namespaces, overlay, pivot_root, no caps, seccomp
+//! cgroup.rs  limits and counters (v1 or v2, cgroups-rs)       seccomp.rs  the allow-list
+//! ```
+
+pub mod cgroup;
+pub mod image;
+pub mod init;
+pub mod layers;
+mod loopback;
+pub mod run;
+mod seccomp;
+pub mod spec;
+
+pub use image::{ImageArchive, ImageConfig, ImageError};
+pub use run::{
+    ContainerCall, ContainerLimits, ContainerOutcome, ContainerRuntime, DEFAULT_HOST_ID,
+    OutputStream,
+};
+
+/// Whether this device can run containers, and if not why: checked once at worker start
+/// (root or a delegated cgroup, every limit taking, overlayfs, user namespaces).
+pub fn capability() -> Result<(), String> {
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|l| l.trim_end().ends_with("overlay"))
+    {
+        return Err("the kernel has no overlayfs".into());
+    }
+    let max_userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if max_userns == Some(0) {
+        return Err("user namespaces are disabled (user.max_user_namespaces = 0)".into());
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("the worker is not root: it cannot mount images or create cgroups".into());
+    }
+    cgroup::available()
+}
