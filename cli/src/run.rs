@@ -237,10 +237,14 @@ async fn run_container(a: RunArgs) -> Result<u8, String> {
                 format!("--command `{c}` is not a command line (check its quotes)")
             })?),
         };
-    stellar_worker::container::capability()
+    tracing::debug!("run: container");
+    stellar_worker::container::preconditions()
         .map_err(|e| format!("this machine cannot run containers: {e}"))?;
+    tracing::debug!("run: preconditions met");
     let image = ImageArchive::open(&a.file, command).map_err(|e| e.to_string())?;
+    tracing::debug!("run: image indexed");
     let runtime = ContainerRuntime::open(&a.cache_dir)?;
+    tracing::debug!("run: runtime open");
     let call = ContainerCall {
         args: a.args,
         env: a.env,

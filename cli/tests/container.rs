@@ -12,34 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-/// The busybox image, built once per test binary by the example script's packer.
+/// The busybox image, built once per test binary by the example packer (the benchmark's
+/// own builder: what is tested is what is measured).
 fn busybox() -> &'static Path {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir").keep();
-        let root = dir.join("rootfs");
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        for d in ["etc", "tmp", "proc", "dev", "root", "mnt"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-            .expect("/bin/busybox (Debian's busybox-static; scripts/test.sh installs it)");
-        let applets = Command::new("/bin/busybox").arg("--list").output().unwrap();
-        for a in String::from_utf8_lossy(&applets.stdout).lines() {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-        }
-        let image = dir.join("busybox.tar");
-        let packer = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/images/oci_archive.py"
-        );
-        let out = Command::new("python3")
-            .args([packer, root.to_str().unwrap(), image.to_str().unwrap()])
-            .args(["--cmd", r#"["sh"]"#, "--gzip"])
-            .output()
-            .expect("python3");
-        assert!(out.status.success(), "{out:?}");
-        image
+        stellar_load::containerbench::build_busybox_image(&dir).expect("the busybox image")
     })
 }
 
@@ -276,8 +255,8 @@ fn host_processes_and_files_are_not_visible() {
     let pids: u32 = lines.next().unwrap().parse().unwrap();
     assert!(pids <= 4, "sees {pids} processes: {text}");
     assert!(
-        lines.next().unwrap().starts_with("sh -c ls /proc"),
-        "pid 1 is the program: {text}"
+        lines.next().unwrap().contains("__container-init"),
+        "pid 1 is the sandbox's init: {text}"
     );
     assert!(!text.contains("HOST-FILE-2"), "{text}");
     assert!(
@@ -377,4 +356,28 @@ fn tar_of_one_file(name: &str, data: &[u8]) -> Vec<u8> {
     h.set_cksum();
     b.append_data(&mut h, name, data).unwrap();
     b.into_inner().unwrap()
+}
+
+#[test]
+fn output_past_the_cap_and_a_fatal_signal_are_typed_results() {
+    let cache = Cache::new();
+    let out = cache.sh("yes stellar", &["-v"]);
+    assert_eq!(out.status.code(), Some(134), "{:?}", out.status);
+    let u = usage(&out);
+    assert_eq!(u["error_code"], "OUTPUT_TOO_LARGE", "{u}");
+    let cap = u64::from(stellar_proto::limits::MAX_OUTPUT_BYTES);
+    assert_eq!(out.stdout.len() as u64, cap, "exactly the cap is passed on");
+
+    let out = cache.sh("kill -SEGV $$", &["-v"]);
+    assert_eq!(out.status.code(), Some(128 + 11), "{out:?}");
+    assert_eq!(usage(&out)["error_code"], "SIGNALLED");
+
+    // The writable layer is bounded (a tmpfs in the run, charged to its memory).
+    let out = cache.sh(
+        "dd if=/dev/zero of=/big bs=1M count=400 2>&1; echo dd=$?",
+        &["--memory", "512"],
+    );
+    let text = stdout(&out);
+    assert!(text.contains("No space left on device"), "{text}");
+    cache.assert_nothing_left();
 }

@@ -3,6 +3,8 @@
 
 pub mod alloc;
 pub mod baselines;
+#[cfg(target_os = "linux")]
+pub mod containerbench;
 pub mod edgebench;
 pub mod invokebench;
 pub mod procs;

@@ -41,6 +41,13 @@ enum Command {
     ///
     /// Prints a summary, or with --json exactly one JSON object on stdout.
     WasmBench(WasmBenchArgs),
+    /// Measure a container's cold start (image cached; sandbox set up, /bin/true run, torn
+    /// down) through the shipped `stellar run`, against crun on the same rootfs, namespaces,
+    /// limits and seccomp allow-list in the same run, plus the host exec floor and
+    /// `stellar run`s per second. Needs root, crun and busybox-static.
+    ///
+    /// Prints a summary, or with --json exactly one JSON object on stdout.
+    ContainerBench(ContainerBenchArgs),
     /// Measure end-to-end invocations through the gateway: starts a control-plane replica and
     /// workers on loopback (or targets --endpoint), deploys `hello` and drives it with many
     /// concurrent callers; throughput and p50/p99 latency.
@@ -193,6 +200,25 @@ struct WasmBenchArgs {
 }
 
 #[derive(clap::Args)]
+struct ContainerBenchArgs {
+    /// Timed cold starts per side.
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Concurrent `stellar run`s in the throughput phase (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The `stellar` binary [default: next to this one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
+    /// The crun binary (Debian's crun package).
+    #[arg(long, default_value = "crun")]
+    crun: std::path::PathBuf,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct ModuleArg {
     #[arg(long)]
     module: std::path::PathBuf,
@@ -310,6 +336,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => run_sim(args),
         Command::RaftBench(args) => run_raft_bench(args),
         Command::WasmBench(args) => run_wasm_bench(args),
+        Command::ContainerBench(args) => run_container_bench(args),
         Command::InvokeBench(args) => run_invoke_bench(args),
         Command::WasmOnce(m) => match stellar_load::wasmbench::once(&m.module) {
             Ok(out) => {
@@ -429,6 +456,58 @@ fn run_sim_workers(args: SimWorkersArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(target_os = "linux")]
+fn run_container_bench(args: ContainerBenchArgs) -> ExitCode {
+    // crun refuses a hybrid machine whose cgroup2 hierarchy holds a controller (this one's
+    // holds hugetlb): both sides then run in a private mount namespace without it.
+    if let Some(code) = stellar_load::containerbench::reexec_without_hybrid_cgroup2() {
+        return code;
+    }
+    let cfg = stellar_load::containerbench::ContainerBenchConfig {
+        stellar: stellar_binary(args.stellar).unwrap_or_else(|| "stellar".into()),
+        crun: args.crun,
+        runs: args.runs.max(1),
+        threads: args.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+    };
+    let mut log = |m: &str| eprintln!("[container-bench] {m}");
+    match stellar_load::containerbench::run(&cfg, &mut log) {
+        Ok(r) => {
+            if args.json {
+                println!("{}", serde_json::to_value(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "stellar run  cold start p50 {:.1} ms  p99 {:.1} ms  ({:.2}x crun's p50)",
+                    r.cold_start_p50_ms, r.cold_start_p99_ms, r.stellar_vs_crun_p50
+                );
+                println!(
+                    "crun run     p50 {:.1} ms  p99 {:.1} ms",
+                    r.crun_p50_ms, r.crun_p99_ms
+                );
+                println!("host exec    p50 {:.2} ms", r.host_exec_p50_ms);
+                println!(
+                    "throughput   {:.0} stellar runs/s on {} runners",
+                    r.invocations_per_sec, r.threads
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("container-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_container_bench(_: ContainerBenchArgs) -> ExitCode {
+    eprintln!("container-bench: containers run on Linux only");
+    ExitCode::FAILURE
 }
 
 fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {

@@ -233,3 +233,27 @@ fn wasm_bench_reads_an_idle_shipped_worker() {
         "{v}"
     );
 }
+
+/// container-bench times the shipped `stellar run` and crun on the same rootfs, limits and
+/// seccomp allow-list, and the host floor, and says what each sample is.
+#[cfg(target_os = "linux")]
+#[test]
+fn container_bench_times_stellar_and_crun_on_equal_terms() {
+    let v = json_of(&["container-bench", "--runs", "3", "--threads", "1", "--json"]);
+    for field in [
+        "cold_start_p50_ms",
+        "cold_start_p99_ms",
+        "invocations_per_sec",
+        "host_exec_p50_ms",
+        "crun_p50_ms",
+        "crun_p99_ms",
+    ] {
+        let x = v[field].as_f64().unwrap_or(f64::NAN);
+        assert!(x > 0.0 && x.is_finite(), "{field}: {v}");
+    }
+    assert!(
+        v["cold_start_p50_ms"].as_f64() > v["host_exec_p50_ms"].as_f64(),
+        "a sandbox costs more than a bare exec: {v}"
+    );
+    assert!(v["crun_unit"].as_str().unwrap().contains("crun run"), "{v}");
+}

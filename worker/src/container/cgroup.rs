@@ -116,31 +116,38 @@ impl ContainerCgroup {
             .map_err(|e| format!("cannot move {pid} into {}: {e}", self.name))
     }
 
-    /// The counters now (a missing file reads as 0: a counter is never invented).
+    /// The counters now (a missing file reads as 0: a counter is never invented). Reads the
+    /// five files it needs, not the controllers' whole stat sets (this runs per call).
     pub fn usage(&self) -> CgroupUsage {
-        let mut u = CgroupUsage::default();
+        let mut u = CgroupUsage {
+            pids_current: self.pids_current(),
+            ..CgroupUsage::default()
+        };
         if let Some(p) = self.cg.controller_of::<PidController>() {
-            u.pids_limit_hits = p.get_pid_events().unwrap_or(0);
-            u.pids_current = p.get_pid_current().unwrap_or(0);
+            u.pids_limit_hits = read_keyed(&p.path().join("pids.events"), "max");
         }
+        let Some(mem) = self.cg.controller_of::<MemController>().map(|m| m.path()) else {
+            return u;
+        };
         if self.cg.v2() {
-            let mem = self.cg.controller_of::<MemController>().map(|m| m.path());
-            if let Some(dir) = mem {
-                u.peak_memory_bytes = read_u64(&dir.join("memory.peak"));
-                u.oom_kills = read_keyed(&dir.join("memory.events"), "oom_kill");
-                u.cpu_ns = read_keyed(&dir.join("cpu.stat"), "usage_usec") * 1000;
-            }
+            u.peak_memory_bytes = read_u64(&mem.join("memory.peak"));
+            u.oom_kills = read_keyed(&mem.join("memory.events"), "oom_kill");
+            u.cpu_ns = read_keyed(&mem.join("cpu.stat"), "usage_usec") * 1000;
         } else {
-            if let Some(m) = self.cg.controller_of::<MemController>() {
-                let s = m.memory_stat();
-                u.peak_memory_bytes = s.max_usage_in_bytes;
-                u.oom_kills = s.oom_control.oom_kill;
-            }
+            u.peak_memory_bytes = read_u64(&mem.join("memory.max_usage_in_bytes"));
+            u.oom_kills = read_keyed(&mem.join("memory.oom_control"), "oom_kill");
             if let Some(c) = self.cg.controller_of::<CpuAcctController>() {
-                u.cpu_ns = c.cpuacct().usage;
+                u.cpu_ns = read_u64(&c.path().join("cpuacct.usage"));
             }
         }
         u
+    }
+
+    /// Processes in the group now (sampled while it runs, for the peak).
+    pub fn pids_current(&self) -> u64 {
+        self.cg
+            .controller_of::<PidController>()
+            .map_or(0, |p| read_u64(&p.path().join("pids.current")))
     }
 
     /// The processes in the group now.

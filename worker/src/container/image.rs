@@ -143,8 +143,9 @@ pub fn this_architecture() -> &'static str {
 struct Entries {
     oci_layout: Option<Vec<u8>>,
     index: Option<Vec<u8>>,
-    /// hex sha256 → (offset, size, bytes when small)
-    blobs: HashMap<String, (u64, u64, Option<Vec<u8>>)>,
+    /// hex sha256 → (offset, size); a blob's bytes are read only when needed (the layers
+    /// are never read here).
+    blobs: HashMap<String, (u64, u64)>,
 }
 
 fn index_entries(file: &mut File) -> std::io::Result<Entries> {
@@ -171,13 +172,8 @@ fn index_entries(file: &mut File) -> std::io::Result<Entries> {
             "index.json" => e.index = Some(small(&mut entry)?),
             _ => {
                 if let Some(hex) = name.strip_prefix("blobs/sha256/") {
-                    let offset = entry.raw_file_position();
-                    let bytes = if size <= MAX_JSON_BLOB {
-                        Some(small(&mut entry)?)
-                    } else {
-                        None
-                    };
-                    e.blobs.insert(hex.to_string(), (offset, size, bytes));
+                    e.blobs
+                        .insert(hex.to_string(), (entry.raw_file_position(), size));
                 }
             }
         }
@@ -189,15 +185,24 @@ fn invalid(msg: impl Into<String>) -> ImageError {
     ImageError::Invalid(msg.into())
 }
 
-/// A small blob's bytes, checked against its digest.
-fn json_blob<'a>(e: &'a Entries, d: &Descriptor) -> Result<&'a [u8], ImageError> {
+/// A small (JSON) blob's bytes, read from its offset and checked against its digest.
+fn json_blob(file: &mut File, e: &Entries, d: &Descriptor) -> Result<Vec<u8>, ImageError> {
     let hex = sha256_hex_of(d)?;
-    let bytes = e
+    let &(offset, size) = e
         .blobs
         .get(&hex)
-        .and_then(|(_, _, b)| b.as_deref())
         .ok_or_else(|| invalid(format!("the archive has no blob {}", d.digest())))?;
-    let actual = hex::encode(Sha256::digest(bytes));
+    if size > MAX_JSON_BLOB {
+        return Err(invalid(format!(
+            "blob {} is {size} bytes: too large for a manifest or config",
+            d.digest()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.take(size).read_to_end(&mut bytes))
+        .map_err(|e| invalid(format!("blob {}: {e}", d.digest())))?;
+    let actual = hex::encode(Sha256::digest(&bytes));
     if actual != hex {
         return Err(ImageError::DigestMismatch {
             digest: d.digest().to_string(),
@@ -217,7 +222,7 @@ fn sha256_hex_of(d: &Descriptor) -> Result<String, ImageError> {
     Ok(digest.digest().to_string())
 }
 
-fn oci_image(path: &Path, _file: &mut File, e: Entries) -> Result<ImageArchive, ImageError> {
+fn oci_image(path: &Path, file: &mut File, e: Entries) -> Result<ImageArchive, ImageError> {
     let index = ImageIndex::from_reader(e.index.as_deref().unwrap_or_default())
         .map_err(|err| invalid(format!("index.json: {err}")))?;
     let want = this_architecture();
@@ -235,7 +240,7 @@ fn oci_image(path: &Path, _file: &mut File, e: Entries) -> Result<ImageArchive, 
             .cloned()
             .ok_or_else(|| invalid(format!("the image has no manifest for {want}")))?;
         if *pick.media_type() == MediaType::ImageIndex {
-            let nested = ImageIndex::from_reader(json_blob(&e, &pick)?)
+            let nested = ImageIndex::from_reader(json_blob(file, &e, &pick)?.as_slice())
                 .map_err(|err| invalid(format!("nested index: {err}")))?;
             manifests = nested.manifests().clone();
         } else {
@@ -244,10 +249,11 @@ fn oci_image(path: &Path, _file: &mut File, e: Entries) -> Result<ImageArchive, 
         }
     }
     let manifest_desc = chosen.ok_or_else(|| invalid("image indexes nest too deep"))?;
-    let manifest = ImageManifest::from_reader(json_blob(&e, &manifest_desc)?)
+    let manifest = ImageManifest::from_reader(json_blob(file, &e, &manifest_desc)?.as_slice())
         .map_err(|err| invalid(format!("manifest: {err}")))?;
-    let config = ImageConfiguration::from_reader(json_blob(&e, manifest.config())?)
-        .map_err(|err| invalid(format!("image config: {err}")))?;
+    let config =
+        ImageConfiguration::from_reader(json_blob(file, &e, manifest.config())?.as_slice())
+            .map_err(|err| invalid(format!("image config: {err}")))?;
     let architecture = config.architecture().to_string();
     if architecture != want {
         return Err(invalid(format!(
@@ -269,7 +275,7 @@ fn oci_image(path: &Path, _file: &mut File, e: Entries) -> Result<ImageArchive, 
             }
         };
         let sha256 = sha256_hex_of(d)?;
-        let (offset, size, _) = *e
+        let (offset, size) = *e
             .blobs
             .get(&sha256)
             .ok_or_else(|| invalid(format!("the archive has no layer {}", d.digest())))?;

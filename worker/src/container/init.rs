@@ -12,7 +12,9 @@
 //!   wait · report {exited|signalled} on fd 3       /proc · pivot_root · umount the host
 //!                                                  hostname · lo up · rlimits
 //!                                                  no_new_privs · capabilities: none
-//!                                                  seccomp allow-list · exec the program
+//!                                                  seccomp allow-list
+//!                                                  fork ──▶ pid 2: exec the program
+//!                                                  reap until the program ends
 //! ```
 //!
 //! Mounts live only in the run's mount namespaces, so they vanish with its last process; the
@@ -21,8 +23,8 @@
 //! output).
 //!
 //! This is the one place the worker uses `unsafe`: to adopt the two fds the worker placed,
-//! and to fork, which is sound here because this process is single-threaded (it was just
-//! exec'd and starts no thread before the fork).
+//! and to fork (twice), which is sound here because this process is single-threaded (it
+//! was just exec'd and starts no thread).
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -42,7 +44,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Uid, chdir, fork, pivot_root, sethostname};
 use serde::Serialize;
 
-use super::spec::{INIT_ARG, InitFailure, InitSpec, SPEC_FD, STATUS_FD};
+use super::spec::{INIT_ARG, InitFailure, InitSpec, ROOTFS, SPEC_FD, STATUS_FD, UPPER, WORK};
 use super::{loopback, seccomp};
 
 /// What stage 1 reports on fd 3 when the program has run (one JSON line).
@@ -126,7 +128,8 @@ fn stage1(spec: &InitSpec, status: &File) -> Result<InitReport, InitFailure> {
         ),
     )?;
     step("chdir(base)", chdir(&spec.base))?;
-    mount_rootfs(spec)?;
+    let rootfs = spec.run_dir.join(ROOTFS);
+    mount_rootfs(spec, &rootfs)?;
 
     // From here on, an unprivileged host uid: root only inside its own user namespace.
     let (uid, gid) = (Uid::from_raw(spec.host_uid), Gid::from_raw(spec.host_gid));
@@ -155,8 +158,8 @@ fn stage1(spec: &InitSpec, status: &File) -> Result<InitReport, InitFailure> {
     step(
         "bind the root",
         mount(
-            Some(&spec.rootfs),
-            &spec.rootfs,
+            Some(&rootfs),
+            &rootfs,
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
@@ -167,14 +170,23 @@ fn stage1(spec: &InitSpec, status: &File) -> Result<InitReport, InitFailure> {
     // SAFETY: this process is single-threaded (see the module comment).
     match step("fork", unsafe { fork() })? {
         ForkResult::Child => {
-            let failure = stage2(spec, &filters);
-            let mut status = status;
-            let _ = writeln!(
-                status,
-                "{}",
-                serde_json::to_string(&InitReport::Failed(failure)).unwrap_or_default()
-            );
-            std::process::exit(127)
+            let report = stage2(spec, &rootfs, &filters);
+            let code = match &report {
+                InitReport::Exited(c) => *c,
+                InitReport::Signalled(s) => 128 + s,
+                InitReport::Failed(_) => 127,
+            };
+            // An exit status passes through stage 1; a signal or a failure is said here,
+            // first (the worker takes the first report).
+            if !matches!(report, InitReport::Exited(_)) {
+                let mut status = status;
+                let _ = writeln!(
+                    status,
+                    "{}",
+                    serde_json::to_string(&report).unwrap_or_default()
+                );
+            }
+            std::process::exit(code)
         }
         ForkResult::Parent { child } => loop {
             match waitpid(child, None) {
@@ -193,9 +205,27 @@ fn write_proc(path: &str, value: &str) -> Result<(), InitFailure> {
     std::fs::write(path, value).map_err(|e| node_fault(format!("writing {path}: {e}")))
 }
 
-/// The root (overlay of the layers and the run's upper), `/dev`, `/tmp` and the binds, made
-/// as host root inside stage 1's private mount namespace.
-fn mount_rootfs(spec: &InitSpec) -> Result<(), InitFailure> {
+/// The run's tmpfs, the root (overlay of the layers and the run's upper), `/dev`, `/tmp` and
+/// the binds, made as host root inside stage 1's private mount namespace.
+fn mount_rootfs(spec: &InitSpec, rootfs: &Path) -> Result<(), InitFailure> {
+    let scratch = format!("mode=711,size={}m", spec.scratch_mib.max(1));
+    step(
+        "mount the run's tmpfs",
+        mount(
+            Some("tmpfs"),
+            &spec.run_dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(scratch.as_str()),
+        ),
+    )?;
+    let (upper, work) = (spec.run_dir.join(UPPER), spec.run_dir.join(WORK));
+    for d in [&upper, &work, &rootfs.to_path_buf()] {
+        ensure_dir(d)?;
+    }
+    // The writable layer's root is the container's "/": its root owns it.
+    std::os::unix::fs::lchown(&upper, Some(spec.host_uid), Some(spec.host_gid))
+        .map_err(|e| node_fault(format!("chown the upper layer: {e}")))?;
     let lower = spec
         .lower
         .iter()
@@ -204,20 +234,20 @@ fn mount_rootfs(spec: &InitSpec) -> Result<(), InitFailure> {
         .join(":");
     let options = format!(
         "lowerdir={lower},upperdir={},workdir={}",
-        spec.upper.display(),
-        spec.work.display()
+        upper.display(),
+        work.display()
     );
     step(
         "mount the image (overlay)",
         mount(
             Some("overlay"),
-            &spec.rootfs,
+            rootfs,
             Some("overlay"),
             MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
             Some(options.as_str()),
         ),
     )?;
-    let root = &spec.rootfs;
+    let root = rootfs;
     for dir in ["proc", "dev", "tmp"] {
         ensure_dir(&root.join(dir))?;
     }
@@ -299,40 +329,58 @@ fn ensure_dir(p: &Path) -> Result<(), InitFailure> {
     std::fs::create_dir_all(p).map_err(|e| node_fault(format!("mkdir {}: {e}", p.display())))
 }
 
-/// Pid 1 of the new namespaces: finish the root, shed every privilege, become the program.
-/// Returns only on failure.
-fn stage2(spec: &InitSpec, filters: &[seccompiler::BpfProgram; 2]) -> InitFailure {
-    match stage2_setup(spec) {
-        Err(f) => f,
-        Ok(()) => {
-            let mut cmd = Command::new(&spec.argv[0]);
-            cmd.args(&spec.argv[1..])
-                .env_clear()
-                .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
-                .current_dir(&spec.cwd);
-            if let Err(f) = drop_privileges(filters) {
-                return f;
-            }
+/// Pid 1 of the new namespaces: finish the root, shed every privilege, then start the
+/// program as pid 2 and reap (as `docker run --init` does: the program gets ordinary signal
+/// semantics, orphans are reaped, and its death by a signal is seen and reported).
+fn stage2(spec: &InitSpec, rootfs: &Path, filters: &[seccompiler::BpfProgram; 2]) -> InitReport {
+    if let Err(f) = stage2_setup(spec, rootfs) {
+        return InitReport::Failed(f);
+    }
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
+        .current_dir(&spec.cwd);
+    if let Err(f) = drop_privileges(filters) {
+        return InitReport::Failed(f);
+    }
+    // SAFETY: single-threaded, as stage 1 is (this is its fork).
+    let program = match unsafe { fork() } {
+        Err(e) => return InitReport::Failed(node_fault(format!("fork: {e}"))),
+        Ok(ForkResult::Child) => {
             let e = cmd.exec();
-            image_fault(format!("cannot run {}: {e}", spec.argv[0]))
+            return InitReport::Failed(image_fault(format!("cannot run {}: {e}", spec.argv[0])));
+        }
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == program => {
+                return InitReport::Exited(code);
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == program => {
+                return InitReport::Signalled(sig as i32);
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue, // an orphan reaped
+            Err(e) => return InitReport::Failed(node_fault(format!("waitpid: {e}"))),
         }
     }
 }
 
-fn stage2_setup(spec: &InitSpec) -> Result<(), InitFailure> {
+fn stage2_setup(spec: &InitSpec, rootfs: &Path) -> Result<(), InitFailure> {
     step("pdeathsig", nix::sys::prctl::set_pdeathsig(Signal::SIGKILL))?;
     let _ = std::fs::write("/proc/self/oom_score_adj", "0");
     step(
         "mount /proc",
         mount(
             Some("proc"),
-            &spec.rootfs.join("proc"),
+            &rootfs.join("proc"),
             Some("proc"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             None::<&str>,
         ),
     )?;
-    step("chdir(rootfs)", chdir(&spec.rootfs))?;
+    step("chdir(rootfs)", chdir(rootfs))?;
     step("pivot_root", pivot_root(".", "."))?;
     step("detach the host's root", umount2(".", MntFlags::MNT_DETACH))?;
     step("chdir(/)", chdir("/"))?;

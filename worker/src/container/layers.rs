@@ -43,11 +43,19 @@ impl<R: Read> Read for HashingReader<R> {
 
 impl LayerCache {
     /// The cache in `dir` (created), unpacking as owned by `uid`/`gid`; half-unpacked layers
-    /// a crash left are removed.
+    /// a crash left (an hour ago or more) are removed.
     pub fn open(dir: PathBuf, uid: u32, gid: u32) -> std::io::Result<LayerCache> {
         std::fs::create_dir_all(&dir)?;
+        // A half-unpacked layer an hour old was left by a crash; a younger one may be
+        // another process's unpacking right now.
         for e in std::fs::read_dir(&dir)?.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+            if old && e.file_name().to_string_lossy().starts_with(".tmp-") {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

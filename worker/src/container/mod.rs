@@ -15,7 +15,7 @@ pub mod init;
 pub mod layers;
 mod loopback;
 pub mod run;
-mod seccomp;
+pub mod seccomp;
 pub mod spec;
 
 pub use image::{ImageArchive, ImageConfig, ImageError};
@@ -25,8 +25,15 @@ pub use run::{
 };
 
 /// Whether this device can run containers, and if not why: checked once at worker start
-/// (root or a delegated cgroup, every limit taking, overlayfs, user namespaces).
+/// (root, overlayfs, user namespaces, and a cgroup that takes every limit).
 pub fn capability() -> Result<(), String> {
+    preconditions()?;
+    cgroup::available()
+}
+
+/// The cheap part of [`capability`] (no cgroup made): what a one-off `stellar run` checks
+/// before it starts, so it can say what is missing; its own cgroup then proves the rest.
+pub fn preconditions() -> Result<(), String> {
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !filesystems
         .lines()
@@ -41,7 +48,7 @@ pub fn capability() -> Result<(), String> {
         return Err("user namespaces are disabled (user.max_user_namespaces = 0)".into());
     }
     if !nix::unistd::Uid::effective().is_root() {
-        return Err("the worker is not root: it cannot mount images or create cgroups".into());
+        return Err("not root: mounting images and creating cgroups need it".into());
     }
-    cgroup::available()
+    Ok(())
 }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! ImageArchive ─▶ LayerCache::ensure (each layer once per node)
-//!   runs/<id>/{upper,work,rootfs} ─▶ cgroup stellar/<id> (memory, pids, cpu)
+//!   runs/<id> (a tmpfs inside the run: upper, work, rootfs) ─▶ cgroup (memory, pids, cpu)
 //!   spawn `stellar __container-init` (fd 3 status, fd 4 spec) ─▶ join cgroup ─▶ send spec
 //!   stdin ─▶ │ stdout/stderr ─▶ sink (as they come) │ deadline / output cap ─▶ kill the group
 //!   status report + exit ─▶ cgroup counters ─▶ Metering + typed result
@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{PermissionsExt, lchown};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -48,6 +48,8 @@ pub struct ContainerLimits {
     pub max_output_bytes: u64,
     /// The private `/tmp`, MiB (counted in `memory_bytes`: it is tmpfs).
     pub tmp_mib: u32,
+    /// The private writable layer over the image, MiB (tmpfs too, counted the same way).
+    pub scratch_mib: u32,
 }
 
 impl Default for ContainerLimits {
@@ -59,6 +61,7 @@ impl Default for ContainerLimits {
             cpu_millis: 1000,
             max_output_bytes: 1 << 20,
             tmp_mib: 64,
+            scratch_mib: 256,
         }
     }
 }
@@ -108,7 +111,7 @@ pub struct ContainerRuntime {
 
 impl ContainerRuntime {
     /// The runtime rooted at `dir` (layers/ and runs/ under it); runs a crash left behind
-    /// are removed.
+    /// are removed (their writable layers were tmpfs in their own namespaces: already gone).
     pub fn open(dir: &Path) -> Result<ContainerRuntime, String> {
         Self::open_as(dir, DEFAULT_HOST_ID, DEFAULT_HOST_ID)
     }
@@ -126,6 +129,10 @@ impl ContainerRuntime {
         let cgroup_parent = cgroup_parent_for(&base);
         if let Ok(runs) = std::fs::read_dir(base.join("runs")) {
             for r in runs.flatten() {
+                // A run another process (another `stellar run`) holds is not left behind.
+                if !abandoned(&r.path()) {
+                    continue;
+                }
                 let id = r.file_name().to_string_lossy().into_owned();
                 let name = format!("{cgroup_parent}/{id}");
                 if let Ok(g) = ContainerCgroup::create(&name, CgroupLimits::probe()) {
@@ -166,6 +173,7 @@ impl ContainerRuntime {
         sink: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
     ) -> ContainerOutcome {
         let mut metering = Metering::for_input(&call.stdin, &call.args, &call.env);
+        let t0 = crate::clock::now();
         let prepared = {
             let (rt, img) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || rt.prepare(&img)).await
@@ -186,11 +194,17 @@ impl ContainerRuntime {
         let mut guard = RunGuard {
             dir: self.base.join("runs").join(&id),
             cgroup: None,
+            lock: None,
         };
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "container: layers ready"
+        );
         let spec = match self.prepare_run(&id, image, &call, &mut guard) {
             Ok(spec) => spec,
             Err(e) => return failed(metering, InvokeError::Sandbox(e)),
         };
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, run = %id, "container: run dir and cgroup ready");
         let started = crate::clock::now();
         let result = self
             .supervise(spec, &call, &mut guard, sink, &mut metering)
@@ -205,7 +219,15 @@ impl ContainerRuntime {
         metering.peak_memory_bytes = usage.peak_memory_bytes;
         metering.pids_peak = metering.pids_peak.max(usage.pids_current);
         let result = classify(result, &usage, &call.limits, &mut metering);
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "container: ended, counters read"
+        );
         drop(guard);
+        tracing::debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "container: cleaned up"
+        );
         ContainerOutcome { result, metering }
     }
 
@@ -219,19 +241,12 @@ impl ContainerRuntime {
     ) -> Result<InitSpec, String> {
         let rel = PathBuf::from("runs").join(id);
         let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-        for d in ["upper", "work", "rootfs"] {
-            let p = guard.dir.join(d);
-            std::fs::create_dir_all(&p).map_err(|e| io(&p, e))?;
-        }
-        std::fs::set_permissions(&guard.dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(|e| io(&guard.dir, e))?;
-        // The private layer's root is the container's "/": its root owns it.
-        lchown(
-            guard.dir.join("upper"),
-            Some(self.host_uid),
-            Some(self.host_gid),
-        )
-        .map_err(|e| io(&guard.dir, e))?;
+        std::fs::create_dir_all(&guard.dir).map_err(|e| io(&guard.dir, e))?;
+        let lock = File::create(guard.dir.join(LOCK)).map_err(|e| io(&guard.dir, e))?;
+        guard.lock = Some(
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| format!("cannot lock the run: {e}"))?,
+        );
         let limits = &call.limits;
         guard.cgroup = Some(ContainerCgroup::create(
             &format!("{}/{id}", self.cgroup_parent),
@@ -275,9 +290,8 @@ impl ContainerRuntime {
                 .rev()
                 .map(|l| PathBuf::from("layers").join(&l.sha256))
                 .collect(),
-            upper: rel.join("upper"),
-            work: rel.join("work"),
-            rootfs: rel.join("rootfs"),
+            run_dir: rel,
+            scratch_mib: limits.scratch_mib,
             host_uid: self.host_uid,
             host_gid: self.host_gid,
             hostname: format!("stellar-{}", &id[..8]),
@@ -298,6 +312,7 @@ impl ContainerRuntime {
         sink: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
         metering: &mut Metering,
     ) -> Supervised {
+        let started_at = crate::clock::now();
         let Some(cgroup) = guard.cgroup.as_ref() else {
             return Supervised::Fault("no cgroup".into());
         };
@@ -322,9 +337,18 @@ impl ContainerRuntime {
         };
         drop(cmd); // closes our copies of the child's ends
         let pid = child.id().unwrap_or(0);
+        tracing::debug!(
+            us = crate::clock::now().duration_since(started_at).as_micros() as u64,
+            pid,
+            "container: init spawned"
+        );
         if let Err(e) = cgroup.add(pid) {
             return Supervised::Fault(e);
         }
+        tracing::debug!(
+            us = crate::clock::now().duration_since(started_at).as_micros() as u64,
+            "container: init in its cgroup"
+        );
         // The init reads its spec only now that it is inside the cgroup.
         let spec_json = serde_json::to_vec(&spec).unwrap_or_default();
         let spec_write = tokio::task::spawn_blocking(move || {
@@ -374,7 +398,7 @@ impl ContainerRuntime {
                     cgroup.kill_all();
                 }
                 _ = sample.tick() => {
-                    metering.pids_peak = metering.pids_peak.max(cgroup.usage().pids_current);
+                    metering.pids_peak = metering.pids_peak.max(cgroup.pids_current());
                 }
             }
         }
@@ -382,6 +406,10 @@ impl ContainerRuntime {
         feed.abort();
         let _ = spec_write.await;
         let report = status_read.await.unwrap_or_default();
+        tracing::debug!(
+            us = crate::clock::now().duration_since(started_at).as_micros() as u64,
+            "container: init reported"
+        );
         if let Some(s) = stopped {
             return s;
         }
@@ -397,6 +425,22 @@ impl ContainerRuntime {
         }
     }
 }
+
+/// Whether a run directory's owner is gone: its lock can be taken, or it has none and is
+/// older than a minute (a run creates its lock right after its directory).
+fn abandoned(dir: &Path) -> bool {
+    match File::open(dir.join(LOCK)) {
+        Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+        Err(_) => std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60)),
+    }
+}
+
+/// The lock file a live run holds (flock) in its directory.
+const LOCK: &str = "lock";
 
 /// The cgroup every run of the runtime in `base` is made under: `stellar/<12 hex of
 /// sha256(base)>`, so two runtimes on one machine never remove each other's groups.
@@ -531,6 +575,8 @@ fn unreachable_failed() -> (i32, InvokeError) {
 struct RunGuard {
     dir: PathBuf,
     cgroup: Option<ContainerCgroup>,
+    /// Held for the run's life, so a runtime opened meanwhile leaves this run alone.
+    lock: Option<nix::fcntl::Flock<File>>,
 }
 
 impl Drop for RunGuard {

@@ -7,9 +7,15 @@ use serde::{Deserialize, Serialize};
 
 /// The child fd the init reads its [`InitSpec`] from (then closes).
 pub const SPEC_FD: i32 = 4;
-/// The child fd the init reports an [`InitFailure`] on; it closes (empty) when the
-/// function's own program has been started.
+/// The child fd the init reports on: an [`InitFailure`] before the program runs, or how
+/// the program ended (one JSON line each).
 pub const STATUS_FD: i32 = 3;
+/// The writable layer, overlayfs' work dir and the root, inside [`InitSpec::run_dir`].
+pub const UPPER: &str = "upper";
+/// See [`UPPER`].
+pub const WORK: &str = "work";
+/// See [`UPPER`].
+pub const ROOTFS: &str = "rootfs";
 /// The hidden first argument that turns `stellar` into the container init.
 pub const INIT_ARG: &str = "__container-init";
 
@@ -21,12 +27,13 @@ pub struct InitSpec {
     pub base: PathBuf,
     /// Read-only layers, topmost first (relative to `base`).
     pub lower: Vec<PathBuf>,
-    /// This run's private writable layer and overlayfs work dir (relative to `base`).
-    pub upper: PathBuf,
-    /// Overlayfs' work dir (relative to `base`).
-    pub work: PathBuf,
-    /// Where the root is assembled (relative to `base`).
-    pub rootfs: PathBuf,
+    /// This run's directory (relative to `base`): the init mounts a tmpfs on it (in its own
+    /// mount namespace) holding the private writable layer, overlayfs' work dir and the
+    /// root's mount point, so the run's writes are memory, charged to its cgroup, and gone
+    /// with its last process.
+    pub run_dir: PathBuf,
+    /// Size of that tmpfs (the most the program can write outside /tmp), MiB.
+    pub scratch_mib: u32,
     /// The host uid and gid the container's root is mapped to (unprivileged on the host).
     pub host_uid: u32,
     /// See `host_uid`.
