@@ -249,6 +249,9 @@ pub struct InvokeArgs {
     /// Arguments passed to the function (repeat for more; `--arg --top --arg 5`).
     #[arg(long = "arg", allow_hyphen_values = true)]
     args: Vec<String>,
+    /// An environment variable KEY=VALUE for this call (repeat for more).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
     /// Where the caller is, REGION or REGION/ZONE: routing prefers instances near it.
     #[arg(long)]
     near: Option<String>,
@@ -257,6 +260,14 @@ pub struct InvokeArgs {
     tenant: Option<String>,
     #[command(flatten)]
     conn: Endpoint,
+}
+
+/// A `KEY=VALUE` flag (`--env`), for `stellar invoke` and `stellar run` alike.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
 }
 
 /// A function's input from TEXT, @FILE or - (this command's stdin).
@@ -302,7 +313,14 @@ pub async fn invoke(a: InvokeArgs) -> Result<u8, String> {
         function: a.name.clone(),
         stdin,
         args: a.args.clone(),
-        env: Vec::new(),
+        env: a
+            .env
+            .iter()
+            .map(|(key, value)| pb::Label {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
         near_region,
         near_zone,
     };

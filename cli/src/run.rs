@@ -42,7 +42,7 @@ pub struct RunArgs {
     #[arg(long = "arg", allow_hyphen_values = true)]
     args: Vec<String>,
     /// An environment variable KEY=VALUE (repeat for more).
-    #[arg(long = "env", value_parser = parse_env)]
+    #[arg(long = "env", value_parser = crate::functions::parse_env)]
     env: Vec<(String, String)>,
     /// A directory the function may use, HOST::GUEST (or HOST, seen at the same path),
     /// read-write; nothing outside it is reachable (repeat for more; default: no
@@ -97,13 +97,6 @@ fn parse_dir(s: &str) -> Result<Preopen, String> {
         host: host.into(),
         guest: guest.to_string(),
     })
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("`{s}` is not KEY=VALUE")),
-    }
 }
 
 /// Runs the function once; the exit status to end with.
