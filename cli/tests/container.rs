@@ -381,3 +381,77 @@ fn output_past_the_cap_and_a_fatal_signal_are_typed_results() {
     assert!(text.contains("No space left on device"), "{text}");
     cache.assert_nothing_left();
 }
+
+#[test]
+fn layers_stack_with_whiteouts_and_opaque_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    stellar_load::containerbench::build_busybox_image(dir.path()).unwrap();
+    let base = dir.path().join("rootfs");
+    for (path, body) in [("data/keep", "k"), ("data/gone", "g"), ("opq/old", "o")] {
+        std::fs::create_dir_all(base.join(path).parent().unwrap()).unwrap();
+        std::fs::write(base.join(path), body).unwrap();
+    }
+    let top = dir.path().join("top");
+    std::fs::create_dir_all(top.join("data")).unwrap();
+    std::fs::create_dir_all(top.join("opq")).unwrap();
+    for (path, body) in [
+        ("data/.wh.gone", ""),
+        ("data/added", "a"),
+        ("opq/.wh..wh..opq", ""),
+        ("opq/new", "n"),
+    ] {
+        std::fs::write(top.join(path), body).unwrap();
+    }
+    let image = dir.path().join("layered.tar");
+    let packer = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/images/oci_archive.py"
+    );
+    let out = Command::new("python3")
+        .arg(packer)
+        .args([&base, &image])
+        .arg("--layer")
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let cache = Cache::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_stellar"))
+        .arg("run")
+        .arg(&image)
+        .arg("--cache-dir")
+        .arg(cache.0.path())
+        .args(["--command", "/bin/sh -c 'ls /data /opq'"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "/data:\nadded\nkeep\n\n/opq:\nnew\n");
+    assert_eq!(cache.0.path().join("layers").read_dir().unwrap().count(), 2);
+    cache.assert_nothing_left();
+}
+
+#[test]
+fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
+    let cache = Cache::new();
+    let mut child = cache
+        .command(&["--arg", "sh", "--arg", "-c", "--arg", "echo up; sleep 60"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "up");
+    child.kill().unwrap(); // SIGKILL: no cleanup runs in it
+    child.wait().unwrap();
+    // The init and the program die with it (parent-death signals), at once.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        !std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read_to_string(p.path().join("cmdline"))
+                .is_ok_and(|c| c.contains("echo up; sleep 60"))
+        })
+    });
+    assert!(gone, "the container outlived its stellar run");
+    // Its run directory and cgroup are removed by the next runtime on this cache.
+    let out = cache.sh("true", &[]);
+    assert!(out.status.success(), "{out:?}");
+    cache.assert_nothing_left();
+}

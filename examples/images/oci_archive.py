@@ -3,8 +3,11 @@
 skopeo, buildah and `docker buildx --output type=oci` write), reproducibly: entries sorted,
 owned by 0:0, mtime 0, so the same tree always gives the same digests.
 
-    oci_archive.py ROOTFS_DIR OUT.tar [--entrypoint JSON] [--cmd JSON] [--env K=V]...
-                   [--workdir DIR] [--gzip]
+    oci_archive.py ROOTFS_DIR OUT.tar [--layer DIR]... [--entrypoint JSON] [--cmd JSON]
+                   [--env K=V]... [--workdir DIR] [--gzip]
+
+Each --layer is one more layer on top, in order; OCI whiteouts in it (`.wh.NAME` deletes NAME
+below, `.wh..wh..opq` hides everything below in its directory) are packed as they are.
 
 No registry is needed (none is reachable here): `stellar run OUT.tar` and
 `stellar deploy --image OUT.tar` read the archive directly.
@@ -45,6 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rootfs")
     ap.add_argument("out")
+    ap.add_argument("--layer", action="append", default=[], help="a directory: one more layer")
     ap.add_argument("--entrypoint", default="[]", help="JSON list")
     ap.add_argument("--cmd", default="[]", help="JSON list")
     ap.add_argument("--env", action="append", default=[])
@@ -62,10 +66,13 @@ def main() -> int:
         blobs[digest] = data
         return digest
 
-    raw = layer_tar(a.rootfs)
-    diff_id = hashlib.sha256(raw).hexdigest()
-    layer = gzip.compress(raw, mtime=0) if a.gzip else raw
-    layer_digest = blob(layer)
+    media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if a.gzip else "")
+    diff_ids, layers = [], []
+    for tree in [a.rootfs] + a.layer:
+        raw = layer_tar(tree)
+        diff_ids.append(f"sha256:{hashlib.sha256(raw).hexdigest()}")
+        layer = gzip.compress(raw, mtime=0) if a.gzip else raw
+        layers.append({"mediaType": media, "digest": f"sha256:{blob(layer)}", "size": len(layer)})
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
     env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + a.env
     config = {
@@ -77,11 +84,10 @@ def main() -> int:
             "Env": env,
             "WorkingDir": a.workdir,
         },
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
     config_bytes = json.dumps(config, sort_keys=True).encode()
     config_digest = blob(config_bytes)
-    media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if a.gzip else "")
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -90,7 +96,7 @@ def main() -> int:
             "digest": f"sha256:{config_digest}",
             "size": len(config_bytes),
         },
-        "layers": [{"mediaType": media, "digest": f"sha256:{layer_digest}", "size": len(layer)}],
+        "layers": layers,
     }
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
     manifest_digest = blob(manifest_bytes)
@@ -123,7 +129,7 @@ def main() -> int:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, a.out)
-    print(f"{a.out}: manifest sha256:{manifest_digest}, layer sha256:{layer_digest}")
+    print(f"{a.out}: manifest sha256:{manifest_digest}, {len(layers)} layer(s)")
     return 0
 
 

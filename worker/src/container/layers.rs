@@ -240,3 +240,97 @@ fn safe_join(root: &Path, rel: &Path) -> std::io::Result<PathBuf> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o755);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            // `append_data` would refuse the hostile paths these tests need.
+            h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn cache() -> (tempfile::TempDir, LayerCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = LayerCache::open(dir.path().join("layers"), 0, 0).unwrap();
+        (dir, c)
+    }
+
+    fn sha(b: &[u8]) -> String {
+        hex::encode(Sha256::digest(b))
+    }
+
+    #[test]
+    fn a_layer_is_unpacked_once_under_its_digest_and_a_wrong_digest_is_refused() {
+        let (_d, c) = cache();
+        let t = tar_of(&[("etc/motd", tar::EntryType::Regular, b"hi", None)]);
+        let p = c.unpack(t.as_slice(), &sha(&t), false).unwrap();
+        assert_eq!(std::fs::read(p.join("etc/motd")).unwrap(), b"hi");
+        assert!(c.has(&sha(&t)));
+        let wrong = "0".repeat(64);
+        let e = c.unpack(t.as_slice(), &wrong, false).unwrap_err();
+        assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
+        assert!(!c.has(&wrong));
+        assert_eq!(c.list(), vec![sha(&t)], "no half-unpacked layer is kept");
+    }
+
+    #[test]
+    fn nothing_is_written_outside_the_layer() {
+        let (d, c) = cache();
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let target = outside.to_str().unwrap();
+        // `..` in a path, then a symlink out followed by a file and a whiteout through it.
+        for entries in [
+            vec![("../escaped", tar::EntryType::Regular, &b"x"[..], None)],
+            vec![
+                ("link", tar::EntryType::Symlink, &b""[..], Some(target)),
+                ("link/escaped", tar::EntryType::Regular, &b"x"[..], None),
+            ],
+            vec![
+                ("link", tar::EntryType::Symlink, &b""[..], Some(target)),
+                ("link/.wh.escaped", tar::EntryType::Regular, &b""[..], None),
+            ],
+        ] {
+            let t = tar_of(&entries);
+            let _ = c.unpack(t.as_slice(), &sha(&t), false);
+            assert_eq!(
+                std::fs::read_dir(&outside).unwrap().count(),
+                0,
+                "{entries:?}"
+            );
+            assert!(!d.path().join("escaped").exists());
+        }
+    }
+
+    #[test]
+    fn whiteouts_become_overlay_whiteouts() {
+        let (_d, c) = cache();
+        let t = tar_of(&[
+            ("data/.wh.gone", tar::EntryType::Regular, b"", None),
+            ("opq/.wh..wh..opq", tar::EntryType::Regular, b"", None),
+        ]);
+        let p = c.unpack(t.as_slice(), &sha(&t), false).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        let m = std::fs::symlink_metadata(p.join("data/gone")).unwrap();
+        assert!(m.file_type().is_char_device(), "a 0:0 character device");
+        assert_eq!(
+            xattr::get(p.join("opq"), "trusted.overlay.opaque").unwrap(),
+            Some(b"y".to_vec())
+        );
+        assert!(!p.join("data/.wh.gone").exists());
+    }
+}
