@@ -262,7 +262,15 @@ async fn run_container(a: RunArgs) -> Result<u8, String> {
             OutputStream::Stderr => std::io::stderr().lock().write_all(bytes),
         };
     };
-    let out = runtime.run(&image, call, &mut sink).await;
+    // Ctrl-C or SIGTERM ends the run the way a deadline does: the run is dropped, which
+    // kills its cgroup and removes its mounts and directory before this command exits.
+    let out = tokio::select! {
+        out = runtime.run(&image, call, &mut sink) => out,
+        () = crate::shutdown_signal() => {
+            eprintln!("stellar run: interrupted; the container was stopped and removed");
+            return Ok(130);
+        }
+    };
     Ok(finish(&out.result, &out.metering, a.verbose))
 }
 

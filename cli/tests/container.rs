@@ -455,3 +455,23 @@ fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
     assert!(out.status.success(), "{out:?}");
     cache.assert_nothing_left();
 }
+
+#[test]
+fn an_interrupted_stellar_run_stops_and_removes_its_container() {
+    let cache = Cache::new();
+    let mut child = cache
+        .command(&["--arg", "sh", "--arg", "-c", "--arg", "echo up; sleep 60"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "up");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    // Removed by the command itself, before it exited: no later run needed.
+    cache.assert_nothing_left();
+}
