@@ -49,6 +49,17 @@ impl Cache {
         c
     }
 
+    /// A `stellar run` whose program has started ("up" read) and then sleeps a minute.
+    fn start_sleeper(&self) -> std::process::Child {
+        let mut child = self
+            .command(&["--arg", "sh", "--arg", "-c", "--arg", "echo up; sleep 60"])
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "up");
+        child
+    }
+
     /// `sh -c SCRIPT` in the container, with extra flags.
     fn sh(&self, script: &str, flags: &[&str]) -> Output {
         let mut args = vec!["--arg", "sh", "--arg", "-c", "--arg", script];
@@ -433,12 +444,7 @@ fn layers_stack_with_whiteouts_and_opaque_directories() {
 #[test]
 fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
     let cache = Cache::new();
-    let mut child = cache
-        .command(&["--arg", "sh", "--arg", "-c", "--arg", "echo up; sleep 60"])
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "up");
+    let mut child = cache.start_sleeper();
     child.kill().unwrap(); // SIGKILL: no cleanup runs in it
     child.wait().unwrap();
     // The init and the program die with it (parent-death signals), at once.
@@ -459,12 +465,7 @@ fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
 #[test]
 fn an_interrupted_stellar_run_stops_and_removes_its_container() {
     let cache = Cache::new();
-    let mut child = cache
-        .command(&["--arg", "sh", "--arg", "-c", "--arg", "echo up; sleep 60"])
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "up");
+    let mut child = cache.start_sleeper();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
