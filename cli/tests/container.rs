@@ -285,7 +285,8 @@ fn host_processes_and_files_are_not_visible() {
 fn it_cannot_mount_load_modules_or_make_namespaces() {
     let cache = Cache::new();
     let out = cache.sh(
-        "mount -t tmpfs none /mnt 2>&1; echo mount=$?;
+        "cat /proc/1/exe >/dev/null 2>&1 && echo INIT-EXE-$((1+1)); ls /proc/1/fd >/dev/null 2>&1 && echo INIT-FD-$((1+1));
+         mount -t tmpfs none /mnt 2>&1; echo mount=$?;
          unshare -U true 2>&1; echo unshare=$?;
          insmod /nonexistent.ko 2>&1; echo insmod=$?;
          grep Cap /proc/self/status; grep -E 'NoNewPrivs|Seccomp:' /proc/self/status",
@@ -307,6 +308,11 @@ fn it_cannot_mount_load_modules_or_make_namespaces() {
     }
     assert!(text.contains("NoNewPrivs:\t1"), "{text}");
     assert!(text.contains("Seccomp:\t2"), "{text}");
+    // The init (pid 1) is not the program's to read: not its binary, not its fds.
+    assert!(
+        !text.contains("INIT-EXE-2") && !text.contains("INIT-FD-2"),
+        "{text}"
+    );
     cache.assert_nothing_left();
 }
 

@@ -344,6 +344,11 @@ fn stage2(spec: &InitSpec, rootfs: &Path, filters: &[seccompiler::BpfProgram; 2]
     if let Err(f) = drop_privileges(filters) {
         return InitReport::Failed(f);
     }
+    // Not dumpable: the program (same uid) cannot open /proc/1/mem, /proc/1/exe (this host
+    // binary) or /proc/1/fd (the status pipe). The program's own exec makes it dumpable again.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        return InitReport::Failed(node_fault(format!("set_dumpable: {e}")));
+    }
     // SAFETY: single-threaded, as stage 1 is (this is its fork).
     let program = match unsafe { fork() } {
         Err(e) => return InitReport::Failed(node_fault(format!("fork: {e}"))),

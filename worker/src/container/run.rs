@@ -536,6 +536,9 @@ fn classify(
     };
     let pids = InvokeError::PidsLimit { limit: limits.pids };
     match s {
+        // The OOM killer may pick the init itself (it cannot always shield itself: that
+        // needs CAP_SYS_RESOURCE), which then ends without a report: still the memory limit.
+        Supervised::Fault(_) if usage.oom_kills > 0 => Err(memory),
         Supervised::Fault(m) => Err(InvokeError::Sandbox(m)),
         Supervised::Report(InitReport::Failed(f)) if f.image => {
             Err(InvokeError::ImageInvalid(f.message))
