@@ -166,7 +166,7 @@ pub async fn run(a: RunArgs) -> Result<u8, String> {
     let _ = std::io::stdout().write_all(&out.stdout);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().write_all(&out.stderr);
-    Ok(finish(&out.result, &out.metering, verbose))
+    Ok(finish(&out.result, &out.metering, verbose, None))
 }
 
 /// Reports how the run ended (and, with -v, the usage record); the exit status.
@@ -174,6 +174,7 @@ fn finish(
     result: &Result<(), stellar_worker::InvokeError>,
     m: &stellar_worker::Metering,
     verbose: bool,
+    sandbox_us: Option<u64>,
 ) -> u8 {
     let (code, message) = match result {
         Ok(()) => ("", String::new()),
@@ -183,15 +184,18 @@ fn finish(
         eprintln!("stellar run: {code}: {message}");
     }
     if verbose {
-        eprintln!(
-            "{}",
-            serde_json::json!({
-                "fuel": m.fuel, "cpu_ns": m.cpu_ns, "wall_us": m.wall_us,
-                "peak_memory_bytes": m.peak_memory_bytes, "pids_peak": m.pids_peak,
-                "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "exit_code": m.exit_code,
-                "error_code": code,
-            })
-        );
+        let mut record = serde_json::json!({
+            "fuel": m.fuel, "cpu_ns": m.cpu_ns, "wall_us": m.wall_us,
+            "peak_memory_bytes": m.peak_memory_bytes, "pids_peak": m.pids_peak,
+            "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "exit_code": m.exit_code,
+            "error_code": code,
+        });
+        // A container's whole sandbox time: layers checked, cgroup, init, run, counters,
+        // teardown (what a worker pays per cold start, this command's own start aside).
+        if let Some(us) = sandbox_us {
+            record["sandbox_us"] = us.into();
+        }
+        eprintln!("{record}");
     }
     crate::functions::exit_status_of(code, m.exit_code)
 }
@@ -264,6 +268,7 @@ async fn run_container(a: RunArgs) -> Result<u8, String> {
     };
     // Ctrl-C or SIGTERM ends the run the way a deadline does: the run is dropped, which
     // kills its cgroup and removes its mounts and directory before this command exits.
+    let started = stellar_proto::clock::now();
     let out = tokio::select! {
         out = runtime.run(&image, call, &mut sink) => out,
         () = crate::shutdown_signal() => {
@@ -271,7 +276,13 @@ async fn run_container(a: RunArgs) -> Result<u8, String> {
             return Ok(130);
         }
     };
-    Ok(finish(&out.result, &out.metering, a.verbose))
+    let sandbox_us = started.elapsed().as_micros() as u64;
+    Ok(finish(
+        &out.result,
+        &out.metering,
+        a.verbose,
+        Some(sandbox_us),
+    ))
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -10,6 +10,8 @@
 //!  crun:    `crun run` (create + start + wait + delete) of a bundle whose root is the very
 //!           layer directory stellar unpacked (read-only, so crun skips the overlay stellar
 //!           makes), same user namespace map, namespaces, cgroup limits and allow-list
+//!  sandbox: inside each stellar run, its -v record's sandbox_us: the runtime's own time
+//!           (what a long-lived worker pays per cold start; no CLI process start)
 //!  host:    the same /bin/true exec'd directly (the floor)
 //!  throughput: `stellar run` on `threads` runners at once, runs per second
 //! ```
@@ -59,6 +61,13 @@ pub struct ContainerBenchReport {
     pub crun_p99_ms: f64,
     /// `cold_start_p50_ms / crun_p50_ms`.
     pub stellar_vs_crun_p50: f64,
+    /// The sandbox's own time inside each `stellar run` (its `-v` record's `sandbox_us`):
+    /// what a long-lived worker pays per cold start, without a CLI process start. Median, ms.
+    pub sandbox_p50_ms: f64,
+    /// Same, 99th percentile, ms.
+    pub sandbox_p99_ms: f64,
+    /// `sandbox_p50_ms / crun_p50_ms` (crun's figure includes its own process start).
+    pub sandbox_vs_crun_p50: f64,
     /// Timed runs per side.
     pub runs: usize,
     /// What one stellar sample is.
@@ -116,19 +125,33 @@ pub fn build_busybox_image(dir: &Path) -> Result<PathBuf, ContainerBenchError> {
 
 /// One timed run of a command that must succeed; its wall time, µs.
 fn timed(cmd: &mut Command, what: &str) -> Result<u32, ContainerBenchError> {
+    timed_output(cmd, what).map(|(us, _)| us)
+}
+
+/// As [`timed`], with the command's stderr.
+fn timed_output(cmd: &mut Command, what: &str) -> Result<(u32, String), ContainerBenchError> {
     let t = Instant::now();
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .map_err(|e| fail(what, e))?;
     let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
-        return Err(fail(
-            what,
-            format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
-        ));
+        return Err(fail(what, format!("{}: {stderr}", out.status)));
     }
-    Ok(us)
+    Ok((us, stderr))
+}
+
+/// The `sandbox_us` of a `stellar run -v` record (its last stderr line).
+fn sandbox_us(stderr: &str) -> Result<u32, ContainerBenchError> {
+    stderr
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["sandbox_us"].as_u64())
+        .map(|us| us.min(u64::from(u32::MAX)) as u32)
+        .ok_or_else(|| fail("stellar run -v", format!("no sandbox_us in: {stderr}")))
 }
 
 /// The OCI runtime config for crun: the same sandbox `stellar run` builds.
@@ -281,15 +304,18 @@ pub fn run(
         cfg.runs, cfg.runs
     ));
     let (mut ours, mut theirs, mut host) = (Vec::new(), Vec::new(), Vec::new());
+    let mut sandbox = Vec::new();
     for i in 0..cfg.runs {
-        ours.push(timed(&mut stellar_true(), "stellar run")?);
+        let (us, stderr) = timed_output(stellar_true().arg("-v"), "stellar run")?;
+        ours.push(us);
+        sandbox.push(sandbox_us(&stderr)?);
         theirs.push(crun(i + 1)?);
         host.push(timed(
             &mut Command::new(rootfs.join("bin/true")),
             "host /bin/true",
         )?);
     }
-    for v in [&mut ours, &mut theirs, &mut host] {
+    for v in [&mut ours, &mut theirs, &mut host, &mut sandbox] {
         v.sort_unstable();
     }
     log(&format!("throughput: {} runners", cfg.threads));
@@ -323,6 +349,9 @@ pub fn run(
         crun_p50_ms: crun50,
         crun_p99_ms: ms(&theirs, 0.99),
         stellar_vs_crun_p50: p50 / crun50,
+        sandbox_p50_ms: ms(&sandbox, 0.5),
+        sandbox_p99_ms: ms(&sandbox, 0.99),
+        sandbox_vs_crun_p50: ms(&sandbox, 0.5) / crun50,
         runs: cfg.runs,
         stellar_unit: "one `stellar run IMAGE --command /bin/true` process: image index, cgroup, \
                        namespaces, overlay with a private upper, seccomp, run, counters, teardown",

@@ -489,6 +489,10 @@ fn run_container_bench(args: ContainerBenchArgs) -> ExitCode {
                     "crun run     p50 {:.1} ms  p99 {:.1} ms",
                     r.crun_p50_ms, r.crun_p99_ms
                 );
+                println!(
+                    "sandbox      p50 {:.1} ms  p99 {:.1} ms  ({:.2}x crun's p50; inside stellar run, no CLI start)",
+                    r.sandbox_p50_ms, r.sandbox_p99_ms, r.sandbox_vs_crun_p50
+                );
                 println!("host exec    p50 {:.2} ms", r.host_exec_p50_ms);
                 println!(
                     "throughput   {:.0} stellar runs/s on {} runners",

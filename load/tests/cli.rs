@@ -247,6 +247,7 @@ fn container_bench_times_stellar_and_crun_on_equal_terms() {
         "host_exec_p50_ms",
         "crun_p50_ms",
         "crun_p99_ms",
+        "sandbox_p50_ms",
     ] {
         let x = v[field].as_f64().unwrap_or(f64::NAN);
         assert!(x > 0.0 && x.is_finite(), "{field}: {v}");
@@ -256,4 +257,8 @@ fn container_bench_times_stellar_and_crun_on_equal_terms() {
         "a sandbox costs more than a bare exec: {v}"
     );
     assert!(v["crun_unit"].as_str().unwrap().contains("crun run"), "{v}");
+    assert!(
+        v["sandbox_p50_ms"].as_f64() < v["cold_start_p50_ms"].as_f64(),
+        "the sandbox is part of the whole command: {v}"
+    );
 }
