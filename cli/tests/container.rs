@@ -49,10 +49,12 @@ impl Cache {
         c
     }
 
-    /// A `stellar run` whose program has started ("up" read) and then sleeps a minute.
-    fn start_sleeper(&self) -> std::process::Child {
+    /// A `stellar run` whose program has started ("up" read) and then sleeps a minute;
+    /// `tag` makes its command line unique to the test.
+    fn start_sleeper(&self, tag: &str) -> std::process::Child {
+        let script = format!("echo up; sleep 60; echo {tag}");
         let mut child = self
-            .command(&["--arg", "sh", "--arg", "-c", "--arg", "echo up; sleep 60"])
+            .command(&["--arg", "sh", "--arg", "-c", "--arg", &script])
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -198,7 +200,9 @@ fn a_fork_bomb_is_stopped_by_the_pids_limit_and_reported() {
     assert_eq!(out.status.code(), Some(134), "{out:?}");
     let u = usage(&out);
     assert_eq!(u["error_code"], "PIDS_LIMIT", "{u}");
-    assert!(u["pids_peak"].as_u64().unwrap() <= 17, "{u}");
+    // The program's own processes (the init's two are not counted), never past the limit.
+    let peak = u["pids_peak"].as_u64().unwrap();
+    assert!((8..=16).contains(&peak), "{u}");
     assert!(stderr(&out).contains("PIDS_LIMIT"), "{}", stderr(&out));
     bystander.assert_unharmed();
     cache.assert_nothing_left();
@@ -450,7 +454,7 @@ fn layers_stack_with_whiteouts_and_opaque_directories() {
 #[test]
 fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
     let cache = Cache::new();
-    let mut child = cache.start_sleeper();
+    let mut child = cache.start_sleeper("killed-run");
     child.kill().unwrap(); // SIGKILL: no cleanup runs in it
     child.wait().unwrap();
     // The init and the program die with it (parent-death signals), at once.
@@ -458,7 +462,7 @@ fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         !std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
             std::fs::read_to_string(p.path().join("cmdline"))
-                .is_ok_and(|c| c.contains("echo up; sleep 60"))
+                .is_ok_and(|c| c.contains("echo killed-run"))
         })
     });
     assert!(gone, "the container outlived its stellar run");
@@ -471,7 +475,7 @@ fn a_killed_stellar_run_leaves_nothing_once_the_cache_is_opened_again() {
 #[test]
 fn an_interrupted_stellar_run_stops_and_removes_its_container() {
     let cache = Cache::new();
-    let mut child = cache.start_sleeper();
+    let mut child = cache.start_sleeper("interrupted-run");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,

@@ -41,6 +41,9 @@ pub struct CgroupUsage {
     pub pids_limit_hits: u64,
     /// Processes in the group now.
     pub pids_current: u64,
+    /// The most processes the group held at once, where the kernel counts it (`pids.peak`,
+    /// Linux 6.1+); 0 where it does not (the runtime then samples `pids_current`).
+    pub pids_peak: u64,
 }
 
 /// A live control group; [`ContainerCgroup::remove`] ends it (and every process in it).
@@ -117,7 +120,7 @@ impl ContainerCgroup {
     }
 
     /// The counters now (a missing file reads as 0: a counter is never invented). Reads the
-    /// five files it needs, not the controllers' whole stat sets (this runs per call).
+    /// six files it needs, not the controllers' whole stat sets (this runs per call).
     pub fn usage(&self) -> CgroupUsage {
         let mut u = CgroupUsage {
             pids_current: self.pids_current(),
@@ -125,6 +128,7 @@ impl ContainerCgroup {
         };
         if let Some(p) = self.cg.controller_of::<PidController>() {
             u.pids_limit_hits = read_keyed(&p.path().join("pids.events"), "max");
+            u.pids_peak = read_u64(&p.path().join("pids.peak"));
         }
         let Some(mem) = self.cg.controller_of::<MemController>().map(|m| m.path()) else {
             return u;

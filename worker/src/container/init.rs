@@ -112,8 +112,7 @@ fn step<T>(what: &str, r: nix::Result<T>) -> Result<T, InitFailure> {
 }
 
 fn stage1(spec: &InitSpec, status: &File) -> Result<InitReport, InitFailure> {
-    // If the worker dies, so does the sandbox (and with stage 2, every process in it).
-    step("pdeathsig", nix::sys::prctl::set_pdeathsig(Signal::SIGKILL))?;
+    let parent = nix::unistd::getppid();
     // The OOM killer picks the program, never this reporter (stage 2 undoes it).
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     step("unshare(mount)", unshare(CloneFlags::CLONE_NEWNS))?;
@@ -142,6 +141,15 @@ fn stage1(spec: &InitSpec, status: &File) -> Result<InitReport, InitFailure> {
     write_proc("/proc/self/setgroups", "deny")?;
     write_proc("/proc/self/uid_map", &format!("0 {} 1", spec.host_uid))?;
     write_proc("/proc/self/gid_map", &format!("0 {} 1", spec.host_gid))?;
+    // If the worker dies, so does the sandbox (and with stage 2, every process in it). Set
+    // only now: every credential change above (setresuid, the new user namespace's
+    // capabilities) clears a parent-death signal. A worker already gone is checked for.
+    step("pdeathsig", nix::sys::prctl::set_pdeathsig(Signal::SIGKILL))?;
+    if nix::unistd::getppid() != parent {
+        return Err(node_fault(
+            "the worker exited while the sandbox was being built".into(),
+        ));
+    }
     step(
         "unshare(mount, pid, ipc, uts, net, cgroup)",
         unshare(

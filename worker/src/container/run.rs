@@ -217,7 +217,11 @@ impl ContainerRuntime {
             .unwrap_or_default();
         metering.cpu_ns = usage.cpu_ns;
         metering.peak_memory_bytes = usage.peak_memory_bytes;
-        metering.pids_peak = metering.pids_peak.max(usage.pids_current);
+        // The program's own processes: the init's two are not billed.
+        metering.pids_peak = metering
+            .pids_peak
+            .max(usage.pids_peak)
+            .saturating_sub(INIT_PROCESSES);
         let result = classify(result, &usage, &call.limits, &mut metering);
         tracing::debug!(
             us = t0.elapsed().as_micros() as u64,
@@ -252,8 +256,8 @@ impl ContainerRuntime {
             &format!("{}/{id}", self.cgroup_parent),
             CgroupLimits {
                 memory_bytes: limits.memory_bytes,
-                // The init (stage 1) is one of the group's processes.
-                pids: limits.pids + 1,
+                // The init's two processes (the reporter and pid 1) are the group's too.
+                pids: limits.pids + INIT_PROCESSES,
                 cpu_millis: limits.cpu_millis,
             },
         )?);
@@ -438,6 +442,9 @@ fn abandoned(dir: &Path) -> bool {
             .is_some_and(|age| age > Duration::from_secs(60)),
     }
 }
+
+/// Processes of the init in each run's cgroup: stage 1 (the reporter) and stage 2 (pid 1).
+const INIT_PROCESSES: u64 = 2;
 
 /// The lock file a live run holds (flock) in its directory.
 const LOCK: &str = "lock";
