@@ -79,14 +79,7 @@ impl ContainerCgroup {
             .period(CPU_PERIOD_US)
             .quota(clamp_i64(limits.cpu_millis * CPU_PERIOD_US / 1000))
             .done();
-        // cpuset needs cpus/mems copied down on v1 before a task may join; it is not used.
-        let controllers = if v2 {
-            vec!["cpu", "memory", "pids"]
-        } else {
-            vec!["cpu", "cpuacct", "memory", "pids"]
-        };
-        builder =
-            builder.set_specified_controllers(controllers.iter().map(|s| s.to_string()).collect());
+        builder = builder.set_specified_controllers(controllers(v2));
         let cg = builder
             .build(hier)
             .map_err(|e| format!("cannot create cgroup {name}: {e}"))?;
@@ -105,6 +98,17 @@ impl ContainerCgroup {
             return Err("no memory controller: this node cannot bound memory".into());
         }
         Ok(group)
+    }
+
+    /// A group a crashed run left behind, to [`ContainerCgroup::remove`] (nothing is
+    /// created or changed by opening it).
+    pub fn existing(name: &str) -> ContainerCgroup {
+        let hier = hierarchies::auto();
+        let v2 = hier.v2();
+        ContainerCgroup {
+            cg: Cgroup::load_with_specified_controllers(hier, name, controllers(v2)),
+            name: name.to_string(),
+        }
     }
 
     /// The group's name under each hierarchy.
@@ -183,6 +187,9 @@ impl ContainerCgroup {
     pub fn remove(self) -> Result<(), String> {
         self.kill_all();
         let mut last = String::new();
+        if !self.cg.exists() {
+            return Ok(()); // never made, or already gone
+        }
         for _ in 0..100 {
             match self.cg.delete() {
                 Ok(()) => return Ok(()),
@@ -192,6 +199,17 @@ impl ContainerCgroup {
         }
         Err(format!("cannot remove cgroup {}: {last}", self.name))
     }
+}
+
+/// The controllers a container's group uses (cpuset is not: on v1 it needs cpus and mems
+/// copied down before a task may join).
+fn controllers(v2: bool) -> Vec<String> {
+    let names: &[&str] = if v2 {
+        &["cpu", "memory", "pids"]
+    } else {
+        &["cpu", "cpuacct", "memory", "pids"]
+    };
+    names.iter().map(|s| s.to_string()).collect()
 }
 
 fn clamp_i64(v: u64) -> i64 {

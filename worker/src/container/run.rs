@@ -135,9 +135,7 @@ impl ContainerRuntime {
                 }
                 let id = r.file_name().to_string_lossy().into_owned();
                 let name = format!("{cgroup_parent}/{id}");
-                if let Ok(g) = ContainerCgroup::create(&name, CgroupLimits::probe()) {
-                    let _ = g.remove();
-                }
+                let _ = ContainerCgroup::existing(&name).remove();
                 let _ = std::fs::remove_dir_all(r.path());
             }
         }
@@ -457,17 +455,6 @@ pub fn cgroup_parent_for(base: &Path) -> String {
     format!("{}/{}", super::cgroup::PARENT, &hex::encode(h)[..12])
 }
 
-impl CgroupLimits {
-    /// Small limits for a group made only to be removed.
-    fn probe() -> CgroupLimits {
-        CgroupLimits {
-            memory_bytes: 16 << 20,
-            pids: 1,
-            cpu_millis: 100,
-        }
-    }
-}
-
 /// One output stream's cap: what fits goes to the sink, everything is counted.
 struct OutputCap {
     stream: OutputStream,
@@ -564,21 +551,23 @@ fn classify(
             stream,
             limit: limits.max_output_bytes,
         }),
-        Supervised::Report(r) => {
-            let (code, err) = match r {
-                InitReport::Exited(c) => (c, InvokeError::Exit(c)),
-                InitReport::Signalled(s) => (128 + s, InvokeError::Signalled(s)),
-                InitReport::Failed(_) => unreachable_failed(),
-            };
-            metering.exit_code = code;
-            Err(if usage.pids_limit_hits > 0 { pids } else { err })
+        Supervised::Report(InitReport::Exited(c)) => {
+            metering.exit_code = c;
+            Err(if usage.pids_limit_hits > 0 {
+                pids
+            } else {
+                InvokeError::Exit(c)
+            })
+        }
+        Supervised::Report(InitReport::Signalled(s)) => {
+            metering.exit_code = 128 + s;
+            Err(if usage.pids_limit_hits > 0 {
+                pids
+            } else {
+                InvokeError::Signalled(s)
+            })
         }
     }
-}
-
-/// Failed reports are matched above; kept as a value so no panic path exists.
-fn unreachable_failed() -> (i32, InvokeError) {
-    (-1, InvokeError::Sandbox("unexpected report".into()))
 }
 
 /// Removes a run's cgroup (killing what is left in it) and directories when dropped.
