@@ -196,6 +196,8 @@ impl DevCluster {
                     ..Default::default()
                 },
                 drain_timeout: Duration::from_secs(5),
+                // Where the machine allows (root, cgroups): container functions run too.
+                containers: true,
             };
             let mut rx = workers_rx.clone();
             workers.push(tokio::spawn(stellar_worker::run(cfg, async move {

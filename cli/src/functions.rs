@@ -17,8 +17,25 @@ EXAMPLES:
 
 A new deploy of an existing name is a new version: its replicas replace the old ones.")]
 pub struct DeployArgs {
-    /// The WebAssembly module (wasm32-wasip1, a command with `_start`).
-    file: PathBuf,
+    /// The WebAssembly module (wasm32-wasip1, a command with `_start`); or --image.
+    #[arg(required_unless_present = "image", conflicts_with = "image")]
+    file: Option<PathBuf>,
+    /// A container function instead: an OCI image archive (`oci-layout` tar from skopeo,
+    /// buildah or `docker buildx --output type=oci`) or a rootfs tarball with --command.
+    /// Its layers are uploaded once to the cluster's blob store.
+    #[arg(long, value_name = "IMAGE.tar")]
+    image: Option<PathBuf>,
+    /// The program and arguments a container runs (shell-style quoting); replaces the
+    /// image's ENTRYPOINT and CMD. Needed for a rootfs tarball.
+    #[arg(long, requires = "image")]
+    command: Option<String>,
+    /// The node arch the image runs on (default: the image's, or this machine's for a
+    /// rootfs tarball): x86_64, aarch64 or armv7.
+    #[arg(long, requires = "image")]
+    arch: Option<String>,
+    /// Processes and threads a container may run at once (0: 64).
+    #[arg(long, default_value_t = 0, requires = "image")]
+    pids: u32,
     /// The function's name (default: the file name without `.wasm`).
     #[arg(long)]
     name: Option<String>,
@@ -93,15 +110,49 @@ pub fn read_module(path: &std::path::Path, memory_mib: u32) -> Result<Vec<u8>, S
 
 /// Uploads and places a function.
 pub async fn deploy(a: DeployArgs) -> Result<(), String> {
-    let module = read_module(&a.file, a.memory)?;
+    let path = a
+        .file
+        .clone()
+        .or_else(|| a.image.clone())
+        .unwrap_or_default();
+    let (module, image) = match &a.image {
+        Some(p) => {
+            let (image, archive) = crate::image_upload::describe(
+                p,
+                a.command
+                    .as_deref()
+                    .map(crate::run::parse_command)
+                    .transpose()?,
+                a.arch.as_deref(),
+            )?;
+            (Vec::new(), Some((image, archive)))
+        }
+        None => (read_module(&path, a.memory)?, None),
+    };
     let name = match a.name.clone() {
         Some(n) => n,
-        None => a
-            .file
-            .file_stem()
+        // `ffmpeg.oci.tar` is `ffmpeg`, `hello.wasm` is `hello`.
+        None => path
+            .file_name()
             .and_then(|s| s.to_str())
+            .and_then(|s| s.split('.').next())
+            .filter(|s| !s.is_empty())
             .map(str::to_string)
             .ok_or_else(|| "pass --name: the file name is not a valid function name".to_string())?,
+    };
+    let client = a.conn.connect()?;
+    let size = match &image {
+        Some((image, archive)) => {
+            let sent = crate::image_upload::upload_layers(&client, image, archive)
+                .await
+                .map_err(|s| {
+                    a.conn
+                        .explain(&format!("uploading the layers of `{name}`"), &s)
+                })?;
+            tracing::debug!(bytes = sent, "layers uploaded");
+            image.layers.iter().map(|l| l.size).sum()
+        }
+        None => module.len() as u64,
     };
     let (near_region, near_zone) = split_near(a.near.as_deref());
     let req = pb::DeployRequest {
@@ -113,6 +164,7 @@ pub async fn deploy(a: DeployArgs) -> Result<(), String> {
             memory_mib: a.memory,
             timeout_ms: a.timeout,
             scratch_dir: a.scratch,
+            pids: a.pids,
             ..Default::default()
         }),
         replicas: a.replicas,
@@ -122,11 +174,11 @@ pub async fn deploy(a: DeployArgs) -> Result<(), String> {
         idempotent: a.idempotent,
         near_region,
         near_zone,
+        image: image.as_ref().map(|(i, _)| i.clone()),
     };
-    let client = a.conn.connect()?;
     let progress = Progress::start(format!(
         "uploading {} and placing {} replica(s) of `{name}`",
-        human_bytes(module.len() as u64),
+        human_bytes(if image.is_some() { 0 } else { size }),
         a.replicas
     ));
     let r = client.deploy(req).await;
@@ -148,18 +200,28 @@ pub async fn deploy(a: DeployArgs) -> Result<(), String> {
     if a.conn.json() {
         let v = serde_json::json!({
             "name": name, "version": r.version, "module_sha256": r.module_sha256,
+            "runtime": if image.is_some() { "container" } else { "wasm" },
             "allocations": r.allocations.iter().map(allocation_json).collect::<Vec<_>>(),
             "placements": r.placements.iter().map(reason_json).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
     }
-    println!(
-        "deployed `{name}` version {} (module sha256 {}…, {})",
-        r.version,
-        &r.module_sha256[..r.module_sha256.len().min(12)],
-        human_bytes(module.len() as u64)
-    );
+    match &image {
+        Some((i, _)) => println!(
+            "deployed container `{name}` version {} ({} layer(s), {}, {})",
+            r.version,
+            i.layers.len(),
+            human_bytes(size),
+            i.arch
+        ),
+        None => println!(
+            "deployed `{name}` version {} (module sha256 {}…, {})",
+            r.version,
+            &r.module_sha256[..r.module_sha256.len().min(12)],
+            human_bytes(size)
+        ),
+    }
     if r.allocations.is_empty() {
         println!("no replica placed yet: the first call places one");
     } else {
@@ -339,7 +401,8 @@ pub async fn invoke(a: InvokeArgs) -> Result<u8, String> {
             "node": node_id(r.node), "allocation": r.allocation,
             "invocation_id": String::from_utf8_lossy(&r.invocation_id),
             "attempts": r.attempts, "scaled_from_zero": r.scaled_from_zero,
-            "usage": {"fuel": u.fuel, "wall_us": u.wall_us, "peak_memory_bytes": u.peak_memory_bytes,
+            "usage": {"fuel": u.fuel, "cpu_ns": u.cpu_ns, "pids_peak": u.pids_peak,
+                      "wall_us": u.wall_us, "peak_memory_bytes": u.peak_memory_bytes,
                       "bytes_in": u.bytes_in, "bytes_out": u.bytes_out, "exit_code": u.exit_code},
         });
         println!("{v}");
@@ -417,6 +480,11 @@ fn function_json(f: &pb::FunctionStatus) -> serde_json::Value {
         "tenant": f.tenant, "name": f.name, "version": f.version,
         "module_sha256": f.module_sha256, "replicas": f.replicas, "region": f.region,
         "idempotent": f.idempotent,
+        "runtime": if f.image.is_some() { "container" } else { "wasm" },
+        "image": f.image.as_ref().map(|i| serde_json::json!({
+            "layers": i.layers.iter().map(|l| serde_json::json!({"sha256": l.sha256, "size": l.size})).collect::<Vec<_>>(),
+            "entrypoint": i.entrypoint, "cmd": i.cmd, "arch": i.arch,
+        })),
         "limits": {"cpu_millis": l.cpu_millis, "memory_mib": l.memory_mib, "timeout_ms": l.timeout_ms},
         "allocations": f.allocations.iter().map(|a| {
             let mut v = allocation_json(a);
@@ -481,6 +549,17 @@ pub async fn status(a: NameArgs) -> Result<(), String> {
         },
         if f.idempotent { ", idempotent" } else { "" }
     );
+    if let Some(i) = &f.image {
+        let bytes: u64 = i.layers.iter().map(|l| l.size).sum();
+        println!(
+            "container image: {} layer(s), {}, {}; runs {}",
+            i.layers.len(),
+            human_bytes(bytes),
+            i.arch,
+            shlex::try_join(i.entrypoint.iter().chain(&i.cmd).map(String::as_str))
+                .unwrap_or_default()
+        );
+    }
     if !f.allocations.is_empty() {
         println!("{:<12} {:<18} {:<8} READY", "ALLOCATION", "NODE", "STATE");
         for al in &f.allocations {

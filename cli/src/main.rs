@@ -17,6 +17,7 @@ mod demo;
 mod dev;
 mod functions;
 mod gateway;
+mod image_upload;
 mod run;
 mod scheduler;
 mod usage;

@@ -201,6 +201,13 @@ fn finish(
 }
 
 /// A WebAssembly module (by its name or magic), rather than an image archive.
+/// A `--command` line split shell-style into the program and its arguments.
+pub fn parse_command(c: &str) -> Result<Vec<String>, String> {
+    shlex::split(c)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("--command `{c}` is not a command line (check its quotes)"))
+}
+
 fn is_wasm(path: &std::path::Path) -> Result<bool, String> {
     use std::io::Read;
     if path.extension().is_some_and(|e| e == "wasm" || e == "wat") {
@@ -227,13 +234,7 @@ async fn run_container(a: RunArgs) -> Result<u8, String> {
     if !(0.01..=1024.0).contains(&cpus) {
         return Err(format!("--cpus {cpus} is out of range: give 0.01 to 1024"));
     }
-    let command =
-        match a.command.as_deref() {
-            None => None,
-            Some(c) => Some(shlex::split(c).filter(|v| !v.is_empty()).ok_or_else(|| {
-                format!("--command `{c}` is not a command line (check its quotes)")
-            })?),
-        };
+    let command = a.command.as_deref().map(parse_command).transpose()?;
     tracing::debug!("run: container");
     stellar_worker::container::preconditions()
         .map_err(|e| format!("this machine cannot run containers: {e}"))?;

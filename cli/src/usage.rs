@@ -9,8 +9,8 @@ use crate::connect::{Endpoint, parse_since, utc};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 Prices are integer micro-units (10^-6 of the billing currency); the price table is in
-scheduler/src/pricing.rs: 1 per 100,000 fuel, 20 per GiB-s of memory, 100 per GiB
-transferred, 200 per 1,000 invocations. Owners are credited 70% of their nodes' usage.")]
+scheduler/src/pricing.rs: 1 per 100,000 fuel (wasm), 10,000 per cpu-second (containers),
+20 per GiB-s of memory, 100 per GiB transferred, 200 per 1,000 invocations. Owners are credited 70% of their nodes' usage.")]
 pub struct UsageArgs {
     /// Only this tenant's functions (admin tokens; default: every tenant). A tenant's token
     /// sees only its own bill.
@@ -56,7 +56,7 @@ pub fn print_usage(u: &pb::GetUsageResponse, json: bool) {
             .map(|l| {
                 serde_json::json!({
                     "tenant": l.tenant, "function": l.function, "invocations": l.invocations,
-                    "fuel": l.fuel, "wall_us": l.wall_us, "memory_mib_ms": l.memory_mib_ms,
+                    "fuel": l.fuel, "cpu_ns": l.cpu_ns, "wall_us": l.wall_us, "memory_mib_ms": l.memory_mib_ms,
                     "bytes_in": l.bytes_in, "bytes_out": l.bytes_out, "cost_micros": l.cost_micros,
                 })
             })
@@ -67,7 +67,7 @@ pub fn print_usage(u: &pb::GetUsageResponse, json: bool) {
             .map(|c| {
                 serde_json::json!({
                     "node": format!("{:016x}", c.node), "invocations": c.invocations,
-                    "fuel": c.fuel, "credit_micros": c.credit_micros,
+                    "fuel": c.fuel, "cpu_ns": c.cpu_ns, "credit_micros": c.credit_micros,
                 })
             })
             .collect();
@@ -77,16 +77,17 @@ pub fn print_usage(u: &pb::GetUsageResponse, json: bool) {
         return;
     }
     println!(
-        "{:<16} {:<20} {:>11} {:>14} {:>12} {:>12}",
-        "TENANT", "FUNCTION", "INVOCATIONS", "FUEL", "BYTES", "COST µ"
+        "{:<16} {:<20} {:>11} {:>14} {:>10} {:>12} {:>12}",
+        "TENANT", "FUNCTION", "INVOCATIONS", "FUEL", "CPU S", "BYTES", "COST µ"
     );
     for l in &u.bill {
         println!(
-            "{:<16} {:<20} {:>11} {:>14} {:>12} {:>12}",
+            "{:<16} {:<20} {:>11} {:>14} {:>10.3} {:>12} {:>12}",
             l.tenant,
             l.function,
             l.invocations,
             l.fuel,
+            l.cpu_ns as f64 / 1e9,
             l.bytes_in + l.bytes_out,
             l.cost_micros
         );

@@ -54,6 +54,12 @@ pub struct WorkerArgs {
     /// How long a drain waits for in-flight invocations, seconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Offer to run container functions. The worker checks at start that the device can
+    /// (root, overlayfs, user namespaces, cgroups with cpu, memory and pids) and logs why
+    /// not; `false` keeps the node to wasm functions. Layers are cached in
+    /// DATA_DIR/containers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    containers: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -93,6 +99,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), String> {
             ..Default::default()
         },
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        containers: args.containers,
     };
     stellar_worker::run(cfg, crate::shutdown_signal())
         .await

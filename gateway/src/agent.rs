@@ -34,6 +34,7 @@ use crate::modules::Modules;
 use crate::session::Session;
 use crate::usage::UsageWriter;
 use crate::view::View;
+use stellar_proto::client::ClusterClient;
 
 /// How long a worker's registration may wait for the leader to commit it.
 const REGISTER_WAIT: Duration = Duration::from_secs(15);
@@ -60,6 +61,8 @@ pub struct Edge {
     pub states: AllocationStateWriter,
     /// Modules for workers.
     pub modules: Arc<Modules>,
+    /// The control plane (image layers are relayed from it to workers).
+    pub client: ClusterClient,
     /// This gateway's network coordinate and its peers'.
     pub coordinates: Arc<Coordinates>,
     /// This gateway's advertised address (workers are told the others).
@@ -372,6 +375,25 @@ fn on_message(
             tracing::info!(node = format!("{node:016x}"), "worker draining");
             edge.hub.set_draining(node);
             edge.session.draining(node);
+        }
+        Kind::FetchBlob(f) => {
+            // A worker gets only the layers of images it was assigned.
+            if !crate::blob_relay::assigned(&edge.view.assignments(node), &f.sha256) {
+                let refusal = pb::BlobChunk {
+                    sha256: f.sha256,
+                    last: true,
+                    error: "no image assigned to this node has that layer".into(),
+                    ..Default::default()
+                };
+                let _ = tx.try_send(Ok(control(pb::control_message::Kind::BlobChunk(refusal))));
+                return Ok(());
+            }
+            tokio::spawn(crate::blob_relay::relay(
+                edge.client.clone(),
+                f,
+                node,
+                tx.clone(),
+            ));
         }
         Kind::FetchModule(f) => {
             let (modules, tx) = (edge.modules.clone(), tx.clone());

@@ -153,6 +153,41 @@ impl pb::control_server::Control for GatewayControl {
             .map(Response::new)
     }
 
+    async fn put_blob(
+        &self,
+        req: Request<Streaming<pb::BlobChunk>>,
+    ) -> Result<Response<pb::PutBlobResponse>, Status> {
+        // A stream is sent once: a failed upload is retried by the client, whole (blobs
+        // are content-addressed, so a retry stores nothing twice).
+        let token = bearer(req.metadata())?.to_string();
+        let mut inbound = Some(req.into_inner());
+        self.client
+            .with_token(&token)
+            .call_with(stellar_proto::client::RetryPolicy::Unrun, |mut c| {
+                let chunks = inbound.take();
+                async move {
+                    let Some(chunks) = chunks else {
+                        return Err(Status::unavailable(
+                            "the control plane's leader changed during the upload; upload again",
+                        ));
+                    };
+                    let chunks = tokio_stream::StreamExt::map_while(chunks, Result::ok);
+                    c.put_blob(chunks).await
+                }
+            })
+            .await
+            .map(Response::new)
+    }
+
+    async fn stat_blobs(
+        &self,
+        req: Request<pb::StatBlobsRequest>,
+    ) -> Result<Response<pb::StatBlobsResponse>, Status> {
+        self.pass(req, |mut c, r| async move { c.stat_blobs(r).await })
+            .await
+            .map(Response::new)
+    }
+
     type AllocateStreamStream = futures::stream::Empty<Result<pb::AllocateResponse, Status>>;
 
     async fn allocate_stream(

@@ -17,6 +17,7 @@ pub mod allocation_states;
 pub mod auth;
 pub mod balance;
 pub mod batching;
+pub mod blob_relay;
 pub mod control;
 pub mod coordinates;
 pub mod error;

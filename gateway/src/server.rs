@@ -90,6 +90,7 @@ pub async fn serve(
         usage: usage.clone(),
         states: AllocationStateWriter::spawn(client.clone()),
         modules: Modules::new(client.clone()),
+        client: client.clone(),
         coordinates: coordinates.clone(),
         advertise: cfg.advertise.clone(),
         balance_slack: cfg.balance_slack,

@@ -274,6 +274,7 @@ impl View {
                     version: a.version,
                     module_sha256: f.module_sha256.clone(),
                     limits: f.limits,
+                    image: f.image.clone(),
                 })
             })
             .collect()

@@ -156,6 +156,7 @@ pub fn deploy_request(tenant: &str, name: &str, request_id: Vec<u8>) -> pb::Depl
             fuel: 0,
             max_output_bytes: 0,
             scratch_dir: false,
+            pids: 0,
         }),
         replicas: 1,
         region: String::new(),

@@ -436,6 +436,7 @@ pub async fn run(cfg: SimWorkersConfig) -> Result<(), String> {
                         bytes_in: 5,
                         bytes_out: 12,
                         exit_code: 0,
+                        ..Default::default()
                     };
                     let _ = w.cmds.try_send(Cmd::Usage(record));
                 }

@@ -2,7 +2,7 @@
 //! plane that refuses, the worker that clamps and the clients that check before sending all
 //! agree (and the proto docs can point here).
 
-use crate::v1::FunctionLimits;
+use crate::v1::{ContainerImage, FunctionLimits};
 
 /// Largest module, bytes: a home node downloads it over a residential link.
 pub const MAX_MODULE_BYTES: usize = 16 << 20;
@@ -21,6 +21,83 @@ pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
 pub const MAX_CPU_MILLIS: u32 = 64_000;
 /// Longest per-invocation deadline, ms (15 minutes).
 pub const MAX_TIMEOUT_MS: u32 = 15 * 60 * 1000;
+
+/// Most layers an image may have: overlayfs takes them as one mount option string, which
+/// the kernel bounds at a page.
+pub const MAX_IMAGE_LAYERS: usize = 40;
+/// Largest image, bytes of all its layers: a home node fetches it over a residential link.
+pub const MAX_IMAGE_BYTES: u64 = 4 << 30;
+/// Most processes a container function may run at once.
+pub const MAX_PIDS: u32 = 4096;
+/// Container functions' process limit when the deploy gives none.
+pub const DEFAULT_PIDS: u32 = 64;
+/// The node archs an image may name (the placement's names; OCI's `amd64`/`arm64`/`arm` map to them).
+pub const ARCHS: [&str; 3] = ["x86_64", "aarch64", "armv7"];
+
+/// The placement arch for an OCI architecture name (`amd64` -> `x86_64`), or None if no
+/// node kind runs it.
+pub fn node_arch(oci: &str) -> Option<&'static str> {
+    match oci {
+        "amd64" | "x86_64" => Some("x86_64"),
+        "arm64" | "aarch64" => Some("aarch64"),
+        "arm" | "armv7" => Some("armv7"),
+        _ => None,
+    }
+}
+
+/// Checks a container image's description before anything stores or places it: layer
+/// addresses, counts and sizes, a program to run and a known arch. The error says which.
+pub fn check_image(i: &ContainerImage) -> Result<(), String> {
+    if i.layers.is_empty() || i.layers.len() > MAX_IMAGE_LAYERS {
+        return Err(format!(
+            "image has {} layers; 1..={MAX_IMAGE_LAYERS} are allowed",
+            i.layers.len()
+        ));
+    }
+    let mut total = 0u64;
+    for l in &i.layers {
+        if !is_sha256_hex(&l.sha256) {
+            return Err(format!(
+                "image layer `{}` is not a lowercase hex sha256",
+                l.sha256.chars().take(80).collect::<String>()
+            ));
+        }
+        total = total.saturating_add(l.size);
+    }
+    if total > MAX_IMAGE_BYTES {
+        return Err(format!(
+            "image layers are {total} bytes; the limit is {MAX_IMAGE_BYTES}"
+        ));
+    }
+    if i.entrypoint.is_empty() && i.cmd.is_empty() {
+        return Err("image has no ENTRYPOINT or CMD; give a command to run".into());
+    }
+    if let Some(kv) = i.env.iter().find(|kv| !kv.contains('=')) {
+        return Err(format!("image env entry `{kv}` is not KEY=VALUE"));
+    }
+    if !ARCHS.contains(&i.arch.as_str()) {
+        return Err(format!(
+            "image arch `{}` is not one nodes run (one of {})",
+            i.arch,
+            ARCHS.join(", ")
+        ));
+    }
+    let strings = i.entrypoint.iter().chain(&i.cmd).chain(&i.env);
+    let bytes: usize = strings.clone().map(String::len).sum::<usize>() + i.working_dir.len();
+    if bytes > 64 << 10 {
+        return Err(format!(
+            "image command, env and working dir are {bytes} bytes; the limit is 64 KiB"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `s` is a sha256 in lowercase hex (how blobs are named everywhere).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
 
 /// Why a function's limits were refused: the field, its allowed range and the value given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +126,7 @@ impl std::error::Error for LimitError {}
 /// default" only where the proto says so: fuel and max_output_bytes).
 pub fn check_function_limits(l: &FunctionLimits) -> Result<(), LimitError> {
     // (field, value, lowest, highest, unit)
-    let checks: [(&'static str, u32, u32, u32, &str); 4] = [
+    let checks: [(&'static str, u32, u32, u32, &str); 5] = [
         ("memory_mib", l.memory_mib, 1, MAX_MEMORY_MIB, "MiB"),
         (
             "cpu_millis",
@@ -66,6 +143,7 @@ pub fn check_function_limits(l: &FunctionLimits) -> Result<(), LimitError> {
             MAX_OUTPUT_BYTES,
             "bytes (0 = 1 MiB)",
         ),
+        ("pids", l.pids, 0, MAX_PIDS, "processes (0 = 64)"),
     ];
     for (field, got, lo, hi, unit) in checks {
         if !(lo..=hi).contains(&got) {
@@ -90,6 +168,42 @@ mod tests {
             timeout_ms: 1000,
             ..Default::default()
         }
+    }
+
+    fn image() -> ContainerImage {
+        ContainerImage {
+            layers: vec![crate::v1::ImageLayer {
+                sha256: "ab".repeat(32),
+                size: 10,
+                gzip: false,
+            }],
+            cmd: vec!["/bin/true".into()],
+            arch: "x86_64".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn images_are_checked_field_by_field() {
+        assert_eq!(check_image(&image()), Ok(()));
+        type Spoil = fn(&mut ContainerImage);
+        let cases: [(&str, Spoil); 7] = [
+            ("layers", |i| i.layers.clear()),
+            ("hex sha256", |i| i.layers[0].sha256 = "AB".repeat(32)),
+            ("hex sha256", |i| i.layers[0].sha256 = "../etc".into()),
+            ("bytes", |i| i.layers[0].size = MAX_IMAGE_BYTES + 1),
+            ("ENTRYPOINT", |i| i.cmd.clear()),
+            ("KEY=VALUE", |i| i.env.push("NOEQUALS".into())),
+            ("arch", |i| i.arch = "s390x".into()),
+        ];
+        for (word, spoil) in cases {
+            let mut i = image();
+            spoil(&mut i);
+            let e = check_image(&i).unwrap_err();
+            assert!(e.contains(word), "{word}: {e}");
+        }
+        assert_eq!(node_arch("amd64"), Some("x86_64"));
+        assert_eq!(node_arch("riscv64"), None);
     }
 
     #[test]

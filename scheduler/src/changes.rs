@@ -176,12 +176,13 @@ fn function_pb(state: &StateMachine, tenant: &str, name: &str) -> pb::WatchedFun
         tenant: f.tenant.clone(),
         name: f.name.clone(),
         version: v.version,
-        module_sha256: hex::encode(v.module_sha256),
+        module_sha256: v.module().map(hex::encode).unwrap_or_default(),
         limits: Some(v.limits),
         idempotent: v.idempotent,
         load_failures: v.load_failures,
         load_error: v.load_error.clone(),
         deleted: false,
+        image: v.image.clone(),
     }
 }
 

@@ -50,6 +50,7 @@ pub struct EdgeService {
     auth: Arc<TokenCache>,
     sessions: Arc<AtomicU64>,
     closed: tokio::sync::watch::Receiver<bool>,
+    blobs: crate::blob_transfer::Blobs,
 }
 
 impl EdgeService {
@@ -58,12 +59,14 @@ impl EdgeService {
         replica: ReplicaHandle,
         auth: Arc<TokenCache>,
         closed: tokio::sync::watch::Receiver<bool>,
+        blobs: crate::blob_transfer::Blobs,
     ) -> Self {
         EdgeService {
             replica,
             auth,
             sessions: Arc::new(AtomicU64::new(0)),
             closed,
+            blobs,
         }
     }
 
@@ -366,6 +369,18 @@ impl pb::edge_server::Edge for EdgeService {
         Ok(Response::new(pb::ReportAllocationsResponse {
             applied_index,
         }))
+    }
+
+    type FetchBlobStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BlobChunk, Status>>;
+
+    async fn fetch_blob(
+        &self,
+        req: GrpcRequest<pb::FetchBlob>,
+    ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        self.admin(&req, "fetching blobs").await?;
+        let r = req.into_inner();
+        self.blobs.ensure_local(&r.sha256).await?;
+        Ok(Response::new(self.blobs.send(&r.sha256, r.offset)?))
     }
 
     async fn fetch_module(

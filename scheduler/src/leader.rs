@@ -6,9 +6,8 @@
 use std::collections::HashMap;
 
 use stellar_placement::{
-    ArchSet, Bandwidth, Coordinate, Fit, LabelConstraint, LabelOp, NodeId, NodeSpec, NodeState,
-    NodeTable, Origin, PlacementRequest, Placer, PlacerConfig, Resources, Runtime, Score,
-    WorkloadKind,
+    Bandwidth, Coordinate, Fit, LabelConstraint, LabelOp, NodeId, NodeSpec, NodeState, NodeTable,
+    Origin, PlacementRequest, Placer, PlacerConfig, Resources, Score, WorkloadKind,
 };
 use stellar_proto::v1 as pb;
 
@@ -165,11 +164,11 @@ impl LeaderState {
             .collect();
         let req = PlacementRequest {
             kind: WorkloadKind::Function,
-            runtime: Runtime::Wasm,
-            arch: ArchSet::ANY,
+            runtime: version.runtime(),
+            arch: version.archs(),
             cpu_cores: cores_for_millis(version.limits.cpu_millis),
             memory_mib: f64::from(version.limits.memory_mib),
-            disk_mib: 0.0,
+            disk_mib: f64::from(version.reservation().disk_mib),
             min_uplink_mbps: 0.0,
             count,
             region: (!version.region.is_empty()).then(|| version.region.clone()),

@@ -11,6 +11,8 @@
 //! ```
 
 pub mod auth;
+pub mod blob_transfer;
+pub mod blobs;
 pub mod changes;
 pub mod edge;
 pub mod error;

@@ -5,6 +5,7 @@
 //! | what | price |
 //! |---|---|
 //! | compute | 1 micro-unit per 100,000 fuel (fuel is deterministic: checkable anywhere) |
+//! | container compute | 10,000 micro-units per cpu-second (the same as 10⁹ fuel: a core runs about 10⁹ simple wasm instructions a second) |
 //! | memory | 20 micro-units per GiB·s (peak linear memory × wall time) |
 //! | transfer | 100 micro-units per GiB in or out |
 //! | requests | 200 micro-units per 1,000 invocations |
@@ -17,6 +18,9 @@ use crate::state::UsageTotals;
 
 /// Fuel per micro-unit.
 pub const FUEL_PER_MICRO: u64 = 100_000;
+/// Micro-units per cpu-second of a container (from its cgroup's counter): priced like the
+/// fuel a core burns in a second, so a function costs about the same in either runtime.
+pub const MICROS_PER_CPU_SECOND: u64 = 10_000;
 /// Micro-units per GiB·s of memory.
 pub const MICROS_PER_GIB_S: u64 = 20;
 /// Micro-units per GiB transferred.
@@ -32,6 +36,7 @@ pub fn cost_micros(t: &UsageTotals) -> u64 {
     // MiB·ms to GiB·s: / 1024 / 1000.
     let parts = [
         u128::from(t.fuel) / u128::from(FUEL_PER_MICRO),
+        u128::from(t.cpu_ns) * u128::from(MICROS_PER_CPU_SECOND) / 1_000_000_000,
         u128::from(t.memory_mib_ms) * u128::from(MICROS_PER_GIB_S) / (1024 * 1000),
         (u128::from(t.bytes_in) + u128::from(t.bytes_out)) * u128::from(MICROS_PER_GIB) / GIB,
         u128::from(t.invocations) * u128::from(MICROS_PER_1000_INVOCATIONS) / 1000,
@@ -52,6 +57,7 @@ pub fn add(a: &mut UsageTotals, b: &UsageTotals) {
     a.bytes_in = a.bytes_in.saturating_add(b.bytes_in);
     a.bytes_out = a.bytes_out.saturating_add(b.bytes_out);
     a.memory_mib_ms = a.memory_mib_ms.saturating_add(b.memory_mib_ms);
+    a.cpu_ns = a.cpu_ns.saturating_add(b.cpu_ns);
 }
 
 #[cfg(test)]
@@ -67,10 +73,11 @@ mod tests {
             bytes_in: 1 << 30,
             bytes_out: 1 << 30,
             memory_mib_ms: 1024 * 1000 * 3,
+            cpu_ns: 1_500_000_000,
         };
-        // 100 (fuel) + 60 (3 GiB·s) + 200 (2 GiB) + 200 (1,000 calls)
-        assert_eq!(cost_micros(&t), 560);
-        assert_eq!(credit_micros(&t), 392);
+        // 100 (fuel) + 15,000 (1.5 cpu-s) + 60 (3 GiB·s) + 200 (2 GiB) + 200 (1,000 calls)
+        assert_eq!(cost_micros(&t), 15_560);
+        assert_eq!(credit_micros(&t), 10_892);
         assert_eq!(cost_micros(&UsageTotals::default()), 0);
         let huge = UsageTotals {
             fuel: u64::MAX,

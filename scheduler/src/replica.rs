@@ -1032,6 +1032,9 @@ impl Replica {
             ))
             .into());
         }
+        if let Some(i) = &d.image {
+            stellar_proto::limits::check_image(i).map_err(ApplyError::Invalid)?;
+        }
         if d.module_sha256.is_empty() && !d.module.is_empty() {
             d.module_sha256 = Sha256::digest(&d.module).to_vec();
         }
@@ -1051,6 +1054,7 @@ impl Replica {
             load_failures: 0,
             load_error: String::new(),
             failed_nodes: Vec::new(),
+            image: d.image.clone(),
         };
         if version.limits.memory_mib == 0 {
             return Err(ApplyError::Invalid("memory must be at least 1 MiB".into()).into());
@@ -1599,6 +1603,7 @@ impl Replica {
                 bytes_in: t.bytes_in,
                 bytes_out: t.bytes_out,
                 cost_micros: pricing::cost_micros(&t),
+                cpu_ns: t.cpu_ns,
             })
             .collect();
         pb::GetUsageResponse {
@@ -1611,6 +1616,7 @@ impl Replica {
                     invocations: t.invocations,
                     fuel: t.fuel,
                     credit_micros: pricing::credit_micros(&t),
+                    cpu_ns: t.cpu_ns,
                 })
                 .collect(),
         }
@@ -1624,7 +1630,7 @@ impl Replica {
             tenant: f.tenant.clone(),
             name: f.name.clone(),
             version: v.version,
-            module_sha256: hex::encode(v.module_sha256),
+            module_sha256: v.module().map(hex::encode).unwrap_or_default(),
             limits: Some(v.limits),
             replicas: v.replicas,
             region: v.region.clone(),
@@ -1637,6 +1643,7 @@ impl Replica {
             idempotent: v.idempotent,
             load_failures: v.load_failures,
             load_error: v.load_error.clone(),
+            image: v.image.clone(),
             ready: Vec::new(),
             placements: self
                 .leader
@@ -1729,7 +1736,7 @@ fn check_membership(cfg: &ReplicaConfig, store: &DiskStorage) -> Result<()> {
 
 /// Builds the `Deploy` command a client sends (module hashed here so apply can verify it).
 pub fn deploy_command(request_id: Vec<u8>, mut d: pb::DeployCmd) -> pb::Command {
-    if d.module_sha256.is_empty() {
+    if d.module_sha256.is_empty() && d.image.is_none() {
         d.module_sha256 = Sha256::digest(&d.module).to_vec();
     }
     command(request_id, pb::command::Kind::Deploy(d))

@@ -64,6 +64,9 @@ pub async fn serve(
     let handle = thread.handle();
     transport.attach(handle.clone());
     let auth = std::sync::Arc::new(TokenCache::new(handle.clone()));
+    let store = crate::blobs::BlobStore::open(&dir.join("blobs"))
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let blobs = crate::blob_transfer::Blobs::new(store, handle.clone());
     let (closing, closed) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::auth::bootstrap_admin(
         handle.clone(),
@@ -98,17 +101,21 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
-            ControlServer::new(ControlService::new(handle.clone(), auth.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ControlServer::new(ControlService::new(
+                handle.clone(),
+                auth.clone(),
+                blobs.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            RaftServer::new(RaftService::new(handle.clone()))
+            RaftServer::new(RaftService::new(handle.clone(), blobs.clone()))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(
-            EdgeServer::new(EdgeService::new(handle, auth, closed))
+            EdgeServer::new(EdgeService::new(handle, auth, closed, blobs))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )

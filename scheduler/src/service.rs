@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::auth::TokenCache;
+use crate::blob_transfer::{Blobs, status as blob_status};
 use crate::error::{ApplyError, Error};
 use crate::replica::{Query, Reply, Request, deploy_command, node_state_command};
 use crate::replica_thread::ReplicaHandle;
@@ -96,12 +97,40 @@ fn applied(r: Reply) -> Result<pb::CommandResult, Status> {
 pub struct ControlService {
     replica: ReplicaHandle,
     auth: std::sync::Arc<TokenCache>,
+    blobs: Blobs,
 }
 
 impl ControlService {
     /// Serves `replica`; callers are named by `auth`.
-    pub fn new(replica: ReplicaHandle, auth: std::sync::Arc<TokenCache>) -> Self {
-        ControlService { replica, auth }
+    pub fn new(replica: ReplicaHandle, auth: std::sync::Arc<TokenCache>, blobs: Blobs) -> Self {
+        ControlService {
+            replica,
+            auth,
+            blobs,
+        }
+    }
+
+    /// Refuses an image whose layers are not stored on enough replicas yet.
+    async fn check_layers_stored(&self, image: &pb::ContainerImage) -> Result<(), Status> {
+        let need = self.blobs.copies_needed().await;
+        for l in &image.layers {
+            if let Some(size) = self.blobs.store().size(&l.sha256)
+                && size != l.size
+            {
+                return Err(Status::invalid_argument(format!(
+                    "image layer {} is {size} bytes, not the {} the image says",
+                    l.sha256, l.size
+                )));
+            }
+            let copies = self.blobs.copies(&l.sha256).await;
+            if copies < need {
+                return Err(Status::failed_precondition(format!(
+                    "image layer {} is stored on {copies} replica(s), {need} are needed: upload it first with PutBlob (`stellar deploy --image` does)",
+                    l.sha256
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn caller<T>(&self, req: &GrpcRequest<T>) -> Result<Caller, Status> {
@@ -159,9 +188,16 @@ impl pb::control_server::Control for ControlService {
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
         let tenant = caller.tenant_for(&r.tenant)?;
-        if r.module.is_empty() {
+        if let Some(image) = &r.image {
+            if !r.module.is_empty() {
+                return Err(Status::invalid_argument(
+                    "pass a module or an image, not both",
+                ));
+            }
+            stellar_proto::limits::check_image(image).map_err(Status::invalid_argument)?;
+        } else if r.module.is_empty() {
             return Err(Status::invalid_argument(
-                "module is empty; pass the .wasm bytes",
+                "module is empty; pass the .wasm bytes (or an image for a container function)",
             ));
         }
         if r.module.len() > MAX_MODULE_BYTES {
@@ -178,9 +214,13 @@ impl pb::control_server::Control for ControlService {
         crate::state::validate_name("function", &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // A module that cannot run is refused here, with the reason, rather than stored to
-        // leave its allocation pending and its calls hanging.
-        stellar_proto::module_check::check_module(&r.module, limits.memory_mib)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // leave its allocation pending and its calls hanging; an image's layers must be in
+        // the blob store on two replicas before the log refers to them.
+        match &r.image {
+            Some(image) => self.check_layers_stored(image).await?,
+            None => stellar_proto::module_check::check_module(&r.module, limits.memory_mib)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        }
         let cmd = deploy_command(
             request_id(r.request_id)?,
             pb::DeployCmd {
@@ -196,6 +236,7 @@ impl pb::control_server::Control for ControlService {
                 place_on: Vec::new(),
                 near_region: r.near_region,
                 near_zone: r.near_zone,
+                image: r.image,
             },
         );
         let sha = match &cmd.kind {
@@ -539,6 +580,52 @@ impl pb::control_server::Control for ControlService {
         }))
     }
 
+    async fn put_blob(
+        &self,
+        req: GrpcRequest<Streaming<pb::BlobChunk>>,
+    ) -> Result<Response<pb::PutBlobResponse>, Status> {
+        self.caller(&req).await?;
+        let (sha256, size) = self.blobs.receive(req.into_inner()).await?;
+        let need = self.blobs.copies_needed().await;
+        let copies = self.blobs.replicate(&sha256, need).await;
+        if copies < need {
+            return Err(Status::unavailable(format!(
+                "blob {sha256} is stored on {copies} replica(s) but {need} are needed and no other replica took it; retry when the cluster is whole"
+            )));
+        }
+        Ok(Response::new(pb::PutBlobResponse {
+            sha256,
+            size,
+            copies: copies as u32,
+        }))
+    }
+
+    async fn stat_blobs(
+        &self,
+        req: GrpcRequest<pb::StatBlobsRequest>,
+    ) -> Result<Response<pb::StatBlobsResponse>, Status> {
+        self.caller(&req).await?;
+        let r = req.into_inner();
+        if r.sha256.len() > stellar_proto::limits::MAX_IMAGE_LAYERS {
+            return Err(Status::invalid_argument(format!(
+                "{} blobs asked; at most {} per call",
+                r.sha256.len(),
+                stellar_proto::limits::MAX_IMAGE_LAYERS
+            )));
+        }
+        let mut copies = Vec::with_capacity(r.sha256.len());
+        for sha in &r.sha256 {
+            if !stellar_proto::limits::is_sha256_hex(sha) {
+                return Err(blob_status(crate::blobs::BlobError::BadName(sha.clone())));
+            }
+            copies.push(self.blobs.copies(sha).await as u32);
+        }
+        Ok(Response::new(pb::StatBlobsResponse {
+            copies,
+            needed: self.blobs.copies_needed().await as u32,
+        }))
+    }
+
     async fn cluster_status(
         &self,
         _req: GrpcRequest<pb::ClusterStatusRequest>,
@@ -597,12 +684,13 @@ fn membership(r: crate::Result<Reply>) -> Result<Response<pb::MembershipResponse
 #[derive(Debug, Clone)]
 pub struct RaftService {
     replica: ReplicaHandle,
+    blobs: Blobs,
 }
 
 impl RaftService {
-    /// Serves `replica`.
-    pub fn new(replica: ReplicaHandle) -> Self {
-        RaftService { replica }
+    /// Serves `replica` and its blob store to peers.
+    pub fn new(replica: ReplicaHandle, blobs: Blobs) -> Self {
+        RaftService { replica, blobs }
     }
 }
 
@@ -638,6 +726,38 @@ impl pb::raft_server::Raft for RaftService {
             }
         }
         Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn copy_blob(
+        &self,
+        req: GrpcRequest<Streaming<pb::BlobChunk>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        self.blobs.receive(req.into_inner()).await?;
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn has_blob(
+        &self,
+        req: GrpcRequest<pb::HasBlobRequest>,
+    ) -> Result<Response<pb::HasBlobReply>, Status> {
+        let present = req
+            .into_inner()
+            .sha256
+            .iter()
+            .take(1024)
+            .map(|s| self.blobs.store().size(s).is_some())
+            .collect();
+        Ok(Response::new(pb::HasBlobReply { present }))
+    }
+
+    type ReadBlobStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BlobChunk, Status>>;
+
+    async fn read_blob(
+        &self,
+        req: GrpcRequest<pb::FetchBlob>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.blobs.send(&r.sha256, r.offset)?))
     }
 
     async fn snapshot(

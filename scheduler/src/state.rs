@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use sha2::{Digest, Sha256};
-use stellar_placement::{Arch, NodeState, Resources, Runtime, RuntimeSet};
+use stellar_placement::{Arch, ArchSet, NodeState, Resources, Runtime, RuntimeSet};
 use stellar_proto::v1 as pb;
 
 use crate::error::ApplyError;
@@ -158,6 +158,9 @@ pub struct FunctionVersion {
     pub load_error: String,
     /// Nodes where loading failed (placement avoids them), at most [`MAX_FAILED_NODES`].
     pub failed_nodes: Vec<u64>,
+    /// A container function's image (its layers live in the blob store, not here);
+    /// `module_sha256` is then all zeros.
+    pub image: Option<pb::ContainerImage>,
 }
 
 /// Load failures after which a version is not re-placed any more (its module is broken,
@@ -172,11 +175,43 @@ impl FunctionVersion {
         self.load_failures >= MAX_LOAD_FAILURES
     }
 
-    /// What one replica reserves on its node.
+    /// What one replica reserves on its node: a container's disk is its image's layers
+    /// (unpacked once per node, counted per replica to stay on the safe side) plus its
+    /// writable layer.
     pub fn reservation(&self) -> Resources {
-        Resources::new(self.limits.cpu_millis, self.limits.memory_mib, 0)
+        let disk = self.image.as_ref().map_or(0, |i| {
+            let bytes: u64 = i.layers.iter().map(|l| l.size).sum();
+            (bytes.div_ceil(1 << 20) + u64::from(CONTAINER_SCRATCH_MIB)).min(u64::from(u32::MAX))
+                as u32
+        });
+        Resources::new(self.limits.cpu_millis, self.limits.memory_mib, disk)
+    }
+
+    /// The module this version runs (None for a container function).
+    pub fn module(&self) -> Option<[u8; 32]> {
+        self.image.is_none().then_some(self.module_sha256)
+    }
+
+    /// The runtime its nodes must offer.
+    pub fn runtime(&self) -> Runtime {
+        if self.image.is_some() {
+            Runtime::Container
+        } else {
+            Runtime::Wasm
+        }
+    }
+
+    /// The node archs it runs on: any for wasm, the image's for a container.
+    pub fn archs(&self) -> ArchSet {
+        self.image
+            .as_ref()
+            .and_then(|i| i.arch.parse::<Arch>().ok())
+            .map_or(ArchSet::ANY, ArchSet::only)
     }
 }
+
+/// A container replica's private writable layer, MiB (reserved on the node's disk).
+pub const CONTAINER_SCRATCH_MIB: u32 = 256;
 
 /// A tenant's function and its version history.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +267,8 @@ pub struct UsageTotals {
     pub bytes_out: u64,
     /// Peak memory in MiB times wall milliseconds.
     pub memory_mib_ms: u64,
+    /// Containers' CPU nanoseconds (from their cgroups).
+    pub cpu_ns: u64,
 }
 
 /// The whole replicated state; see the module docs for the rules `apply` follows.
@@ -642,7 +679,7 @@ impl StateMachine {
         Ok(ok_result())
     }
 
-    fn deploy(&mut self, c: pb::DeployCmd, fx: &mut Effects) -> Result<pb::CommandResult> {
+    fn deploy(&mut self, mut c: pb::DeployCmd, fx: &mut Effects) -> Result<pb::CommandResult> {
         validate_name("function", &c.name)?;
         if !self.tenants.contains(&c.tenant) {
             return Err(not_found("tenant", c.tenant));
@@ -660,8 +697,21 @@ impl StateMachine {
         if c.place_on.len() > c.replicas as usize {
             return Err(invalid("plan places more replicas than requested"));
         }
-        let sha = sha32(&c.module_sha256, "module sha256")?;
-        let new_module = if c.module.is_empty() {
+        let image = c.image.take();
+        if let Some(i) = &image {
+            stellar_proto::limits::check_image(i).map_err(invalid)?;
+            if !c.module.is_empty() || !c.module_sha256.is_empty() {
+                return Err(invalid("a deploy carries a module or an image, not both"));
+            }
+        }
+        let sha = if image.is_some() {
+            [0; 32]
+        } else {
+            sha32(&c.module_sha256, "module sha256")?
+        };
+        let new_module = if image.is_some() {
+            None
+        } else if c.module.is_empty() {
             if !self.modules.contains(&sha) {
                 // The leader left the bytes out because the module was stored when it
                 // planned; it has since been freed: the leader re-plans with the bytes.
@@ -697,12 +747,14 @@ impl StateMachine {
             .map(|id| &self.functions[id as usize])
             .filter(|f| !f.deleted)
             .and_then(|f| f.current())
-            .map(|v| v.module_sha256);
-        let len = new_module
-            .as_ref()
-            .map_or_else(|| self.modules.get(&sha).map_or(0, |b| b.len()), Vec::len);
-        self.modules
-            .check_reference(&c.tenant, &sha, len as u64, replacing.as_ref())?;
+            .and_then(FunctionVersion::module);
+        if image.is_none() {
+            let len = new_module
+                .as_ref()
+                .map_or_else(|| self.modules.get(&sha).map_or(0, |b| b.len()), Vec::len);
+            self.modules
+                .check_reference(&c.tenant, &sha, len as u64, replacing.as_ref())?;
+        }
         let next_version = existing.map_or(1, |id| {
             self.functions[id as usize]
                 .versions
@@ -720,6 +772,7 @@ impl StateMachine {
             load_failures: 0,
             load_error: String::new(),
             failed_nodes: Vec::new(),
+            image,
         };
         // The old version's replicas stop; the plan must hold once they are gone.
         let stopping: Vec<u64> = existing
@@ -738,7 +791,9 @@ impl StateMachine {
         if let Some(bytes) = new_module {
             self.modules.insert(sha, bytes);
         }
-        self.modules.reference(&c.tenant, &sha);
+        if version.image.is_none() {
+            self.modules.reference(&c.tenant, &sha);
+        }
         if let Some(old) = replacing {
             self.modules.release(&c.tenant, &old);
         }
@@ -785,6 +840,7 @@ impl StateMachine {
         stopping: &BTreeSet<u64>,
     ) -> Result<()> {
         let ask = version.reservation();
+        let (runtime, archs) = (version.runtime(), version.archs());
         let mut seen = BTreeSet::new();
         for &n in nodes {
             if !seen.insert(n) {
@@ -800,6 +856,12 @@ impl StateMachine {
                 return Err(ApplyError::StalePlan(format!(
                     "node {n:016x} is {}",
                     node.state
+                )));
+            }
+            if !node.runtimes.contains(runtime) || !archs.contains(node.arch) {
+                return Err(ApplyError::StalePlan(format!(
+                    "node {n:016x} ({}) does not run {runtime} functions of this arch",
+                    node.arch.as_str()
                 )));
             }
             let mut allocated = node.allocated;
@@ -826,6 +888,15 @@ impl StateMachine {
                     node.capacity.memory_mib,
                     ask.cpu_millis,
                     ask.memory_mib
+                )));
+            }
+            if ask.disk_mib > 0
+                && u64::from(allocated.disk_mib) + u64::from(ask.disk_mib)
+                    > u64::from(node.capacity.disk_mib)
+            {
+                return Err(ApplyError::StalePlan(format!(
+                    "node {n:016x} has {} MiB of disk committed of {}; the replica needs {} MiB",
+                    allocated.disk_mib, node.capacity.disk_mib, ask.disk_mib
                 )));
             }
             if !version.region.is_empty() && self.symbols.get(node.region) != version.region {
@@ -921,7 +992,7 @@ impl StateMachine {
             .function(&c.tenant, &c.name)
             .ok_or_else(|| not_found("function", format!("{}/{}", c.tenant, c.name)))?;
         let allocs: Vec<u64> = f.on_nodes.values().copied().collect();
-        let module = f.current().map(|v| v.module_sha256);
+        let module = f.current().and_then(FunctionVersion::module);
         let mut result = ok_result();
         result.count = allocs.len() as u32;
         for a in allocs {
@@ -1218,6 +1289,7 @@ impl StateMachine {
             t.bytes_out = t.bytes_out.saturating_add(r.bytes_out);
             let mib_ms = (r.peak_memory_bytes >> 20).saturating_mul(r.wall_us / 1000);
             t.memory_mib_ms = t.memory_mib_ms.saturating_add(mib_ms);
+            t.cpu_ns = t.cpu_ns.saturating_add(r.cpu_ns);
             if self.seen_order.len() >= SEEN_INVOCATIONS_CAPACITY
                 && let Some(old) = self.seen_order.pop_front()
             {
@@ -1377,6 +1449,7 @@ impl StateMachine {
                             load_failures: v.load_failures,
                             load_error: v.load_error.clone(),
                             failed_nodes: v.failed_nodes.clone(),
+                            image: v.image.clone(),
                         })
                         .collect(),
                 })
@@ -1423,6 +1496,7 @@ impl StateMachine {
                         bytes_in: t.bytes_in,
                         bytes_out: t.bytes_out,
                         memory_mib_ms: t.memory_mib_ms,
+                        cpu_ns: t.cpu_ns,
                     }
                 })
                 .collect(),
@@ -1482,6 +1556,7 @@ impl StateMachine {
                     load_failures: v.load_failures,
                     load_error: v.load_error,
                     failed_nodes: v.failed_nodes,
+                    image: v.image,
                 });
             }
             m.function_ids
@@ -1502,8 +1577,8 @@ impl StateMachine {
         }
         // References are derived state: each live function's current version.
         for f in m.functions.iter().filter(|f| !f.deleted) {
-            if let Some(v) = f.current() {
-                m.modules.reference(&f.tenant, &v.module_sha256);
+            if let Some(sha) = f.current().and_then(FunctionVersion::module) {
+                m.modules.reference(&f.tenant, &sha);
             }
         }
         for n in s.nodes {
@@ -1556,6 +1631,7 @@ impl StateMachine {
                     bytes_in: u.bytes_in,
                     bytes_out: u.bytes_out,
                     memory_mib_ms: u.memory_mib_ms,
+                    cpu_ns: u.cpu_ns,
                 },
             );
         }

@@ -14,6 +14,8 @@
 //!    SIGTERM          ─▶ Draining, refuse new invocations, finish in-flight (bounded), flush
 //! ```
 
+mod container_instances;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,6 +31,8 @@ use stellar_proto::v1::agent_client::AgentClient;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::Status;
 
+use crate::container::ContainerRuntime;
+use crate::container::downloads::{LayerDownloads, Progress};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
 use crate::sandbox::{InvocationInput, InvocationLimits, Sandbox, SandboxConfig};
@@ -54,6 +58,9 @@ pub struct AgentConfig {
     pub sandbox: SandboxConfig,
     /// How long a drain waits for in-flight invocations.
     pub drain_timeout: Duration,
+    /// Offer to run container functions when the device can (root, overlayfs, user
+    /// namespaces, cgroups): checked at start, and registered as the `container` runtime.
+    pub containers: bool,
 }
 
 /// Why a session with one replica ended.
@@ -72,9 +79,27 @@ enum Ended {
 struct Instance {
     tenant: String,
     function: String,
+    /// The module's content address (empty for a container function).
     sha256: String,
     limits: pb::FunctionLimits,
     ready: bool,
+    /// A container function's image (its layers in the node's layer cache once ready).
+    image: Option<pb::ContainerImage>,
+}
+
+impl Instance {
+    /// Whether it waits for layer `sha`.
+    fn needs_layer(&self, sha: &str) -> bool {
+        self.image
+            .as_ref()
+            .is_some_and(|i| i.layers.iter().any(|l| l.sha256 == sha))
+    }
+}
+
+/// The node's container runtime and the layers on their way to it.
+struct Containers {
+    runtime: ContainerRuntime,
+    downloads: LayerDownloads,
 }
 
 /// Worker state that survives reconnects.
@@ -97,6 +122,8 @@ struct Agent {
     rng: rand_pcg::Pcg64,
     slots: Arc<Semaphore>,
     usage: Arc<Mutex<Unacked>>,
+    /// None: this node does not run containers (switched off, or it cannot).
+    containers: Option<Containers>,
 }
 
 /// Usage records not yet acknowledged by the control plane, by invocation id, with the
@@ -166,7 +193,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         data_dir = %cfg.data_dir.display(),
         "worker identity loaded"
     );
-    let attributes = attributes(&cfg);
+    let containers = if cfg.containers {
+        open_containers(&cfg.data_dir).await
+    } else {
+        tracing::info!("containers switched off (--containers false): wasm functions only");
+        None
+    };
+    let attributes = attributes(&cfg, containers.is_some());
     let vivaldi_cfg = VivaldiConfig::default();
     let mut agent = Agent {
         rng: rand_pcg::Pcg64::seed_from_u64(identity.node()),
@@ -182,6 +215,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         instances: HashMap::new(),
         slots: Arc::new(Semaphore::new(slots)),
         usage: Arc::new(Mutex::new(Unacked::default())),
+        containers,
         cfg,
     };
     tokio::pin!(shutdown);
@@ -234,9 +268,44 @@ const MAX_KNOWN_GATEWAYS: usize = 64;
 /// A probe answered later than this is a fault, not a sample.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The container runtime, when this device can run containers (why not is logged).
+async fn open_containers(data_dir: &std::path::Path) -> Option<Containers> {
+    let dir = data_dir.join("containers");
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::container::capability()?;
+        let runtime = ContainerRuntime::open(&dir)?;
+        let downloads = LayerDownloads::new(&dir.join("fetch"))
+            .map_err(|e| format!("{}: {e}", dir.join("fetch").display()))?;
+        Ok::<_, String>(Containers { runtime, downloads })
+    })
+    .await;
+    match opened {
+        Ok(Ok(c)) => {
+            tracing::info!(
+                layers = c.runtime.layers().list().len(),
+                "containers available: registering the container runtime"
+            );
+            Some(c)
+        }
+        Ok(Err(why)) => {
+            tracing::warn!(reason = %why, "this device cannot run containers: wasm functions only");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "container check panicked: wasm functions only");
+            None
+        }
+    }
+}
+
 /// Messages from tasks the session spawned.
 enum Event {
     Loaded {
+        sha256: String,
+        result: std::result::Result<(), String>,
+    },
+    /// A layer fetched over the stream was unpacked into the cache (or why not).
+    LayerReady {
         sha256: String,
         result: std::result::Result<(), String>,
     },
@@ -328,6 +397,10 @@ impl Agent {
         for i in self.instances.values_mut() {
             i.ready = false;
         }
+        // Layers half fetched over the last stream are fetched again when reassigned.
+        if let Some(c) = self.containers.as_mut() {
+            c.downloads.clear();
+        }
         let (events_tx, mut events) = mpsc::channel::<Event>(256);
         let mut fetching: HashMap<String, Vec<u8>> = HashMap::new();
         let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms)));
@@ -380,7 +453,8 @@ impl Agent {
     async fn stop(&mut self, allocation: u64, tx: &mpsc::Sender<pb::WorkerMessage>) {
         if let Some(i) = self.instances.remove(&allocation) {
             tracing::info!(allocation, function = %i.function, "instance stopped");
-            if !self.instances.values().any(|o| o.sha256 == i.sha256) {
+            // Layers stay cached for the next function that uses them.
+            if i.image.is_none() && !self.instances.values().any(|o| o.sha256 == i.sha256) {
                 self.sandbox.unload(&i.sha256);
             }
         }
@@ -449,6 +523,7 @@ impl Agent {
                     });
                 }
             }
+            Kind::BlobChunk(c) => self.on_layer_chunk(c, tx, events).await,
             Kind::Invocation(inv) => self.invoke(inv, tx).await,
             Kind::UsageAck(ack) => {
                 if let Ok(mut u) = self.usage.lock() {
@@ -478,6 +553,9 @@ impl Agent {
         events: &mpsc::Sender<Event>,
         fetching: &mut HashMap<String, Vec<u8>>,
     ) {
+        if a.image.is_some() {
+            return self.start_container(a, tx).await;
+        }
         let sha = a.module_sha256.to_ascii_lowercase();
         let loaded = self.sandbox.loaded(&sha).is_some();
         self.instances.insert(
@@ -488,6 +566,7 @@ impl Agent {
                 sha256: sha.clone(),
                 limits: a.limits.unwrap_or_default(),
                 ready: loaded,
+                image: None,
             },
         );
         if loaded {
@@ -592,11 +671,12 @@ impl Agent {
                 rtt_ms,
                 coordinate,
             } => self.observe(&gateway, &coordinate, rtt_ms),
+            Event::LayerReady { sha256, result } => self.layer_ready(&sha256, result, tx).await,
             Event::Loaded { sha256, result } => {
                 for (id, i) in self
                     .instances
                     .iter_mut()
-                    .filter(|(_, i)| i.sha256 == sha256)
+                    .filter(|(_, i)| i.image.is_none() && i.sha256 == sha256)
                 {
                     match &result {
                         Ok(()) => {
@@ -611,7 +691,8 @@ impl Agent {
                     }
                 }
                 if result.is_err() {
-                    self.instances.retain(|_, i| i.sha256 != sha256);
+                    self.instances
+                        .retain(|_, i| i.image.is_some() || i.sha256 != sha256);
                 }
             }
         }
@@ -624,6 +705,13 @@ impl Agent {
             error_message: msg,
             ..Default::default()
         };
+        if self
+            .instances
+            .get(&inv.allocation)
+            .is_some_and(|i| i.image.is_some())
+        {
+            return self.invoke_container(inv, tx).await;
+        }
         let instance = self.instances.get(&inv.allocation).filter(|i| i.ready);
         let function = instance.and_then(|i| self.sandbox.loaded(&i.sha256));
         let (Some(i), Some(function)) = (instance, function) else {
@@ -691,37 +779,15 @@ impl Agent {
             if let Some(dir) = &scratch {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            let m = out.metering;
-            let record = pb::UsageRecord {
-                invocation_id: inv.invocation_id.clone(),
-                tenant,
-                function: name,
-                node,
-                fuel: m.fuel,
-                wall_us: m.wall_us,
-                peak_memory_bytes: m.peak_memory_bytes,
-                bytes_in: m.bytes_in,
-                bytes_out: m.bytes_out,
-                exit_code: m.exit_code,
-            };
-            if let Ok(mut u) = usage.lock() {
-                u.add(record.clone());
-            }
-            let (error_code, error_message) = match &out.result {
-                Ok(()) => (String::new(), String::new()),
-                Err(e) => (e.code().to_string(), e.to_string()),
-            };
-            let r = pb::InvocationResult {
-                invocation_id: inv.invocation_id,
-                stdout: out.stdout,
-                stderr: out.stderr,
-                error_code,
-                error_message,
-                usage: Some(record),
-            };
-            let _ = tx.blocking_send(pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::Result(r)),
-            });
+            let r = finished(
+                &usage,
+                inv.invocation_id,
+                (tenant, name, node),
+                &out.metering,
+                &out.result,
+                (out.stdout, out.stderr),
+            );
+            let _ = tx.blocking_send(result_message(r));
         });
     }
 
@@ -825,6 +891,46 @@ impl Agent {
     }
 }
 
+/// The result of a finished call, its usage record kept until acknowledged (both runtimes).
+fn finished(
+    usage: &Mutex<Unacked>,
+    invocation_id: Vec<u8>,
+    (tenant, function, node): (String, String, u64),
+    m: &crate::sandbox::Metering,
+    result: &std::result::Result<(), crate::sandbox::InvokeError>,
+    (stdout, stderr): (Vec<u8>, Vec<u8>),
+) -> pb::InvocationResult {
+    let record = pb::UsageRecord {
+        invocation_id: invocation_id.clone(),
+        tenant,
+        function,
+        node,
+        fuel: m.fuel,
+        wall_us: m.wall_us,
+        peak_memory_bytes: m.peak_memory_bytes,
+        bytes_in: m.bytes_in,
+        bytes_out: m.bytes_out,
+        exit_code: m.exit_code,
+        cpu_ns: m.cpu_ns,
+        pids_peak: m.pids_peak.min(u64::from(u32::MAX)) as u32,
+    };
+    if let Ok(mut u) = usage.lock() {
+        u.add(record.clone());
+    }
+    let (error_code, error_message) = match result {
+        Ok(()) => (String::new(), String::new()),
+        Err(e) => (e.code().to_string(), e.to_string()),
+    };
+    pb::InvocationResult {
+        invocation_id,
+        stdout,
+        stderr,
+        error_code,
+        error_message,
+        usage: Some(record),
+    }
+}
+
 fn result_message(r: pb::InvocationResult) -> pb::WorkerMessage {
     pb::WorkerMessage {
         kind: Some(pb::worker_message::Kind::Result(r)),
@@ -851,7 +957,7 @@ fn ended_by(s: Status) -> Ended {
 }
 
 /// The node's static attributes: detected hardware plus the operator's region, zone, labels.
-fn attributes(cfg: &AgentConfig) -> pb::NodeAttributes {
+fn attributes(cfg: &AgentConfig, containers: bool) -> pb::NodeAttributes {
     let capacity = cfg.capacity.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         pb::Resources {
@@ -868,7 +974,11 @@ fn attributes(cfg: &AgentConfig) -> pb::NodeAttributes {
         region: cfg.region.clone(),
         zone: cfg.zone.clone(),
         arch: std::env::consts::ARCH.to_string(),
-        runtimes: vec!["wasm".into()],
+        runtimes: if containers {
+            vec!["wasm".into(), "container".into()]
+        } else {
+            vec!["wasm".into()]
+        },
         capacity: Some(capacity),
         uplink_kbps: 0,
         downlink_kbps: 0,

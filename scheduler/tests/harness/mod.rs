@@ -598,6 +598,7 @@ impl Sim {
                         fuel: 0,
                         max_output_bytes: 0,
                         scratch_dir: false,
+                        pids: 0,
                     }),
                     replicas: 2,
                     ..Default::default()

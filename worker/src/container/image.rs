@@ -120,9 +120,21 @@ impl ImageArchive {
 
     /// The program and arguments a call runs: `args` replace CMD when given.
     pub fn argv(&self, args: &[String]) -> Vec<String> {
-        let mut argv = self.config.entrypoint.clone();
+        self.config.argv(args)
+    }
+
+    /// The layers' content addresses, bottom first.
+    pub fn layer_shas(&self) -> Vec<String> {
+        self.layers.iter().map(|l| l.sha256.clone()).collect()
+    }
+}
+
+impl ImageConfig {
+    /// The program and arguments a call runs: `args` replace CMD when given.
+    pub fn argv(&self, args: &[String]) -> Vec<String> {
+        let mut argv = self.entrypoint.clone();
         if args.is_empty() {
-            argv.extend(self.config.cmd.iter().cloned());
+            argv.extend(self.cmd.iter().cloned());
         } else {
             argv.extend(args.iter().cloned());
         }

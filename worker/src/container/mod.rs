@@ -7,11 +7,15 @@
 //! run.rs     layers + private upper ─▶ cgroup ─▶ init ─▶ output streamed ─▶ Metering
 //! init.rs    `stellar __container-init`: namespaces, overlay, pivot_root, no caps, seccomp
 //! cgroup.rs  limits and counters (v1 or v2, cgroups-rs)       seccomp.rs  the allow-list
+//! downloads.rs  a worker's layers arriving over its stream ─▶ layers.rs
+//! invocation.rs a deployed function's call: assignment + invocation ─▶ run.rs
 //! ```
 
 pub mod cgroup;
+pub mod downloads;
 pub mod image;
 pub mod init;
+pub mod invocation;
 pub mod layers;
 mod loopback;
 pub mod run;

@@ -23,7 +23,7 @@ use command_fds::CommandFdExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cgroup::{CgroupLimits, CgroupUsage, ContainerCgroup};
-use super::image::{ImageArchive, ImageError};
+use super::image::{ImageArchive, ImageConfig, ImageError};
 use super::init::{InitReport, child_fds};
 use super::layers::LayerCache;
 use super::spec::{Bind, INIT_ARG, InitSpec};
@@ -163,23 +163,44 @@ impl ContainerRuntime {
         Ok(())
     }
 
-    /// Runs one call; output goes to `sink` as the program writes it.
+    /// Runs one call of an image archive (its layers unpacked first where missing); output
+    /// goes to `sink` as the program writes it.
     pub async fn run(
         &self,
         image: &ImageArchive,
         call: ContainerCall,
         sink: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
     ) -> ContainerOutcome {
-        let mut metering = Metering::for_input(&call.stdin, &call.args, &call.env);
-        let t0 = crate::clock::now();
         let prepared = {
             let (rt, img) = (self.clone(), image.clone());
             tokio::task::spawn_blocking(move || rt.prepare(&img)).await
         };
+        let metering = || Metering::for_input(&call.stdin, &call.args, &call.env);
         match prepared {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return failed(metering, InvokeError::ImageInvalid(e.to_string())),
-            Err(e) => return failed(metering, InvokeError::Sandbox(e.to_string())),
+            Ok(Err(e)) => return failed(metering(), InvokeError::ImageInvalid(e.to_string())),
+            Err(e) => return failed(metering(), InvokeError::Sandbox(e.to_string())),
+        }
+        self.run_cached(&image.config, &image.layer_shas(), call, sink)
+            .await
+    }
+
+    /// Runs one call of an image whose layers (content addresses, bottom first) are all in
+    /// the layer cache, as a worker's are once its instance is ready.
+    pub async fn run_cached(
+        &self,
+        config: &ImageConfig,
+        layers: &[String],
+        call: ContainerCall,
+        sink: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
+    ) -> ContainerOutcome {
+        let mut metering = Metering::for_input(&call.stdin, &call.args, &call.env);
+        let t0 = crate::clock::now();
+        if let Some(missing) = layers.iter().find(|l| !self.layers.has(l)) {
+            return failed(
+                metering,
+                InvokeError::ImageInvalid(format!("layer {missing} is not in the layer cache")),
+            );
         }
         let mut id = [0u8; 8];
         if let Err(e) = getrandom::fill(&mut id) {
@@ -198,7 +219,7 @@ impl ContainerRuntime {
             us = t0.elapsed().as_micros() as u64,
             "container: layers ready"
         );
-        let spec = match self.prepare_run(&id, image, &call, &mut guard) {
+        let spec = match self.prepare_run(&id, config, layers, &call, &mut guard) {
             Ok(spec) => spec,
             Err(e) => return failed(metering, InvokeError::Sandbox(e)),
         };
@@ -237,7 +258,8 @@ impl ContainerRuntime {
     fn prepare_run(
         &self,
         id: &str,
-        image: &ImageArchive,
+        config: &ImageConfig,
+        layers: &[String],
         call: &ContainerCall,
         guard: &mut RunGuard,
     ) -> Result<InitSpec, String> {
@@ -259,7 +281,7 @@ impl ContainerRuntime {
                 cpu_millis: limits.cpu_millis,
             },
         )?);
-        let mut env: Vec<String> = image.config.env.clone();
+        let mut env: Vec<String> = config.env.clone();
         for (k, v) in &call.env {
             env.retain(|kv| kv.split_once('=').is_none_or(|(ek, _)| ek != k));
             env.push(format!("{k}={v}"));
@@ -286,20 +308,19 @@ impl ContainerRuntime {
             .collect::<Result<Vec<_>, String>>()?;
         Ok(InitSpec {
             base: self.base.clone(),
-            lower: image
-                .layers
+            lower: layers
                 .iter()
                 .rev()
-                .map(|l| PathBuf::from("layers").join(&l.sha256))
+                .map(|l| PathBuf::from("layers").join(l))
                 .collect(),
             run_dir: rel,
             scratch_mib: limits.scratch_mib,
             host_uid: self.host_uid,
             host_gid: self.host_gid,
             hostname: format!("stellar-{}", &id[..8]),
-            argv: image.argv(&call.args),
+            argv: config.argv(&call.args),
             env,
-            cwd: image.config.working_dir.clone(),
+            cwd: config.working_dir.clone(),
             binds,
             tmp_mib: limits.tmp_mib,
         })

@@ -130,6 +130,7 @@ pub fn worker_config(dir: &Path, addr: &str, token: &str) -> AgentConfig {
             ..Default::default()
         },
         drain_timeout: Duration::from_secs(5),
+        containers: false,
     }
 }
 

@@ -1,0 +1,339 @@
+//! A container function through a whole cluster of real processes: three `stellar scheduler`
+//! replicas, a `stellar gateway` and three `stellar worker`s. `stellar deploy --image`
+//! uploads the image's layer to the blob store (two replicas hold it before the deploy is
+//! committed; the Raft log carries only its hash), a worker fetches it over its stream,
+//! unpacks it and runs calls in the container sandbox; `stellar status`, `invoke`, `logs`
+//! and `usage` work as for wasm, and the bill counts the cgroup's cpu time.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster;
+use stellar_proto::v1 as pb;
+
+struct Worker(std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn worker(dir: &Path, gateway: &str, i: usize, containers: bool) -> Worker {
+    let log = std::fs::File::create(dir.join(format!("worker-{i}.log"))).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_stellar"))
+        .args(["worker", "--join", gateway, "--token", "join-secret"])
+        .args(["--containers", if containers { "true" } else { "false" }])
+        .args(["--region", "cn-east", "--zone", &format!("z{i}")])
+        .args(["--cpu-millis", "2000", "--memory-mib", "2048"])
+        .arg("--data-dir")
+        .arg(dir.join(format!("worker-{i}")))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn stellar worker");
+    Worker(child)
+}
+
+fn stellar(args: &[&str], endpoint: &str, token: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stellar"))
+        .args(args)
+        .args(["--endpoint", endpoint, "--token", token])
+        .output()
+        .expect("stellar runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits until `n` nodes registered with `runtime`.
+async fn nodes_with(client: &stellar_proto::client::ClusterClient, runtime: &str, n: usize) {
+    let start = Instant::now();
+    loop {
+        let nodes = client.nodes().await.unwrap_or_default();
+        let with = nodes
+            .iter()
+            .filter(|n| {
+                n.attributes
+                    .as_ref()
+                    .is_some_and(|a| a.runtimes.iter().any(|r| r == runtime))
+            })
+            .count();
+        if with >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{with} of {n} nodes with runtime {runtime} registered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_function_is_deployed_to_a_3_replica_3_worker_cluster_and_invoked() {
+    if let Err(why) = stellar_worker::container::capability() {
+        panic!("this machine cannot run containers ({why}); the suite needs root and cgroups");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = stellar_load::containerbench::build_busybox_image(dir.path()).expect("image");
+    let cluster = cluster(&dir.path().join("plane"), 3, &["--tick-ms", "20"]);
+    cluster.wait_leader(1000).await.expect("leader");
+    let admin = common::admin_token(&cluster).await;
+    let gateway = common::Gateway::start(
+        dir.path(),
+        &cluster.addresses.join(","),
+        &admin,
+        "join-secret",
+    );
+    let _workers: Vec<Worker> = (0..3)
+        .map(|i| worker(dir.path(), &gateway.grpc, i, true))
+        .collect();
+    let client = stellar_proto::client::ClusterClient::new(std::slice::from_ref(&gateway.grpc))
+        .expect("gateway address")
+        .with_token(&admin);
+    nodes_with(&client, "container", 3).await;
+    client.create_tenant("acme").await.expect("tenant");
+
+    // A deploy that names layers nobody uploaded is refused before anything is committed.
+    let bogus = pb::DeployRequest {
+        request_id: b"bogus-image-deploy".to_vec(),
+        name: "ghost".into(),
+        tenant: "acme".into(),
+        replicas: 1,
+        limits: Some(pb::FunctionLimits {
+            cpu_millis: 100,
+            memory_mib: 64,
+            timeout_ms: 5000,
+            ..Default::default()
+        }),
+        image: Some(pb::ContainerImage {
+            layers: vec![pb::ImageLayer {
+                sha256: "ab".repeat(32),
+                size: 10,
+                gzip: false,
+            }],
+            cmd: vec!["/bin/true".into()],
+            arch: std::env::consts::ARCH.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let refused = client.deploy(bogus).await.expect_err("layers not uploaded");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("upload it first"), "{refused:?}");
+
+    // stellar deploy --image: the layer goes to the blob store, then the deploy commits.
+    let script = "read name; echo \"hello $name from $(hostname)\"; echo \"arg=$1 env=$GREETING\"";
+    let image_path = image.to_str().expect("utf-8 path");
+    let command = format!("/bin/sh -c '{script}' sh");
+    let deploy = stellar(
+        &[
+            "deploy",
+            "--image",
+            image_path,
+            "--name",
+            "greeter",
+            "--command",
+            &command,
+            "--memory",
+            "64",
+            "--cpu",
+            "200",
+            "--timeout",
+            "10000",
+            "--pids",
+            "16",
+            "--tenant",
+            "acme",
+            "--replicas",
+            "2",
+        ],
+        &gateway.grpc,
+        &admin,
+    );
+    assert!(deploy.status.success(), "{}", text(&deploy));
+    assert!(
+        String::from_utf8_lossy(&deploy.stdout).contains("deployed container `greeter`"),
+        "{}",
+        text(&deploy)
+    );
+    // The layer's bytes are in two replicas' blob stores or more, never in the Raft log.
+    let archive = stellar_worker::container::ImageArchive::open(&image, None).expect("image");
+    let layer = &archive.layers[0].sha256;
+    let holders = (1..=3u64)
+        .filter(|id| cluster.data_dir(*id).join("blobs").join(layer).exists())
+        .count();
+    assert!(holders >= 2, "the layer is stored on {holders} replica(s)");
+
+    // It runs: stdin, args and env reach the program inside the container.
+    let start = Instant::now();
+    let out = loop {
+        let out = stellar(
+            &[
+                "invoke",
+                "greeter",
+                "--tenant",
+                "acme",
+                "-d",
+                "Ada",
+                "--arg",
+                "first",
+                "--env",
+                "GREETING=hi",
+            ],
+            &gateway.grpc,
+            &admin,
+        );
+        if out.status.success() || start.elapsed() > Duration::from_secs(60) {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("hello Ada from stellar-"), "{stdout}");
+    assert!(stdout.contains("arg=first env=hi"), "{stdout}");
+
+    // The JSON answer carries the container's own usage: cpu time from its cgroup.
+    let second = stellar(
+        &[
+            "invoke", "greeter", "--tenant", "acme", "-d", "x", "-o", "json",
+        ],
+        &gateway.grpc,
+        &admin,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&second.stdout).expect("json");
+    assert_eq!(v["error_code"], "", "{v}");
+    assert!(v["usage"]["cpu_ns"].as_u64().unwrap_or(0) > 0, "{v}");
+
+    // status says what it is; usage bills its cpu time.
+    let status = stellar(
+        &["status", "greeter", "--tenant", "acme"],
+        &gateway.grpc,
+        &admin,
+    );
+    let s = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        s.contains("container image: 1 layer(s)"),
+        "{}",
+        text(&status)
+    );
+    let start = Instant::now();
+    loop {
+        let usage = stellar(
+            &["usage", "--tenant", "acme", "-o", "json"],
+            &gateway.grpc,
+            &admin,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap_or_default();
+        let line = v["bill"].as_array().and_then(|b| b.first().cloned());
+        if let Some(l) = line.filter(|l| l["invocations"].as_u64() >= Some(2)) {
+            assert!(l["cpu_ns"].as_u64().unwrap_or(0) > 0, "{l}");
+            assert!(l["cost_micros"].as_u64().unwrap_or(0) > 0, "{l}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            text(&usage)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Both replicas run on nodes that registered the container runtime, and a redeploy
+    // of the same image uploads nothing (the cluster holds the layer).
+    let again = stellar(
+        &[
+            "deploy",
+            "--image",
+            image_path,
+            "--name",
+            "greeter2",
+            "--command",
+            "/bin/true",
+            "--tenant",
+            "acme",
+            "--replicas",
+            "1",
+            "-o",
+            "json",
+        ],
+        &gateway.grpc,
+        &admin,
+    );
+    assert!(again.status.success(), "{}", text(&again));
+    let v: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
+    assert_eq!(v["runtime"], "container", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_function_is_not_placed_on_wasm_only_nodes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = stellar_load::containerbench::build_busybox_image(dir.path()).expect("image");
+    let cluster = cluster(&dir.path().join("plane"), 1, &["--tick-ms", "20"]);
+    cluster.wait_leader(1000).await.expect("leader");
+    let admin = common::admin_token(&cluster).await;
+    let gateway = common::Gateway::start(dir.path(), &cluster.addresses[0], &admin, "join-secret");
+    let _w = worker(dir.path(), &gateway.grpc, 0, false);
+    let client = stellar_proto::client::ClusterClient::new(std::slice::from_ref(&gateway.grpc))
+        .expect("gateway address")
+        .with_token(&admin);
+    nodes_with(&client, "wasm", 1).await;
+    client.create_tenant("acme").await.expect("tenant");
+    let deploy = stellar(
+        &[
+            "deploy",
+            "--image",
+            image.to_str().unwrap(),
+            "--name",
+            "c",
+            "--command",
+            "/bin/true",
+            "--tenant",
+            "acme",
+        ],
+        &gateway.grpc,
+        &admin,
+    );
+    assert!(!deploy.status.success(), "{}", text(&deploy));
+    let err = String::from_utf8_lossy(&deploy.stderr);
+    assert!(err.contains("cannot place"), "{}", text(&deploy));
+    // Nothing was committed: no function `c`.
+    let ls = stellar(
+        &["ls", "--tenant", "acme", "-o", "json"],
+        &gateway.grpc,
+        &admin,
+    );
+    assert!(
+        !String::from_utf8_lossy(&ls.stdout).contains("\"c\""),
+        "{}",
+        text(&ls)
+    );
+    // In a one-replica cluster one copy of a layer is all there is, and enough.
+    let archive = stellar_worker::container::ImageArchive::open(&image, None).expect("image");
+    assert!(
+        cluster
+            .data_dir(1)
+            .join("blobs")
+            .join(&archive.layers[0].sha256)
+            .exists()
+    );
+}
