@@ -436,19 +436,32 @@ fn layers_stack_with_whiteouts_and_opaque_directories() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let cache = Cache::new();
-    let out = Command::new(env!("CARGO_BIN_EXE_stellar"))
-        .arg("run")
-        .arg(&image)
-        .arg("--cache-dir")
-        .arg(cache.0.path())
-        .args(["--command", "/bin/sh -c 'ls /data /opq'"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(stdout(&out), "/data:\nadded\nkeep\n\n/opq:\nnew\n");
-    assert_eq!(cache.0.path().join("layers").read_dir().unwrap().count(), 2);
-    cache.assert_nothing_left();
+    // The same root whether the layers are mounted (overlayfs) or copied into the run (the
+    // fallback for kernels without overlayfs); the root is writable either way.
+    for (rootfs, fs) in [("overlay", "overlay"), ("copy", "tmpfs")] {
+        let cache = Cache::new();
+        let out = Command::new(env!("CARGO_BIN_EXE_stellar"))
+            .arg("run")
+            .arg(&image)
+            .arg("--cache-dir")
+            .arg(cache.0.path())
+            .args([
+                "--command",
+                "/bin/sh -c 'ls /data /opq && echo w > /data/written && cat /data/written \
+                 && head -1 /proc/mounts | cut -d\" \" -f3'",
+            ])
+            .env("STELLAR_CONTAINER_ROOTFS", rootfs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{rootfs}: {out:?}");
+        assert_eq!(
+            stdout(&out),
+            format!("/data:\nadded\nkeep\n\n/opq:\nnew\nw\n{fs}\n"),
+            "{rootfs}"
+        );
+        assert_eq!(cache.0.path().join("layers").read_dir().unwrap().count(), 2);
+        cache.assert_nothing_left();
+    }
 }
 
 #[test]

@@ -141,7 +141,8 @@ async fn a_container_function_is_deployed_to_a_3_replica_3_worker_cluster_and_in
     assert!(refused.message().contains("upload it first"), "{refused:?}");
 
     // stellar deploy --image: the layer goes to the blob store, then the deploy commits.
-    let script = "read name; echo \"hello $name from $(hostname)\"; echo \"arg=$1 env=$GREETING\"";
+    let script = "read name; if [ \"$1\" = fail ]; then echo \"bad $name\" >&2; exit 3; fi; \
+                  echo \"hello $name from $(hostname)\"; echo \"arg=$1 env=$GREETING\"";
     let image_path = image.to_str().expect("utf-8 path");
     let command = format!("/bin/sh -c '{script}' sh");
     let deploy = stellar(
@@ -224,6 +225,33 @@ async fn a_container_function_is_deployed_to_a_3_replica_3_worker_cluster_and_in
     assert_eq!(v["error_code"], "", "{v}");
     assert!(v["usage"]["cpu_ns"].as_u64().unwrap_or(0) > 0, "{v}");
 
+    // A failing call keeps its exit status and typed code; its stderr is in the logs.
+    let failed = stellar(
+        &[
+            "invoke", "greeter", "--tenant", "acme", "-d", "Bob", "--arg", "fail",
+        ],
+        &gateway.grpc,
+        &admin,
+    );
+    assert_eq!(failed.status.code(), Some(3), "{}", text(&failed));
+    assert_eq!(
+        String::from_utf8_lossy(&failed.stderr).lines().next(),
+        Some("bad Bob")
+    );
+    let logs = stellar(
+        &["logs", "greeter", "--tenant", "acme", "-o", "json"],
+        &gateway.grpc,
+        &admin,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&logs.stdout).expect("logs json");
+    let entries = v.as_array().cloned().unwrap_or_default();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["error_code"] == "EXIT_CODE" && e["stderr"] == "bad Bob\n"),
+        "{v}"
+    );
+
     // status says what it is; usage bills its cpu time.
     let status = stellar(
         &["status", "greeter", "--tenant", "acme"],
@@ -245,7 +273,7 @@ async fn a_container_function_is_deployed_to_a_3_replica_3_worker_cluster_and_in
         );
         let v: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap_or_default();
         let line = v["bill"].as_array().and_then(|b| b.first().cloned());
-        if let Some(l) = line.filter(|l| l["invocations"].as_u64() >= Some(2)) {
+        if let Some(l) = line.filter(|l| l["invocations"].as_u64() >= Some(3)) {
             assert!(l["cpu_ns"].as_u64().unwrap_or(0) > 0, "{l}");
             assert!(l["cost_micros"].as_u64().unwrap_or(0) > 0, "{l}");
             break;

@@ -21,12 +21,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::blobs::{BlobError, BlobStore};
+use crate::replica::{Query, Reply};
 use crate::replica_thread::ReplicaHandle;
+use crate::service::READ_TIMEOUT;
 
 /// Bytes per chunk on the wire.
 pub const CHUNK: usize = 1 << 20;
 /// Replicas that must hold a blob before a committed command may refer to it.
 pub const MIN_COPIES: usize = 2;
+/// How long an unreferenced blob is kept after it was stored or last asked about.
+pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
+/// How often a replica sweeps its blob store.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// How long one peer call may take before the next peer is tried.
 const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -192,9 +198,11 @@ impl Blobs {
         Ok(ReceiverStream::new(rx))
     }
 
-    /// Replicas holding `sha`: this one and the peers that answer that they do.
+    /// Replicas holding `sha`: this one and the peers that answer that they do (each
+    /// touches its copy, so a deploy checked now finds it still there).
     pub async fn copies(&self, sha: &str) -> usize {
         let here = usize::from(self.store.size(sha).is_some());
+        self.store.touch(sha);
         let (peers, _) = self.peers().await;
         let asks = peers.iter().map(|p| async move {
             let mut c = peer_client(p).ok()?;
@@ -264,6 +272,32 @@ impl Blobs {
         Ok(())
     }
 
+    /// Removes the blobs no live function's image refers to, unless stored or touched within
+    /// `grace` (an upload whose deploy is on its way); how many went.
+    pub async fn sweep(&self, grace: Duration) -> usize {
+        let live = match self
+            .replica
+            .read(Query::Functions { tenant: None }, true, READ_TIMEOUT)
+            .await
+        {
+            Ok(Reply::Functions(fs)) => fs,
+            _ => return 0, // no state to judge by: keep everything
+        };
+        let referenced: std::collections::HashSet<String> = live
+            .iter()
+            .filter_map(|f| f.image.as_ref())
+            .flat_map(|i| i.layers.iter().map(|l| l.sha256.clone()))
+            .collect();
+        let mut removed = 0;
+        for (sha, bytes) in unreferenced(self.store.list(), &referenced, grace) {
+            if self.store.remove(&sha).is_ok() {
+                tracing::info!(blob = %sha, bytes, "blob removed: no live function refers to it");
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Makes sure `sha` is stored here, reading it from a peer when it is not.
     pub async fn ensure_local(&self, sha: &str) -> Result<(), Status> {
         if !stellar_proto::limits::is_sha256_hex(sha) {
@@ -299,5 +333,40 @@ impl Blobs {
             }
         }
         Err(last)
+    }
+}
+
+/// The stored blobs (name, size, when stored or last touched) that the sweep removes:
+/// referred to by no live function and untouched for longer than `grace`.
+pub fn unreferenced(
+    stored: Vec<(String, u64, std::time::SystemTime)>,
+    referenced: &std::collections::HashSet<String>,
+    grace: Duration,
+) -> Vec<(String, u64)> {
+    stored
+        .into_iter()
+        .filter(|(sha, _, at)| {
+            !referenced.contains(sha) && at.elapsed().is_ok_and(|age| age > grace)
+        })
+        .map(|(sha, size, _)| (sha, size))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_spares_referenced_and_recent_blobs() {
+        let now = std::time::SystemTime::now();
+        let hour_ago = now - Duration::from_secs(3700);
+        let (a, b, c) = ("aa".repeat(32), "bb".repeat(32), "cc".repeat(32));
+        let stored = vec![
+            (a.clone(), 1, hour_ago),
+            (b.clone(), 2, hour_ago),
+            (c, 3, now),
+        ];
+        let referenced = [b].into_iter().collect();
+        assert_eq!(unreferenced(stored, &referenced, SWEEP_GRACE), vec![(a, 1)]);
     }
 }

@@ -68,6 +68,19 @@ pub async fn serve(
         .map_err(|e| Error::Config(e.to_string()))?;
     let blobs = crate::blob_transfer::Blobs::new(store, handle.clone());
     let (closing, closed) = tokio::sync::watch::channel(false);
+    {
+        // Blobs no live function refers to any more leave the disk (after a grace period).
+        let (blobs, mut closed) = (blobs.clone(), closed.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::blob_transfer::SWEEP_EVERY) => {}
+                    _ = closed.changed() => return,
+                }
+                blobs.sweep(crate::blob_transfer::SWEEP_GRACE).await;
+            }
+        });
+    }
     tokio::spawn(crate::auth::bootstrap_admin(
         handle.clone(),
         dir.clone(),

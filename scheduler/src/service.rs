@@ -745,7 +745,10 @@ impl pb::raft_server::Raft for RaftService {
             .sha256
             .iter()
             .take(1024)
-            .map(|s| self.blobs.store().size(s).is_some())
+            .map(|s| {
+                self.blobs.store().touch(s);
+                self.blobs.store().size(s).is_some()
+            })
             .collect();
         Ok(Response::new(pb::HasBlobReply { present }))
     }

@@ -32,7 +32,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
@@ -245,16 +245,29 @@ fn mount_rootfs(spec: &InitSpec, rootfs: &Path) -> Result<(), InitFailure> {
         upper.display(),
         work.display()
     );
-    step(
-        "mount the image (overlay)",
-        mount(
-            Some("overlay"),
-            rootfs,
-            Some("overlay"),
-            MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-            Some(options.as_str()),
-        ),
-    )?;
+    if spec.copy_layers {
+        let bottom_first: Vec<PathBuf> = spec.lower.iter().rev().cloned().collect();
+        super::layer_copy::copy_layers(&bottom_first, rootfs).map_err(|e| {
+            node_fault(format!(
+                "copy the image's layers into the run ({} MiB): {e}",
+                spec.scratch_mib
+            ))
+        })?;
+        // Its root is the container root's, as the overlay's upper would be.
+        std::os::unix::fs::lchown(rootfs, Some(spec.host_uid), Some(spec.host_gid))
+            .map_err(|e| node_fault(format!("chown the root: {e}")))?;
+    } else {
+        step(
+            "mount the image (overlay)",
+            mount(
+                Some("overlay"),
+                rootfs,
+                Some("overlay"),
+                MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+                Some(options.as_str()),
+            ),
+        )?;
+    }
     let root = rootfs;
     for dir in ["proc", "dev", "tmp"] {
         ensure_dir(&root.join(dir))?;

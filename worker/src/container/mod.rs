@@ -16,6 +16,7 @@ pub mod downloads;
 pub mod image;
 pub mod init;
 pub mod invocation;
+pub mod layer_copy;
 pub mod layers;
 mod loopback;
 pub mod run;
@@ -29,7 +30,8 @@ pub use run::{
 };
 
 /// Whether this device can run containers, and if not why: checked once at worker start
-/// (root, overlayfs, user namespaces, and a cgroup that takes every limit).
+/// (root, user namespaces, and a cgroup that takes every limit; without overlayfs the
+/// layers are copied into each run instead, see [`layer_copy`]).
 pub fn capability() -> Result<(), String> {
     preconditions()?;
     cgroup::available()
@@ -38,13 +40,6 @@ pub fn capability() -> Result<(), String> {
 /// The cheap part of [`capability`] (no cgroup made): what a one-off `stellar run` checks
 /// before it starts, so it can say what is missing; its own cgroup then proves the rest.
 pub fn preconditions() -> Result<(), String> {
-    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !filesystems
-        .lines()
-        .any(|l| l.trim_end().ends_with("overlay"))
-    {
-        return Err("the kernel has no overlayfs".into());
-    }
     let max_userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
@@ -55,4 +50,17 @@ pub fn preconditions() -> Result<(), String> {
         return Err("not root: mounting images and creating cgroups need it".into());
     }
     Ok(())
+}
+
+/// Whether runs copy the image's layers instead of mounting an overlay: when the kernel has
+/// no overlayfs, or `STELLAR_CONTAINER_ROOTFS=copy` says so (`overlay` forces the mount).
+pub fn copies_layers() -> bool {
+    match std::env::var("STELLAR_CONTAINER_ROOTFS").as_deref() {
+        Ok("copy") => true,
+        Ok("overlay") => false,
+        _ => !std::fs::read_to_string("/proc/filesystems")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim_end().ends_with("overlay")),
+    }
 }

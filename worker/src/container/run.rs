@@ -107,6 +107,7 @@ pub struct ContainerRuntime {
     layers: LayerCache,
     host_uid: u32,
     host_gid: u32,
+    copy_layers: bool,
 }
 
 impl ContainerRuntime {
@@ -141,12 +142,19 @@ impl ContainerRuntime {
         }
         let layers = LayerCache::open(base.join("layers"), uid, gid)
             .map_err(|e| io("cannot open the layer cache in", e))?;
+        let copy_layers = super::copies_layers();
+        if copy_layers {
+            tracing::info!(
+                "container roots are copies of their layers (no overlayfs, or STELLAR_CONTAINER_ROOTFS=copy)"
+            );
+        }
         Ok(ContainerRuntime {
             base,
             cgroup_parent,
             layers,
             host_uid: uid,
             host_gid: gid,
+            copy_layers,
         })
     }
 
@@ -323,6 +331,7 @@ impl ContainerRuntime {
             cwd: config.working_dir.clone(),
             binds,
             tmp_mib: limits.tmp_mib,
+            copy_layers: self.copy_layers,
         })
     }
 

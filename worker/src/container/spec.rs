@@ -50,6 +50,10 @@ pub struct InitSpec {
     pub binds: Vec<Bind>,
     /// Size of the private `/tmp`, MiB.
     pub tmp_mib: u32,
+    /// Copy the layers into the run's tmpfs instead of mounting an overlay (kernels without
+    /// overlayfs).
+    #[serde(default)]
+    pub copy_layers: bool,
 }
 
 /// A host directory made visible inside the container.
