@@ -289,7 +289,8 @@ impl Blobs {
             .flat_map(|i| i.layers.iter().map(|l| l.sha256.clone()))
             .collect();
         let mut removed = 0;
-        for (sha, bytes) in unreferenced(self.store.list(), &referenced, grace) {
+        let now = std::time::UNIX_EPOCH + Duration::from_millis(stellar_proto::clock::unix_ms());
+        for (sha, bytes) in unreferenced(self.store.list(), &referenced, grace, now) {
             if self.store.remove(&sha).is_ok() {
                 tracing::info!(blob = %sha, bytes, "blob removed: no live function refers to it");
                 removed += 1;
@@ -336,17 +337,18 @@ impl Blobs {
     }
 }
 
-/// The stored blobs (name, size, when stored or last touched) that the sweep removes:
-/// referred to by no live function and untouched for longer than `grace`.
+/// The stored blobs (name, size, when stored or last touched) that the sweep removes at
+/// `now`: referred to by no live function and untouched for longer than `grace`.
 pub fn unreferenced(
     stored: Vec<(String, u64, std::time::SystemTime)>,
     referenced: &std::collections::HashSet<String>,
     grace: Duration,
+    now: std::time::SystemTime,
 ) -> Vec<(String, u64)> {
     stored
         .into_iter()
         .filter(|(sha, _, at)| {
-            !referenced.contains(sha) && at.elapsed().is_ok_and(|age| age > grace)
+            !referenced.contains(sha) && now.duration_since(*at).is_ok_and(|age| age > grace)
         })
         .map(|(sha, size, _)| (sha, size))
         .collect()
@@ -358,7 +360,7 @@ mod tests {
 
     #[test]
     fn the_sweep_spares_referenced_and_recent_blobs() {
-        let now = std::time::SystemTime::now();
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let hour_ago = now - Duration::from_secs(3700);
         let (a, b, c) = ("aa".repeat(32), "bb".repeat(32), "cc".repeat(32));
         let stored = vec![
@@ -367,6 +369,9 @@ mod tests {
             (c, 3, now),
         ];
         let referenced = [b].into_iter().collect();
-        assert_eq!(unreferenced(stored, &referenced, SWEEP_GRACE), vec![(a, 1)]);
+        assert_eq!(
+            unreferenced(stored, &referenced, SWEEP_GRACE, now),
+            vec![(a, 1)]
+        );
     }
 }

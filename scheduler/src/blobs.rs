@@ -179,10 +179,12 @@ impl BlobStore {
     /// Marks blob `sha` as wanted now (a client or a peer asked for it): the sweep spares
     /// blobs touched within its grace period, so one checked before a deploy stays.
     pub fn touch(&self, sha: &str) {
+        let now = std::time::UNIX_EPOCH
+            + std::time::Duration::from_millis(stellar_proto::clock::unix_ms());
         if check_name(sha).is_ok()
             && let Ok(f) = File::options().append(true).open(self.path(sha))
         {
-            let _ = f.set_modified(std::time::SystemTime::now());
+            let _ = f.set_modified(now);
         }
     }
 
