@@ -286,6 +286,38 @@ async fn a_container_function_is_deployed_to_a_3_replica_3_worker_cluster_and_in
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    // A replica that lost a layer (a disk replaced, a replica added since) copies it from a
+    // peer when a gateway asks it for the layer, then serves it whole.
+    let victim = (1..=3u64)
+        .find(|id| cluster.data_dir(*id).join("blobs").join(layer).exists())
+        .expect("a holder");
+    let lost = cluster.data_dir(victim).join("blobs").join(layer);
+    std::fs::remove_file(&lost).expect("remove the layer");
+    let mut edge = stellar_proto::v1::edge_client::EdgeClient::connect(format!(
+        "http://{}",
+        cluster.addresses[victim as usize - 1]
+    ))
+    .await
+    .expect("connect to the replica");
+    let mut req = tonic::Request::new(pb::FetchBlob {
+        sha256: layer.clone(),
+        offset: 0,
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {admin}").parse().expect("header"),
+    );
+    let mut chunks = edge.fetch_blob(req).await.expect("fetch").into_inner();
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut last = false;
+    while let Some(c) = chunks.message().await.expect("chunk") {
+        sha2::Digest::update(&mut hasher, &c.data);
+        last = c.last;
+    }
+    assert!(last, "the transfer ended with its last chunk");
+    assert_eq!(hex::encode(sha2::Digest::finalize(hasher)), *layer);
+    assert!(lost.exists(), "the replica stored the copy it pulled");
+
     // Both replicas run on nodes that registered the container runtime, and a redeploy
     // of the same image uploads nothing (the cluster holds the layer).
     let again = stellar(

@@ -31,6 +31,17 @@ pub const MAX_IMAGE_BYTES: u64 = 4 << 30;
 pub const MAX_PIDS: u32 = 4096;
 /// Container functions' process limit when the deploy gives none.
 pub const DEFAULT_PIDS: u32 = 64;
+/// A container's private writable layer, MiB: the most a call writes outside `/tmp`, and
+/// what each replica reserves on its node's disk beside its image's layers.
+pub const CONTAINER_SCRATCH_MIB: u32 = 256;
+
+/// Disk a container replica reserves on its node, MiB: its image's layers (unpacked once
+/// per node, counted per replica to stay on the safe side) and its writable layer.
+pub fn container_disk_mib(i: &ContainerImage) -> u32 {
+    let bytes: u64 = i.layers.iter().map(|l| l.size).sum();
+    (bytes.div_ceil(1 << 20) + u64::from(CONTAINER_SCRATCH_MIB)).min(u64::from(u32::MAX)) as u32
+}
+
 /// The node archs an image may name (the placement's names; OCI's `amd64`/`arm64`/`arm` map to them).
 pub const ARCHS: [&str; 3] = ["x86_64", "aarch64", "armv7"];
 

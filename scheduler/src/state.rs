@@ -175,15 +175,13 @@ impl FunctionVersion {
         self.load_failures >= MAX_LOAD_FAILURES
     }
 
-    /// What one replica reserves on its node: a container's disk is its image's layers
-    /// (unpacked once per node, counted per replica to stay on the safe side) plus its
-    /// writable layer.
+    /// What one replica reserves on its node (a container's disk too: see
+    /// [`stellar_proto::limits::container_disk_mib`]).
     pub fn reservation(&self) -> Resources {
-        let disk = self.image.as_ref().map_or(0, |i| {
-            let bytes: u64 = i.layers.iter().map(|l| l.size).sum();
-            (bytes.div_ceil(1 << 20) + u64::from(CONTAINER_SCRATCH_MIB)).min(u64::from(u32::MAX))
-                as u32
-        });
+        let disk = self
+            .image
+            .as_ref()
+            .map_or(0, stellar_proto::limits::container_disk_mib);
         Resources::new(self.limits.cpu_millis, self.limits.memory_mib, disk)
     }
 
@@ -209,9 +207,6 @@ impl FunctionVersion {
             .map_or(ArchSet::ANY, ArchSet::only)
     }
 }
-
-/// A container replica's private writable layer, MiB (reserved on the node's disk).
-pub const CONTAINER_SCRATCH_MIB: u32 = 256;
 
 /// A tenant's function and its version history.
 #[derive(Debug, Clone, PartialEq)]

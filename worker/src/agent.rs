@@ -793,11 +793,14 @@ impl Agent {
 
     fn heartbeat(&self, seq: u64) -> pb::WorkerMessage {
         let cap = self.attributes.capacity.unwrap_or_default();
-        let (mut cpu, mut mem) = (0u32, 0u32);
+        let (mut cpu, mut mem, mut disk) = (0u32, 0u32, 0u32);
         let mut running = Vec::new();
         for (id, i) in &self.instances {
             cpu = cpu.saturating_add(i.limits.cpu_millis);
             mem = mem.saturating_add(i.limits.memory_mib);
+            if let Some(image) = &i.image {
+                disk = disk.saturating_add(stellar_proto::limits::container_disk_mib(image));
+            }
             if i.ready {
                 running.push(*id);
             }
@@ -809,7 +812,7 @@ impl Agent {
                 free: Some(pb::Resources {
                     cpu_millis: cap.cpu_millis.saturating_sub(cpu),
                     memory_mib: cap.memory_mib.saturating_sub(mem),
-                    disk_mib: cap.disk_mib,
+                    disk_mib: cap.disk_mib.saturating_sub(disk),
                 }),
                 coordinate: Some(pb::Coordinate {
                     vec: c.vec.to_vec(),

@@ -61,7 +61,7 @@ impl Default for ContainerLimits {
             cpu_millis: 1000,
             max_output_bytes: 1 << 20,
             tmp_mib: 64,
-            scratch_mib: 256,
+            scratch_mib: stellar_proto::limits::CONTAINER_SCRATCH_MIB,
         }
     }
 }
