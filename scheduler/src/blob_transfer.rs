@@ -33,8 +33,11 @@ pub const MIN_COPIES: usize = 2;
 pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
 /// How often a replica sweeps its blob store.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
-/// How long one peer call may take before the next peer is tried.
-const PEER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one peer call may take before the next peer is tried: a minute, plus the time
+/// the blob takes at 4 MiB/s (replicas sit on datacentre links, not home uplinks).
+fn peer_timeout(bytes: u64) -> Duration {
+    Duration::from_secs(60 + bytes / (4 << 20))
+}
 
 /// A blob error as the gRPC status a client acts on.
 pub fn status(e: BlobError) -> Status {
@@ -263,10 +266,11 @@ impl Blobs {
         if has.present.first().copied().unwrap_or(false) {
             return Ok(());
         }
+        let size = self.store.size(sha).unwrap_or(0);
         let chunks = self
             .send(sha, 0)?
             .filter_map(|r| futures::future::ready(r.ok()));
-        tokio::time::timeout(PEER_TIMEOUT, c.copy_blob(chunks))
+        tokio::time::timeout(peer_timeout(size), c.copy_blob(chunks))
             .await
             .map_err(|_| Status::deadline_exceeded(format!("copying blob {sha} to {peer}")))??;
         Ok(())
@@ -323,7 +327,9 @@ impl Blobs {
                     .into_inner();
                 self.receive(stream).await
             };
-            match tokio::time::timeout(PEER_TIMEOUT, pulled).await {
+            // Its size is known only from the first chunk: the largest blob's time bounds it.
+            let limit = peer_timeout(crate::blobs::MAX_BLOB_BYTES);
+            match tokio::time::timeout(limit, pulled).await {
                 Ok(Ok(_)) => {
                     tracing::info!(peer = %p, blob = %sha, "blob copied from a peer");
                     return Ok(());

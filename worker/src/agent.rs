@@ -397,9 +397,9 @@ impl Agent {
         for i in self.instances.values_mut() {
             i.ready = false;
         }
-        // Layers half fetched over the last stream are fetched again when reassigned.
+        // Layers half fetched over the last stream resume when reassigned.
         if let Some(c) = self.containers.as_mut() {
-            c.downloads.clear();
+            c.downloads.suspend();
         }
         let (events_tx, mut events) = mpsc::channel::<Event>(256);
         let mut fetching: HashMap<String, Vec<u8>> = HashMap::new();

@@ -38,8 +38,8 @@ impl Agent {
                 continue;
             }
             match c.downloads.start(&l.sha256) {
-                Ok(true) => fetch.push(l.sha256.clone()),
-                Ok(false) => {}
+                Ok(Some(offset)) => fetch.push((l.sha256.clone(), offset)),
+                Ok(None) => {}
                 Err(why) => {
                     let _ = tx
                         .send(update(a.allocation, pb::AllocationState::Failed, &why))
@@ -75,11 +75,14 @@ impl Agent {
                 .send(update(a.allocation, pb::AllocationState::Running, ""))
                 .await;
         }
-        for sha in fetch {
+        for (sha, offset) in fetch {
+            if offset > 0 {
+                tracing::info!(layer = %sha, offset, "resuming a layer fetch cut short");
+            }
             let msg = pb::WorkerMessage {
                 kind: Some(pb::worker_message::Kind::FetchBlob(pb::FetchBlob {
                     sha256: sha,
-                    offset: 0,
+                    offset,
                 })),
             };
             let _ = tx.send(msg).await;

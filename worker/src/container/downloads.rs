@@ -1,11 +1,13 @@
 //! Image layers arriving over the worker's stream: each is written to a file of its own as
-//! its chunks come (in order, from offset 0), then handed to the layer cache, which checks
-//! its sha256 while it unpacks. A stream that ends drops what was half fetched; the next
-//! assignment fetches it again.
+//! its chunks come (in order), then handed to the layer cache, which checks its sha256 while
+//! it unpacks. A stream that ends keeps what was fetched: the next assignment resumes the
+//! layer where it stopped (a home uplink that drops mid-layer does not start over).
 //!
 //! ```text
-//!  start(sha) ─▶ fetch/<sha> ◀─ chunk… (offset checked) ─ last ─▶ Finished(path) ─▶ unpack
-//!                                      └ error / out of order ─▶ Failed(why)
+//!  start(sha) ─▶ offset (0, or what an earlier stream left) ─▶ FetchBlob(sha, offset)
+//!  fetch/<sha> ◀─ chunk… (offset checked) ─ last ─▶ Finished(path) ─▶ unpack
+//!                        └ error / out of order ─▶ Failed(why), the file removed
+//!  stream ends ─▶ suspend: files kept, resumed by the next start
 //! ```
 
 use std::collections::HashMap;
@@ -44,18 +46,27 @@ impl LayerDownloads {
         })
     }
 
-    /// Starts fetching `sha` (a content address); false when it is already under way.
-    pub fn start(&mut self, sha: &str) -> Result<bool, String> {
+    /// Starts fetching `sha` (a content address): the offset to ask from (past what an
+    /// earlier stream fetched), or None when it is already under way.
+    pub fn start(&mut self, sha: &str) -> Result<Option<u64>, String> {
         if !stellar_proto::limits::is_sha256_hex(sha) {
             return Err(format!("layer `{sha}` is not a sha256"));
         }
         if self.open.contains_key(sha) {
-            return Ok(false);
+            return Ok(None);
         }
         let path = self.dir.join(sha);
-        let f = File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        self.open.insert(sha.to_string(), (f, 0));
-        Ok(true)
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let at = f
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        self.open.insert(sha.to_string(), (f, at));
+        Ok(Some(at))
     }
 
     /// Whether `sha` is being fetched.
@@ -95,11 +106,10 @@ impl LayerDownloads {
         Progress::Partial
     }
 
-    /// Forgets every fetch under way (their stream ended).
-    pub fn clear(&mut self) {
-        for sha in self.open.drain().map(|(k, _)| k) {
-            let _ = std::fs::remove_file(self.dir.join(sha));
-        }
+    /// Stops every fetch under way (their stream ended), keeping what arrived: the next
+    /// [`LayerDownloads::start`] of a layer resumes it.
+    pub fn suspend(&mut self) {
+        self.open.clear();
     }
 }
 
@@ -122,8 +132,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut d = LayerDownloads::new(&dir.path().join("fetch")).unwrap();
         let (a, b) = ("aa".repeat(32), "bb".repeat(32));
-        assert_eq!(d.start(&a), Ok(true));
-        assert_eq!(d.start(&a), Ok(false), "one fetch per layer");
+        assert_eq!(d.start(&a), Ok(Some(0)));
+        assert_eq!(d.start(&a), Ok(None), "one fetch per layer");
         assert!(d.start("../x").is_err());
         assert_eq!(d.chunk(&chunk(&a, 0, b"hello ", false)), Progress::Partial);
         let Progress::Finished(path) = d.chunk(&chunk(&a, 6, b"world", true)) else {
@@ -151,8 +161,27 @@ mod tests {
             d.chunk(&chunk(&"cc".repeat(32), 0, b"z", true)),
             Progress::Partial
         );
-        d.start(&b).unwrap();
-        d.clear();
-        assert!(!d.fetching(&b));
+    }
+
+    #[test]
+    fn a_layer_cut_short_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = LayerDownloads::new(&dir.path().join("fetch")).unwrap();
+        let a = "aa".repeat(32);
+        d.start(&a).unwrap();
+        d.chunk(&chunk(&a, 0, b"hello ", false));
+        d.suspend(); // the stream ended
+        assert!(!d.fetching(&a));
+        assert_eq!(d.start(&a), Ok(Some(6)), "asks from where it stopped");
+        let Progress::Finished(path) = d.chunk(&chunk(&a, 6, b"world", true)) else {
+            panic!("not finished");
+        };
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+        // A new process starts clean: what an older one left is not trusted to resume.
+        d.start(&a).unwrap();
+        d.chunk(&chunk(&a, 0, b"x", false));
+        let d = LayerDownloads::new(&dir.path().join("fetch")).unwrap();
+        drop(d);
+        assert!(!dir.path().join("fetch").join(&a).exists());
     }
 }
