@@ -453,8 +453,10 @@ impl Agent {
     async fn stop(&mut self, allocation: u64, tx: &mpsc::Sender<pb::WorkerMessage>) {
         if let Some(i) = self.instances.remove(&allocation) {
             tracing::info!(allocation, function = %i.function, "instance stopped");
-            // Layers stay cached for the next function that uses them.
-            if i.image.is_none() && !self.instances.values().any(|o| o.sha256 == i.sha256) {
+            // Layers stay cached for the next function that uses them, while the disk allows.
+            if i.image.is_some() {
+                self.prune_layers();
+            } else if !self.instances.values().any(|o| o.sha256 == i.sha256) {
                 self.sandbox.unload(&i.sha256);
             }
         }

@@ -10,11 +10,16 @@
 //!  Invocation ─▶ slot ─▶ container::invocation::invoke ─▶ InvocationResult + UsageRecord
 //! ```
 
+use std::collections::HashSet;
+
 use stellar_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use super::{Agent, Event, Instance, Progress, finished, result_message, update};
 use crate::container::ContainerCall;
+
+/// Free disk (MiB) under which unused cached layers are removed.
+pub const LAYER_CACHE_FLOOR_MIB: u64 = 2048;
 
 impl Agent {
     /// Starts a container instance: ready at once when its layers are cached, else after
@@ -70,6 +75,10 @@ impl Agent {
                 image: Some(image),
             },
         );
+        // Room for what it fetches: unused layers go first when the disk is low.
+        if !fetch.is_empty() {
+            self.prune_layers();
+        }
         if ready {
             let _ = tx
                 .send(update(a.allocation, pb::AllocationState::Running, ""))
@@ -171,6 +180,39 @@ impl Agent {
         }
         for id in failed {
             self.instances.remove(&id);
+        }
+    }
+
+    /// When the node's disk runs low, gives back cached layers that no instance here uses,
+    /// least recently unpacked first, until [`LAYER_CACHE_FLOOR_MIB`] is free again: the
+    /// device is someone's, and their disk comes first.
+    pub(super) fn prune_layers(&self) {
+        let Some(c) = self.containers.as_ref() else {
+            return;
+        };
+        if u64::from(super::free_disk_mib(&self.cfg.data_dir)) >= LAYER_CACHE_FLOOR_MIB {
+            return;
+        }
+        let used: HashSet<String> = self
+            .instances
+            .values()
+            .filter_map(|i| i.image.as_ref())
+            .flat_map(|i| i.layers.iter().map(|l| l.sha256.clone()))
+            .collect();
+        // Inline, blocking this loop for a moment: it is rare, and a layer must not vanish
+        // under an instance that starts meanwhile.
+        for sha in c.runtime.layers().unused_oldest_first(&used) {
+            if u64::from(super::free_disk_mib(&self.cfg.data_dir)) >= LAYER_CACHE_FLOOR_MIB {
+                break;
+            }
+            match c.runtime.layers().remove(&sha) {
+                Ok(()) => {
+                    tracing::info!(layer = %sha, "disk low: unused layer removed from the cache")
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %sha, error = %e, "cannot remove a cached layer")
+                }
+            }
         }
     }
 

@@ -84,6 +84,37 @@ impl LayerCache {
             .unwrap_or_default()
     }
 
+    /// The unpacked layers no one in `used` needs, least recently unpacked first: what a
+    /// node short of disk gives back first.
+    pub fn unused_oldest_first(&self, used: &std::collections::HashSet<String>) -> Vec<String> {
+        let mut unused: Vec<(std::time::SystemTime, String)> = self
+            .list()
+            .into_iter()
+            .filter(|sha| !used.contains(sha))
+            .filter_map(|sha| {
+                let at = std::fs::metadata(self.path_of(&sha))
+                    .ok()?
+                    .modified()
+                    .ok()?;
+                Some((at, sha))
+            })
+            .collect();
+        unused.sort();
+        unused.into_iter().map(|(_, sha)| sha).collect()
+    }
+
+    /// Removes an unpacked layer: first renamed out of its name (so it is gone at once for
+    /// `has`), then deleted.
+    pub fn remove(&self, sha256: &str) -> std::io::Result<()> {
+        let mut nonce = [0u8; 4];
+        getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let doomed = self
+            .dir
+            .join(format!(".tmp-gone-{sha256}-{}", hex::encode(nonce)));
+        std::fs::rename(self.path_of(sha256), &doomed)?;
+        std::fs::remove_dir_all(&doomed)
+    }
+
     /// Unpacks `layer` from `archive` unless it is here already; its path.
     pub fn ensure(&self, archive: &Path, layer: &LayerBlob) -> Result<PathBuf, ImageError> {
         let dest = self.path_of(&layer.sha256);
@@ -314,6 +345,28 @@ mod tests {
             );
             assert!(!d.path().join("escaped").exists());
         }
+    }
+
+    #[test]
+    fn unused_layers_go_oldest_first_and_at_once() {
+        let (_d, c) = cache();
+        let mut shas = Vec::new();
+        for (i, body) in [b"one".as_slice(), b"two", b"three"].iter().enumerate() {
+            let t = tar_of(&[("f", tar::EntryType::Regular, body, None)]);
+            let p = c.unpack(t.as_slice(), &sha(&t), false).unwrap();
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+            File::open(&p).unwrap().set_modified(at).unwrap();
+            shas.push(sha(&t));
+        }
+        let used = [shas[0].clone()].into_iter().collect();
+        assert_eq!(
+            c.unused_oldest_first(&used),
+            vec![shas[1].clone(), shas[2].clone()]
+        );
+        c.remove(&shas[1]).unwrap();
+        assert!(!c.has(&shas[1]));
+        assert_eq!(c.list().len(), 2);
+        assert!(c.remove(&shas[1]).is_err(), "already gone");
     }
 
     #[test]
