@@ -163,6 +163,10 @@ pub struct FunctionVersion {
     pub image: Option<pb::ContainerImage>,
 }
 
+/// Image layer bytes one tenant's live container functions may refer to (each distinct layer
+/// counted once): the blob store's replicas keep them all.
+pub const MAX_TENANT_IMAGE_BYTES: u64 = 16 << 30;
+
 /// Load failures after which a version is not re-placed any more (its module is broken,
 /// not the nodes): calls then fail at once with MODULE_LOAD_FAILED.
 pub const MAX_LOAD_FAILURES: u32 = 3;
@@ -743,6 +747,9 @@ impl StateMachine {
             .filter(|f| !f.deleted)
             .and_then(|f| f.current())
             .and_then(FunctionVersion::module);
+        if let Some(i) = &image {
+            self.check_image_quota(&c.tenant, &c.name, i)?;
+        }
         if image.is_none() {
             let len = new_module
                 .as_ref()
@@ -823,6 +830,38 @@ impl StateMachine {
             result.allocations.push(self.allocation_pb(&a));
         }
         Ok(result)
+    }
+
+    /// Refuses an image that would take `tenant`'s live container functions (`name`'s new
+    /// version replacing its current one) past [`MAX_TENANT_IMAGE_BYTES`] of distinct layers.
+    fn check_image_quota(
+        &self,
+        tenant: &str,
+        name: &str,
+        image: &pb::ContainerImage,
+    ) -> Result<()> {
+        let mut layers: BTreeMap<&str, u64> = BTreeMap::new();
+        let others = self
+            .function_ids
+            .get(tenant)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(_, &id)| &self.functions[id as usize])
+            .filter(|f| !f.deleted)
+            .filter_map(|f| f.current().and_then(|v| v.image.as_ref()));
+        for i in others.chain(std::iter::once(image)) {
+            for l in &i.layers {
+                layers.insert(&l.sha256, l.size);
+            }
+        }
+        let total: u64 = layers.values().sum();
+        if total > MAX_TENANT_IMAGE_BYTES {
+            return Err(ApplyError::Limit(format!(
+                "tenant `{tenant}`'s container functions would use {total} bytes of image layers; its quota is {MAX_TENANT_IMAGE_BYTES} (each distinct layer counted once): delete functions it no longer runs"
+            )));
+        }
+        Ok(())
     }
 
     /// Verifies that `nodes` can each take one replica of `version` of function `fid`, once
@@ -1866,6 +1905,84 @@ mod tests {
 
     fn ok(r: &pb::CommandResult) {
         assert!(r.error_code.is_empty(), "{r:?}");
+    }
+
+    fn image_deploy(tenant: &str, name: &str, layers: &[(u8, u64)]) -> pb::command::Kind {
+        pb::command::Kind::Deploy(pb::DeployCmd {
+            tenant: tenant.into(),
+            name: name.into(),
+            limits: Some(pb::FunctionLimits {
+                cpu_millis: 100,
+                memory_mib: 16,
+                timeout_ms: 1000,
+                ..Default::default()
+            }),
+            image: Some(pb::ContainerImage {
+                layers: layers
+                    .iter()
+                    .map(|&(b, size)| pb::ImageLayer {
+                        sha256: hex::encode([b; 32]),
+                        size,
+                        gzip: false,
+                    })
+                    .collect(),
+                cmd: vec!["/bin/true".into()],
+                arch: "x86_64".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn container_versions_keep_their_image_and_count_against_the_tenants_image_quota() {
+        let mut m = machine();
+        let mut fx = Effects::default();
+        let gib = 1u64 << 30;
+        ok(&m.apply(
+            10,
+            cmd(b"", image_deploy("acme", "c", &[(1, 3 * gib)])),
+            &mut fx,
+        ));
+        // A container version refers to no module; its image survives a snapshot.
+        assert_eq!(m.modules.total_bytes(), 0);
+        let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
+        let (_, f) = back.function("acme", "c").unwrap();
+        let v = f.current().unwrap();
+        assert_eq!(v.module(), None);
+        assert_eq!(v.runtime(), Runtime::Container);
+        assert_eq!(v.reservation().disk_mib, 3 * 1024 + 256);
+        // Shared layers count once; past the quota a deploy is refused and changes nothing.
+        let d = [(1, 3 * gib), (2, gib)]; // layer 1 is c's too: 4 GiB in all so far
+        ok(&m.apply(11, cmd(b"", image_deploy("acme", "d", &d)), &mut fx));
+        for (i, (name, layer)) in [("e", 3), ("f", 4), ("g", 5)].into_iter().enumerate() {
+            let k = image_deploy("acme", name, &[(layer, 4 * gib)]);
+            ok(&m.apply(12 + i as u64, cmd(b"", k), &mut fx)); // 16 GiB: the quota, reached
+        }
+        let before = m.to_snapshot();
+        let r = m.apply(20, cmd(b"", image_deploy("acme", "h", &[(6, 1)])), &mut fx);
+        assert!(r.error_message.contains("quota"), "{r:?}");
+        assert_eq!(m.to_snapshot().functions, before.functions, "nothing changed");
+        // Replacing a function's own image frees its layers; another tenant is not affected.
+        ok(&m.apply(
+            21,
+            cmd(b"", image_deploy("acme", "e", &[(5, 4 * gib)])),
+            &mut fx,
+        ));
+        ok(&m.apply(22, cmd(b"", image_deploy("acme", "h", &[(6, 1)])), &mut fx));
+        ok(&m.apply(
+            23,
+            cmd(b"", image_deploy("globex", "x", &[(7, 4 * gib)])),
+            &mut fx,
+        ));
+        // A deploy with both a module and an image, or a bad image, is refused.
+        let mut both = image_deploy("acme", "y", &[(6, 1)]);
+        if let pb::command::Kind::Deploy(d) = &mut both {
+            d.module = MODULE.to_vec();
+        }
+        assert!(!m.apply(24, cmd(b"", both), &mut fx).error_code.is_empty());
+        let bad = image_deploy("acme", "z", &[]);
+        assert!(!m.apply(25, cmd(b"", bad), &mut fx).error_code.is_empty());
     }
 
     #[test]
