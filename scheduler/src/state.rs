@@ -1962,7 +1962,11 @@ mod tests {
         let before = m.to_snapshot();
         let r = m.apply(20, cmd(b"", image_deploy("acme", "h", &[(6, 1)])), &mut fx);
         assert!(r.error_message.contains("quota"), "{r:?}");
-        assert_eq!(m.to_snapshot().functions, before.functions, "nothing changed");
+        assert_eq!(
+            m.to_snapshot().functions,
+            before.functions,
+            "nothing changed"
+        );
         // Replacing a function's own image frees its layers; another tenant is not affected.
         ok(&m.apply(
             21,
