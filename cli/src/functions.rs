@@ -14,8 +14,13 @@ EXAMPLES:
   stellar deploy hello.wasm --name hello --memory 32 --replicas 3
   stellar deploy thumbnail.wasm --name thumbnail --memory 512 --region cn-south --near cn-south/guangzhou
   stellar deploy resize.wasm --name resize --replicas 0     # placed on its first call
+  stellar deploy --image ffmpeg.tar --name thumb --memory 256 --cpu 1000 \\
+      --command \"ffmpeg -i pipe:0 -frames:v 1 -f image2 -c:v png pipe:1\"
 
-A new deploy of an existing name is a new version: its replicas replace the old ones.")]
+A new deploy of an existing name is a new version: its replicas replace the old ones. A
+container image's layers are uploaded only where the cluster lacks them; it is placed only
+on workers that run containers (root, user namespaces, cgroups) of the image's arch, and
+billed by cpu time.")]
 pub struct DeployArgs {
     /// The WebAssembly module (wasm32-wasip1, a command with `_start`); or --image.
     #[arg(required_unless_present = "image", conflicts_with = "image")]
@@ -36,7 +41,7 @@ pub struct DeployArgs {
     /// Processes and threads a container may run at once (0: 64).
     #[arg(long, default_value_t = 0, requires = "image")]
     pids: u32,
-    /// The function's name (default: the file name without `.wasm`).
+    /// The function's name (default: the file name up to its first dot).
     #[arg(long)]
     name: Option<String>,
     /// Memory per instance, MiB (reserved on the node and the instance's limit).

@@ -59,7 +59,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a local cluster in one process: 1 control-plane replica, 1 gateway, N workers.
     Dev(dev::DevArgs),
-    /// Upload a WebAssembly function and place its replicas.
+    /// Upload a WebAssembly function or a container image and place its replicas.
     Deploy(functions::DeployArgs),
     /// Run a function once; its stdout is printed.
     Invoke(functions::InvokeArgs),
