@@ -4,8 +4,9 @@
 //! binary, so a fresh machine needs no system package.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const PROTOS: [&str; 6] = [
+    const PROTOS: [&str; 7] = [
         "stellar/v1/common.proto",
+        "stellar/v1/job.proto",
         "stellar/v1/control.proto",
         "stellar/v1/agent.proto",
         "stellar/v1/raft.proto",

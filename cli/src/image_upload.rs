@@ -71,6 +71,21 @@ pub fn describe(
     Ok((image, archive))
 }
 
+/// How many replicas hold each of `shas` (at most 40), and how many are needed.
+pub async fn stat_blobs(
+    client: &ClusterClient,
+    shas: Vec<String>,
+) -> Result<pb::StatBlobsResponse, tonic::Status> {
+    client
+        .call(|mut c| {
+            let req = pb::StatBlobsRequest {
+                sha256: shas.clone(),
+            };
+            async move { c.stat_blobs(req).await }
+        })
+        .await
+}
+
 /// Uploads the layers the cluster does not hold on enough replicas yet; the bytes sent.
 pub async fn upload_layers(
     client: &ClusterClient,
@@ -78,14 +93,7 @@ pub async fn upload_layers(
     archive: &ImageArchive,
 ) -> Result<u64, tonic::Status> {
     let shas: Vec<String> = image.layers.iter().map(|l| l.sha256.clone()).collect();
-    let stat = client
-        .call(|mut c| {
-            let req = pb::StatBlobsRequest {
-                sha256: shas.clone(),
-            };
-            async move { c.stat_blobs(req).await }
-        })
-        .await?;
+    let stat = stat_blobs(client, shas).await?;
     let missing: Vec<_> = archive
         .layers
         .iter()
@@ -116,16 +124,22 @@ pub async fn upload_layers(
     Ok(total)
 }
 
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
+/// The layer upload's byte progress bar.
+pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    bytes_bar(total, "uploading layers")
+}
+
+/// A byte progress bar on stderr for `what` (hidden off a terminal or for nothing).
+pub fn bytes_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() || total == 0 {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "uploading layers {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{bytes}}/{{total_bytes}} ({{bytes_per_sec}}, {{eta}})"
+        ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
@@ -138,14 +152,27 @@ async fn put_blob(
     layer: &stellar_worker::container::image::LayerBlob,
     bar: &indicatif::ProgressBar,
 ) -> Result<pb::PutBlobResponse, tonic::Status> {
+    let range = (layer.offset, layer.size);
+    put_file_range(client, archive, range, &layer.sha256, bar).await
+}
+
+/// Streams `size` bytes of `path` from `offset` as blob `sha256` (1 MiB chunks, read on a
+/// blocking thread a few chunks ahead); the store checks the bytes against the name.
+pub async fn put_file_range(
+    client: &ClusterClient,
+    path: &Path,
+    (offset, size): (u64, u64),
+    sha256: &str,
+    bar: &indicatif::ProgressBar,
+) -> Result<pb::PutBlobResponse, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::BlobChunk>(4);
-    let (path, layer2, bar2) = (archive.to_path_buf(), layer.clone(), bar.clone());
+    let (path, sha, bar2) = (path.to_path_buf(), sha256.to_string(), bar.clone());
     let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        f.seek(SeekFrom::Start(layer2.offset))
+        f.seek(SeekFrom::Start(offset))
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut f = f.take(layer2.size);
-        let mut offset = 0u64;
+        let mut f = f.take(size);
+        let mut at = 0u64;
         loop {
             let mut buf = vec![0u8; CHUNK];
             let mut n = 0;
@@ -157,11 +184,11 @@ async fn put_blob(
                 }
             }
             buf.truncate(n);
-            let last = offset + n as u64 >= layer2.size;
+            let last = at + n as u64 >= size;
             let chunk = pb::BlobChunk {
-                sha256: layer2.sha256.clone(),
-                size: layer2.size,
-                offset,
+                sha256: sha.clone(),
+                size,
+                offset: at,
                 data: buf,
                 last,
                 error: String::new(),
@@ -169,13 +196,13 @@ async fn put_blob(
             if tx.blocking_send(chunk).is_err() {
                 return Ok(()); // the call ended; its status says why
             }
-            offset += n as u64;
+            at += n as u64;
             bar2.inc(n as u64);
             if last {
                 return Ok(());
             }
             if n == 0 {
-                return Err(format!("{}: the layer ends early", path.display()));
+                return Err(format!("{}: the file ends early", path.display()));
             }
         }
     });

@@ -8,6 +8,7 @@
 //! stellar worker --join 127.0.0.1:7101 --token "$JOIN_TOKEN" --data-dir /var/lib/stellar-worker
 //! stellar dev                                   # 1 replica + 1 gateway + 3 workers
 //! stellar deploy hello.wasm --name hello --replicas 2 && stellar invoke hello --data Ada
+//! stellar transcode movie.mp4 --preset 720p -o movie-720p.mp4
 //! ```
 
 mod admin;
@@ -18,8 +19,11 @@ mod dev;
 mod functions;
 mod gateway;
 mod image_upload;
+mod job_files;
+mod jobs;
 mod run;
 mod scheduler;
+mod transcode;
 mod usage;
 mod worker;
 
@@ -77,6 +81,12 @@ enum Command {
     Nodes(admin::NodesArgs),
     /// Show the priced usage ledger: a bill per function, a credit per node.
     Usage(usage::UsageArgs),
+    /// Run and follow batch jobs: stages of container tasks over files (see `job run --help`).
+    #[command(subcommand)]
+    Job(jobs::JobCommand),
+    /// Transcode a video across the cluster's nodes: split at keyframes, segments in parallel,
+    /// joined and checked.
+    Transcode(transcode::TranscodeArgs),
     /// Manage tenants (admin).
     #[command(subcommand)]
     Tenant(admin::TenantCommand),
@@ -158,6 +168,8 @@ fn main() -> std::process::ExitCode {
             Command::Logs(args) => functions::logs(args).await.map(|()| 0),
             Command::Nodes(args) => admin::nodes(args).await.map(|()| 0),
             Command::Usage(args) => usage::run(args).await.map(|()| 0),
+            Command::Job(cmd) => jobs::run(cmd).await,
+            Command::Transcode(args) => transcode::run(args).await,
             Command::Tenant(cmd) => admin::tenant(cmd).await.map(|()| 0),
             Command::Token(cmd) => admin::token(cmd).await.map(|()| 0),
             Command::Scheduler(args) => scheduler::run(args).await.map(|()| 0),

@@ -13,6 +13,9 @@
 //!         ─InvocationResult──▶ hub: answers the call it was sent for, if it was sent here
 //!         ─UsageReport───────▶ usage writer ─▶ Raft ◀─UsageAck── once committed
 //!         ─Draining──────────▶ no new calls; session: draining
+//!         ◀─Task / CancelTask── reconcile: the view's running attempts on the node
+//!         ─TaskOutputChunk───▶ task_relay: PutBlob per file ─▶ TaskResult ─▶ ReportTasks
+//!         ◀─TaskAck─────────── once the report is committed
 //!  stream ends / silent ─▶ calls on it fail at once ─▶ session: gone (after a hold)
 //! ```
 
@@ -246,10 +249,24 @@ impl pb::agent_server::Agent for AgentService {
         let edge = self.edge.clone();
         tokio::spawn(async move {
             let mut reported: Option<pb::Coordinate> = None;
+            let mut uploads = crate::task_relay::TaskUploads::default();
             while let Some(msg) = inbound.next().await {
                 let Ok(msg) = msg else { break };
                 edge.hub.heard(node, generation);
                 let Some(kind) = msg.kind else { continue };
+                // Task outputs are awaited here: a worker uploads no faster than the
+                // control plane stores (gRPC flow control holds it back meanwhile).
+                let kind = match kind {
+                    pb::worker_message::Kind::TaskOutput(o) => {
+                        uploads.chunk((node, &edge.view, &edge.client), o).await;
+                        continue;
+                    }
+                    pb::worker_message::Kind::TaskResult(r) => {
+                        uploads.result(node, &edge.client, &tx, r);
+                        continue;
+                    }
+                    k => k,
+                };
                 if let Err(e) = on_message(&edge, (node, generation), &tx, &mut reported, kind) {
                     tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
                     let _ = tx.try_send(Err(e));
@@ -376,13 +393,17 @@ fn on_message(
             edge.hub.set_draining(node);
             edge.session.draining(node);
         }
+        Kind::TaskOutput(_) | Kind::TaskResult(_) => {
+            // Handled by the stream's reader (they wait on uploads).
+        }
         Kind::FetchBlob(f) => {
-            // A worker gets only the layers of images it was assigned.
-            if !crate::blob_relay::assigned(&edge.view.assignments(node), &f.sha256) {
+            // A worker gets only the layers of images it was assigned and its tasks' inputs.
+            let (assignments, tasks) = (edge.view.assignments(node), edge.view.tasks(node));
+            if !crate::blob_relay::assigned(&assignments, &tasks, &f.sha256) {
                 let refusal = pb::BlobChunk {
                     sha256: f.sha256,
                     last: true,
-                    error: "no image assigned to this node has that layer".into(),
+                    error: "no image or task assigned to this node has that blob".into(),
                     ..Default::default()
                 };
                 let _ = tx.try_send(Ok(control(pb::control_message::Kind::BlobChunk(refusal))));
@@ -422,10 +443,40 @@ fn on_message(
 /// stops what is not in it); re-run whenever a watch event touches the node.
 async fn reconcile(view: Arc<View>, node: u64, tx: Outbox, wake: Arc<Notify>) {
     let mut told: HashMap<u64, pb::Assignment> = HashMap::new();
+    let mut told_tasks: std::collections::HashSet<crate::view::TaskId> = Default::default();
     let mut first = true;
     loop {
         if tx.is_closed() {
             return;
+        }
+        // Task attempts: each sent once per stream (the worker ignores one it runs or ran),
+        // and cancelled once gone from the view (another attempt won, or the job ended).
+        let tasks = view.tasks(node);
+        let now_tasks: std::collections::HashSet<crate::view::TaskId> = tasks
+            .iter()
+            .map(|t| crate::view::task_id(&t.key.clone().unwrap_or_default()))
+            .collect();
+        let mut task_msgs = Vec::new();
+        for t in tasks {
+            let id = crate::view::task_id(&t.key.clone().unwrap_or_default());
+            if told_tasks.insert(id) {
+                task_msgs.push(pb::control_message::Kind::Task(t));
+            }
+        }
+        let gone: Vec<crate::view::TaskId> = told_tasks.difference(&now_tasks).copied().collect();
+        for id in gone {
+            told_tasks.remove(&id);
+            task_msgs.push(pb::control_message::Kind::CancelTask(pb::TaskKey {
+                job: id.0,
+                stage: id.1,
+                task: id.2,
+                attempt: id.3,
+            }));
+        }
+        for m in task_msgs {
+            if tx.send(Ok(control(m))).await.is_err() {
+                return;
+            }
         }
         let now = view.assignments(node);
         let current: std::collections::HashSet<u64> = now.iter().map(|a| a.allocation).collect();

@@ -1,5 +1,5 @@
-//! Image layers on their way to workers: a worker asks for a layer of an image it was
-//! assigned; the gateway streams it from any replica (`Edge.FetchBlob`) straight into the
+//! Image layers and task inputs on their way to workers: a worker asks for a layer of an
+//! image it was assigned, or an input of a task it runs; the gateway streams it from any replica (`Edge.FetchBlob`) straight into the
 //! worker's stream, chunk by chunk, holding at most a few chunks (layers are large and each
 //! node unpacks a layer once). The worker checks the bytes against the name.
 //!
@@ -13,12 +13,19 @@ use stellar_proto::v1 as pb;
 
 use crate::hub::{Outbox, control};
 
-/// Whether `sha` is a layer of an image in `assignments` (a worker fetches only those).
-pub fn assigned(assignments: &[pb::Assignment], sha: &str) -> bool {
-    assignments
+/// Whether `sha` is a layer of an image in `assignments` or `tasks`, or an input of one of
+/// the tasks (a worker fetches only those).
+pub fn assigned(assignments: &[pb::Assignment], tasks: &[pb::Task], sha: &str) -> bool {
+    let images = assignments
         .iter()
         .filter_map(|a| a.image.as_ref())
-        .any(|i| i.layers.iter().any(|l| l.sha256 == sha))
+        .chain(tasks.iter().filter_map(|t| t.image.as_ref()));
+    let mut layers = images.flat_map(|i| i.layers.iter().map(|l| &l.sha256));
+    layers.any(|l| l == sha)
+        || tasks
+            .iter()
+            .flat_map(|t| t.inputs.iter())
+            .any(|b| b.sha256 == sha)
 }
 
 fn refusal(sha: &str, error: String) -> pb::ControlMessage {
@@ -74,7 +81,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_layers_of_assigned_images_are_relayed() {
+    fn only_layers_of_assigned_images_and_task_inputs_are_relayed() {
         let a = pb::Assignment {
             image: Some(pb::ContainerImage {
                 layers: vec![pb::ImageLayer {
@@ -85,8 +92,21 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(assigned(std::slice::from_ref(&a), &"aa".repeat(32)));
-        assert!(!assigned(&[a], &"bb".repeat(32)));
-        assert!(!assigned(&[], &"aa".repeat(32)));
+        assert!(assigned(std::slice::from_ref(&a), &[], &"aa".repeat(32)));
+        assert!(!assigned(std::slice::from_ref(&a), &[], &"bb".repeat(32)));
+        assert!(!assigned(&[], &[], &"aa".repeat(32)));
+        // A task's inputs and its image's layers, and nothing else.
+        let t = pb::Task {
+            image: a.image.clone(),
+            inputs: vec![pb::BlobRef {
+                name: "in.mp4".into(),
+                sha256: "cc".repeat(32),
+                size: 1,
+            }],
+            ..Default::default()
+        };
+        assert!(assigned(&[], std::slice::from_ref(&t), &"cc".repeat(32)));
+        assert!(assigned(&[], std::slice::from_ref(&t), &"aa".repeat(32)));
+        assert!(!assigned(&[a], &[t], &"dd".repeat(32)));
     }
 }

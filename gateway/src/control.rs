@@ -179,6 +179,53 @@ impl pb::control_server::Control for GatewayControl {
             .map(Response::new)
     }
 
+    type GetBlobStream = Streaming<pb::BlobChunk>;
+
+    async fn get_blob(
+        &self,
+        req: Request<pb::GetBlobRequest>,
+    ) -> Result<Response<Self::GetBlobStream>, Status> {
+        self.pass(req, |mut c, r| async move { c.get_blob(r).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        self.pass(req, |mut c, r| async move { c.submit_job(r).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        self.pass(req, |mut c, r| async move { c.get_job(r).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.pass(req, |mut c, r| async move { c.list_jobs(r).await })
+            .await
+            .map(Response::new)
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        self.pass(req, |mut c, r| async move { c.cancel_job(r).await })
+            .await
+            .map(Response::new)
+    }
+
     async fn stat_blobs(
         &self,
         req: Request<pb::StatBlobsRequest>,

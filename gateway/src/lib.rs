@@ -30,6 +30,7 @@ pub mod modules;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod task_relay;
 pub mod usage;
 pub mod view;
 pub mod watcher;

@@ -15,6 +15,13 @@ use std::sync::{Arc, RwLock};
 use stellar_proto::v1 as pb;
 
 type FunctionKey = (String, String);
+/// A task attempt by (job, stage, task, attempt).
+pub type TaskId = (u64, u32, u32, u32);
+
+/// The id of a wire task key.
+pub fn task_id(k: &pb::TaskKey) -> TaskId {
+    (k.job, k.stage, k.task, k.attempt)
+}
 
 /// A function as routing sees it: its current version and where that version runs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -56,6 +63,9 @@ struct State {
     /// Ready nodes per gateway symbol (how loaded each gateway is).
     ready_on: Vec<usize>,
     tokens: HashMap<Vec<u8>, (String, bool)>,
+    /// Running task attempts by key, and by node.
+    tasks: HashMap<TaskId, (u64, pb::Task)>,
+    tasks_by_node: HashMap<u64, BTreeSet<TaskId>>,
     /// True once a whole reset has been applied (before, routing knows nothing).
     complete: bool,
     resetting: bool,
@@ -72,6 +82,18 @@ impl State {
         self.ready_on.push(0);
         self.gateway_ids.insert(a, id);
         id
+    }
+
+    fn remove_task(&mut self, id: TaskId, affected: &mut Vec<u64>) {
+        if let Some((node, _)) = self.tasks.remove(&id) {
+            if let Some(s) = self.tasks_by_node.get_mut(&node) {
+                s.remove(&id);
+                if s.is_empty() {
+                    self.tasks_by_node.remove(&node);
+                }
+            }
+            affected.push(node);
+        }
     }
 
     fn remove_allocation(&mut self, id: u64, affected: &mut Vec<u64>) {
@@ -193,6 +215,16 @@ impl View {
             s.by_node.entry(a.node).or_default().insert(a.id);
             s.allocations.insert(a.id, a);
         }
+        for w in ev.tasks {
+            let Some(task) = w.task else { continue };
+            let id = task_id(&task.key.unwrap_or_default());
+            s.remove_task(id, &mut affected);
+            if w.running {
+                affected.push(w.node);
+                s.tasks_by_node.entry(w.node).or_default().insert(id);
+                s.tasks.insert(id, (w.node, task));
+            }
+        }
         let ready = pb::NodeState::Ready as i32;
         for n in ev.nodes {
             let g = s.gateway_id(&n.gateway);
@@ -278,6 +310,28 @@ impl View {
                 })
             })
             .collect()
+    }
+
+    /// The task attempts `node` should be running.
+    pub fn tasks(&self, node: u64) -> Vec<pb::Task> {
+        let Ok(s) = self.state.read() else {
+            return Vec::new();
+        };
+        s.tasks_by_node
+            .get(&node)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| s.tasks.get(id).map(|(_, t)| t.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether attempt `id` runs on `node` now (its result is awaited from there).
+    pub fn runs_task(&self, node: u64, id: TaskId) -> bool {
+        self.state
+            .read()
+            .is_ok_and(|s| s.tasks.get(&id).is_some_and(|(n, _)| *n == node))
     }
 
     /// The tenant and admin flag of a token hash (None: unknown or revoked, as far as the

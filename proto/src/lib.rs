@@ -17,6 +17,7 @@ pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod job_spec;
 pub mod limits;
 pub mod module_check;
 pub mod text;

@@ -14,6 +14,25 @@ pub fn clip_message(mut msg: String) -> String {
     msg
 }
 
+/// Checks a tenant, function or job name: 1–63 of `[a-z0-9-]`, not starting with '-'
+/// (names travel in URLs, logs and file names).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {} must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'",
+            shown(name)
+        ))
+    }
+}
+
 /// Cuts `s` to at most `max` bytes, on a character boundary.
 pub fn truncate_chars(s: &mut String, max: usize) {
     if s.len() > max {

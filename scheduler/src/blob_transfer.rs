@@ -276,7 +276,7 @@ impl Blobs {
         Ok(())
     }
 
-    /// Removes the blobs no live function's image refers to, unless stored or touched within
+    /// Removes the blobs no live function's image and no kept job refers to, unless stored or touched within
     /// `grace` (an upload whose deploy is on its way); how many went.
     pub async fn sweep(&self, grace: Duration) -> usize {
         let live = match self
@@ -287,16 +287,21 @@ impl Blobs {
             Ok(Reply::Functions(fs)) => fs,
             _ => return 0, // no state to judge by: keep everything
         };
-        let referenced: std::collections::HashSet<String> = live
+        let mut referenced: std::collections::HashSet<String> = live
             .iter()
             .filter_map(|f| f.image.as_ref())
             .flat_map(|i| i.layers.iter().map(|l| l.sha256.clone()))
             .collect();
+        // Jobs' inputs, outputs and images stay while their jobs are kept.
+        match self.replica.read(Query::JobBlobs, true, READ_TIMEOUT).await {
+            Ok(Reply::Blobs(b)) => referenced.extend(b),
+            _ => return 0,
+        }
         let mut removed = 0;
         let now = std::time::UNIX_EPOCH + Duration::from_millis(stellar_proto::clock::unix_ms());
         for (sha, bytes) in unreferenced(self.store.list(), &referenced, grace, now) {
             if self.store.remove(&sha).is_ok() {
-                tracing::info!(blob = %sha, bytes, "blob removed: no live function refers to it");
+                tracing::info!(blob = %sha, bytes, "blob removed: no live function or kept job refers to it");
                 removed += 1;
             }
         }

@@ -1,5 +1,5 @@
 //! What changed at which applied index, for `Edge.Watch`: every replica keeps the keys its
-//! applies touched (functions, allocations, nodes, tokens) in a bounded ring, and answers a
+//! applies touched (functions, allocations, nodes, tokens, task attempts) in a bounded ring, and answers a
 //! watcher with the current value of each key changed since the index it names. Soft state:
 //! a restarted replica, an installed snapshot or an overflowing ring make watchers from
 //! before start over with a reset (the state in pages), never miss a change.
@@ -32,6 +32,8 @@ pub enum Key {
     Allocation(u64),
     /// A node, by id.
     Node(u64),
+    /// A task attempt, by (job, stage, task, attempt).
+    Attempt(crate::state::AttemptKey),
 }
 
 /// Where a reset continues.
@@ -122,6 +124,7 @@ impl ChangeLog {
                 keys.push(Key::Function(f.tenant.clone(), f.name.clone()));
             }
         }
+        keys.extend(fx.attempts.iter().map(|&k| Key::Attempt(k)));
         keys.extend(
             fx.nodes_joined
                 .iter()
@@ -216,6 +219,17 @@ fn add(ev: &mut pb::WatchEvent, k: &Key, state: &StateMachine) {
             None => ev.removed_allocations.push(*id),
         },
         Key::Node(id) => ev.nodes.extend(node_pb(state, *id)),
+        Key::Attempt(k) => ev.tasks.push(state.watched_task(*k).unwrap_or_else(|| {
+            // A forgotten job: whoever still runs the attempt stops it.
+            pb::WatchedTask {
+                task: Some(pb::Task {
+                    key: Some(crate::state::task_key(*k)),
+                    ..Default::default()
+                }),
+                node: 0,
+                running: false,
+            }
+        })),
     }
 }
 
@@ -243,6 +257,13 @@ pub fn reset_page(state: &StateMachine, page: Page) -> (pb::WatchEvent, Option<P
                     ev.functions.push(w);
                 }
             }
+            // Running attempts are bounded by the fleet's task slots: one page.
+            ev.tasks.extend(
+                state
+                    .running_attempts()
+                    .into_iter()
+                    .filter_map(|k| state.watched_task(k)),
+            );
             Some(Page::Allocations(0))
         }
         Page::Allocations(after) => {

@@ -122,7 +122,8 @@ async fn watch(
                         && ev.allocations.is_empty()
                         && ev.removed_allocations.is_empty()
                         && ev.nodes.is_empty()
-                        && ev.tokens.is_empty();
+                        && ev.tokens.is_empty()
+                        && ev.tasks.is_empty();
                     let progress = ev.applied_index > from && last_sent.elapsed() >= WATCH_PROGRESS;
                     from = from.max(ev.applied_index);
                     if !empty || progress {
@@ -368,6 +369,66 @@ impl pb::edge_server::Edge for EdgeService {
             .await?;
         Ok(Response::new(pb::ReportAllocationsResponse {
             applied_index,
+        }))
+    }
+
+    async fn report_tasks(
+        &self,
+        req: GrpcRequest<pb::ReportTasksRequest>,
+    ) -> Result<Response<pb::ReportTasksResponse>, Status> {
+        self.admin(&req, "reporting task attempts").await?;
+        let reports = req.into_inner().reports;
+        if reports.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} task reports; at most {MAX_BATCH} per call",
+                reports.len()
+            )));
+        }
+        // A result's outputs must be in the blob store on enough replicas before the log
+        // names them; a report whose outputs are not is refused (the gateway uploads first).
+        let need = self.blobs.copies_needed().await;
+        let mut refused = Vec::with_capacity(reports.len());
+        let mut taken = Vec::with_capacity(reports.len());
+        for r in reports {
+            let mut why = String::new();
+            let outputs = r
+                .result
+                .as_ref()
+                .map(|x| x.outputs.as_slice())
+                .unwrap_or(&[]);
+            let success = r.result.as_ref().is_some_and(|x| x.error_code.is_empty());
+            if success && !r.lost {
+                for o in outputs {
+                    let copies = self.blobs.copies(&o.sha256).await;
+                    if copies < need {
+                        why = format!(
+                            "output `{}` ({}) is stored on {copies} replica(s), {need} are needed",
+                            o.name, o.sha256
+                        );
+                        break;
+                    }
+                }
+            }
+            if why.is_empty() {
+                taken.push(r);
+            }
+            refused.push(why);
+        }
+        let applied_index = if taken.is_empty() {
+            0
+        } else {
+            self.write(
+                Vec::new(),
+                pb::command::Kind::TaskReports(pb::TaskReportsCmd {
+                    reports: taken,
+                    unix_ms: stellar_proto::clock::unix_ms(),
+                }),
+            )
+            .await?
+        };
+        Ok(Response::new(pb::ReportTasksResponse {
+            applied_index,
+            refused,
         }))
     }
 

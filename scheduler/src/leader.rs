@@ -12,6 +12,7 @@ use stellar_placement::{
 use stellar_proto::v1 as pb;
 
 use crate::error::{Error, Result};
+use crate::job_driver::{JobDriver, TaskNeed, TaskPlacer};
 use crate::liveness::Liveness;
 use crate::state::{Allocation, Effects, FunctionVersion, Node, StateMachine};
 
@@ -32,6 +33,8 @@ pub struct LeaderState {
     /// Why each replica this leader placed went where it did, per (tenant, function), for
     /// `stellar status` and deploy answers ("why this node"). Soft state, bounded.
     reasons: HashMap<(String, String), HashMap<u64, pb::PlacementReason>>,
+    /// Jobs' tasks with commands in flight (`job_driver.rs`).
+    pub jobs: JobDriver,
 }
 
 /// Functions whose placement reasons are kept; past it the oldest knowledge is dropped.
@@ -67,6 +70,14 @@ impl std::fmt::Debug for LeaderState {
     }
 }
 
+/// What a node has left: its capacity less its allocations and running task attempts.
+fn free_of(n: &Node) -> Resources {
+    n.capacity
+        .checked_sub(&n.allocated)
+        .and_then(|r| r.checked_sub(&n.task_reserved))
+        .unwrap_or_default()
+}
+
 fn spec_of(state: &StateMachine, id: u64, n: &Node) -> NodeSpec {
     let (region, zone) = state.node_location(n);
     NodeSpec {
@@ -76,7 +87,7 @@ fn spec_of(state: &StateMachine, id: u64, n: &Node) -> NodeSpec {
         arch: n.arch,
         runtimes: n.runtimes,
         capacity: n.capacity,
-        free: n.capacity.checked_sub(&n.allocated).unwrap_or_default(),
+        free: free_of(n),
         bandwidth: Bandwidth {
             uplink_kbps: n.uplink_kbps,
             downlink_kbps: n.downlink_kbps,
@@ -116,6 +127,7 @@ impl LeaderState {
             inflight: HashMap::new(),
             liveness: Liveness::new(now, grace_ticks, reattach_ticks),
             reasons: HashMap::new(),
+            jobs: JobDriver::default(),
         })
     }
 
@@ -260,12 +272,31 @@ impl LeaderState {
                 let _ = self.table.set_state(NodeId(id), n.state);
                 let _ = self.table.set_reputation(NodeId(id), n.reputation);
                 if fx.nodes_joined.contains(&id) {
-                    let free = n.capacity.checked_sub(&n.allocated).unwrap_or_default();
+                    let free = free_of(n);
                     let _ = self.table.set_free(NodeId(id), free);
                 }
             } else if let Err(e) = self.table.join(spec_of(state, id, n)) {
                 tracing::warn!(node = %NodeId(id), error = %e, "node could not join the placement table");
             }
+        }
+    }
+
+    /// Mirrors committed task attempts: those a wave of ours started are already reserved.
+    pub fn observe_tasks(&mut self, fx: &Effects, own_started: bool) {
+        if !own_started {
+            for (n, r) in &fx.tasks_started {
+                let _ = self.table.reserve(NodeId(*n), r);
+            }
+        }
+        for (n, r) in &fx.tasks_ended {
+            let _ = self.table.release(NodeId(*n), r);
+        }
+    }
+
+    /// A wave of ours was refused: give back what its placement reserved.
+    pub fn release_tasks(&mut self, held: &[(u64, Resources)]) {
+        for (n, r) in held {
+            let _ = self.table.release(NodeId(*n), r);
         }
     }
 
@@ -293,6 +324,53 @@ impl LeaderState {
             }
         }
         out
+    }
+}
+
+impl TaskPlacer for LeaderState {
+    fn place_tasks(
+        &mut self,
+        need: &TaskNeed,
+        count: u32,
+        avoid: &[u64],
+    ) -> std::result::Result<Vec<u64>, String> {
+        let arch = need
+            .arch
+            .parse::<stellar_placement::Arch>()
+            .map_err(|e| e.to_string())?;
+        if self.table.len() == 0 {
+            return Err("no nodes are registered".into());
+        }
+        let mut req = PlacementRequest {
+            kind: WorkloadKind::Batch,
+            runtime: stellar_placement::Runtime::Container,
+            arch: stellar_placement::ArchSet::only(arch),
+            cpu_cores: cores_for_millis(need.ask.cpu_millis),
+            memory_mib: f64::from(need.ask.memory_mib),
+            disk_mib: f64::from(need.ask.disk_mib),
+            min_uplink_mbps: 0.0,
+            // A wave takes distinct nodes: at most one task per node per round.
+            count: count.min(self.table.len() as u32),
+            region: (!need.region.is_empty()).then(|| need.region.clone()),
+            origin: Origin::Anywhere,
+            min_reputation: None,
+            labels: Vec::new(),
+            existing: avoid.iter().map(|&n| NodeId(n)).collect(),
+            fit: Fit::Spread,
+        };
+        // All or nothing per wave: when fewer nodes can take a task now, the wave is as
+        // large as what they can take (the rest wait for the next round).
+        loop {
+            match self.placer.place(&mut self.table, &req) {
+                Ok(placed) => return Ok(placed.iter().map(|p| p.node.0).collect()),
+                Err(stellar_placement::PlacementError::NotEnoughNodes { found, .. })
+                    if found > 0 && found < req.count =>
+                {
+                    req.count = found;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 }
 

@@ -18,6 +18,8 @@ pub mod edge;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod job_driver;
+pub mod job_status;
 pub mod leader;
 pub mod liveness;
 pub mod logger;

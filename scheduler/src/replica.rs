@@ -73,8 +73,11 @@ pub struct ReplicaConfig {
     /// Ticks a new leader waits for gateways to report who is attached before judging any
     /// node down.
     pub node_grace_ticks: u64,
-    /// Ticks between the leader's liveness rounds (dirty nodes only, never a sweep).
+    /// Ticks between the leader's liveness rounds (dirty nodes only, never a sweep), which
+    /// are also its job rounds (`job_driver.rs`).
     pub liveness_every_ticks: u64,
+    /// The wall clock the leader stamps job commands with (apply reads no clock).
+    pub clock: fn() -> u64,
 }
 
 impl ReplicaConfig {
@@ -96,6 +99,7 @@ impl ReplicaConfig {
             gateway_reattach_ticks: 200,
             node_grace_ticks: 200,
             liveness_every_ticks: 5,
+            clock: stellar_proto::clock::unix_ms,
         }
     }
 }
@@ -185,6 +189,27 @@ pub enum Query {
     },
     /// Whether any admin token exists yet (the cluster was bootstrapped).
     AdminBootstrapped,
+    /// One job with its tasks.
+    Job {
+        /// Owning tenant.
+        tenant: String,
+        /// Job name.
+        name: String,
+    },
+    /// Jobs of a tenant (all tenants if `None`), without their tasks.
+    Jobs {
+        /// Filter.
+        tenant: Option<String>,
+    },
+    /// Whether one of a tenant's jobs names a blob (what it may download).
+    JobBlob {
+        /// The tenant asking.
+        tenant: String,
+        /// The blob's sha256 (hex).
+        sha256: String,
+    },
+    /// Every blob a kept job names (the blob sweep keeps them).
+    JobBlobs,
 }
 
 /// What a request or read is answered with.
@@ -212,6 +237,12 @@ pub enum Reply {
     Token(Option<(String, bool)>),
     /// A yes/no answer.
     Flag(bool),
+    /// One job.
+    Job(Box<pb::JobStatus>),
+    /// A job listing.
+    Jobs(Vec<pb::JobStatus>),
+    /// Blob addresses.
+    Blobs(std::collections::BTreeSet<String>),
 }
 
 /// What the driver must do after `process`.
@@ -240,6 +271,13 @@ enum PendingKind {
         /// Lost allocations this plan replaces (internal re-placement).
         lost: Vec<u64>,
     },
+    /// A wave of task attempts the job round placed.
+    Wave {
+        tasks: Vec<crate::job_driver::TaskId>,
+        held: Vec<(u64, Resources)>,
+    },
+    /// Attempts the job round judged lost.
+    Lost(Vec<crate::state::AttemptKey>),
 }
 
 #[derive(Debug)]
@@ -509,6 +547,7 @@ impl Replica {
                 .is_multiple_of(self.cfg.liveness_every_ticks.max(1))
         {
             self.liveness_round();
+            self.job_round();
         }
     }
 
@@ -898,6 +937,16 @@ impl Replica {
     }
 
     fn undo_plan(&mut self, kind: &PendingKind) {
+        if let Some(l) = self.leader.as_mut() {
+            match kind {
+                PendingKind::Wave { tasks, held } => {
+                    l.release_tasks(held);
+                    l.jobs.wave_done(tasks);
+                }
+                PendingKind::Lost(keys) => l.jobs.lost_done(keys),
+                _ => {}
+            }
+        }
         if let PendingKind::Plan {
             fid,
             nodes,
@@ -1221,8 +1270,25 @@ impl Replica {
                 .and_then(|m| m.get_mut(i))
                 .map(|p| (p.token, std::mem::replace(&mut p.kind, PendingKind::Plain)));
             let mut own_placed = false;
+            let mut own_started = false;
             if let Some((token, kind)) = pending {
                 match kind {
+                    PendingKind::Wave { tasks, held } => {
+                        if let Some(l) = self.leader.as_mut() {
+                            l.jobs.wave_done(&tasks);
+                            if accepted {
+                                own_started = true;
+                            } else {
+                                tracing::debug!(replica = self.cfg.id, reason = %result.error_message, "a task wave was refused; re-placing next round");
+                                l.release_tasks(&held);
+                            }
+                        }
+                    }
+                    PendingKind::Lost(keys) => {
+                        if let Some(l) = self.leader.as_mut() {
+                            l.jobs.lost_done(&keys);
+                        }
+                    }
                     PendingKind::Plain => self.reply(
                         token,
                         result_of(result).map(Reply::Applied).map_err(Error::from),
@@ -1258,6 +1324,7 @@ impl Replica {
             }
             if let Some(l) = self.leader.as_mut() {
                 l.observe(&self.state, &fx, own_placed);
+                l.observe_tasks(&fx, own_started);
                 l.liveness.observe(&fx.nodes_changed);
                 l.liveness.observe(&fx.nodes_joined);
             }
@@ -1437,6 +1504,51 @@ impl Replica {
         self.internal.push_back((cmd, PendingKind::Plain));
     }
 
+    /// The leader's job round: lost attempts, waves of pending tasks and backup copies of
+    /// stragglers become internal commands (`job_driver.rs`).
+    fn job_round(&mut self) {
+        if self.state.jobs().is_empty() || self.ensure_leader_state().is_err() {
+            return;
+        }
+        let now = (self.cfg.clock)();
+        let leader = self.leader.as_mut().expect("ensured");
+        let mut driver = std::mem::take(&mut leader.jobs);
+        let round = driver.round(&self.state, leader, now);
+        leader.jobs = driver;
+        tracing::debug!(
+            replica = self.cfg.id,
+            lost = round.lost.len(),
+            waves = round.waves.len(),
+            "job round"
+        );
+        if !round.lost.is_empty() {
+            tracing::info!(
+                replica = self.cfg.id,
+                attempts = round.lost.len(),
+                "task attempts lost with their nodes"
+            );
+            let keys = round.lost.iter().map(|(_, k)| *k).collect();
+            let cmd = command(
+                Vec::new(),
+                pb::command::Kind::TaskReports(pb::TaskReportsCmd {
+                    reports: round.lost.into_iter().map(|(r, _)| r).collect(),
+                    unix_ms: now,
+                }),
+            );
+            self.internal.push_back((cmd, PendingKind::Lost(keys)));
+        }
+        for w in round.waves {
+            let cmd = command(Vec::new(), pb::command::Kind::StartAttempts(w.command));
+            self.internal.push_back((
+                cmd,
+                PendingKind::Wave {
+                    tasks: w.tasks,
+                    held: w.held,
+                },
+            ));
+        }
+    }
+
     /// Once per leadership: replicas a previous leader left on down nodes are re-placed.
     fn replace_stranded(&mut self) {
         let down_nodes: Vec<u64> = self
@@ -1566,6 +1678,36 @@ impl Replica {
                 self.state.token(sha256).map(|(t, a)| (t.to_string(), a)),
             )),
             Query::AdminBootstrapped => Ok(Reply::Flag(self.state.has_admin_token())),
+            Query::Job { tenant, name } => {
+                let j = self.state.job(tenant, name).ok_or_else(|| {
+                    ApplyError::NotFound(format!(
+                        "job {} not found in tenant {}",
+                        crate::state::shown(name),
+                        crate::state::shown(tenant)
+                    ))
+                })?;
+                let mut status = crate::job_status::status_of(j);
+                status.applied_index = self.state.applied_index();
+                Ok(Reply::Job(Box::new(status)))
+            }
+            Query::Jobs { tenant } => Ok(Reply::Jobs(
+                self.state
+                    .jobs()
+                    .values()
+                    .filter(|j| tenant.as_deref().is_none_or(|t| t == j.tenant))
+                    .map(|j| {
+                        let mut s = crate::job_status::status_of(j);
+                        if let Some(j) = s.job.as_mut() {
+                            j.stages.clear();
+                        }
+                        s
+                    })
+                    .collect(),
+            )),
+            Query::JobBlob { tenant, sha256 } => {
+                Ok(Reply::Flag(self.state.tenant_job_has_blob(tenant, sha256)))
+            }
+            Query::JobBlobs => Ok(Reply::Blobs(self.state.job_blob_shas())),
         }
     }
 
@@ -1590,6 +1732,18 @@ impl Replica {
                 t,
             );
             pricing::add(credits.entry(node).or_default(), t);
+        }
+        // Jobs' tasks bill as `job/NAME` lines (the winning attempt of each task only).
+        for ((t_name, job, node, hour), t) in self.state.job_usage() {
+            if *hour < since_hour || tenant.is_some_and(|want| want != t_name) {
+                continue;
+            }
+            pricing::add(
+                bill.entry((t_name.clone(), format!("job/{job}")))
+                    .or_default(),
+                t,
+            );
+            pricing::add(credits.entry(*node).or_default(), t);
         }
         let bill: Vec<pb::UsageLine> = bill
             .into_iter()

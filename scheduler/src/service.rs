@@ -133,6 +133,41 @@ impl ControlService {
         Ok(())
     }
 
+    /// Refuses job inputs that are not stored on enough replicas, or not at the size named.
+    async fn check_blobs_stored(&self, blobs: &[pb::BlobRef]) -> Result<(), Status> {
+        let need = self.blobs.copies_needed().await;
+        for b in blobs {
+            if let Some(size) = self.blobs.store().size(&b.sha256)
+                && size != b.size
+            {
+                return Err(Status::invalid_argument(format!(
+                    "input `{}` ({}) is {size} bytes, not the {} the job says",
+                    b.name, b.sha256, b.size
+                )));
+            }
+            let copies = self.blobs.copies(&b.sha256).await;
+            if copies < need {
+                return Err(Status::failed_precondition(format!(
+                    "input `{}` ({}) is stored on {copies} replica(s), {need} are needed: upload it first with PutBlob (`stellar job run` does)",
+                    b.name, b.sha256
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn job_status(
+        &self,
+        tenant: String,
+        name: String,
+        read: Option<pb::ReadOptions>,
+    ) -> Result<pb::JobStatus, Status> {
+        match self.read(Query::Job { tenant, name }, read).await? {
+            Reply::Job(j) => Ok(*j),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     async fn caller<T>(&self, req: &GrpcRequest<T>) -> Result<Caller, Status> {
         self.auth.caller(req.metadata()).await
     }
@@ -624,6 +659,118 @@ impl pb::control_server::Control for ControlService {
             copies,
             needed: self.blobs.copies_needed().await as u32,
         }))
+    }
+
+    type GetBlobStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BlobChunk, Status>>;
+
+    async fn get_blob(
+        &self,
+        req: GrpcRequest<pb::GetBlobRequest>,
+    ) -> Result<Response<Self::GetBlobStream>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        if !stellar_proto::limits::is_sha256_hex(&r.sha256) {
+            return Err(blob_status(crate::blobs::BlobError::BadName(r.sha256)));
+        }
+        // A tenant reads only what its own jobs name; an admin reads anything stored.
+        if !caller.admin || !r.tenant.is_empty() {
+            let tenant = caller.tenant_for(&r.tenant)?;
+            let ok = matches!(
+                self.read(
+                    Query::JobBlob {
+                        tenant: tenant.clone(),
+                        sha256: r.sha256.clone(),
+                    },
+                    None,
+                )
+                .await?,
+                Reply::Flag(true)
+            );
+            if !ok {
+                return Err(Status::not_found(format!(
+                    "no job of tenant `{tenant}` names blob {}",
+                    r.sha256
+                )));
+            }
+        }
+        self.blobs.ensure_local(&r.sha256).await?;
+        Ok(Response::new(self.blobs.send(&r.sha256, r.offset)?))
+    }
+
+    async fn submit_job(
+        &self,
+        req: GrpcRequest<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let tenant = caller.tenant_for(&r.tenant)?;
+        let spec = r
+            .spec
+            .ok_or_else(|| Status::invalid_argument("SubmitJob needs a spec"))?;
+        stellar_proto::job_spec::check_job_spec(&spec).map_err(Status::invalid_argument)?;
+        // Bytes never go through the log: inputs and layers must be on two replicas first.
+        self.check_blobs_stored(&spec.inputs).await?;
+        for st in &spec.stages {
+            if let Some(image) = &st.image {
+                self.check_layers_stored(image).await?;
+            }
+        }
+        let name = spec.name.clone();
+        self.command(
+            r.request_id,
+            pb::command::Kind::SubmitJob(pb::SubmitJobCmd {
+                tenant: tenant.clone(),
+                spec: Some(spec),
+                unix_ms: stellar_proto::clock::unix_ms(),
+            }),
+        )
+        .await?;
+        tracing::info!(%tenant, job = %name, "job submitted");
+        Ok(Response::new(self.job_status(tenant, name, None).await?))
+    }
+
+    async fn get_job(
+        &self,
+        req: GrpcRequest<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let tenant = caller.tenant_for(&r.tenant)?;
+        Ok(Response::new(
+            self.job_status(tenant, r.name, r.read).await?,
+        ))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: GrpcRequest<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let tenant = caller.filter(&r.tenant)?;
+        match self.read(Query::Jobs { tenant }, r.read).await? {
+            Reply::Jobs(jobs) => Ok(Response::new(pb::ListJobsResponse { jobs })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn cancel_job(
+        &self,
+        req: GrpcRequest<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let tenant = caller.tenant_for(&r.tenant)?;
+        self.command(
+            r.request_id,
+            pb::command::Kind::CancelJob(pb::CancelJobCmd {
+                tenant: tenant.clone(),
+                name: r.name.clone(),
+                unix_ms: stellar_proto::clock::unix_ms(),
+            }),
+        )
+        .await?;
+        Ok(Response::new(self.job_status(tenant, r.name, None).await?))
     }
 
     async fn cluster_status(

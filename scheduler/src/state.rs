@@ -17,7 +17,10 @@ use stellar_proto::v1 as pb;
 use crate::error::ApplyError;
 
 use crate::modules::ModuleStore;
+
+mod jobs;
 pub use crate::modules::{MAX_MODULES_TOTAL_BYTES, MAX_TENANT_MODULE_BYTES};
+pub use jobs::{AttemptKey, MAX_FINISHED_JOBS, attempt_key, job_blobs, task_key};
 pub use stellar_proto::limits::MAX_MODULE_BYTES;
 /// Retried request ids remembered, oldest forgotten first.
 pub const DEDUPE_CAPACITY: usize = 200_000;
@@ -62,6 +65,10 @@ impl<'a> DedupeScope<'a> {
             Kind::Usage(_) => ("usage", ""),
             Kind::ReplicaAddress(_) => ("replica_address", ""),
             Kind::AllocationStates(_) => ("allocation_states", ""),
+            Kind::SubmitJob(c) => ("submit_job", c.tenant.as_str()),
+            Kind::StartAttempts(_) => ("start_attempts", ""),
+            Kind::TaskReports(_) => ("task_reports", ""),
+            Kind::CancelJob(c) => ("cancel_job", c.tenant.as_str()),
         };
         DedupeScope { method, tenant }
     }
@@ -133,6 +140,10 @@ pub struct Node {
     pub allocated: Resources,
     /// Number of live allocations.
     pub allocations: u32,
+    /// What running task attempts hold on it (besides its allocations).
+    pub task_reserved: Resources,
+    /// Task attempts running on it.
+    pub task_attempts: u32,
 }
 
 /// One version of a function: what it runs and with which limits.
@@ -270,6 +281,50 @@ pub struct UsageTotals {
     pub cpu_ns: u64,
 }
 
+impl UsageTotals {
+    /// Totals from their snapshot record.
+    pub fn of(u: &pb::UsageTotal) -> UsageTotals {
+        UsageTotals {
+            invocations: u.invocations,
+            fuel: u.fuel,
+            wall_us: u.wall_us,
+            bytes_in: u.bytes_in,
+            bytes_out: u.bytes_out,
+            memory_mib_ms: u.memory_mib_ms,
+            cpu_ns: u.cpu_ns,
+        }
+    }
+
+    /// Adds one run's usage record.
+    pub fn count(&mut self, r: &pb::UsageRecord) {
+        self.invocations += 1;
+        self.fuel = self.fuel.saturating_add(r.fuel);
+        self.wall_us = self.wall_us.saturating_add(r.wall_us);
+        self.bytes_in = self.bytes_in.saturating_add(r.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(r.bytes_out);
+        let mib_ms = (r.peak_memory_bytes >> 20).saturating_mul(r.wall_us / 1000);
+        self.memory_mib_ms = self.memory_mib_ms.saturating_add(mib_ms);
+        self.cpu_ns = self.cpu_ns.saturating_add(r.cpu_ns);
+    }
+
+    /// The snapshot record of these totals for `(tenant, function, node, hour)`.
+    pub fn record(&self, (tenant, function): (&str, &str), node: u64, hour: u64) -> pb::UsageTotal {
+        pb::UsageTotal {
+            tenant: tenant.to_string(),
+            function: function.to_string(),
+            node,
+            hour,
+            invocations: self.invocations,
+            fuel: self.fuel,
+            wall_us: self.wall_us,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            memory_mib_ms: self.memory_mib_ms,
+            cpu_ns: self.cpu_ns,
+        }
+    }
+}
+
 /// The whole replicated state; see the module docs for the rules `apply` follows.
 #[derive(Debug, Clone, Default)]
 pub struct StateMachine {
@@ -294,6 +349,13 @@ pub struct StateMachine {
     dedupe: rustc_hash::FxHashMap<Vec<u8>, (u64, pb::CommandResult)>,
     dedupe_order: VecDeque<Vec<u8>>,
     replicas: BTreeMap<u64, String>,
+    jobs: BTreeMap<u64, pb::JobRecord>,
+    job_ids: BTreeMap<(String, String), u64>,
+    next_job_id: u64,
+    /// Ended jobs still kept, oldest (smallest id) forgotten first.
+    finished_jobs: BTreeSet<u64>,
+    /// Keyed by (tenant, job name, node, unix hour recorded).
+    job_usage: BTreeMap<(String, String, u64, u64), UsageTotals>,
 }
 
 /// What applying one command changed, for the leader's soft state (placement table).
@@ -312,6 +374,14 @@ pub struct Effects {
     /// Functions (arena ids) whose current version failed to load on a node and may be
     /// placed again: the leader places a replacement.
     pub load_failed: Vec<u32>,
+    /// Jobs created, advanced or ended.
+    pub jobs: Vec<u64>,
+    /// Task attempts started or ended (their nodes' gateways start or cancel them).
+    pub attempts: Vec<AttemptKey>,
+    /// Attempts started: (node, what each holds there).
+    pub tasks_started: Vec<(u64, Resources)>,
+    /// Attempts ended: (node, what each gave back).
+    pub tasks_ended: Vec<(u64, Resources)>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApplyError {
@@ -327,20 +397,7 @@ pub const MAX_ADDRESS_BYTES: usize = 256;
 
 /// Checks a tenant or function name: 1–63 of `[a-z0-9-]`, starting with a letter or digit.
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "{what} name {} must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'",
-            shown(name)
-        )))
-    }
+    stellar_proto::text::check_name(what, name).map_err(invalid)
 }
 
 pub use stellar_proto::text::shown;
@@ -644,6 +701,10 @@ impl StateMachine {
                 Ok(ok_result())
             }
             Kind::AllocationStates(c) => self.allocation_states(c, fx),
+            Kind::SubmitJob(c) => self.submit_job(c, fx),
+            Kind::StartAttempts(c) => self.start_attempts(c, fx),
+            Kind::TaskReports(c) => self.task_reports(c, fx),
+            Kind::CancelJob(c) => self.cancel_job(c, fx),
         }
     }
 
@@ -898,7 +959,8 @@ impl StateMachine {
                     node.arch.as_str()
                 )));
             }
-            let mut allocated = node.allocated;
+            // Running task attempts hold their share too.
+            let mut allocated = add(node.allocated, node.task_reserved);
             if let Some(f) = fid.map(|id| &self.functions[id as usize])
                 && let Some(a) = f.on_nodes.get(&n)
             {
@@ -1074,11 +1136,14 @@ impl StateMachine {
                         old.reputation,
                         old.gateway,
                     );
+                    let (task_reserved, task_attempts) = (old.task_reserved, old.task_attempts);
                     previous = Some(state);
                     let slot = o.get_mut();
                     *slot = node;
                     slot.allocated = allocated;
                     slot.allocations = allocations;
+                    slot.task_reserved = task_reserved;
+                    slot.task_attempts = task_attempts;
                     slot.state = state;
                     slot.reputation = reputation;
                     // A registration through a gateway names it; an admin import keeps it.
@@ -1144,6 +1209,8 @@ impl StateMachine {
             gateway: (!r.gateway.is_empty()).then(|| self.symbols.intern(&r.gateway)),
             allocated: Resources::default(),
             allocations: 0,
+            task_reserved: Resources::default(),
+            task_attempts: 0,
         }
     }
 
@@ -1315,15 +1382,7 @@ impl StateMachine {
                 continue;
             }
             counted += 1;
-            let t = self.usage.entry((fid, r.node, hour)).or_default();
-            t.invocations += 1;
-            t.fuel = t.fuel.saturating_add(r.fuel);
-            t.wall_us = t.wall_us.saturating_add(r.wall_us);
-            t.bytes_in = t.bytes_in.saturating_add(r.bytes_in);
-            t.bytes_out = t.bytes_out.saturating_add(r.bytes_out);
-            let mib_ms = (r.peak_memory_bytes >> 20).saturating_mul(r.wall_us / 1000);
-            t.memory_mib_ms = t.memory_mib_ms.saturating_add(mib_ms);
-            t.cpu_ns = t.cpu_ns.saturating_add(r.cpu_ns);
+            self.usage.entry((fid, r.node, hour)).or_default().count(&r);
             if self.seen_order.len() >= SEEN_INVOCATIONS_CAPACITY
                 && let Some(old) = self.seen_order.pop_front()
             {
@@ -1446,6 +1505,7 @@ impl StateMachine {
 
     /// The whole state in its canonical encoding (snapshot contents).
     pub fn to_snapshot(&self) -> pb::StateSnapshot {
+        let (jobs, job_usage) = self.jobs_snapshot();
         pb::StateSnapshot {
             applied_index: self.applied_index,
             tenants: self
@@ -1519,19 +1579,7 @@ impl StateMachine {
                 .iter()
                 .map(|(&(fid, node, hour), t)| {
                     let f = &self.functions[fid as usize];
-                    pb::UsageTotal {
-                        tenant: f.tenant.clone(),
-                        function: f.name.clone(),
-                        node,
-                        hour,
-                        invocations: t.invocations,
-                        fuel: t.fuel,
-                        wall_us: t.wall_us,
-                        bytes_in: t.bytes_in,
-                        bytes_out: t.bytes_out,
-                        memory_mib_ms: t.memory_mib_ms,
-                        cpu_ns: t.cpu_ns,
-                    }
+                    t.record((&f.tenant, &f.name), node, hour)
                 })
                 .collect(),
             dedupe: self
@@ -1556,6 +1604,9 @@ impl StateMachine {
                 .collect(),
             next_allocation_id: self.next_allocation_id,
             seen_invocations: self.seen_order.iter().cloned().collect(),
+            jobs,
+            next_job_id: self.next_job_id,
+            job_usage,
         }
     }
 
@@ -1656,18 +1707,7 @@ impl StateMachine {
             let fid = m
                 .function_id(&u.tenant, &u.function)
                 .ok_or_else(|| invalid("snapshot usage names an unknown function"))?;
-            m.usage.insert(
-                (fid, u.node, u.hour),
-                UsageTotals {
-                    invocations: u.invocations,
-                    fuel: u.fuel,
-                    wall_us: u.wall_us,
-                    bytes_in: u.bytes_in,
-                    bytes_out: u.bytes_out,
-                    memory_mib_ms: u.memory_mib_ms,
-                    cpu_ns: u.cpu_ns,
-                },
-            );
+            m.usage.insert((fid, u.node, u.hour), UsageTotals::of(&u));
         }
         for d in s.dedupe {
             let r = pb::CommandResult::decode(d.result.as_slice())
@@ -1681,6 +1721,7 @@ impl StateMachine {
             m.seen_invocations.insert(id.clone());
             m.seen_order.push_back(id);
         }
+        m.restore_jobs(s.jobs, s.next_job_id, s.job_usage)?;
         Ok(m)
     }
 

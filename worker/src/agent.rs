@@ -11,10 +11,12 @@
 //!    Invocation       ─▶ blocking thread: Sandbox::invoke ─▶ InvocationResult + UsageRecord
 //!    every heartbeat  ─▶ Heartbeat(free, running, coordinate, seq) ◀─ HeartbeatAck: RTT ─▶ Vivaldi
 //!    every second     ─▶ UsageReport (batched)
+//!    Task             ─▶ layers + inputs fetched ─▶ container run ─▶ outputs up ─▶ TaskResult
 //!    SIGTERM          ─▶ Draining, refuse new invocations, finish in-flight (bounded), flush
 //! ```
 
 mod container_instances;
+mod task_runs;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -124,6 +126,10 @@ struct Agent {
     usage: Arc<Mutex<Unacked>>,
     /// None: this node does not run containers (switched off, or it cannot).
     containers: Option<Containers>,
+    /// Job task attempts (None without containers).
+    tasks: Option<task_runs::TaskRuns>,
+    /// What task runs and input checks report (outlives each stream).
+    task_events: mpsc::UnboundedReceiver<task_runs::TaskEvent>,
 }
 
 /// Usage records not yet acknowledged by the control plane, by invocation id, with the
@@ -201,6 +207,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     let attributes = attributes(&cfg, containers.is_some());
     let vivaldi_cfg = VivaldiConfig::default();
+    let (task_events_tx, task_events) = mpsc::unbounded_channel();
+    let tasks = match &containers {
+        Some(_) => Some(
+            task_runs::TaskRuns::open(&cfg.data_dir.join("tasks"), task_events_tx).map_err(
+                |e| Error::Config(format!("{}: {e}", cfg.data_dir.join("tasks").display())),
+            )?,
+        ),
+        None => None,
+    };
     let mut agent = Agent {
         rng: rand_pcg::Pcg64::seed_from_u64(identity.node()),
         vivaldi: VivaldiNode::new(&vivaldi_cfg),
@@ -216,6 +231,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         slots: Arc::new(Semaphore::new(slots)),
         usage: Arc::new(Mutex::new(Unacked::default())),
         containers,
+        tasks,
+        task_events,
         cfg,
     };
     tokio::pin!(shutdown);
@@ -401,6 +418,9 @@ impl Agent {
         if let Some(c) = self.containers.as_mut() {
             c.downloads.suspend();
         }
+        if let Some(t) = self.tasks.as_mut() {
+            t.suspend();
+        }
         let (events_tx, mut events) = mpsc::channel::<Event>(256);
         let mut fetching: HashMap<String, Vec<u8>> = HashMap::new();
         let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms)));
@@ -425,6 +445,7 @@ impl Agent {
                     Err(s) => return (ended_by(s), true),
                 },
                 Some(ev) = events.recv() => self.on_event(ev, &tx).await,
+                Some(ev) = self.task_events.recv() => self.on_task_event(ev, &tx).await,
                 _ = heartbeat.tick() => {
                     seq += 1;
                     sent_at.insert(seq, crate::clock::now());
@@ -525,7 +546,16 @@ impl Agent {
                     });
                 }
             }
-            Kind::BlobChunk(c) => self.on_layer_chunk(c, tx, events).await,
+            Kind::BlobChunk(c) => {
+                if self.tasks.as_ref().is_some_and(|t| t.fetching(&c.sha256)) {
+                    self.on_input_chunk(&c);
+                } else {
+                    self.on_layer_chunk(c, tx, events).await;
+                }
+            }
+            Kind::Task(t) => self.on_task(t, tx).await,
+            Kind::CancelTask(k) => self.cancel_task(&k),
+            Kind::TaskAck(a) => self.task_acked(&a),
             Kind::Invocation(inv) => self.invoke(inv, tx).await,
             Kind::UsageAck(ack) => {
                 if let Ok(mut u) = self.usage.lock() {
@@ -673,7 +703,10 @@ impl Agent {
                 rtt_ms,
                 coordinate,
             } => self.observe(&gateway, &coordinate, rtt_ms),
-            Event::LayerReady { sha256, result } => self.layer_ready(&sha256, result, tx).await,
+            Event::LayerReady { sha256, result } => {
+                self.task_layer_ready(&sha256, &result, tx).await;
+                self.layer_ready(&sha256, result, tx).await;
+            }
             Event::Loaded { sha256, result } => {
                 for (id, i) in self
                     .instances

@@ -114,11 +114,19 @@ impl Agent {
             .filter_map(|i| i.image.as_ref())
             .flat_map(|i| &i.layers)
             .find(|l| l.sha256 == chunk.sha256)
-            .is_some_and(|l| l.gzip);
+            .map(|l| l.gzip)
+            .or_else(|| {
+                self.tasks
+                    .as_ref()
+                    .and_then(|t| t.layer_gzip(&chunk.sha256))
+            })
+            .unwrap_or(false);
         match c.downloads.chunk(&chunk) {
             Progress::Partial => {}
             Progress::Failed(why) => {
                 let why = format!("layer {}: {why}", chunk.sha256);
+                self.task_layer_ready(&chunk.sha256, &Err(why.clone()), tx)
+                    .await;
                 self.layer_ready(&chunk.sha256, Err(why), tx).await;
             }
             Progress::Finished(path) => {

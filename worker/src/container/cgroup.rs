@@ -238,8 +238,11 @@ fn read_keyed(path: &Path, key: &str) -> u64 {
 
 /// Whether this machine can give a container every limit (checked once at worker start).
 pub fn available() -> Result<(), String> {
+    // Unique per check: `stellar dev` starts several workers in one process at once.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let probe = ContainerCgroup::create(
-        &format!("{PARENT}/probe-{}", std::process::id()),
+        &format!("{PARENT}/probe-{}-{n}", std::process::id()),
         CgroupLimits {
             memory_bytes: 64 << 20,
             pids: 8,

@@ -158,7 +158,13 @@ impl ContainerRuntime {
         })
     }
 
-    /// The layer cache.
+    /// The host uid and gid the container's root runs as (what a bound dir must be owned by
+    /// for it to write there).
+    pub fn host_ids(&self) -> (u32, u32) {
+        (self.host_uid, self.host_gid)
+    }
+
+    /// The node's layer cache.
     pub fn layers(&self) -> &LayerCache {
         &self.layers
     }

@@ -1,0 +1,179 @@
+//! Task attempts' outputs and results on their way from a worker to the control plane. A
+//! worker uploads each file its task wrote over its own stream, then sends the result; the
+//! gateway pipes each file into a `PutBlob` of its own (stored on two replicas before it is
+//! answered), and reports the result with `Edge.ReportTasks` only once every upload it names
+//! is stored. The worker is told `TaskAck` once the report is committed (it then forgets
+//! the attempt and its files); until then it keeps them and sends them again on its next
+//! stream.
+//!
+//! ```text
+//!  TaskOutputChunk(offset 0) ─ attempt runs on this node? ─no─▶ dropped (ack with error)
+//!                             └ yes ─▶ PutBlob stream ◀─ chunks… (awaited: backpressure)
+//!  TaskResult ─▶ wait for its uploads ─▶ ReportTasks (retried) ─▶ TaskAck(key[, error])
+//! ```
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use stellar_proto::client::{ClusterClient, RetryPolicy};
+use stellar_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::hub::{Outbox, control};
+use crate::view::{TaskId, View, task_id};
+
+/// Chunks buffered per upload between the worker's stream and the control plane.
+const UPLOAD_BUFFER: usize = 8;
+/// How long a result's report is retried (a leader election, a replica restart).
+const REPORT_FOR: Duration = Duration::from_secs(120);
+
+type Upload = JoinHandle<Result<pb::PutBlobResponse, tonic::Status>>;
+
+/// The uploads of one worker stream (see the module docs).
+#[derive(Default)]
+pub struct TaskUploads {
+    /// The file being received, per attempt: its chunks' way to the control plane.
+    open: HashMap<TaskId, (String, mpsc::Sender<pb::BlobChunk>)>,
+    /// Uploads started, per attempt, by sha256.
+    started: HashMap<TaskId, Vec<(String, Upload)>>,
+}
+
+impl std::fmt::Debug for TaskUploads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskUploads")
+            .field("open", &self.open.len())
+            .field("attempts", &self.started.len())
+            .finish()
+    }
+}
+
+fn ack(key: pb::TaskKey, error: String) -> pb::ControlMessage {
+    control(pb::control_message::Kind::TaskAck(pb::TaskAck {
+        key: Some(key),
+        error,
+    }))
+}
+
+impl TaskUploads {
+    /// One chunk of an output file: the first opens its upload, every one is forwarded
+    /// (waiting while the control plane is slower than the worker).
+    pub async fn chunk(
+        &mut self,
+        (node, view, client): (u64, &View, &ClusterClient),
+        out: pb::TaskOutputChunk,
+    ) {
+        let Some(chunk) = out.chunk else { return };
+        let id = task_id(&out.key.unwrap_or_default());
+        if chunk.offset == 0 {
+            if !view.runs_task(node, id) {
+                tracing::debug!(
+                    node = format!("{node:016x}"),
+                    ?id,
+                    "output of an attempt not running here dropped"
+                );
+                return;
+            }
+            let (tx, rx) = mpsc::channel(UPLOAD_BUFFER);
+            let mut rx = Some(rx);
+            let client = client.clone();
+            let upload = tokio::spawn(async move {
+                client
+                    .call_with(RetryPolicy::Unrun, |mut c| {
+                        let chunks = rx.take();
+                        async move {
+                            let Some(chunks) = chunks else {
+                                return Err(tonic::Status::unavailable(
+                                    "the leader changed during the upload",
+                                ));
+                            };
+                            c.put_blob(tokio_stream::wrappers::ReceiverStream::new(chunks))
+                                .await
+                        }
+                    })
+                    .await
+            });
+            self.started
+                .entry(id)
+                .or_default()
+                .push((chunk.sha256.clone(), upload));
+            self.open.insert(id, (chunk.sha256.clone(), tx));
+        }
+        let last = chunk.last;
+        if let Some((sha, tx)) = self.open.get(&id)
+            && *sha == chunk.sha256
+        {
+            // A failed upload closes its receiver: the result then names an output that
+            // was not stored, and the report says so.
+            let _ = tx.send(chunk).await;
+        }
+        if last {
+            self.open.remove(&id);
+        }
+    }
+
+    /// An attempt's result: reported once its uploads are stored, then acknowledged to the
+    /// worker (on a task of its own: the stream goes on meanwhile).
+    pub fn result(&mut self, node: u64, client: &ClusterClient, tx: &Outbox, r: pb::TaskResult) {
+        let key = r.key.clone().unwrap_or_default();
+        let id = task_id(&key);
+        self.open.remove(&id);
+        let uploads = self.started.remove(&id).unwrap_or_default();
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut failed = String::new();
+            for (sha, up) in uploads {
+                match up.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(s)) => failed = format!("output {sha} was not stored: {}", s.message()),
+                    Err(e) => failed = format!("output {sha} was not stored: {e}"),
+                }
+            }
+            let mut result = r;
+            if !failed.is_empty() && result.error_code.is_empty() {
+                // Not the program's fault: the attempt is retried elsewhere.
+                result.error_code = "OUTPUT_NOT_STORED".into();
+                result.error_message = failed;
+                result.node_fault = true;
+            }
+            let report = pb::ReportTasksRequest {
+                reports: vec![pb::TaskReport {
+                    result: Some(result),
+                    node,
+                    lost: false,
+                }],
+            };
+            let started = stellar_proto::clock::now();
+            let answer = loop {
+                let r = client
+                    .edge_call(RetryPolicy::Safe, |mut c| {
+                        let req = report.clone();
+                        async move { c.report_tasks(req).await }
+                    })
+                    .await;
+                match r {
+                    Ok(a) => break Ok(a),
+                    Err(s) if started.elapsed() < REPORT_FOR => {
+                        tracing::debug!(error = %s.message(), "task report not taken yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(s) => break Err(s),
+                }
+            };
+            match answer {
+                Ok(a) => {
+                    let why = a.refused.into_iter().next().unwrap_or_default();
+                    if !why.is_empty() {
+                        tracing::warn!(node = format!("{node:016x}"), ?id, reason = %why, "task result refused");
+                    }
+                    let _ = tx.send(Ok(ack(key, why))).await;
+                }
+                Err(s) => {
+                    // No ack: the worker keeps the result and sends it again on its next
+                    // stream; the leader judges the attempt lost meanwhile if it must.
+                    tracing::warn!(node = format!("{node:016x}"), ?id, error = %s.message(), "task result not reported");
+                }
+            }
+        });
+    }
+}
