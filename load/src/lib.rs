@@ -7,6 +7,7 @@ pub mod baselines;
 pub mod containerbench;
 pub mod edgebench;
 pub mod invokebench;
+pub mod jobsim;
 pub mod procs;
 pub mod raftbench;
 pub mod sim;

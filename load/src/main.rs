@@ -296,7 +296,8 @@ struct SimArgs {
     #[arg(long)]
     candidates: Option<usize>,
     /// Scorer weights, e.g. `latency=0.8,reputation=0.15,fit=0.05,zone_spread=0.05`
-    /// (unnamed scorers keep their defaults).
+    /// (unnamed scorers keep their defaults; `bandwidth` counts only for requests with a
+    /// transfer estimate).
     #[arg(long, value_parser = parse_weights)]
     weights: Option<Weights>,
     /// RTT in ms at which the latency score falls to one half (default 20).
@@ -320,9 +321,11 @@ fn parse_weights(s: &str) -> Result<Weights, String> {
             "reputation" => w.reputation = value,
             "fit" => w.fit = value,
             "zone_spread" => w.zone_spread = value,
+            "bandwidth" => w.bandwidth = value,
             _ => {
                 return Err(format!(
-                    "unknown scorer `{name}`; known: latency, reputation, fit, zone_spread"
+                    "unknown scorer `{name}`; known: latency, reputation, fit, zone_spread, \
+                     bandwidth"
                 ));
             }
         }

@@ -59,9 +59,9 @@ pub use node::{
 pub use placer::{ConfigError, Placement, Placer, PlacerConfig, SampleSize, SearchStats};
 pub use request::{
     Fit, LabelConstraint, LabelOp, Origin, PlacementRequest, RequestError, ResolvedRequest,
-    WorkloadKind,
+    Transfer, WorkloadKind,
 };
-pub use stages::{Diagnosis, FilterKind, Score, Weights};
+pub use stages::{BANDWIDTH_REF_KBPS, Diagnosis, FilterKind, Score, Weights};
 pub use table::{NodeTable, NodeView, RegionId, Slot, TableError, ZoneId};
 pub use vivaldi::{
     Coordinate, LATENCY_FILTER_WINDOW, LatencyFilter, VivaldiConfig, VivaldiError, VivaldiNode,

@@ -78,7 +78,7 @@ impl PlacerConfig {
     /// Checks the configuration; `Placer::new` refuses what this refuses.
     pub fn validate(&self) -> std::result::Result<(), ConfigError> {
         let w = &self.weights;
-        let all = [w.latency, w.reputation, w.fit, w.zone_spread];
+        let all = [w.latency, w.reputation, w.fit, w.zone_spread, w.bandwidth];
         if all.iter().any(|x| !x.is_finite() || *x < 0.0) || all.iter().all(|x| *x == 0.0) {
             return Err(ConfigError::Weights(*w));
         }
@@ -489,7 +489,7 @@ impl Walk<'_> {
                     None => s.candidates.push(Candidate {
                         slot: node.slot,
                         loc: Loc::new(classes[ci], tier as u8, (pos + i) as u32),
-                        score: self.rr.score_node(node),
+                        score: self.rr.score_node(self.table, node),
                     }),
                 }
                 let have = s.candidates.len();
@@ -786,6 +786,55 @@ mod tests {
     }
 
     #[test]
+    fn batch_with_a_transfer_prefers_high_bandwidth_nodes() {
+        // One zone: a quarter of the nodes on DSL (2 Mbit/s up), the rest on fibre.
+        let mut t = NodeTable::new();
+        for i in 0..200 {
+            let mut s = node(i, "a", 0.0, 1.0);
+            s.labels.clear();
+            if i % 4 == 0 {
+                s.bandwidth = Bandwidth {
+                    uplink_kbps: 2_000,
+                    downlink_kbps: 10_000,
+                };
+            }
+            t.join(s).unwrap();
+        }
+        let req = PlacementRequest {
+            kind: WorkloadKind::Batch,
+            count: 20,
+            cpu_cores: 1.0,
+            transfer: Some(crate::request::Transfer {
+                bytes_in: 2_500_000,
+                bytes_out: 1_200_000,
+            }),
+            ..Default::default()
+        };
+        let is_fast =
+            |t: &NodeTable, p: &Placement| t.node(p.slot).unwrap().bandwidth.uplink_kbps > 2_000;
+        for seed in 0..10 {
+            let mut with = t.clone();
+            let mut p = Placer::new(PlacerConfig::default(), seed).unwrap();
+            let out = p.place(&mut with, &req).unwrap();
+            assert_eq!(out.len(), 20);
+            assert!(
+                out.iter().all(|p| is_fast(&with, p)),
+                "seed {seed}: a DSL node was chosen over fibre ones"
+            );
+            assert!(out.iter().all(|p| p.score.est_transfer_s < 1.0));
+            // Without the estimate the links are not looked at.
+            let mut without = t.clone();
+            let mut p = Placer::new(PlacerConfig::default(), seed).unwrap();
+            let plain = PlacementRequest {
+                transfer: None,
+                ..req.clone()
+            };
+            let out = p.place(&mut without, &plain).unwrap();
+            assert!(out.iter().all(|p| p.score.est_transfer_s.is_nan()));
+        }
+    }
+
+    #[test]
     fn batch_commits_that_move_records_reserve_the_right_nodes() {
         // One class, one tier: every commit turns a node tight and moves its record, so the
         // later candidates' location hints go stale and must fall back to the slot's location.
@@ -884,6 +933,7 @@ mod tests {
                     reputation: 0.0,
                     fit: 0.0,
                     zone_spread: 0.0,
+                    bandwidth: 0.0,
                 },
                 ..Default::default()
             },

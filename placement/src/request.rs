@@ -1,7 +1,7 @@
 //! What a caller asks for, and its checked, interned form that the stages evaluate.
 
 use crate::node::{ArchSet, NodeId, Resources, Runtime};
-use crate::stages::Weights;
+use crate::stages::{BANDWIDTH_REF_KBPS, Weights};
 use crate::table::{NodeTable, Sym};
 use crate::vivaldi::Coordinate;
 
@@ -61,6 +61,16 @@ pub enum LabelOp {
     Absent,
 }
 
+/// Bytes one task moves over its node's access link, so placement can weigh bandwidth: a
+/// video segment is megabytes, and a home uplink is a few Mbit/s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Transfer {
+    /// Bytes the task downloads to the node (its input).
+    pub bytes_in: u64,
+    /// Bytes the task uploads from the node (its output).
+    pub bytes_out: u64,
+}
+
 /// One placement request: `count` replicas or tasks with the same needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlacementRequest {
@@ -93,6 +103,9 @@ pub struct PlacementRequest {
     pub existing: Vec<NodeId>,
     /// Bin-pack or spread.
     pub fit: Fit,
+    /// Bytes each replica or task moves, if known: turns on the bandwidth scorer. `None`
+    /// (or zero bytes both ways) leaves the scores as they are without it.
+    pub transfer: Option<Transfer>,
 }
 
 impl Default for PlacementRequest {
@@ -112,6 +125,7 @@ impl Default for PlacementRequest {
             labels: Vec::new(),
             existing: Vec::new(),
             fit: Fit::Spread,
+            transfer: None,
         }
     }
 }
@@ -185,6 +199,48 @@ pub(crate) enum ResolvedLabel {
     Absent(Option<Sym>),
 }
 
+/// A transfer estimate in the units the bandwidth scorer divides by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ResolvedTransfer {
+    /// Input in kbit: seconds on the downlink = `in_kbit / downlink_kbps`.
+    pub in_kbit: f32,
+    /// Output in kbit: seconds on the uplink = `out_kbit / uplink_kbps`.
+    pub out_kbit: f32,
+    /// `1 / t_ref`, where `t_ref` is the seconds the same bytes take at the reference rate
+    /// both ways.
+    pub inv_ref_s: f32,
+}
+
+impl ResolvedTransfer {
+    /// The estimate for `t`, or `None` when it moves no bytes (bandwidth is then irrelevant).
+    fn new(t: Transfer) -> Option<Self> {
+        let in_kbit = t.bytes_in as f64 * 8.0 / 1000.0;
+        let out_kbit = t.bytes_out as f64 * 8.0 / 1000.0;
+        let ref_s = (in_kbit + out_kbit) / f64::from(BANDWIDTH_REF_KBPS);
+        (ref_s > 0.0).then(|| ResolvedTransfer {
+            in_kbit: in_kbit as f32,
+            out_kbit: out_kbit as f32,
+            inv_ref_s: (1.0 / ref_s) as f32,
+        })
+    }
+
+    /// Estimated seconds over links of these speeds; infinite when a link that must carry
+    /// bytes has none.
+    #[inline]
+    pub fn seconds(&self, downlink_kbps: u32, uplink_kbps: u32) -> f32 {
+        let leg = |kbit: f32, kbps: u32| {
+            if kbit == 0.0 {
+                0.0
+            } else if kbps == 0 {
+                f32::INFINITY
+            } else {
+                kbit / kbps as f32
+            }
+        };
+        leg(self.in_kbit, downlink_kbps) + leg(self.out_kbit, uplink_kbps)
+    }
+}
+
 /// A checked request bound to one table: what the filter and scorer stages evaluate.
 #[derive(Clone, Debug)]
 pub struct ResolvedRequest {
@@ -204,6 +260,8 @@ pub struct ResolvedRequest {
     /// Zones that already hold a replica, sorted.
     pub(crate) avoid_zones: Vec<u16>,
     pub(crate) fit: Fit,
+    /// The transfer estimate, if the request moves bytes: the bandwidth scorer applies.
+    pub(crate) transfer: Option<ResolvedTransfer>,
     pub(crate) weights: Weights,
     pub(crate) latency_scale_ms: f32,
 }
@@ -318,6 +376,7 @@ impl ResolvedRequest {
             avoid,
             avoid_zones,
             fit: req.fit,
+            transfer: req.transfer.and_then(ResolvedTransfer::new),
             weights,
             latency_scale_ms,
         })
@@ -460,5 +519,29 @@ mod tests {
         .unwrap();
         assert_eq!(r.ask(), Resources::new(1, 1, 0));
         assert_eq!(r.min_uplink_kbps, 2500);
+    }
+
+    #[test]
+    fn transfers_resolve_to_seconds_per_link() {
+        let with = |bytes_in, bytes_out| {
+            resolve(&PlacementRequest {
+                transfer: Some(Transfer {
+                    bytes_in,
+                    bytes_out,
+                }),
+                ..Default::default()
+            })
+            .unwrap()
+            .transfer
+        };
+        assert_eq!(with(0, 0), None, "moving nothing leaves bandwidth out");
+        let t = with(2_500_000, 1_250_000).unwrap();
+        // 20 Mbit in at 100 Mbit/s + 10 Mbit out at 10 Mbit/s.
+        assert!((t.seconds(100_000, 10_000) - 1.2).abs() < 1e-5);
+        // The reference: 30 Mbit at 20 Mbit/s.
+        assert!((1.0 / t.inv_ref_s - 1.5).abs() < 1e-5);
+        assert_eq!(t.seconds(0, 10_000), f32::INFINITY);
+        let upload_only = with(0, 1_000_000).unwrap();
+        assert!((upload_only.seconds(0, 8_000) - 1.0).abs() < 1e-6);
     }
 }

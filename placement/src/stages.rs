@@ -4,7 +4,9 @@
 //!  candidates (nearest-first, sampled)        see placer.rs
 //!    -> class filters   runtime, arch, region, labels      once per node class
 //!    -> node filters    state, anti-affinity, reputation, cpu, memory, disk, uplink
-//!    -> scorers         latency, reputation, fit, zone spread       each in [0, 1]
+//!    -> scorers         latency, reputation, fit, zone spread,      each in [0, 1]
+//!                       bandwidth (only with a transfer estimate; the one stage that
+//!                       reads the cold downlink)
 //!    -> normalisation   weighted mean of the scorers that apply
 //!    -> limit           stop after k feasible candidates
 //!    -> select          best score (or best m for a batch)
@@ -278,7 +280,7 @@ impl ResolvedRequest {
     pub fn score(&self, table: &NodeTable, slot: Slot) -> Option<Score> {
         table
             .is_live(slot)
-            .then(|| self.score_node(table.rec(slot.0)))
+            .then(|| self.score_node(table, table.rec(slot.0)))
     }
 
     /// Calls `f` with every feasible node and its score, walking the records as stored and
@@ -292,20 +294,22 @@ impl ResolvedRequest {
             for tier in 0..TIERS {
                 for node in class.tier(tier) {
                     if self.node_refusal(node, node.slot).is_none() {
-                        f(Slot(node.slot), self.score_node(node));
+                        f(Slot(node.slot), self.score_node(table, node));
                     }
                 }
             }
         }
     }
 
+    /// Runs every scorer on `node` (a record of `table`) and combines them.
     #[inline]
-    pub(crate) fn score_node(&self, node: &HotNode) -> Score {
+    pub(crate) fn score_node(&self, table: &NodeTable, node: &HotNode) -> Score {
         let (est_rtt_ms, latency) = LatencyScorer::score(self, node);
         let reputation = ReputationScorer::score(self, node);
         let fit = FitScorer::score(self, node);
         let zone_spread = ZoneSpreadScorer::score(self, node);
-        let total = Normaliser::combine(self, latency, reputation, fit, zone_spread);
+        let (est_transfer_s, bandwidth) = BandwidthScorer::score(self, table, node);
+        let total = Normaliser::combine(self, latency, reputation, fit, zone_spread, bandwidth);
         Score {
             total,
             est_rtt_ms,
@@ -313,6 +317,8 @@ impl ResolvedRequest {
             reputation,
             fit,
             zone_spread,
+            est_transfer_s,
+            bandwidth,
         }
     }
 }
@@ -332,11 +338,20 @@ pub struct Score {
     pub fit: f32,
     /// Zone-spread part: 0 in a zone that already holds a replica, else 1.
     pub zone_spread: f32,
+    /// Estimated seconds to move the request's transfer over the node's links; `NaN`
+    /// without a transfer estimate.
+    pub est_transfer_s: f32,
+    /// Bandwidth part: `1 / (1 + t / t_ref)`, `t_ref` being the same bytes at 20 Mbit/s both
+    /// ways; 0 without a transfer estimate (and then left out of the total).
+    pub bandwidth: f32,
 }
 
 /// Relative weights of the scorers. The defaults make latency dominant, because nearness to
 /// the caller is what the product sells; reputation is already floored by a filter and mostly
 /// breaks ties among equally near nodes; fit (bin-pack or spread) breaks the remaining ties.
+/// Bandwidth counts only for requests that say how many bytes they move, and then weighs
+/// nearly as much as latency: a video segment's upload over a slow home link can take
+/// longer than transcoding it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Weights {
     /// Latency to the origin (default 0.8).
@@ -347,6 +362,8 @@ pub struct Weights {
     pub fit: f32,
     /// Zone spread among replicas, when a replica already exists (default 0.05).
     pub zone_spread: f32,
+    /// Transfer time over the node's links, when the request has a transfer (default 0.5).
+    pub bandwidth: f32,
 }
 
 impl Default for Weights {
@@ -356,6 +373,7 @@ impl Default for Weights {
             reputation: 0.15,
             fit: 0.05,
             zone_spread: 0.05,
+            bandwidth: 0.5,
         }
     }
 }
@@ -429,24 +447,60 @@ impl ZoneSpreadScorer {
     }
 }
 
+/// Reference rate (kbit/s, both ways) at which the bandwidth score is 0.5: a good home
+/// fibre line's uplink, so a few-Mbit/s DSL uplink scores low and gigabit fibre near 1.
+pub const BANDWIDTH_REF_KBPS: u32 = 20_000;
+
+/// Scores the estimated transfer time `t = in/downlink + out/uplink` as `1 / (1 + t / t_ref)`,
+/// `t_ref` being the same bytes at [`BANDWIDTH_REF_KBPS`] both ways; a link of 0 kbit/s that
+/// must carry bytes scores 0. Only requests with a transfer estimate pay for reading the
+/// downlink from the cold array.
+pub(crate) struct BandwidthScorer;
+impl BandwidthScorer {
+    #[inline]
+    fn score(req: &ResolvedRequest, table: &NodeTable, node: &HotNode) -> (f32, f32) {
+        match &req.transfer {
+            None => (f32::NAN, 0.0),
+            Some(t) => {
+                let secs = t.seconds(table.downlink_kbps(node.slot), node.uplink_kbps);
+                (secs, 1.0 / (1.0 + secs * t.inv_ref_s))
+            }
+        }
+    }
+}
+
 /// Combines the scorers into one total: the weighted mean over the scorers that apply.
 pub(crate) struct Normaliser;
 impl Normaliser {
     #[inline]
-    fn combine(req: &ResolvedRequest, latency: f32, reputation: f32, fit: f32, spread: f32) -> f32 {
+    fn combine(
+        req: &ResolvedRequest,
+        latency: f32,
+        reputation: f32,
+        fit: f32,
+        spread: f32,
+        bandwidth: f32,
+    ) -> f32 {
         let w = &req.weights;
-        // Latency applies only with an origin; zone spread only once a replica exists.
+        // Latency applies only with an origin; zone spread only once a replica exists;
+        // bandwidth only with a transfer estimate.
         let wl = if req.origin.is_some() { w.latency } else { 0.0 };
         let ws = if req.avoid_zones.is_empty() {
             0.0
         } else {
             w.zone_spread
         };
-        let sum = wl + w.reputation + w.fit + ws;
+        let wb = if req.transfer.is_some() {
+            w.bandwidth
+        } else {
+            0.0
+        };
+        let sum = wl + w.reputation + w.fit + ws + wb;
         if sum <= 0.0 {
             return 0.0;
         }
-        (wl * latency + w.reputation * reputation + w.fit * fit + ws * spread) / sum
+        (wl * latency + w.reputation * reputation + w.fit * fit + ws * spread + wb * bandwidth)
+            / sum
     }
 }
 
@@ -532,5 +586,109 @@ mod tests {
         for (i, k) in FilterKind::ALL.iter().enumerate() {
             assert_eq!(*k as usize, i);
         }
+    }
+
+    use crate::node::{Arch, Bandwidth, NodeId, NodeSpec, Resources, RuntimeSet};
+    use crate::request::{PlacementRequest, Transfer};
+    use crate::vivaldi::Coordinate;
+
+    /// A node like every other in these tests but for its links.
+    fn spec(id: u64, uplink_kbps: u32, downlink_kbps: u32) -> NodeSpec {
+        NodeSpec {
+            id: NodeId(id),
+            region: "cn-east".into(),
+            zone: "shanghai".into(),
+            arch: Arch::X86_64,
+            runtimes: RuntimeSet::WASM,
+            capacity: Resources::new(4000, 4096, 10_000),
+            free: Resources::new(4000, 4096, 10_000),
+            bandwidth: Bandwidth {
+                uplink_kbps,
+                downlink_kbps,
+            },
+            reputation: 0.9,
+            labels: Vec::new(),
+            coordinate: Coordinate {
+                vec: [1.0, 0.0, 0.0],
+                height_ms: 2.0,
+            },
+            state: NodeState::Ready,
+        }
+    }
+
+    /// Three nodes alike but for their links: fibre, DSL, and the reference rate both ways.
+    fn three_links() -> (NodeTable, [Slot; 3]) {
+        let mut t = NodeTable::new();
+        let fibre = t.join(spec(1, 100_000, 500_000)).unwrap();
+        let dsl = t.join(spec(2, 2_000, 10_000)).unwrap();
+        let reference = t
+            .join(spec(3, BANDWIDTH_REF_KBPS, BANDWIDTH_REF_KBPS))
+            .unwrap();
+        (t, [fibre, dsl, reference])
+    }
+
+    fn resolve(t: &NodeTable, transfer: Option<Transfer>) -> ResolvedRequest {
+        let req = PlacementRequest {
+            transfer,
+            ..Default::default()
+        };
+        ResolvedRequest::resolve(t, &req, Weights::default(), 20.0, 0.5).unwrap()
+    }
+
+    const SEGMENT: Transfer = Transfer {
+        bytes_in: 2_500_000,
+        bytes_out: 1_200_000,
+    };
+
+    #[test]
+    fn a_faster_link_outscores_a_slow_one_when_bytes_move() {
+        let (t, [fibre, dsl, reference]) = three_links();
+        let rr = resolve(&t, Some(SEGMENT));
+        let score = |slot| rr.score(&t, slot).unwrap();
+        let (f, d, r) = (score(fibre), score(dsl), score(reference));
+        assert!(f.total > r.total && r.total > d.total, "{f:?} {r:?} {d:?}");
+        assert!(f.bandwidth > 0.8 && d.bandwidth < 0.2, "{f:?} vs {d:?}");
+        assert!((r.bandwidth - 0.5).abs() < 1e-6, "{r:?}");
+        // 20 Mbit in at 10 Mbit/s + 9.6 Mbit out at 2 Mbit/s.
+        assert!((d.est_transfer_s - 6.8).abs() < 1e-4, "{d:?}");
+        assert!((f.est_transfer_s - 0.136).abs() < 1e-4, "{f:?}");
+        // Bandwidth enters the weighted mean with its weight.
+        let w = Weights::default();
+        let want = (w.reputation * f.reputation + w.fit * f.fit + w.bandwidth * f.bandwidth)
+            / (w.reputation + w.fit + w.bandwidth);
+        assert!((f.total - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn scores_are_unchanged_without_a_transfer() {
+        let (t, slots) = three_links();
+        let rr = resolve(&t, None);
+        let w = Weights::default();
+        for slot in slots {
+            let s = rr.score(&t, slot).unwrap();
+            assert!(s.est_transfer_s.is_nan());
+            assert_eq!(s.bandwidth, 0.0);
+            // The weighted mean of reputation and fit alone (no origin, no replica yet).
+            let want = (w.reputation * s.reputation + w.fit * s.fit) / (w.reputation + w.fit);
+            assert_eq!(s.total, want);
+            assert_eq!(s.total, rr.score(&t, slots[0]).unwrap().total);
+        }
+        // Zero bytes both ways is the same as no estimate.
+        let zero = resolve(&t, Some(Transfer::default()));
+        for slot in slots {
+            let (a, b) = (zero.score(&t, slot).unwrap(), rr.score(&t, slot).unwrap());
+            assert_eq!(a.total, b.total);
+            assert!(a.est_transfer_s.is_nan());
+        }
+    }
+
+    #[test]
+    fn a_link_without_bandwidth_scores_zero() {
+        let (mut t, _) = three_links();
+        let mute = t.join(spec(9, 0, 50_000)).unwrap();
+        let s = resolve(&t, Some(SEGMENT)).score(&t, mute).unwrap();
+        assert_eq!(s.bandwidth, 0.0);
+        assert_eq!(s.est_transfer_s, f32::INFINITY);
+        assert!(s.total.is_finite());
     }
 }

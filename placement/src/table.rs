@@ -6,8 +6,9 @@
 //! hot record, and the records are stored *in* their bucket: a probe window is a contiguous run
 //! of memory (one TLB entry, sequential prefetch) instead of 20 random cache misses across the
 //! whole table. A slot (stable for the node's life) finds its record through a small location
-//! array; fields no decision reads (disk capacity, downlink) live in a side array, the labels
-//! in the class.
+//! array; fields most decisions never read live in a side array (disk capacity, and the
+//! downlink, which only the bandwidth scorer reads, for requests with a transfer estimate),
+//! the labels in the class.
 //!
 //! Indexes: nodes sharing zone, arch, runtimes and labels form a *class* (Nomad's computed node
 //! class), so those filters run once per class. Each class splits its members into *tiers* by
@@ -219,7 +220,7 @@ impl Class {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Loc(u64);
 
-/// The fields no decision reads, per slot.
+/// The fields most decisions never read, per slot.
 #[derive(Clone, Copy, Debug, Default)]
 struct ColdNode {
     disk_cap_mib: u32,
@@ -407,6 +408,13 @@ impl NodeTable {
     fn rec_mut(&mut self, slot: u32) -> &mut HotNode {
         let l = self.locs[slot as usize];
         &mut self.classes[l.class()].tiers[l.tier()][l.pos()]
+    }
+
+    /// The downlink of a slot, from the cold array: read only when a request has a transfer
+    /// estimate, so the record stays one cache line.
+    #[inline]
+    pub(crate) fn downlink_kbps(&self, slot: u32) -> u32 {
+        self.cold[slot as usize].downlink_kbps
     }
 
     /// The full capacity of a live slot (disk capacity lives in the cold array).

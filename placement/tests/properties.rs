@@ -82,37 +82,44 @@ fn request_strategy() -> impl Strategy<Value = PlacementRequest> {
         prop::option::of(0.0f32..1.0),
         any::<bool>(),
         any::<bool>(),
+        prop::option::of((0u64..20_000_000, 0u64..20_000_000)),
     )
         .prop_map(
-            |(kind, runtime, cpu, mem, count, origin, floor, binpack, telecom)| PlacementRequest {
-                kind,
-                runtime,
-                arch: if runtime == Runtime::Container {
-                    ArchSet::only(Arch::X86_64).with(Arch::Aarch64)
-                } else {
-                    ArchSet::ANY
-                },
-                cpu_cores: f64::from(cpu) / 1000.0,
-                memory_mib: f64::from(mem),
-                count,
-                origin: match ZONES.get(origin) {
-                    Some((region, zone, _, _)) => Origin::Zone {
-                        region: (*region).into(),
-                        zone: (*zone).into(),
+            |(kind, runtime, cpu, mem, count, origin, floor, binpack, telecom, transfer)| {
+                PlacementRequest {
+                    kind,
+                    runtime,
+                    arch: if runtime == Runtime::Container {
+                        ArchSet::only(Arch::X86_64).with(Arch::Aarch64)
+                    } else {
+                        ArchSet::ANY
                     },
-                    None => Origin::Anywhere,
-                },
-                min_reputation: floor,
-                labels: if telecom {
-                    vec![LabelConstraint {
-                        key: "isp".into(),
-                        op: LabelOp::Equals("telecom".into()),
-                    }]
-                } else {
-                    Vec::new()
-                },
-                fit: if binpack { Fit::BinPack } else { Fit::Spread },
-                ..Default::default()
+                    cpu_cores: f64::from(cpu) / 1000.0,
+                    memory_mib: f64::from(mem),
+                    count,
+                    origin: match ZONES.get(origin) {
+                        Some((region, zone, _, _)) => Origin::Zone {
+                            region: (*region).into(),
+                            zone: (*zone).into(),
+                        },
+                        None => Origin::Anywhere,
+                    },
+                    min_reputation: floor,
+                    labels: if telecom {
+                        vec![LabelConstraint {
+                            key: "isp".into(),
+                            op: LabelOp::Equals("telecom".into()),
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                    fit: if binpack { Fit::BinPack } else { Fit::Spread },
+                    transfer: transfer.map(|(bytes_in, bytes_out)| Transfer {
+                        bytes_in,
+                        bytes_out,
+                    }),
+                    ..Default::default()
+                }
             },
         )
 }
@@ -169,6 +176,10 @@ proptest! {
                     prop_assert_eq!(nodes.len(), out.len(), "distinct nodes");
                     for p in &out {
                         prop_assert_eq!(resolved.refusal(&before, p.slot), None, "infeasible node chosen");
+                        for part in [p.score.total, p.score.bandwidth, p.score.fit, p.score.reputation] {
+                            prop_assert!((0.0..=1.0).contains(&part), "score part out of [0, 1]: {:?}", p.score);
+                        }
+                        prop_assert_eq!(p.score.est_transfer_s.is_nan(), req.transfer.is_none_or(|t| t.bytes_in == 0 && t.bytes_out == 0));
                         let t = &mut taken[p.slot.0 as usize];
                         let ask = resolved.ask();
                         *t = Resources::new(t.cpu_millis + ask.cpu_millis, t.memory_mib + ask.memory_mib, t.disk_mib + ask.disk_mib);

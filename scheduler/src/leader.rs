@@ -189,6 +189,7 @@ impl LeaderState {
             labels,
             existing,
             fit: Fit::Spread,
+            transfer: None,
         };
         let scored_before = self.placer.stats().candidates_scored;
         let placed = self.placer.place(&mut self.table, &req)?;
