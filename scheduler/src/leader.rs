@@ -358,6 +358,11 @@ impl TaskPlacer for LeaderState {
             labels: Vec::new(),
             existing: avoid.iter().map(|&n| NodeId(n)).collect(),
             fit: Fit::Spread,
+            // Its inputs come down; about as much goes back up (the bandwidth stage).
+            transfer: (need.bytes_in > 0).then_some(stellar_placement::Transfer {
+                bytes_in: need.bytes_in,
+                bytes_out: need.bytes_in,
+            }),
         };
         // All or nothing per wave: when fewer nodes can take a task now, the wave is as
         // large as what they can take (the rest wait for the next round).
