@@ -16,9 +16,10 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 
 # Debian packages the suite needs beyond the base image: protoc and its well-known types for
 # etcd-client's build (raft-bench's etcd peer), etcd itself for raft-bench, busybox-static
-# for the container tests' image, crun for container-bench's peer. Our own protos build
-# with a vendored protoc.
-APT_PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server busybox-static crun)
+# for the container tests' image, crun for container-bench's peer, ffmpeg for the transcoding
+# job tests, which need ffmpeg and ffprobe (examples/transcode). Our own protos build with a
+# vendored protoc.
+APT_PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server busybox-static crun ffmpeg)
 
 ensure_debian_packages() {
   local missing=() p

@@ -1,54 +1,14 @@
-//! `stellar transcode INPUT --preset 720p`: the segment-parallel transcoding job built for
-//! you. Three stages run in the `transcode` image (ffmpeg, ffprobe and a shell): the input
-//! is split at keyframes with ffmpeg's segment muxer (no re-encoding), each segment is
-//! transcoded on a node of its own, and the segments are joined with the concat demuxer.
-//!
-//! ```text
-//!  INPUT ─▶ split (1 task, -c copy, segment muxer) ─▶ seg00000.ts … segNNNNN.ts
-//!        ─▶ transcode (1 task per segment: scale, libx264, aac) ─▶ same names
-//!        ─▶ join (1 task, concat demuxer, -c copy) ─▶ output.mp4 ─▶ -o OUTPUT
-//! ```
+//! `stellar transcode INPUT --preset 720p`: the transcoding job of
+//! `stellar_proto::transcode` for a local file, its input and image uploaded, followed, and
+//! its one output downloaded to `-o`.
 
 use std::path::{Path, PathBuf};
 
 use stellar_proto::v1 as pb;
 
+use stellar_proto::transcode::{PRESETS, job_spec};
+
 use crate::jobs::{Conn, PreparedJob, finish, job_name_from, submit_and_follow};
-
-/// One output format: its height and encoder settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Preset {
-    /// The name on the command line.
-    pub name: &'static str,
-    /// Output height (the width follows the aspect ratio, kept even).
-    pub height: u32,
-    /// x264's constant rate factor.
-    pub crf: u32,
-    /// AAC bitrate.
-    pub audio: &'static str,
-}
-
-/// The presets `--preset` takes.
-pub const PRESETS: [Preset; 3] = [
-    Preset {
-        name: "480p",
-        height: 480,
-        crf: 24,
-        audio: "96k",
-    },
-    Preset {
-        name: "720p",
-        height: 720,
-        crf: 23,
-        audio: "128k",
-    },
-    Preset {
-        name: "1080p",
-        height: 1080,
-        crf: 22,
-        audio: "160k",
-    },
-];
 
 /// Arguments of `stellar transcode`.
 #[derive(Debug, clap::Args)]
@@ -95,110 +55,6 @@ pub struct TranscodeArgs {
     detach: bool,
     #[command(flatten)]
     conn: Conn,
-}
-
-/// The three stages' commands for `preset` (inputs at /in, outputs to /out).
-pub fn stage_commands(input_name: &str, preset: &Preset, segment_seconds: u32) -> [Vec<String>; 3] {
-    let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
-    let split = v(&[
-        "ffmpeg",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-i",
-        &format!("/in/{input_name}"),
-        "-map",
-        "0:v:0",
-        "-map",
-        "0:a?",
-        "-c",
-        "copy",
-        "-f",
-        "segment",
-        "-segment_time",
-        &segment_seconds.to_string(),
-        "-segment_format",
-        "mpegts",
-        "-reset_timestamps",
-        "0",
-        "/out/seg%05d.ts",
-    ]);
-    let transcode = v(&[
-        "ffmpeg",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-copyts",
-        "-i",
-        "{input}",
-        "-map",
-        "0:v:0",
-        "-map",
-        "0:a?",
-        "-vf",
-        &format!("scale=-2:{}", preset.height),
-        "-c:v",
-        "libx264",
-        "-preset",
-        "veryfast",
-        "-crf",
-        &preset.crf.to_string(),
-        "-pix_fmt",
-        "yuv420p",
-        "-c:a",
-        "aac",
-        "-b:a",
-        preset.audio,
-        "-muxdelay",
-        "0",
-        "-f",
-        "mpegts",
-        "/out/{name}",
-    ]);
-    let join = v(&[
-        "sh",
-        "-c",
-        "set -e; for f in /in/*.ts; do echo \"file '$f'\"; done > /tmp/list.txt; \
-         ffmpeg -nostdin -loglevel error -f concat -safe 0 -i /tmp/list.txt -map 0 -c copy \
-         -movflags +faststart /out/output.mp4",
-    ]);
-    [split, transcode, join]
-}
-
-/// The transcoding job for `input` (already hashed) in `image`.
-pub fn job_spec(
-    name: String,
-    input: pb::BlobRef,
-    image: pb::ContainerImage,
-    preset: &Preset,
-    segment_seconds: u32,
-    (cpu, memory): (u32, u32),
-) -> pb::JobSpec {
-    let [split, transcode, join] = stage_commands(&input.name, preset, segment_seconds);
-    let stage = |name: &str, command: Vec<String>, fanout: pb::Fanout| pb::JobStage {
-        name: name.into(),
-        image: Some(image.clone()),
-        command,
-        limits: Some(pb::FunctionLimits {
-            cpu_millis: cpu,
-            memory_mib: memory,
-            // ffmpeg's threads: one per core and a few more.
-            pids: 256,
-            ..Default::default()
-        }),
-        fanout: fanout as i32,
-        env: Vec::new(),
-    };
-    pb::JobSpec {
-        name,
-        inputs: vec![input],
-        stages: vec![
-            stage("split", split, pb::Fanout::All),
-            stage("transcode", transcode, pb::Fanout::Each),
-            stage("join", join, pb::Fanout::All),
-        ],
-        ..Default::default()
-    }
 }
 
 fn default_image() -> Option<PathBuf> {
@@ -269,46 +125,4 @@ pub async fn run(a: TranscodeArgs) -> Result<u8, String> {
         }
     }
     finish(&status, &a.conn, a.detach)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_transcoding_job_is_a_valid_three_stage_job() {
-        let input = pb::BlobRef {
-            name: "movie.mp4".into(),
-            sha256: "ab".repeat(32),
-            size: 1,
-        };
-        let image = pb::ContainerImage {
-            layers: vec![pb::ImageLayer {
-                sha256: "cd".repeat(32),
-                size: 1,
-                gzip: true,
-            }],
-            cmd: vec!["sh".into()],
-            arch: "x86_64".into(),
-            ..Default::default()
-        };
-        let spec = job_spec("m".into(), input, image, &PRESETS[1], 4, (1000, 512));
-        assert_eq!(stellar_proto::job_spec::check_job_spec(&spec), Ok(()));
-        assert_eq!(spec.stages.len(), 3);
-        assert!(
-            spec.stages[0]
-                .command
-                .contains(&"/in/movie.mp4".to_string())
-        );
-        assert!(spec.stages[1].command.contains(&"scale=-2:720".to_string()));
-        let argv = stellar_proto::job_spec::task_argv(
-            &spec.stages[1],
-            &[pb::BlobRef {
-                name: "seg00003.ts".into(),
-                ..Default::default()
-            }],
-        );
-        assert!(argv.contains(&"/in/seg00003.ts".to_string()));
-        assert!(argv.contains(&"/out/seg00003.ts".to_string()));
-    }
 }

@@ -90,15 +90,7 @@ async fn a_container_function_is_deployed_to_a_3_replica_3_worker_cluster_and_in
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let image = stellar_load::containerbench::build_busybox_image(dir.path()).expect("image");
-    let cluster = cluster(&dir.path().join("plane"), 3, &["--tick-ms", "20"]);
-    cluster.wait_leader(1000).await.expect("leader");
-    let admin = common::admin_token(&cluster).await;
-    let gateway = common::Gateway::start(
-        dir.path(),
-        &cluster.addresses.join(","),
-        &admin,
-        "join-secret",
-    );
+    let (cluster, admin, gateway) = common::three_replicas_and_a_gateway(dir.path()).await;
     let _workers: Vec<Worker> = (0..3)
         .map(|i| worker(dir.path(), &gateway.grpc, i, true))
         .collect();

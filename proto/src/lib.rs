@@ -22,4 +22,5 @@ pub mod limits;
 pub mod module_check;
 pub mod text;
 pub mod tokens;
+pub mod transcode;
 pub mod wire;

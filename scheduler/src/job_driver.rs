@@ -192,28 +192,39 @@ impl JobDriver {
                     pending.push(t);
                 }
             }
-            if !pending.is_empty() {
-                let need = need_of(spec, si, pending[0]);
-                let count = (pending.len() as u32).min(MAX_WAVE);
-                let nodes = match placer.place_tasks(&need, count, &[]) {
-                    Ok(n) => {
-                        self.unplaced.remove(&jid);
-                        n
-                    }
-                    Err(why) => {
-                        if self.unplaced.get(&jid) != Some(&why) {
-                            tracing::info!(job = %spec.name, pending = pending.len(), reason = %why, "job tasks wait for a node");
-                            self.unplaced.insert(jid, why);
-                        }
-                        Vec::new()
-                    }
-                };
+            // Tasks that ran before go elsewhere when they can: their nodes failed them.
+            let (fresh, again): (Vec<&pb::TaskRecord>, Vec<&pb::TaskRecord>) =
+                pending.into_iter().partition(|t| t.attempts.is_empty());
+            if !fresh.is_empty() {
+                let need = need_of(spec, si, fresh[0]);
+                let count = (fresh.len() as u32).min(MAX_WAVE);
+                let nodes = self.placed(
+                    jid,
+                    &spec.name,
+                    fresh.len(),
+                    placer.place_tasks(&need, count, &[]),
+                );
                 if !nodes.is_empty() {
                     let tasks: Vec<&pb::TaskRecord> =
-                        pending.iter().take(nodes.len()).copied().collect();
+                        fresh.iter().take(nodes.len()).copied().collect();
                     round
                         .waves
                         .push(self.wave(jid, si, &tasks, &nodes, spec, false, now_ms));
+                }
+            }
+            for t in again {
+                let need = need_of(spec, si, t);
+                let tried: Vec<u64> = t.attempts.iter().map(|a| a.node).collect();
+                let nodes = match placer.place_tasks(&need, 1, &tried) {
+                    Ok(n) => Ok(n),
+                    // Every node that could take it failed it once: try them again.
+                    Err(_) => placer.place_tasks(&need, 1, &[]),
+                };
+                let nodes = self.placed(jid, &spec.name, 1, nodes);
+                if !nodes.is_empty() {
+                    round
+                        .waves
+                        .push(self.wave(jid, si, &[t], &nodes, spec, false, now_ms));
                 }
             }
             if !spec.no_backup_tasks {
@@ -221,6 +232,29 @@ impl JobDriver {
             }
         }
         round
+    }
+
+    /// A placement's nodes; why not, logged once per reason and job.
+    fn placed(
+        &mut self,
+        jid: u64,
+        name: &str,
+        pending: usize,
+        r: Result<Vec<u64>, String>,
+    ) -> Vec<u64> {
+        match r {
+            Ok(n) => {
+                self.unplaced.remove(&jid);
+                n
+            }
+            Err(why) => {
+                if self.unplaced.get(&jid) != Some(&why) {
+                    tracing::info!(job = %name, pending, reason = %why, "job tasks wait for a node");
+                    self.unplaced.insert(jid, why);
+                }
+                Vec::new()
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -119,3 +119,15 @@ impl Drop for Gateway {
         self.kill9();
     }
 }
+
+/// Three replicas (20 ms ticks) and a gateway in front of them, under `dir`: the cluster the
+/// process-level container tests use. Its admin token comes with it.
+pub async fn three_replicas_and_a_gateway(
+    dir: &std::path::Path,
+) -> (ReplicaProcesses, String, Gateway) {
+    let c = cluster(&dir.join("plane"), 3, &["--tick-ms", "20"]);
+    c.wait_leader(1000).await.expect("leader");
+    let admin = admin_token(&c).await;
+    let gateway = Gateway::start(dir, &c.addresses.join(","), &admin, "join-secret");
+    (c, admin, gateway)
+}
