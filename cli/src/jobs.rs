@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  JOB.toml ─▶ images described, inputs hashed ─▶ upload (skips what the cluster holds)
-//!  ─▶ SubmitJob ─▶ follow: GetJob every 500 ms ─▶ bars per stage (done/running/failed, bytes)
+//!  ─▶ SubmitJob ─▶ follow: GetJob every 250 ms ─▶ bars per stage (done/running/failed, bytes)
 //!  ─▶ SUCCEEDED: outputs ─▶ GetBlob ─▶ OUT_DIR/NAME (sha256 checked)
 //! ```
 
@@ -17,6 +17,9 @@ use stellar_proto::client::ClusterClient;
 use stellar_proto::v1 as pb;
 
 use crate::connect::{Endpoint, human_bytes, node_id, utc};
+
+/// How often a followed job is read (a stale read on any replica: cheap).
+const POLL: Duration = Duration::from_millis(250);
 
 /// Connection flags of the job commands (no `-o` here: it names an output path).
 #[derive(Debug, Clone, clap::Args)]
@@ -396,7 +399,7 @@ async fn follow(client: &ClusterClient, conn: &Conn, name: &str) -> Result<pb::J
             Ok(s) => s,
             // A leader election or a replica restart: keep following.
             Err(s) if stellar_proto::client::retryable(&s) => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(POLL).await;
                 continue;
             }
             Err(s) => return Err(ep.explain("following the job", &s)),
@@ -437,7 +440,7 @@ async fn follow(client: &ClusterClient, conn: &Conn, name: &str) -> Result<pb::J
             }
             return Ok(status);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -10,7 +10,8 @@
 #          avg_frame_rate), the same number of frames (decoded and counted) and a duration
 #          within one frame period of the source's;
 #   audio  a stream, with the same sample rate and channel count, and a duration within
-#          AUDIO_TOLERANCE seconds (default 0.05) of the source's.
+#          AUDIO_TOLERANCE seconds (default 0.05) of the source's (skipped when the source
+#          has no audio).
 # Prints one line per check and exits 1 on any mismatch (2 on bad usage or unreadable files).
 set -euo pipefail
 [[ $# -eq 3 ]] || { echo "usage: check.sh SOURCE OUTPUT HEIGHT" >&2; exit 2; }
@@ -19,6 +20,15 @@ audio_tol="${AUDIO_TOLERANCE:-0.05}"
 for f in "$src" "$out"; do
   [[ -r "$f" ]] || { echo "check.sh: cannot read $f" >&2; exit 2; }
 done
+if ! ffprobe -v error -show_entries format=format_name -of csv=p=0 "$src" >/dev/null; then
+  echo "check.sh: ffprobe cannot read the source $src" >&2
+  exit 2
+fi
+if ! ffprobe -v error -show_entries format=format_name -of csv=p=0 "$out" >/dev/null; then
+  echo "FAIL  readable     ffprobe cannot read $out"
+  echo "check.sh: $out is not a readable media file" >&2
+  exit 1
+fi
 
 # probe FILE STREAM ENTRIES: the entries' values, one per line, in the order ffprobe prints
 # them (that of its own field list, not of ENTRIES), as KEY=VALUE.
@@ -60,6 +70,7 @@ s_w="$(field width)" s_h="$(field height)" s_r="$(field r_frame_rate)" s_avg="$(
 p="$(probe "$out" v:0 "$vfields")"
 if [[ -z "$p" ]]; then
   echo "FAIL  video        $out has no video stream"
+  echo "check.sh: $out does not match $src (see FAIL lines above)" >&2
   exit 1
 fi
 o_codec="$(field codec_name)" o_pix="$(field pix_fmt)" o_w="$(field width)" o_h="$(field height)"

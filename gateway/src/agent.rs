@@ -454,11 +454,11 @@ async fn reconcile(view: Arc<View>, node: u64, tx: Outbox, wake: Arc<Notify>) {
         let tasks = view.tasks(node);
         let now_tasks: std::collections::HashSet<crate::view::TaskId> = tasks
             .iter()
-            .map(|t| crate::view::task_id(&t.key.clone().unwrap_or_default()))
+            .map(|t| crate::view::task_id(&t.key.unwrap_or_default()))
             .collect();
         let mut task_msgs = Vec::new();
         for t in tasks {
-            let id = crate::view::task_id(&t.key.clone().unwrap_or_default());
+            let id = crate::view::task_id(&t.key.unwrap_or_default());
             if told_tasks.insert(id) {
                 task_msgs.push(pb::control_message::Kind::Task(t));
             }

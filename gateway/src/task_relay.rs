@@ -115,7 +115,7 @@ impl TaskUploads {
     /// An attempt's result: reported once its uploads are stored, then acknowledged to the
     /// worker (on a task of its own: the stream goes on meanwhile).
     pub fn result(&mut self, node: u64, client: &ClusterClient, tx: &Outbox, r: pb::TaskResult) {
-        let key = r.key.clone().unwrap_or_default();
+        let key = r.key.unwrap_or_default();
         let id = task_id(&key);
         self.open.remove(&id);
         let uploads = self.started.remove(&id).unwrap_or_default();

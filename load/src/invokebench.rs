@@ -12,7 +12,6 @@
 #![allow(clippy::disallowed_methods)] // a benchmark's timers read the clock
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -101,22 +100,7 @@ fn spawn(
     log: &Path,
     runtime_threads: usize,
 ) -> Result<KillOnDrop, InvokeBenchError> {
-    let log = std::fs::File::create(log).map_err(|e| InvokeBenchError::Setup(e.to_string()))?;
-    let mut cmd = Command::new(exe);
-    if runtime_threads > 0 {
-        cmd.env("TOKIO_WORKER_THREADS", runtime_threads.to_string());
-    }
-    cmd.args(args)
-        .env(
-            "STELLAR_LOG",
-            std::env::var("STELLAR_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(KillOnDrop)
-        .map_err(|e| InvokeBenchError::Setup(format!("{}: {e}", exe.display())))
+    crate::procs::spawn_role(exe, args, log, runtime_threads).map_err(InvokeBenchError::Setup)
 }
 
 fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {

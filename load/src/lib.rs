@@ -12,6 +12,7 @@ pub mod procs;
 pub mod raftbench;
 pub mod sim;
 pub mod simworkers;
+pub mod transcodebench;
 pub mod wasmbench;
 pub mod workload;
 pub mod world;

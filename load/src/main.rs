@@ -48,6 +48,14 @@ enum Command {
     ///
     /// Prints a summary, or with --json exactly one JSON object on stdout.
     ContainerBench(ContainerBenchArgs),
+    /// Measure segment-parallel transcoding: (a) on real processes of the shipped `stellar`
+    /// binary, `stellar transcode` with one one-core worker and with two, against plain
+    /// ffmpeg on one core in the same run (speedup_2_workers, overhead_vs_plain_ffmpeg);
+    /// (b) the job simulator at --sim-nodes (completion against the ideal with and without
+    /// 20% churn, the tail with and without backup tasks). Needs root, ffmpeg, taskset.
+    ///
+    /// Prints a summary, or with --json exactly one JSON object on stdout.
+    TranscodeBench(TranscodeBenchArgs),
     /// Measure end-to-end invocations through the gateway: starts a control-plane replica and
     /// workers on loopback (or targets --endpoint), deploys `hello` and drives it with many
     /// concurrent callers; throughput and p50/p99 latency.
@@ -169,6 +177,40 @@ struct InvokeBenchArgs {
     #[arg(long)]
     module: Option<std::path::PathBuf>,
     /// One JSON object on stdout: invocations_per_sec, p50_ms, p99_ms, errors.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct TranscodeBenchArgs {
+    /// Input length, seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u32,
+    /// Input size, WxH (a 1080p source scaled to the preset).
+    #[arg(long, default_value = "1920x1080")]
+    size: String,
+    /// Output preset: 480p, 720p or 1080p.
+    #[arg(long, default_value = "720p")]
+    preset: String,
+    /// Segment length, seconds.
+    #[arg(long, default_value_t = 2)]
+    segment_seconds: u32,
+    /// A built transcode image [default: built by examples/images/build.sh into a temp dir].
+    #[arg(long)]
+    image: Option<std::path::PathBuf>,
+    /// Simulated fleet sizes, comma-separated (0: skip the simulator).
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+    sim_nodes: Vec<usize>,
+    /// The simulator's seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Only the simulator (no processes, no ffmpeg).
+    #[arg(long)]
+    sim_only: bool,
+    /// The `stellar` binary that runs the cluster [default: next to this one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
+    /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -341,6 +383,7 @@ fn main() -> ExitCode {
         Command::WasmBench(args) => run_wasm_bench(args),
         Command::ContainerBench(args) => run_container_bench(args),
         Command::InvokeBench(args) => run_invoke_bench(args),
+        Command::TranscodeBench(args) => run_transcode_bench(args),
         Command::WasmOnce(m) => match stellar_load::wasmbench::once(&m.module) {
             Ok(out) => {
                 let _ = std::io::stdout().write_all(&out);
@@ -561,6 +604,60 @@ fn run_wasm_bench(args: WasmBenchArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("wasm-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_transcode_bench(args: TranscodeBenchArgs) -> ExitCode {
+    let cfg = stellar_load::transcodebench::TranscodeBenchConfig {
+        stellar: stellar_binary(args.stellar).unwrap_or_else(|| "stellar".into()),
+        repo: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+        seconds: args.seconds.max(1),
+        size: args.size,
+        preset: args.preset,
+        segment_seconds: args.segment_seconds.max(1),
+        image: args.image,
+        sim_nodes: args.sim_nodes.into_iter().filter(|n| *n > 0).collect(),
+        seed: args.seed,
+        sim_only: args.sim_only,
+    };
+    let mut log = |m: &str| eprintln!("[transcode-bench] {m}");
+    match stellar_load::transcodebench::run(&cfg, &mut log) {
+        Ok(r) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                if !cfg.sim_only {
+                    println!(
+                        "transcode-bench  {} -> {}, {} segment tasks of {} s: plain ffmpeg (1 core) {:.2} s, stellar 1 worker {:.2} s, 2 workers {:.2} s  speedup_2_workers {:.2}  overhead_vs_plain_ffmpeg {:.2}  frames {:?}",
+                        r.input,
+                        cfg.preset,
+                        r.segment_tasks,
+                        cfg.segment_seconds,
+                        r.plain_ffmpeg_s,
+                        r.job_1_worker_s,
+                        r.job_2_workers_s,
+                        r.speedup_2_workers,
+                        r.overhead_vs_plain_ffmpeg,
+                        r.frames
+                    );
+                }
+                for s in &r.sim {
+                    println!(
+                        "transcode-sim  {} nodes: sim_completion_ratio_no_churn {:.2}  sim_completion_ratio_20pct_churn {:.2}  sim_backup_task_gain {:.2} (no churn {:.2})",
+                        s.nodes,
+                        s.sim_completion_ratio_no_churn,
+                        s.sim_completion_ratio_20pct_churn,
+                        s.sim_backup_task_gain,
+                        s.sim_backup_task_gain_no_churn
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("transcode-bench: {e}");
             ExitCode::FAILURE
         }
     }

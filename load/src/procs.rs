@@ -293,3 +293,29 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let stime: u64 = f.next()?.parse().ok()?;
     Some((utime + stime) as f64 / 100.0)
 }
+
+/// Starts one role of the shipped `stellar` binary (`exe args…`), its stderr to `log`, at
+/// `STELLAR_LOG` or warn; `runtime_threads` > 0 sets `TOKIO_WORKER_THREADS`. Killed on drop.
+pub(crate) fn spawn_role(
+    exe: &Path,
+    args: &[&str],
+    log: &Path,
+    runtime_threads: usize,
+) -> Result<crate::wasmbench::KillOnDrop, String> {
+    let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    if runtime_threads > 0 {
+        cmd.env("TOKIO_WORKER_THREADS", runtime_threads.to_string());
+    }
+    cmd.args(args)
+        .env(
+            "STELLAR_LOG",
+            std::env::var("STELLAR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map(crate::wasmbench::KillOnDrop)
+        .map_err(|e| format!("{}: {e}", exe.display()))
+}

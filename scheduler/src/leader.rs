@@ -339,7 +339,7 @@ impl TaskPlacer for LeaderState {
             .arch
             .parse::<stellar_placement::Arch>()
             .map_err(|e| e.to_string())?;
-        if self.table.len() == 0 {
+        if self.table.is_empty() {
             return Err("no nodes are registered".into());
         }
         let mut req = PlacementRequest {

@@ -330,6 +330,10 @@ pub struct Replica {
     removed: bool,
     snapshots_installed: u64,
     changes: ChangeLog,
+    /// A task attempt ended or a job changed since the last job round: run one at the next
+    /// tick instead of waiting for the round's period (a stage's next task starts within a
+    /// tick of the last one's end).
+    jobs_dirty: bool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -436,6 +440,7 @@ impl Replica {
             cfg,
             raw,
             changes: ChangeLog::new(state.applied_index()),
+            jobs_dirty: false,
             state,
             leader: None,
             role: StateRole::Follower,
@@ -541,12 +546,14 @@ impl Replica {
         }
         self.ticks += 1;
         self.raw.tick();
-        if self.is_leader()
-            && self
-                .ticks
-                .is_multiple_of(self.cfg.liveness_every_ticks.max(1))
-        {
+        let round = self
+            .ticks
+            .is_multiple_of(self.cfg.liveness_every_ticks.max(1));
+        if self.is_leader() && round {
             self.liveness_round();
+        }
+        if self.is_leader() && (round || self.jobs_dirty) {
+            self.jobs_dirty = false;
             self.job_round();
         }
     }
@@ -1327,6 +1334,9 @@ impl Replica {
                 l.observe_tasks(&fx, own_started);
                 l.liveness.observe(&fx.nodes_changed);
                 l.liveness.observe(&fx.nodes_joined);
+            }
+            if !fx.jobs.is_empty() || !fx.tasks_ended.is_empty() {
+                self.jobs_dirty = true;
             }
             if self.is_leader() && !fx.nodes_down.is_empty() {
                 self.queue_replacements(&fx.nodes_down);

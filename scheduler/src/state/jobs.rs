@@ -244,7 +244,7 @@ impl StateMachine {
         let mut seen_tasks = BTreeSet::new();
         let mut extra: std::collections::BTreeMap<u64, Resources> = Default::default();
         for s in &c.starts {
-            let k = s.key.clone().unwrap_or_default();
+            let k = s.key.unwrap_or_default();
             if !seen_tasks.insert((k.job, k.stage, k.task)) {
                 return Err(invalid(format!(
                     "task {}/{}/{} starts twice in one wave",
@@ -412,7 +412,7 @@ impl StateMachine {
 
     fn task_report(&mut self, r: pb::TaskReport, unix_ms: u64, fx: &mut Effects) -> bool {
         let res = r.result.unwrap_or_default();
-        let key = attempt_key(&res.key.clone().unwrap_or_default());
+        let key = attempt_key(&res.key.unwrap_or_default());
         let (jid, si, ti, an) = key;
         let Some(j) = self.jobs.get_mut(&jid) else {
             return false;

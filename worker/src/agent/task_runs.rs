@@ -76,7 +76,10 @@ pub(super) enum TaskEvent {
         result: Result<PathBuf, String>,
     },
     /// An attempt ended.
-    Done { id: TaskId, result: pb::TaskResult },
+    Done {
+        id: TaskId,
+        result: Box<pb::TaskResult>,
+    },
 }
 
 /// The node's task attempts (see the module docs).
@@ -207,7 +210,7 @@ fn is_node_fault(e: &InvokeError) -> bool {
 impl Agent {
     /// A task attempt to run (or one this node ran: its result goes out again).
     pub(super) async fn on_task(&mut self, t: pb::Task, tx: &mpsc::Sender<pb::WorkerMessage>) {
-        let key = t.key.clone().unwrap_or_default();
+        let key = t.key.unwrap_or_default();
         let id = id_of(&key);
         let Some(runs) = self.tasks.as_mut() else {
             let why = "this node cannot run containers".to_string();
@@ -428,7 +431,7 @@ impl Agent {
             }
             TaskEvent::Done { id, result } => {
                 tracing::info!(task = ?id, error = %result.error_code, outputs = result.outputs.len(), "task attempt ended");
-                self.end_task(id, result, tx).await;
+                self.end_task(id, *result, tx).await;
             }
         }
     }
@@ -496,7 +499,7 @@ impl Agent {
                 self.identity.node(),
             );
             let image = t.image.clone().unwrap_or_default();
-            let key = t.key.clone().unwrap_or_default();
+            let key = t.key.unwrap_or_default();
             let handle = tokio::spawn(async move {
                 let config = crate::container::invocation::image_config(&image);
                 let layers: Vec<String> = image.layers.iter().map(|l| l.sha256.clone()).collect();
@@ -553,7 +556,10 @@ impl Agent {
                         result.error_message = e.to_string();
                     }
                 }
-                let _ = events.send(TaskEvent::Done { id, result });
+                let _ = events.send(TaskEvent::Done {
+                    id,
+                    result: Box::new(result),
+                });
             });
             tracing::info!(task = ?id, job = %t.job, argv0 = %t.argv.first().map(String::as_str).unwrap_or(""), "task attempt started");
             run.state = RunState::Running(handle.abort_handle());
@@ -606,7 +612,7 @@ fn result_message(r: pb::TaskResult) -> pb::WorkerMessage {
 
 /// Sends an attempt's output files (chunk by chunk, in order) and then its result.
 async fn send_result(r: pb::TaskResult, out: PathBuf, tx: mpsc::Sender<pb::WorkerMessage>) {
-    let key = r.key.clone().unwrap_or_default();
+    let key = r.key.unwrap_or_default();
     let mut result = r;
     for b in result.outputs.clone() {
         let path = out.join(&b.name);
@@ -625,13 +631,19 @@ async fn send_result(r: pb::TaskResult, out: PathBuf, tx: mpsc::Sender<pb::Worke
             let mut buf = vec![0u8; CHUNK];
             let n = match tokio::io::AsyncReadExt::read(&mut f, &mut buf).await {
                 Ok(n) => n,
-                Err(_) => 0,
+                Err(e) => {
+                    // The store refuses the short blob; the result says why.
+                    result.error_code = "OUTPUT_LOST".into();
+                    result.error_message = format!("{}: {e}", path.display());
+                    result.node_fault = true;
+                    0
+                }
             };
             buf.truncate(n);
             let last = offset + n as u64 >= b.size || n == 0;
             let msg = pb::WorkerMessage {
                 kind: Some(pb::worker_message::Kind::TaskOutput(pb::TaskOutputChunk {
-                    key: Some(key.clone()),
+                    key: Some(key),
                     chunk: Some(pb::BlobChunk {
                         sha256: b.sha256.clone(),
                         size: b.size,
