@@ -18,6 +18,9 @@ use stellar_proto::v1 as pb;
 
 use crate::connect::{Endpoint, human_bytes, node_id, utc};
 
+/// How long a job just submitted may be unknown to the replica a stale read reaches.
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(5);
+
 /// How often a followed job is read (a stale read on any replica: cheap).
 const POLL: Duration = Duration::from_millis(250);
 
@@ -380,6 +383,7 @@ async fn follow(client: &ClusterClient, conn: &Conn, name: &str) -> Result<pb::J
     let multi = indicatif::MultiProgress::new();
     let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
     let mut last_line = String::new();
+    let started = stellar_proto::clock::now();
     loop {
         let req = pb::GetJobRequest {
             tenant: conn.tenant(),
@@ -398,7 +402,13 @@ async fn follow(client: &ClusterClient, conn: &Conn, name: &str) -> Result<pb::J
         {
             Ok(s) => s,
             // A leader election or a replica restart: keep following.
-            Err(s) if stellar_proto::client::retryable(&s) => {
+            // A leader election, a replica restart, or a replica that has not applied the
+            // submission yet (reads are stale): keep following a while.
+            Err(s)
+                if stellar_proto::client::retryable(&s)
+                    || (s.code() == tonic::Code::NotFound
+                        && started.elapsed() < NOT_FOUND_GRACE) =>
+            {
                 tokio::time::sleep(POLL).await;
                 continue;
             }
@@ -643,7 +653,12 @@ pub async fn run(cmd: JobCommand) -> Result<u8, String> {
             } else {
                 print_status(&s);
             }
-            Ok(0)
+            // Followed to its end: the exit status says how it ended.
+            let failed = s
+                .job
+                .as_ref()
+                .is_some_and(|j| j.state != pb::JobState::Succeeded as i32);
+            Ok(u8::from(a.watch && failed))
         }
         JobCommand::Ls(a) => {
             let ep = a.conn.endpoint();

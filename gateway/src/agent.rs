@@ -262,7 +262,7 @@ impl pb::agent_server::Agent for AgentService {
                         continue;
                     }
                     pb::worker_message::Kind::TaskResult(r) => {
-                        uploads.result(node, &edge.client, &tx, r);
+                        uploads.result((node, &edge.view), &edge.client, &tx, r);
                         continue;
                     }
                     k => k,
@@ -515,6 +515,15 @@ async fn reconcile(view: Arc<View>, node: u64, tx: Outbox, wake: Arc<Notify>) {
             first = false;
             let set = pb::AssignmentSet {
                 allocations: told.keys().copied().collect(),
+                tasks: told_tasks
+                    .iter()
+                    .map(|&(job, stage, task, attempt)| pb::TaskKey {
+                        job,
+                        stage,
+                        task,
+                        attempt,
+                    })
+                    .collect(),
             };
             if tx
                 .send(Ok(control(pb::control_message::Kind::AssignmentSet(set))))

@@ -10,6 +10,7 @@
 //!  TaskOutputChunk(offset 0) ─ attempt runs on this node? ─no─▶ dropped (ack with error)
 //!                             └ yes ─▶ PutBlob stream ◀─ chunks… (awaited: backpressure)
 //!  TaskResult ─▶ wait for its uploads ─▶ ReportTasks (retried) ─▶ TaskAck(key[, error])
+//!             └ an upload cut short by an election ─▶ Task again (the worker re-sends)
 //! ```
 
 use std::collections::HashMap;
@@ -27,6 +28,11 @@ use crate::view::{TaskId, View, task_id};
 const UPLOAD_BUFFER: usize = 8;
 /// How long a result's report is retried (a leader election, a replica restart).
 const REPORT_FOR: Duration = Duration::from_secs(120);
+/// Times an attempt's outputs are asked for again after the control plane cut their
+/// uploads short (an election takes a second or two; this covers a slow one).
+const RESENDS: u32 = 20;
+/// The pause before each such ask.
+const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 type Upload = JoinHandle<Result<pb::PutBlobResponse, tonic::Status>>;
 
@@ -37,6 +43,8 @@ pub struct TaskUploads {
     open: HashMap<TaskId, (String, mpsc::Sender<pb::BlobChunk>)>,
     /// Uploads started, per attempt, by sha256.
     started: HashMap<TaskId, Vec<(String, Upload)>>,
+    /// Results seen per attempt on this stream (each may be asked for again).
+    resends: HashMap<TaskId, u32>,
 }
 
 impl std::fmt::Debug for TaskUploads {
@@ -113,59 +121,74 @@ impl TaskUploads {
     }
 
     /// An attempt's result: reported once its uploads are stored, then acknowledged to the
-    /// worker (on a task of its own: the stream goes on meanwhile).
-    pub fn result(&mut self, node: u64, client: &ClusterClient, tx: &Outbox, r: pb::TaskResult) {
+    /// worker (on a task of its own: the stream goes on meanwhile). An upload cut short by
+    /// the control plane (a leader election) is not the node's fault: the task is sent to
+    /// the worker again, which sends its outputs and result again (it keeps them until the
+    /// ack), up to [`RESENDS`] times.
+    pub fn result(
+        &mut self,
+        (node, view): (u64, &std::sync::Arc<View>),
+        client: &ClusterClient,
+        tx: &Outbox,
+        r: pb::TaskResult,
+    ) {
         let key = r.key.unwrap_or_default();
         let id = task_id(&key);
         self.open.remove(&id);
         let uploads = self.started.remove(&id).unwrap_or_default();
-        let (client, tx) = (client.clone(), tx.clone());
+        let resends = self.resends.entry(id).or_insert(0);
+        *resends += 1;
+        let resend = *resends <= RESENDS;
+        let (client, tx, view) = (client.clone(), tx.clone(), view.clone());
         tokio::spawn(async move {
             let mut failed = String::new();
+            let mut transient = false;
             for (sha, up) in uploads {
                 match up.await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(s)) => failed = format!("output {sha} was not stored: {}", s.message()),
+                    Ok(Err(s)) => {
+                        transient |= stellar_proto::client::retryable(&s);
+                        failed = format!("output {sha} was not stored: {}", s.message());
+                    }
                     Err(e) => failed = format!("output {sha} was not stored: {e}"),
                 }
             }
             let mut result = r;
             if !failed.is_empty() && result.error_code.is_empty() {
+                if transient && resend {
+                    tokio::time::sleep(RESEND_AFTER).await;
+                    if let Some(t) = view
+                        .tasks(node)
+                        .into_iter()
+                        .find(|t| t.key.map(|k| task_id(&k)) == Some(id))
+                    {
+                        tracing::info!(node = format!("{node:016x}"), ?id, reason = %failed, "task outputs not stored; asking the worker again");
+                        let _ = tx
+                            .send(Ok(control(pb::control_message::Kind::Task(t))))
+                            .await;
+                        return;
+                    }
+                }
                 // Not the program's fault: the attempt is retried elsewhere.
                 result.error_code = "OUTPUT_NOT_STORED".into();
                 result.error_message = failed;
                 result.node_fault = true;
             }
-            let report = pb::ReportTasksRequest {
-                reports: vec![pb::TaskReport {
-                    result: Some(result),
-                    node,
-                    lost: false,
-                }],
-            };
-            let started = stellar_proto::clock::now();
-            let answer = loop {
-                let r = client
-                    .edge_call(RetryPolicy::Safe, |mut c| {
-                        let req = report.clone();
-                        async move { c.report_tasks(req).await }
-                    })
-                    .await;
-                match r {
-                    Ok(a) => break Ok(a),
-                    Err(s) if started.elapsed() < REPORT_FOR => {
-                        tracing::debug!(error = %s.message(), "task report not taken yet; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(s) => break Err(s),
-                }
-            };
+            let mut answer = report(&client, node, result.clone()).await;
+            if let Ok(why) = &answer
+                && !why.is_empty()
+            {
+                // Its outputs are not stored where the log may name them: the attempt ends
+                // as the node's fault now (retried elsewhere), not at its deadline.
+                tracing::warn!(node = format!("{node:016x}"), ?id, reason = %why, "task result refused; reported as not stored");
+                result.error_code = "OUTPUT_NOT_STORED".into();
+                result.error_message = why.clone();
+                result.node_fault = true;
+                result.outputs.clear();
+                answer = report(&client, node, result).await.map(|_| why.clone());
+            }
             match answer {
-                Ok(a) => {
-                    let why = a.refused.into_iter().next().unwrap_or_default();
-                    if !why.is_empty() {
-                        tracing::warn!(node = format!("{node:016x}"), ?id, reason = %why, "task result refused");
-                    }
+                Ok(why) => {
                     let _ = tx.send(Ok(ack(key, why))).await;
                 }
                 Err(s) => {
@@ -175,5 +198,38 @@ impl TaskUploads {
                 }
             }
         });
+    }
+}
+
+/// Reports one attempt's end to the leader, retried through elections for [`REPORT_FOR`];
+/// why it was refused (empty: taken).
+async fn report(
+    client: &ClusterClient,
+    node: u64,
+    result: pb::TaskResult,
+) -> Result<String, tonic::Status> {
+    let req = pb::ReportTasksRequest {
+        reports: vec![pb::TaskReport {
+            result: Some(result),
+            node,
+            lost: false,
+        }],
+    };
+    let started = stellar_proto::clock::now();
+    loop {
+        let r = client
+            .edge_call(RetryPolicy::Safe, |mut c| {
+                let req = req.clone();
+                async move { c.report_tasks(req).await }
+            })
+            .await;
+        match r {
+            Ok(a) => return Ok(a.refused.into_iter().next().unwrap_or_default()),
+            Err(s) if started.elapsed() < REPORT_FOR => {
+                tracing::debug!(error = %s.message(), "task report not taken yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => return Err(s),
+        }
     }
 }

@@ -45,6 +45,9 @@ pub struct ClusterClient {
     endpoints: Vec<String>,
     channels: Arc<Mutex<Vec<(String, Channel)>>>,
     leader: Arc<Mutex<Option<String>>>,
+    /// Where a call without a known leader starts in `endpoints`: past the last one that
+    /// failed, shared by every call (a dead first endpoint is not everyone's first try).
+    next: Arc<std::sync::atomic::AtomicUsize>,
     token: Arc<Mutex<Option<String>>>,
     /// Replica data dirs to read the bootstrap admin token from until one has it.
     token_dirs: Arc<Vec<PathBuf>>,
@@ -75,6 +78,7 @@ impl ClusterClient {
             endpoints: endpoints.iter().map(|e| normalise(e)).collect(),
             channels: Arc::new(Mutex::new(channels)),
             leader: Arc::new(Mutex::new(None)),
+            next: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             token: Arc::new(Mutex::new(None)),
             token_dirs: Arc::new(Vec::new()),
             patience: Duration::from_secs(15),
@@ -161,7 +165,8 @@ impl ClusterClient {
         )
     }
 
-    /// The replica this client last found leading (None: not known yet).
+    /// The replica this client last found leading, or that last answered when no leader was
+    /// known (None: neither yet).
     pub fn leader(&self) -> Option<String> {
         self.leader.lock().ok().and_then(|g| g.clone())
     }
@@ -261,8 +266,8 @@ impl ClusterClient {
     {
         let start = crate::clock::now();
         let mut backoff = Duration::from_millis(20);
-        let mut next = 0usize;
         loop {
+            let next = self.next.load(std::sync::atomic::Ordering::Relaxed);
             let target = self
                 .leader
                 .lock()
@@ -271,7 +276,17 @@ impl ClusterClient {
                 .unwrap_or_else(|| self.endpoints[next % self.endpoints.len()].clone());
             let client = make(self, &target)?;
             let s = match f(client).await {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    // Without a known leader, the replica that answered is where the next
+                    // call starts (not the first endpoint again, which may be down): a
+                    // streamed upload, which cannot be retried, then goes to a live one.
+                    if let Ok(mut g) = self.leader.lock()
+                        && g.is_none()
+                    {
+                        *g = Some(target);
+                    }
+                    return Ok(r.into_inner());
+                }
                 Err(s) => s,
             };
             let left = self.patience.saturating_sub(start.elapsed());
@@ -297,7 +312,7 @@ impl ClusterClient {
                 *g = if hinted { hint } else { None };
             }
             if !hinted {
-                next += 1;
+                self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(backoff.min(left)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }

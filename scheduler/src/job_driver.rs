@@ -34,6 +34,10 @@ pub const STRAGGLER_MIN_EXTRA_MS: u64 = 2_000;
 /// worker kills it at the deadline and reports, unless it is gone.
 pub const OVERRUN_GRACE_MS: u64 = 60_000;
 
+/// The slowest input fetch the deadline allows for, bytes per ms (1 Mbit/s): a task is not
+/// judged lost while its inputs could still be on their way over a slow home link.
+pub const FETCH_FLOOR_BYTES_PER_MS: u64 = 125;
+
 /// A task by (job, stage, task index).
 pub type TaskId = (u64, u32, u32);
 
@@ -151,6 +155,10 @@ impl JobDriver {
             } else {
                 limits.timeout_ms
             }) + OVERRUN_GRACE_MS;
+            // The worker's clock starts once inputs are in; ours when the attempt starts.
+            let fetch_ms = |t: &pb::TaskRecord| {
+                t.inputs.iter().map(|b| b.size).sum::<u64>() / FETCH_FLOOR_BYTES_PER_MS
+            };
             let mut pending: Vec<&pb::TaskRecord> = Vec::new();
             for t in &stage.tasks {
                 for a in t
@@ -162,7 +170,7 @@ impl JobDriver {
                     let node_gone = state.nodes().get(&a.node).is_none_or(|n| {
                         matches!(n.state, NodeState::Down | NodeState::Quarantined)
                     });
-                    let overran = now_ms.saturating_sub(a.started_ms) > deadline_ms;
+                    let overran = now_ms.saturating_sub(a.started_ms) > deadline_ms + fetch_ms(t);
                     if (node_gone || overran) && self.losing.insert(key) {
                         let why = if node_gone {
                             format!("node {:016x} went down", a.node)
@@ -196,7 +204,12 @@ impl JobDriver {
             let (fresh, again): (Vec<&pb::TaskRecord>, Vec<&pb::TaskRecord>) =
                 pending.into_iter().partition(|t| t.attempts.is_empty());
             if !fresh.is_empty() {
-                let need = need_of(spec, si, fresh[0]);
+                // One ask for the wave: the largest task's (the placer reserves it per node).
+                let need = fresh
+                    .iter()
+                    .map(|t| need_of(spec, si, t))
+                    .max_by_key(|n| n.bytes_in)
+                    .expect("not empty");
                 let count = (fresh.len() as u32).min(MAX_WAVE);
                 let nodes = self.placed(
                     jid,
@@ -209,7 +222,7 @@ impl JobDriver {
                         fresh.iter().take(nodes.len()).copied().collect();
                     round
                         .waves
-                        .push(self.wave(jid, si, &tasks, &nodes, spec, false, now_ms));
+                        .push(self.wave(jid, si, &tasks, &nodes, need.ask, false, now_ms));
                 }
             }
             for t in again {
@@ -224,7 +237,7 @@ impl JobDriver {
                 if !nodes.is_empty() {
                     round
                         .waves
-                        .push(self.wave(jid, si, &[t], &nodes, spec, false, now_ms));
+                        .push(self.wave(jid, si, &[t], &nodes, need.ask, false, now_ms));
                 }
             }
             if !spec.no_backup_tasks {
@@ -316,11 +329,14 @@ impl JobDriver {
                 );
                 round
                     .waves
-                    .push(self.wave(jid, si, &[t], &nodes, spec, true, now_ms));
+                    .push(self.wave(jid, si, &[t], &nodes, need.ask, true, now_ms));
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
+    /// A wave of `tasks` on `nodes`, each holding `ask`: the very amount the placer
+    /// reserved on each node (so the leader's table gets back what it gave).
     #[allow(clippy::too_many_arguments)]
     fn wave(
         &mut self,
@@ -328,7 +344,7 @@ impl JobDriver {
         si: usize,
         tasks: &[&pb::TaskRecord],
         nodes: &[u64],
-        spec: &pb::JobSpec,
+        ask: Resources,
         backup: bool,
         now_ms: u64,
     ) -> Wave {
@@ -341,7 +357,6 @@ impl JobDriver {
             tasks: Vec::new(),
         };
         for (t, &node) in tasks.iter().zip(nodes) {
-            let ask = need_of(spec, si, t).ask;
             let id = (jid, si as u32, t.index);
             self.starting.insert(id);
             w.command.starts.push(pb::AttemptStart {

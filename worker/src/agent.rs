@@ -513,6 +513,8 @@ impl Agent {
                 for id in gone {
                     self.stop(id, tx).await;
                 }
+                // Task attempts that ended while this node was away are dropped too.
+                self.keep_tasks(&set.tasks);
             }
             Kind::ModuleChunk(c) => {
                 if !c.error.is_empty() {

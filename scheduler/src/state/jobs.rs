@@ -552,6 +552,12 @@ impl StateMachine {
         let spec = j.spec.as_ref().expect("kept");
         let next = j.stages.len();
         if next == spec.stages.len() {
+            // The job's result is a directory of files: their names must differ.
+            if let Err(e) = job_spec::check_blob_refs("output", &outputs) {
+                self.fail_job(jid, format!("the last stage's outputs: {e}"), unix_ms, fx);
+                return;
+            }
+            let j = self.jobs.get_mut(&jid).expect("still here");
             j.state = pb::JobState::Succeeded as i32;
             j.finished_ms = unix_ms;
             j.outputs = outputs;

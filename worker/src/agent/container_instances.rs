@@ -201,12 +201,14 @@ impl Agent {
         if u64::from(super::free_disk_mib(&self.cfg.data_dir)) >= LAYER_CACHE_FLOOR_MIB {
             return;
         }
-        let used: HashSet<String> = self
+        let mut used: HashSet<String> = self
             .instances
             .values()
             .filter_map(|i| i.image.as_ref())
             .flat_map(|i| i.layers.iter().map(|l| l.sha256.clone()))
             .collect();
+        // And the layers of task attempts waiting or running here.
+        used.extend(self.task_layers());
         // Inline, blocking this loop for a moment: it is rare, and a layer must not vanish
         // under an instance that starts meanwhile.
         for sha in c.runtime.layers().unused_oldest_first(&used) {

@@ -237,6 +237,14 @@ impl Agent {
         let dir = runs
             .dir
             .join(format!("{}-{}-{}-{}", id.0, id.1, id.2, id.3));
+        // Names become paths under in/: only plain file names (the control plane checks too).
+        if let Some(b) = t.inputs.iter().find(|b| !is_file_name(&b.name)) {
+            let why = format!("input name {:?} is not a plain file name", b.name);
+            let _ = tx
+                .send(result_message(node_fault(key, "INPUT_UNAVAILABLE", why)))
+                .await;
+            return;
+        }
         let Some(c) = self.containers.as_ref() else {
             return;
         };
@@ -569,6 +577,39 @@ impl Agent {
     /// Stops an attempt (another won, or its job ended) and forgets it and its files.
     pub(super) fn cancel_task(&mut self, key: &pb::TaskKey) {
         self.forget_task(id_of(key), "cancelled");
+    }
+
+    /// Keeps only the attempts in `set` (what the control plane says this node holds).
+    pub(super) fn keep_tasks(&mut self, set: &[pb::TaskKey]) {
+        let keep: HashSet<TaskId> = set.iter().map(id_of).collect();
+        let gone: Vec<TaskId> = self
+            .tasks
+            .as_ref()
+            .map(|r| {
+                r.runs
+                    .keys()
+                    .filter(|id| !keep.contains(id))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in gone {
+            self.forget_task(id, "ended while this node was away");
+        }
+    }
+
+    /// Layers the node's task attempts use (kept when the disk runs low).
+    pub(super) fn task_layers(&self) -> Vec<String> {
+        self.tasks
+            .as_ref()
+            .map(|r| {
+                r.runs
+                    .values()
+                    .filter_map(|run| run.task.image.as_ref())
+                    .flat_map(|i| i.layers.iter().map(|l| l.sha256.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Its result is committed (or refused): forget it and its files.
