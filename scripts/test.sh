@@ -6,9 +6,10 @@
 #   QUICK=1 scripts/test.sh          # skip fmt and clippy (while iterating)
 #   FUZZ_SECONDS=0 scripts/test.sh   # skip the bounded fuzz run (default 20 s per target)
 #
-# Needs: rustup's toolchain with cargo (the machine has it). Installs, when missing: the
-# Debian packages listed below (after `apt-get update`), the rustfmt and clippy components,
-# the wasm32-wasip1 target (scripts/build-examples.sh; committed builds when unreachable).
+# Needs: rustup's toolchain with cargo and python3 (the machine has them). Installs, when
+# missing: the Debian packages listed below (after `apt-get update`), the rustfmt and clippy
+# components, moto's S3 server from PyPI (a virtualenv under ~/.cache/stellar-test), the
+# wasm32-wasip1 target (scripts/build-examples.sh; committed builds when unreachable).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -49,8 +50,21 @@ ensure_rust_components() {
   done
 }
 
+# moto's S3-compatible server (PyPI `moto[server]`), which the object-store blob tests run
+# against (cli/tests/blob_store_s3.rs), in a virtualenv of its own; the tests find it there.
+MOTO_VENV="${HOME}/.cache/stellar-test/venv"
+ensure_moto() {
+  if [[ -x "$MOTO_VENV/bin/moto_server" ]]; then
+    return
+  fi
+  log "installing moto[server] from PyPI into $MOTO_VENV"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
+}
+
 ensure_debian_packages
 ensure_rust_components
+ensure_moto
 # The example functions the worker's tests run (installs wasm32-wasip1 if it can).
 scripts/build-examples.sh
 

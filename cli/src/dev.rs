@@ -129,6 +129,7 @@ impl DevCluster {
             listen: o.replica_listen,
             advertise: replica.clone(),
             tick: Duration::from_millis(20),
+            blobs: Default::default(),
         };
         let (stop_plane, mut plane_rx) = watch::channel(false);
         let plane = tokio::spawn(serve(cfg, async move {

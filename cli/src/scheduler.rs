@@ -58,6 +58,25 @@ pub struct SchedulerArgs {
     /// before they are marked down and their replicas placed elsewhere, milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
     gateway_reattach_ms: u64,
+    /// Where job data and image layers are kept: `local` (this replica's data dir; every
+    /// blob on two replicas before a command may name it) or `s3://BUCKET[/PREFIX]`, an
+    /// S3-compatible store all replicas share (it keeps the copies). The store is configured
+    /// by the standard AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and
+    /// AWS_ENDPOINT_URL (AWS_ALLOW_HTTP=true for a plain-http endpoint), then --blob-store-opt.
+    #[arg(long, default_value = "local", verbatim_doc_comment)]
+    blob_store: String,
+    /// An object-store setting as KEY=VALUE (object_store's keys: aws_endpoint,
+    /// aws_allow_http, aws_region, aws_virtual_hosted_style_request, …); repeatable. Keep
+    /// secrets in the environment, where `ps` does not show them.
+    #[arg(long, value_parser = parse_option)]
+    blob_store_opt: Vec<(String, String)>,
+}
+
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
 }
 
 /// Runs the replica until SIGINT or SIGTERM.
@@ -97,6 +116,10 @@ pub async fn run(args: SchedulerArgs) -> Result<(), String> {
         listen,
         advertise,
         tick: Duration::from_millis(args.tick_ms),
+        blobs: stellar_scheduler::blob_backend::BlobStoreSpec {
+            url: Some(args.blob_store),
+            options: args.blob_store_opt,
+        },
     };
     serve(cfg, crate::shutdown_signal())
         .await

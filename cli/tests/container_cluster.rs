@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::cluster;
@@ -27,18 +27,8 @@ impl Drop for Worker {
 }
 
 fn worker(dir: &Path, gateway: &str, i: usize, containers: bool) -> Worker {
-    let log = std::fs::File::create(dir.join(format!("worker-{i}.log"))).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_stellar"))
-        .args(["worker", "--join", gateway, "--token", "join-secret"])
-        .args(["--containers", if containers { "true" } else { "false" }])
-        .args(["--region", "cn-east", "--zone", &format!("z{i}")])
-        .args(["--cpu-millis", "2000", "--memory-mib", "2048"])
-        .arg("--data-dir")
-        .arg(dir.join(format!("worker-{i}")))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn stellar worker");
+    let on = if containers { "true" } else { "false" };
+    let child = common::spawn_worker(dir, gateway, i, 2048, &["--containers", on]);
     Worker(child)
 }
 

@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use stellar_proto::v1 as pb;
@@ -37,21 +37,9 @@ impl Drop for Worker {
 }
 
 fn worker(dir: &Path, gateway: &str, i: usize) -> Worker {
-    let log = std::fs::File::create(dir.join(format!("worker-{i}.log"))).expect("log");
-    let data = dir.join(format!("worker-{i}"));
-    let child = Command::new(env!("CARGO_BIN_EXE_stellar"))
-        .args(["worker", "--join", gateway, "--token", "join-secret"])
-        .args(["--region", "cn-east", "--zone", &format!("z{i}")])
-        .args(["--cpu-millis", "2000", "--memory-mib", "4096"])
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn stellar worker");
     Worker {
-        child: Some(child),
-        dir: data,
+        child: Some(common::spawn_worker(dir, gateway, i, 4096, &[])),
+        dir: dir.join(format!("worker-{i}")),
     }
 }
 
@@ -281,48 +269,32 @@ async fn a_transcoding_job_survives_a_killed_worker_a_straggler_and_a_leader_kil
     let client = stellar_proto::client::ClusterClient::new(std::slice::from_ref(&gateway.grpc))
         .expect("gateway address")
         .with_token(&admin);
-    let start = Instant::now();
-    while client.nodes().await.unwrap_or_default().len() < 3 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "3 workers did not register"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_for_nodes(&client, 3).await;
     client.create_tenant("acme").await.expect("tenant");
     let nodes: Vec<u64> = workers.iter().map(|w| node_of(&w.dir)).collect();
     // Worker 2 is a slow box: its containers get a tenth of the time.
     let _straggler = Straggler::new(&workers[2].dir);
 
     let output = dir.path().join("clip-720p.mp4");
-    let log = std::fs::File::create(dir.path().join("transcode.log")).expect("log");
-    let mut cli = Command::new(env!("CARGO_BIN_EXE_stellar"))
-        .arg("transcode")
-        .arg(&input)
-        .args([
-            "--preset",
-            "720p",
-            "--segment-seconds",
-            "2",
-            "--name",
-            "clip",
-        ])
-        .arg("--image")
-        .arg(&image)
-        .arg("-o")
-        .arg(&output)
-        .args([
-            "--endpoint",
-            &gateway.grpc,
-            "--token",
-            &admin,
-            "--tenant",
-            "acme",
-        ])
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("stellar transcode");
+    let mut cli = common::spawn_stellar(
+        [
+            "transcode".as_ref(),
+            input.as_os_str(),
+            "--preset".as_ref(),
+            "720p".as_ref(),
+            "--segment-seconds".as_ref(),
+            "2".as_ref(),
+            "--name".as_ref(),
+            "clip".as_ref(),
+            "--image".as_ref(),
+            image.as_os_str(),
+            "-o".as_ref(),
+            output.as_os_str(),
+        ],
+        &gateway.grpc,
+        &admin,
+        &dir.path().join("transcode.log"),
+    );
 
     // Once segment tasks run: kill -9 the first worker holding one (not the slow one), then
     // the Raft leader.

@@ -59,6 +59,7 @@ fn http_target() -> &'static HttpTarget {
             listen: grpc,
             advertise: grpc.to_string(),
             tick: Duration::from_millis(20),
+            blobs: Default::default(),
         };
         runtime.spawn(stellar_scheduler::server::serve(
             cfg,

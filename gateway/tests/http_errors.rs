@@ -72,6 +72,7 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
         listen: addr.parse().unwrap(),
         advertise: addr.clone(),
         tick: Duration::from_millis(20),
+        blobs: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(cfg, async move {

@@ -258,6 +258,146 @@ impl Drop for EtcdCluster {
     }
 }
 
+/// An S3-compatible server on loopback for tests: moto's `moto_server` (PyPI `moto[server]`;
+/// scripts/test.sh installs it into a virtualenv) with one bucket made. Found through
+/// `STELLAR_MOTO_SERVER`, then `PATH`, then `~/.cache/stellar-test/venv/bin`.
+#[derive(Debug)]
+pub struct S3Server {
+    /// Its `http://127.0.0.1:PORT` address.
+    pub endpoint: String,
+    /// The bucket made at start.
+    pub bucket: String,
+    child: Child,
+}
+
+/// Where `moto_server` is, if installed.
+pub fn moto_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("STELLAR_MOTO_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    which("moto_server").or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        let p = Path::new(&home).join(".cache/stellar-test/venv/bin/moto_server");
+        p.is_file().then_some(p)
+    })
+}
+
+impl S3Server {
+    /// Starts the server (its log in `dir`) and makes `bucket`; a hint when moto is missing.
+    pub fn start(dir: &Path, bucket: &str) -> std::io::Result<S3Server> {
+        let moto = moto_server().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "`moto_server` not found: run scripts/test.sh (it installs moto[server] from PyPI \
+                 into ~/.cache/stellar-test/venv) or set STELLAR_MOTO_SERVER",
+            )
+        })?;
+        std::fs::create_dir_all(dir)?;
+        let port = free_ports(1)?[0];
+        let log = std::fs::File::create(dir.join("moto.log"))?;
+        let child = Command::new(moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let server = S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: bucket.to_string(),
+            child,
+        };
+        let deadline = stellar_proto::clock::now() + Duration::from_secs(60);
+        loop {
+            match server.http("PUT", &format!("/{bucket}")) {
+                Ok(r) if r.starts_with("HTTP/1.1 200") => return Ok(server),
+                Ok(r) => {
+                    return Err(std::io::Error::other(format!(
+                        "moto refused to make bucket {bucket}: {}",
+                        r.lines().next().unwrap_or("")
+                    )));
+                }
+                Err(_) if stellar_proto::clock::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One unsigned path-style request (moto takes them); the whole response.
+    fn http(&self, method: &str, path: &str) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(host)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The bucket's object keys under `prefix` (one page: up to 1000).
+    pub fn keys(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        let r = self.http(
+            "GET",
+            &format!("/{}?list-type=2&prefix={prefix}", self.bucket),
+        )?;
+        Ok(xml_values(&r, "Key"))
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted.
+    pub fn open_uploads(&self) -> std::io::Result<Vec<String>> {
+        let r = self.http("GET", &format!("/{}?uploads", self.bucket))?;
+        Ok(xml_values(&r, "UploadId"))
+    }
+
+    /// The `stellar scheduler` flags that keep blobs in this server's bucket under `prefix`.
+    pub fn scheduler_args(&self, prefix: &str) -> Vec<String> {
+        let mut args = vec![
+            "--blob-store".to_string(),
+            format!("s3://{}/{prefix}", self.bucket),
+        ];
+        for (k, v) in self.options() {
+            args.push("--blob-store-opt".into());
+            args.push(format!("{k}={v}"));
+        }
+        args
+    }
+
+    /// The object_store settings that reach this server (any credentials do).
+    pub fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws_endpoint", self.endpoint.as_str()),
+            ("aws_allow_http", "true"),
+            ("aws_region", "us-east-1"),
+            ("aws_access_key_id", "test"),
+            ("aws_secret_access_key", "test"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of every `<tag>…</tag>` in `xml` (S3's listings; no nesting of the same tag).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(v, _)| v.to_string()))
+        .collect()
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?

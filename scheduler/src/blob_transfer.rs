@@ -1,6 +1,8 @@
-//! Blobs on the wire: a client's upload received into the [`BlobStore`], pushed to peer
-//! replicas until two hold it (a committed deploy may then refer to it), pulled from a peer
-//! when this replica lacks one that a gateway asks for, and sent in 1 MiB chunks.
+//! Blobs on the wire: a client's upload received into the replica's [`BlobBackend`], pushed
+//! to peer replicas until two hold it (a committed deploy may then refer to it), pulled from a
+//! peer when this replica lacks one that a gateway asks for, and sent in 1 MiB chunks. With a
+//! shared backend (an S3-compatible store) the store keeps the copies: nothing is pushed or
+//! pulled between replicas, one stored copy is enough, and only the leader sweeps.
 //!
 //! ```text
 //!  Control.PutBlob ─▶ receive (hash, size, fsync) ─▶ replicate ─▶ peer Raft.HasBlob?
@@ -20,7 +22,8 @@ use stellar_proto::v1::raft_client::RaftClient;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::blobs::{BlobError, BlobStore};
+use crate::blob_backend::BlobBackend;
+use crate::blobs::BlobError;
 use crate::replica::{Query, Reply};
 use crate::replica_thread::ReplicaHandle;
 use crate::service::READ_TIMEOUT;
@@ -47,14 +50,15 @@ pub fn status(e: BlobError) -> Status {
         }
         BlobError::TooLarge(_) => Status::resource_exhausted(e.to_string()),
         BlobError::Missing(_) => Status::not_found(e.to_string()),
-        BlobError::Io { .. } => Status::unavailable(e.to_string()),
+        BlobError::Io { .. } | BlobError::Store(_) => Status::unavailable(e.to_string()),
+        BlobError::Config(_) => Status::failed_precondition(e.to_string()),
     }
 }
 
 /// The replica's blob store with its peers (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Blobs {
-    store: BlobStore,
+    backend: std::sync::Arc<dyn BlobBackend>,
     replica: ReplicaHandle,
 }
 
@@ -75,14 +79,19 @@ fn peer_client(address: &str) -> Result<RaftClient<tonic::transport::Channel>, S
 }
 
 impl Blobs {
-    /// Blobs in `store`, with the peers `replica` knows.
-    pub fn new(store: BlobStore, replica: ReplicaHandle) -> Blobs {
-        Blobs { store, replica }
+    /// Blobs in `backend`, with the peers `replica` knows.
+    pub fn new(backend: std::sync::Arc<dyn BlobBackend>, replica: ReplicaHandle) -> Blobs {
+        Blobs { backend, replica }
     }
 
-    /// The local store.
-    pub fn store(&self) -> &BlobStore {
-        &self.store
+    /// The size of `sha` where this replica keeps blobs; None when absent or unreadable.
+    pub async fn size(&self, sha: &str) -> Option<u64> {
+        self.backend.size(sha).await.ok().flatten()
+    }
+
+    /// Marks `sha` as wanted now (see [`BlobBackend::touch`]).
+    pub async fn touch(&self, sha: &str) {
+        self.backend.touch(sha).await
     }
 
     /// The other replicas' addresses, and how many replicas the cluster has.
@@ -102,8 +111,12 @@ impl Blobs {
         }
     }
 
-    /// Copies a deploy needs: two, or every replica of a smaller cluster.
+    /// Copies a deploy needs: two, or every replica of a smaller cluster; one in a shared
+    /// store (it keeps its own copies).
     pub async fn copies_needed(&self) -> usize {
+        if self.backend.shared() {
+            return 1;
+        }
         self.peers().await.1.min(MIN_COPIES)
     }
 
@@ -117,7 +130,7 @@ impl Blobs {
             .await
             .ok_or_else(|| Status::invalid_argument("empty blob stream"))??;
         let (sha, size) = (chunk.sha256.clone(), chunk.size);
-        if self.store.size(&sha) == Some(size) {
+        if self.size(&sha).await == Some(size) {
             // Already here: the rest of the stream is not needed.
             while let Some(c) = stream.next().await {
                 if c?.last {
@@ -126,7 +139,7 @@ impl Blobs {
             }
             return Ok((sha, size));
         }
-        let mut w = self.store.writer(&sha, size).map_err(status)?;
+        let mut w = self.backend.writer(&sha, size).await.map_err(status)?;
         loop {
             if !chunk.error.is_empty() {
                 return Err(Status::aborted(format!(
@@ -142,7 +155,7 @@ impl Blobs {
                     w.written()
                 )));
             }
-            w.write(&chunk.data).map_err(status)?;
+            w.write(chunk.data.into()).await.map_err(status)?;
             if chunk.last {
                 break;
             }
@@ -153,47 +166,56 @@ impl Blobs {
                 ))
             })??;
         }
-        let n = tokio::task::spawn_blocking(move || w.finish())
-            .await
-            .map_err(|e| Status::internal(format!("blob write panicked: {e}")))?
-            .map_err(status)?;
+        let n = w.finish().await.map_err(status)?;
         tracing::info!(blob = %sha, bytes = n, "blob stored");
         Ok((sha, n))
     }
 
-    /// Sends blob `sha` from `offset` on as chunks (the last one has `last`); only what is
-    /// stored here.
-    pub fn send(
+    /// Sends blob `sha` from `offset` on as chunks of [`CHUNK`] bytes (the last one has
+    /// `last`); only what this replica's backend holds.
+    pub async fn send(
         &self,
         sha: &str,
         offset: u64,
     ) -> Result<ReceiverStream<Result<pb::BlobChunk, Status>>, Status> {
-        let (mut file, size) = self.store.open_at(sha, offset).map_err(status)?;
+        let read = self.backend.read(sha, offset).await.map_err(status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let sha = sha.to_string();
-        tokio::task::spawn_blocking(move || {
+        let (sha, size) = (sha.to_string(), read.size);
+        tokio::spawn(async move {
+            let mut bytes = read.bytes;
             let mut at = offset.min(size);
-            let mut buf = vec![0u8; CHUNK];
+            let mut buf = bytes::BytesMut::new();
             loop {
+                // Fill one chunk (or what is left of the blob) from pieces of any size.
                 let want = ((size - at) as usize).min(CHUNK);
-                let sent = match std::io::Read::read_exact(&mut file, &mut buf[..want]) {
-                    Ok(()) => tx.blocking_send(Ok(pb::BlobChunk {
-                        sha256: sha.clone(),
-                        size,
-                        offset: at,
-                        data: buf[..want].to_vec(),
-                        last: at + want as u64 == size,
-                        error: String::new(),
-                    })),
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::unavailable(format!(
-                            "blob {sha}: read at {at}: {e}"
-                        ))));
-                        return;
+                while buf.len() < want {
+                    match bytes.next().await {
+                        Some(Ok(piece)) => buf.extend_from_slice(&piece),
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(status(e))).await;
+                            return;
+                        }
+                        None => {
+                            let e = Status::unavailable(format!(
+                                "blob {sha}: the store ended the read at {} of {size} bytes",
+                                at + buf.len() as u64
+                            ));
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
                     }
+                }
+                let data = buf.split_to(want).to_vec();
+                let chunk = pb::BlobChunk {
+                    sha256: sha.clone(),
+                    size,
+                    offset: at,
+                    data,
+                    last: at + want as u64 == size,
+                    error: String::new(),
                 };
                 at += want as u64;
-                if sent.is_err() || at == size {
+                if tx.send(Ok(chunk)).await.is_err() || at == size {
                     return;
                 }
             }
@@ -204,8 +226,11 @@ impl Blobs {
     /// Replicas holding `sha`: this one and the peers that answer that they do (each
     /// touches its copy, so a deploy checked now finds it still there).
     pub async fn copies(&self, sha: &str) -> usize {
-        let here = usize::from(self.store.size(sha).is_some());
-        self.store.touch(sha);
+        let here = usize::from(self.size(sha).await.is_some());
+        self.touch(sha).await;
+        if self.backend.shared() {
+            return here;
+        }
         let (peers, _) = self.peers().await;
         let asks = peers.iter().map(|p| async move {
             let mut c = peer_client(p).ok()?;
@@ -227,9 +252,42 @@ impl Blobs {
         here + there
     }
 
+    /// Refuses `what` (blob `sha`, said to be `size` bytes) unless enough replicas hold it at
+    /// that size; `hint` names what uploads it.
+    pub async fn check_stored(
+        &self,
+        what: &str,
+        sha: &str,
+        size: u64,
+        hint: &str,
+    ) -> Result<(), Status> {
+        if let Some(stored) = self.size(sha).await
+            && stored != size
+        {
+            return Err(Status::invalid_argument(format!(
+                "{what} is {stored} bytes, not the {size} said"
+            )));
+        }
+        let (copies, need) = (self.copies(sha).await, self.copies_needed().await);
+        if copies < need {
+            let held = if self.backend.shared() {
+                format!("is not in {}", self.backend.describe())
+            } else {
+                format!("is stored on {copies} replica(s), {need} are needed")
+            };
+            return Err(Status::failed_precondition(format!(
+                "{what} {held}: upload it first with PutBlob ({hint})"
+            )));
+        }
+        Ok(())
+    }
+
     /// Pushes a blob stored here to peers until `need` replicas (this one included) hold it;
     /// the copies it made or found. Pushes still under way when enough are reached go on.
     pub async fn replicate(&self, sha: &str, need: usize) -> usize {
+        if self.backend.shared() {
+            return 1;
+        }
         let (peers, _) = self.peers().await;
         let mut held = 1;
         let (done_tx, mut done) = tokio::sync::mpsc::channel::<bool>(peers.len().max(1));
@@ -266,9 +324,10 @@ impl Blobs {
         if has.present.first().copied().unwrap_or(false) {
             return Ok(());
         }
-        let size = self.store.size(sha).unwrap_or(0);
+        let size = self.size(sha).await.unwrap_or(0);
         let chunks = self
-            .send(sha, 0)?
+            .send(sha, 0)
+            .await?
             .filter_map(|r| futures::future::ready(r.ok()));
         tokio::time::timeout(peer_timeout(size), c.copy_blob(chunks))
             .await
@@ -279,6 +338,14 @@ impl Blobs {
     /// Removes the blobs no live function's image and no kept job refers to, unless stored or touched within
     /// `grace` (an upload whose deploy is on its way); how many went.
     pub async fn sweep(&self, grace: Duration) -> usize {
+        if self.backend.shared() {
+            // One sweeper for a shared store: the leader, which also checks new commands'
+            // blobs (and so holds their touches).
+            match self.replica.status().await {
+                Ok(s) if s.leader == s.id => {}
+                _ => return 0,
+            }
+        }
         let live = match self
             .replica
             .read(Query::Functions { tenant: None }, true, READ_TIMEOUT)
@@ -299,8 +366,15 @@ impl Blobs {
         }
         let mut removed = 0;
         let now = std::time::UNIX_EPOCH + Duration::from_millis(stellar_proto::clock::unix_ms());
-        for (sha, bytes) in unreferenced(self.store.list(), &referenced, grace, now) {
-            if self.store.remove(&sha).is_ok() {
+        let stored = match self.backend.list().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(store = %self.backend.describe(), error = %e, "blob sweep: cannot list the store");
+                return 0;
+            }
+        };
+        for (sha, bytes) in unreferenced(stored, &referenced, grace, now) {
+            if self.backend.remove(&sha).await.is_ok() {
                 tracing::info!(blob = %sha, bytes, "blob removed: no live function or kept job refers to it");
                 removed += 1;
             }
@@ -313,8 +387,14 @@ impl Blobs {
         if !stellar_proto::limits::is_sha256_hex(sha) {
             return Err(status(BlobError::BadName(sha.to_string())));
         }
-        if self.store.size(sha).is_some() {
+        if self.size(sha).await.is_some() {
             return Ok(());
+        }
+        if self.backend.shared() {
+            return Err(Status::not_found(format!(
+                "blob {sha} is not in {}; upload it again",
+                self.backend.describe()
+            )));
         }
         let (peers, _) = self.peers().await;
         let mut last = Status::not_found(format!(

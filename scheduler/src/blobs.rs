@@ -45,6 +45,12 @@ pub enum BlobError {
     /// Not stored here.
     #[error("blob {0} is not stored on this replica")]
     Missing(String),
+    /// The object store refused or did not answer (retry; the operator checks the store).
+    #[error("blob store {0}")]
+    Store(String),
+    /// The blob store is configured wrongly (at start: the replica does not serve).
+    #[error("{0}")]
+    Config(String),
     /// The disk refused.
     #[error("blob store {path}: {source}")]
     Io {
@@ -76,7 +82,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
     }
 }
 
-fn check_name(sha: &str) -> Result<()> {
+/// Refuses a name that is not a content address (before it becomes a path or a key).
+pub(crate) fn check_name(sha: &str) -> Result<()> {
     if stellar_proto::limits::is_sha256_hex(sha) {
         Ok(())
     } else {
@@ -96,6 +103,11 @@ impl BlobStore {
         Ok(BlobStore {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The directory the blobs are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn path(&self, sha: &str) -> PathBuf {

@@ -441,7 +441,7 @@ impl pb::edge_server::Edge for EdgeService {
         self.admin(&req, "fetching blobs").await?;
         let r = req.into_inner();
         self.blobs.ensure_local(&r.sha256).await?;
-        Ok(Response::new(self.blobs.send(&r.sha256, r.offset)?))
+        Ok(Response::new(self.blobs.send(&r.sha256, r.offset).await?))
     }
 
     async fn fetch_module(

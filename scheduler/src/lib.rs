@@ -11,6 +11,7 @@
 //! ```
 
 pub mod auth;
+pub mod blob_backend;
 pub mod blob_transfer;
 pub mod blobs;
 pub mod changes;
@@ -24,6 +25,7 @@ pub mod leader;
 pub mod liveness;
 pub mod logger;
 pub mod modules;
+pub mod object_blobs;
 pub mod pricing;
 pub mod replica;
 pub mod replica_thread;

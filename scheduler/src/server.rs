@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub advertise: String,
     /// The logical clock's period (raft ticks, liveness rounds).
     pub tick: Duration,
+    /// Where blob bytes live (this replica's disk unless an object store is named).
+    pub blobs: crate::blob_backend::BlobStoreSpec,
 }
 
 /// How long a shutdown waits for open calls before closing them.
@@ -41,6 +43,11 @@ pub async fn serve(
 ) -> Result<()> {
     let id = cfg.replica.id;
     let dir = cfg.replica.data_dir.clone();
+    // The blob store first: a wrong bucket or endpoint stops the start before anything
+    // serves.
+    let backend = crate::blob_backend::open(&cfg.blobs, &dir.join("blobs"))
+        .await
+        .map_err(|e| Error::Config(e.to_string()))?;
     let replica = tokio::task::spawn_blocking(move || Replica::open(cfg.replica))
         .await
         .map_err(|e| Error::Config(format!("replica open panicked: {e}")))??;
@@ -64,9 +71,7 @@ pub async fn serve(
     let handle = thread.handle();
     transport.attach(handle.clone());
     let auth = std::sync::Arc::new(TokenCache::new(handle.clone()));
-    let store = crate::blobs::BlobStore::open(&dir.join("blobs"))
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let blobs = crate::blob_transfer::Blobs::new(store, handle.clone());
+    let blobs = crate::blob_transfer::Blobs::new(backend, handle.clone());
     let (closing, closed) = tokio::sync::watch::channel(false);
     {
         // Blobs no live function refers to any more leave the disk (after a grace period).

@@ -112,46 +112,22 @@ impl ControlService {
 
     /// Refuses an image whose layers are not stored on enough replicas yet.
     async fn check_layers_stored(&self, image: &pb::ContainerImage) -> Result<(), Status> {
-        let need = self.blobs.copies_needed().await;
         for l in &image.layers {
-            if let Some(size) = self.blobs.store().size(&l.sha256)
-                && size != l.size
-            {
-                return Err(Status::invalid_argument(format!(
-                    "image layer {} is {size} bytes, not the {} the image says",
-                    l.sha256, l.size
-                )));
-            }
-            let copies = self.blobs.copies(&l.sha256).await;
-            if copies < need {
-                return Err(Status::failed_precondition(format!(
-                    "image layer {} is stored on {copies} replica(s), {need} are needed: upload it first with PutBlob (`stellar deploy --image` does)",
-                    l.sha256
-                )));
-            }
+            let what = format!("image layer {}", l.sha256);
+            (self.blobs)
+                .check_stored(&what, &l.sha256, l.size, "`stellar deploy --image` does")
+                .await?;
         }
         Ok(())
     }
 
     /// Refuses job inputs that are not stored on enough replicas, or not at the size named.
     async fn check_blobs_stored(&self, blobs: &[pb::BlobRef]) -> Result<(), Status> {
-        let need = self.blobs.copies_needed().await;
         for b in blobs {
-            if let Some(size) = self.blobs.store().size(&b.sha256)
-                && size != b.size
-            {
-                return Err(Status::invalid_argument(format!(
-                    "input `{}` ({}) is {size} bytes, not the {} the job says",
-                    b.name, b.sha256, b.size
-                )));
-            }
-            let copies = self.blobs.copies(&b.sha256).await;
-            if copies < need {
-                return Err(Status::failed_precondition(format!(
-                    "input `{}` ({}) is stored on {copies} replica(s), {need} are needed: upload it first with PutBlob (`stellar job run` does)",
-                    b.name, b.sha256
-                )));
-            }
+            let what = format!("input `{}` ({})", b.name, b.sha256);
+            (self.blobs)
+                .check_stored(&what, &b.sha256, b.size, "`stellar job run` does")
+                .await?;
         }
         Ok(())
     }
@@ -694,7 +670,7 @@ impl pb::control_server::Control for ControlService {
             }
         }
         self.blobs.ensure_local(&r.sha256).await?;
-        Ok(Response::new(self.blobs.send(&r.sha256, r.offset)?))
+        Ok(Response::new(self.blobs.send(&r.sha256, r.offset).await?))
     }
 
     async fn submit_job(
@@ -887,16 +863,12 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: GrpcRequest<pb::HasBlobRequest>,
     ) -> Result<Response<pb::HasBlobReply>, Status> {
-        let present = req
-            .into_inner()
-            .sha256
-            .iter()
-            .take(1024)
-            .map(|s| {
-                self.blobs.store().touch(s);
-                self.blobs.store().size(s).is_some()
-            })
-            .collect();
+        let asked = req.into_inner().sha256;
+        let present = asked.iter().take(1024).map(|s| async move {
+            self.blobs.touch(s).await;
+            self.blobs.size(s).await.is_some()
+        });
+        let present = futures::future::join_all(present).await;
         Ok(Response::new(pb::HasBlobReply { present }))
     }
 
@@ -907,7 +879,7 @@ impl pb::raft_server::Raft for RaftService {
         req: GrpcRequest<pb::FetchBlob>,
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(self.blobs.send(&r.sha256, r.offset)?))
+        Ok(Response::new(self.blobs.send(&r.sha256, r.offset).await?))
     }
 
     async fn snapshot(

@@ -131,3 +131,65 @@ pub async fn three_replicas_and_a_gateway(
     let gateway = Gateway::start(dir, &c.addresses.join(","), &admin, "join-secret");
     (c, admin, gateway)
 }
+
+/// Starts `stellar worker` number `i` joining `gateway` (data and log under `dir`), with 2
+/// cores and `memory_mib` to offer, in zone `z{i}` of cn-east, plus `extra` flags.
+pub fn spawn_worker(
+    dir: &std::path::Path,
+    gateway: &str,
+    i: usize,
+    memory_mib: u32,
+    extra: &[&str],
+) -> std::process::Child {
+    let log = std::fs::File::create(dir.join(format!("worker-{i}.log"))).expect("worker log");
+    std::process::Command::new(env!("CARGO_BIN_EXE_stellar"))
+        .args(["worker", "--join", gateway, "--token", "join-secret"])
+        .args(["--region", "cn-east", "--zone", &format!("z{i}")])
+        .args([
+            "--cpu-millis",
+            "2000",
+            "--memory-mib",
+            &memory_mib.to_string(),
+        ])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir.join(format!("worker-{i}")))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn stellar worker")
+}
+
+/// Waits (up to a minute) until `n` workers have registered through `client`.
+pub async fn wait_for_nodes(client: &stellar_proto::client::ClusterClient, n: usize) {
+    let start = std::time::Instant::now();
+    while client.nodes().await.unwrap_or_default().len() < n {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{n} workers did not register within a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts `stellar ARGS…` against `gateway` as tenant acme with `admin`'s token, its output
+/// in `log`.
+pub fn spawn_stellar<I, S>(
+    args: I,
+    gateway: &str,
+    admin: &str,
+    log: &std::path::Path,
+) -> std::process::Child
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let log = std::fs::File::create(log).expect("log");
+    std::process::Command::new(env!("CARGO_BIN_EXE_stellar"))
+        .args(args)
+        .args(["--endpoint", gateway, "--token", admin, "--tenant", "acme"])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn stellar")
+}

@@ -57,6 +57,7 @@ impl Plane {
             listen: replica.parse().expect("address"),
             advertise: replica.clone(),
             tick: Duration::from_millis(20),
+            blobs: Default::default(),
         };
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(cfg, async move {
