@@ -313,6 +313,8 @@ impl JobFile {
             max_attempts: self.max_attempts,
             no_backup_tasks: self.backup_tasks == Some(false),
             region: self.region,
+            // Filled in by the gateway that takes the job: its data enters there.
+            near: None,
         };
         stellar_proto::job_spec::check_job_spec(&spec)?;
         Ok(PreparedJob {

@@ -276,6 +276,21 @@ memory = 64
         expected.len()
     );
 
+    // The gateway that took the job marked it as entering there (its tasks were placed near).
+    let status = client
+        .call(|mut c| async move {
+            c.get_job(stellar_proto::v1::GetJobRequest {
+                tenant: "acme".into(),
+                name: "shout".into(),
+                read: None,
+            })
+            .await
+        })
+        .await
+        .expect("job status");
+    let spec = status.job.and_then(|j| j.spec).expect("the job's spec");
+    assert!(spec.near.is_some(), "the gateway did not fill in `near`");
+
     // Every input, intermediate file and the output is an object under the prefix; no
     // replica kept one on its disk.
     let keys = server.keys("jobs/").expect("list");

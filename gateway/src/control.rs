@@ -192,8 +192,15 @@ impl pb::control_server::Control for GatewayControl {
 
     async fn submit_job(
         &self,
-        req: Request<pb::SubmitJobRequest>,
+        mut req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        // The job's data enters here: unless the client named a place, its tasks should run
+        // near this gateway.
+        if let Some(spec) = req.get_mut().spec.as_mut()
+            && spec.near.is_none()
+        {
+            spec.near = Some(self.router.coordinate());
+        }
         self.pass(req, |mut c, r| async move { c.submit_job(r).await })
             .await
             .map(Response::new)

@@ -233,6 +233,11 @@ impl Router {
         Ok(true)
     }
 
+    /// This gateway's network coordinate (what requests entering here are near).
+    pub fn coordinate(&self) -> pb::Coordinate {
+        self.coordinates.me_wire()
+    }
+
     /// The nearest gateway other than this one (by the coordinates the gateways measure
     /// between them; unknown ones last) that holds a ready-looking node of `route`: the call
     /// is forwarded there.

@@ -168,6 +168,15 @@ pub fn check_job_spec(spec: &JobSpec) -> Result<(), String> {
             spec.max_attempts
         ));
     }
+    if let Some(c) = &spec.near {
+        let finite = c.vec.iter().all(|v| v.is_finite());
+        if c.vec.len() != 3 || !finite || !c.height_ms.is_finite() || c.height_ms < 0.0 {
+            return Err(format!(
+                "near must be a network coordinate of 3 finite dimensions and a height >= 0 ms, got {:?} + {} ms",
+                c.vec, c.height_ms
+            ));
+        }
+    }
     for (i, s) in spec.stages.iter().enumerate() {
         check_stage(i, s)?;
     }
@@ -258,6 +267,17 @@ mod tests {
     #[test]
     fn a_good_job_passes_and_each_fault_is_named() {
         assert_eq!(check_job_spec(&spec()), Ok(()));
+        let mut s = spec();
+        s.near = Some(crate::v1::Coordinate {
+            vec: vec![1.0, 2.0, 3.0],
+            height_ms: 4.0,
+            ..Default::default()
+        });
+        assert_eq!(check_job_spec(&s), Ok(()));
+        s.near.as_mut().unwrap().vec = vec![1.0, f32::NAN, 3.0];
+        assert!(check_job_spec(&s).unwrap_err().contains("near"));
+        s.near.as_mut().unwrap().vec = vec![1.0];
+        assert!(check_job_spec(&s).unwrap_err().contains("near"));
         let mut s = spec();
         s.inputs.push(blob("in.mp4"));
         assert!(check_job_spec(&s).unwrap_err().contains("two inputs"));

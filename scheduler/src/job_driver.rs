@@ -85,6 +85,8 @@ pub struct TaskNeed {
     pub region: String,
     /// Bytes it downloads (its inputs) and, as an estimate, uploads.
     pub bytes_in: u64,
+    /// Where its inputs come from (the job's `near`): nodes a short RTT away score higher.
+    pub origin: Option<stellar_placement::Coordinate>,
 }
 
 /// Attempts and tasks with a command in flight (not proposed again until applied).
@@ -113,6 +115,7 @@ fn need_of(spec: &pb::JobSpec, stage: usize, t: &pb::TaskRecord) -> TaskNeed {
         arch: image.arch,
         region: spec.region.clone(),
         bytes_in,
+        origin: spec.near.as_ref().and_then(crate::replica::coordinate_of),
     }
 }
 

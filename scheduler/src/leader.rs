@@ -353,7 +353,8 @@ impl TaskPlacer for LeaderState {
             // A wave takes distinct nodes: at most one task per node per round.
             count: count.min(self.table.len() as u32),
             region: (!need.region.is_empty()).then(|| need.region.clone()),
-            origin: Origin::Anywhere,
+            // Near where the inputs enter (the gateway that took the job), when known.
+            origin: need.origin.map_or(Origin::Anywhere, Origin::Coordinate),
             min_reputation: None,
             labels: Vec::new(),
             existing: avoid.iter().map(|&n| NodeId(n)).collect(),
@@ -383,6 +384,68 @@ impl TaskPlacer for LeaderState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Forty container nodes in two zones: twenty at 5 ms from the origin, twenty at 200.
+    fn two_places() -> LeaderState {
+        let mut m = StateMachine::new();
+        let nodes = (1..=40)
+            .map(|id| {
+                let mut n = crate::fuzzing::node(id);
+                let a = n.attributes.as_mut().expect("attrs");
+                a.runtimes = vec!["container".into()];
+                a.capacity.as_mut().expect("capacity").disk_mib = 100_000;
+                // Zones are places: the sampler draws from the zones nearest the origin.
+                a.zone = if id <= 20 { "near" } else { "far" }.into();
+                n
+            })
+            .collect();
+        let mut fx = Effects::default();
+        let cmd = pb::Command {
+            request_id: vec![],
+            kind: Some(pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd {
+                nodes,
+            })),
+        };
+        let r = m.apply(1, cmd, &mut fx);
+        assert!(r.error_code.is_empty(), "{r:?}");
+        let mut leader = LeaderState::build(&m, 7, 0, (0, 0)).expect("leader state");
+        for id in 1..=40u64 {
+            let x = if id <= 20 { 5.0 } else { 200.0 };
+            leader.set_coordinate(id, Coordinate::from_parts(&[x, 0.0, 0.0], 1.0).unwrap());
+        }
+        leader
+    }
+
+    #[test]
+    fn task_waves_go_near_where_the_inputs_enter() {
+        let need = |x: f32| TaskNeed {
+            ask: Resources::new(1000, 256, 100),
+            arch: "x86_64".into(),
+            region: String::new(),
+            bytes_in: 64 << 20,
+            origin: Coordinate::from_parts(&[x, 0.0, 0.0], 0.0),
+        };
+        let mut leader = two_places();
+        let near = leader.place_tasks(&need(0.0), 8, &[]).expect("placed");
+        assert_eq!(near.len(), 8);
+        assert!(near.iter().all(|&n| n <= 20), "{near:?}");
+        let far = leader.place_tasks(&need(205.0), 8, &[]).expect("placed");
+        assert!(far.iter().all(|&n| n > 20), "{far:?}");
+        // Without an origin, latency plays no part: the choice spans both places.
+        let mut anywhere = need(0.0);
+        anywhere.origin = None;
+        let mut leader = two_places();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..8 {
+            let placed = leader.place_tasks(&anywhere, 4, &[]).expect("placed");
+            seen.extend(placed.iter().map(|&n| n <= 20));
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "placements without an origin kept to one place"
+        );
+    }
 
     #[test]
     fn cores_for_millis_rounds_back_exactly() {
