@@ -11,7 +11,7 @@
 
 #![allow(clippy::disallowed_methods)] // a benchmark's timers read the clock
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use stellar_proto::client::ClusterClient;
 use stellar_proto::v1 as pb;
 
-use crate::wasmbench::{KillOnDrop, percentile_us};
+use crate::wasmbench::percentile_us;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -90,17 +90,8 @@ pub enum InvokeBenchError {
 struct Cluster {
     endpoints: Vec<String>,
     admin: ClusterClient,
-    _procs: Vec<KillOnDrop>,
+    local: Option<crate::procs::LocalCluster>,
     _dir: Option<tempfile::TempDir>,
-}
-
-fn spawn(
-    exe: &Path,
-    args: &[&str],
-    log: &Path,
-    runtime_threads: usize,
-) -> Result<KillOnDrop, InvokeBenchError> {
-    crate::procs::spawn_role(exe, args, log, runtime_threads).map_err(InvokeBenchError::Setup)
 }
 
 fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
@@ -113,87 +104,29 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
         return Ok(Cluster {
             endpoints: cfg.endpoint.clone(),
             admin: c.with_token(token),
-            _procs: Vec::new(),
+            local: None,
             _dir: None,
         });
     }
     let setup = |e: &dyn std::fmt::Display| InvokeBenchError::Setup(e.to_string());
-    if !cfg.stellar.is_file() {
-        return Err(setup(&format!(
-            "the `stellar` binary is not at {} (build it: cargo build --release -p stellar-cli, or pass --stellar PATH)",
-            cfg.stellar.display()
-        )));
-    }
     let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
-    let g = cfg.gateways.max(1);
-    let ports = crate::procs::free_ports(1 + g).map_err(|e| setup(&e))?;
-    let replica = format!("127.0.0.1:{}", ports[0]);
-    let gateways: Vec<String> = ports[1..]
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
-    let token = "invoke-bench-token";
-    let plane = dir.path().join("plane");
-    let mut procs = vec![spawn(
+    let local = crate::procs::LocalCluster::start(
         &cfg.stellar,
-        &[
-            "scheduler",
-            "--id",
-            "1",
-            "--peers",
-            &format!("1={replica}"),
-            "--data-dir",
-            &plane.to_string_lossy(),
-        ],
-        &dir.path().join("plane.log"),
+        dir.path(),
+        cfg.gateways,
+        cfg.workers,
+        &[],
         cfg.runtime_threads,
-    )?];
-    let token_file = crate::procs::wait_for_admin_token(&plane, Duration::from_secs(30))
-        .map_err(InvokeBenchError::Cluster)?;
-    for (i, addr) in gateways.iter().enumerate() {
-        procs.push(spawn(
-            &cfg.stellar,
-            &[
-                "gateway",
-                "--control",
-                &replica,
-                "--listen",
-                addr,
-                "--http-listen",
-                "off",
-                "--token-file",
-                &token_file.to_string_lossy(),
-                "--join-token",
-                token,
-            ],
-            &dir.path().join(format!("gateway-{i}.log")),
-            cfg.runtime_threads,
-        )?);
-    }
-    for i in 0..cfg.workers {
-        let wdir = dir.path().join(format!("worker-{i}"));
-        procs.push(spawn(
-            &cfg.stellar,
-            &[
-                "worker",
-                "--join",
-                &gateways[i % g],
-                "--token",
-                token,
-                "--data-dir",
-                &wdir.to_string_lossy(),
-            ],
-            &dir.path().join(format!("worker-{i}.log")),
-            cfg.runtime_threads,
-        )?);
-    }
+    )
+    .map_err(InvokeBenchError::Setup)?;
+    let (gateways, plane) = (local.gateways.clone(), local.plane.clone());
     let admin = ClusterClient::new(std::slice::from_ref(&gateways[0]))
         .map_err(|e| setup(&e.message()))?
         .with_admin_token_from(vec![plane]);
     Ok(Cluster {
         endpoints: gateways,
         admin,
-        _procs: procs,
+        local: Some(local),
         _dir: Some(dir),
     })
 }
@@ -328,7 +261,7 @@ pub fn run(
         .collect::<Result<_, _>>()
         .map_err(|e| InvokeBenchError::Setup(e.message().to_string()))?;
     let errors = Arc::new(AtomicU64::new(0));
-    let pids: Vec<u32> = cluster._procs.iter().map(|p| p.0.id()).collect();
+    let pids: Vec<u32> = cluster.local.as_ref().map(|l| l.pids()).unwrap_or_default();
     let cpu_now = move || -> f64 {
         crate::procs::cpu_seconds(None).unwrap_or(0.0)
             + pids

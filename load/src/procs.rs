@@ -459,3 +459,130 @@ pub(crate) fn spawn_role(
         .map(crate::wasmbench::KillOnDrop)
         .map_err(|e| format!("{}: {e}", exe.display()))
 }
+
+/// A one-replica cluster of the shipped `stellar` binary on loopback: a scheduler, gateways
+/// in front of it and workers joined to them round-robin, each process killed on drop. What
+/// the benchmarks start when not pointed at an existing cluster.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// The replica's address.
+    pub replica: String,
+    /// The gateways' gRPC addresses (workers and clients).
+    pub gateways: Vec<String>,
+    /// The replica's data dir (where its admin token is).
+    pub plane: PathBuf,
+    /// The admin token's file.
+    pub token_file: PathBuf,
+    procs: Vec<crate::wasmbench::KillOnDrop>,
+}
+
+/// The join token a [`LocalCluster`]'s workers present.
+const LOCAL_JOIN_TOKEN: &str = "local-cluster-join";
+
+impl LocalCluster {
+    /// Starts it under `dir` (data and logs): `gateways` gateways (at least one) and
+    /// `workers` workers given `worker_args` as well; `runtime_threads` > 0 caps each
+    /// process's tokio threads.
+    pub fn start(
+        exe: &Path,
+        dir: &Path,
+        gateways: usize,
+        workers: usize,
+        worker_args: &[&str],
+        runtime_threads: usize,
+    ) -> Result<LocalCluster, String> {
+        if !exe.is_file() {
+            return Err(format!(
+                "the `stellar` binary is not at {} (build it: cargo build --release -p stellar-cli, or pass --stellar PATH)",
+                exe.display()
+            ));
+        }
+        let g = gateways.max(1);
+        let ports = free_ports(1 + g).map_err(|e| e.to_string())?;
+        let replica = format!("127.0.0.1:{}", ports[0]);
+        let gateways: Vec<String> = ports[1..]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let plane = dir.join("plane");
+        let plane_s = plane.to_string_lossy().into_owned();
+        let peers = format!("1={replica}");
+        let mut procs = vec![spawn_role(
+            exe,
+            &[
+                "scheduler",
+                "--id",
+                "1",
+                "--peers",
+                &peers,
+                "--data-dir",
+                &plane_s,
+            ],
+            &dir.join("plane.log"),
+            runtime_threads,
+        )?];
+        let token_file = wait_for_admin_token(&plane, Duration::from_secs(30))?;
+        let token_s = token_file.to_string_lossy().into_owned();
+        for (i, addr) in gateways.iter().enumerate() {
+            procs.push(spawn_role(
+                exe,
+                &[
+                    "gateway",
+                    "--control",
+                    &replica,
+                    "--listen",
+                    addr,
+                    "--http-listen",
+                    "off",
+                    "--token-file",
+                    &token_s,
+                    "--join-token",
+                    LOCAL_JOIN_TOKEN,
+                ],
+                &dir.join(format!("gateway-{i}.log")),
+                runtime_threads,
+            )?);
+        }
+        for i in 0..workers {
+            let wdir = dir
+                .join(format!("worker-{i}"))
+                .to_string_lossy()
+                .into_owned();
+            let mut args = vec![
+                "worker",
+                "--join",
+                &gateways[i % g],
+                "--token",
+                LOCAL_JOIN_TOKEN,
+                "--data-dir",
+                &wdir,
+            ];
+            args.extend_from_slice(worker_args);
+            procs.push(spawn_role(
+                exe,
+                &args,
+                &dir.join(format!("worker-{i}.log")),
+                runtime_threads,
+            )?);
+        }
+        Ok(LocalCluster {
+            replica,
+            gateways,
+            plane,
+            token_file,
+            procs,
+        })
+    }
+
+    /// The admin token the replica wrote.
+    pub fn admin_token(&self) -> Result<String, String> {
+        std::fs::read_to_string(&self.token_file)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| format!("{}: {e}", self.token_file.display()))
+    }
+
+    /// Its processes' ids (for their cpu time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.0.id()).collect()
+    }
+}

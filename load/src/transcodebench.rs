@@ -26,8 +26,6 @@ use std::time::{Duration, Instant};
 use stellar_proto::client::ClusterClient;
 use stellar_proto::transcode::{PRESETS, encode_args};
 
-use crate::wasmbench::KillOnDrop;
-
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct TranscodeBenchConfig {
@@ -106,10 +104,6 @@ fn setup(e: impl std::fmt::Display) -> TranscodeBenchError {
     TranscodeBenchError::Setup(e.to_string())
 }
 
-fn spawn(exe: &Path, args: &[&str], log: &Path) -> Result<KillOnDrop, TranscodeBenchError> {
-    crate::procs::spawn_role(exe, args, log, 0).map_err(TranscodeBenchError::Setup)
-}
-
 fn run_ok(cmd: &mut Command, what: &str) -> Result<(), TranscodeBenchError> {
     let o = cmd.output().map_err(|e| setup(format!("{what}: {e}")))?;
     if o.status.success() {
@@ -147,70 +141,17 @@ fn job_on(
     (image, input, output): (&Path, &Path, &Path),
     log: &mut dyn FnMut(&str),
 ) -> Result<f64, TranscodeBenchError> {
-    let ports = crate::procs::free_ports(2).map_err(setup)?;
-    let (replica, gateway) = (
-        format!("127.0.0.1:{}", ports[0]),
-        format!("127.0.0.1:{}", ports[1]),
-    );
-    let plane = dir.join("plane");
-    let exe = &cfg.stellar;
-    let mut procs = vec![spawn(
-        exe,
-        &[
-            "scheduler",
-            "--id",
-            "1",
-            "--peers",
-            &format!("1={replica}"),
-            "--data-dir",
-            &plane.to_string_lossy(),
-        ],
-        &dir.join("plane.log"),
-    )?];
-    let token_file = crate::procs::wait_for_admin_token(&plane, Duration::from_secs(30))
-        .map_err(TranscodeBenchError::Setup)?;
-    let join = "transcode-bench-join";
-    procs.push(spawn(
-        exe,
-        &[
-            "gateway",
-            "--control",
-            &replica,
-            "--listen",
-            &gateway,
-            "--http-listen",
-            "off",
-            "--token-file",
-            &token_file.to_string_lossy(),
-            "--join-token",
-            join,
-        ],
-        &dir.join("gateway.log"),
-    )?);
-    for i in 0..workers {
-        let wdir = dir.join(format!("worker-{i}"));
-        procs.push(spawn(
-            exe,
-            &[
-                "worker",
-                "--join",
-                &gateway,
-                "--token",
-                join,
-                "--cpu-millis",
-                "1000",
-                "--memory-mib",
-                "3072",
-                "--data-dir",
-                &wdir.to_string_lossy(),
-            ],
-            &dir.join(format!("worker-{i}.log")),
-        )?);
-    }
-    let admin = std::fs::read_to_string(&token_file)
-        .map_err(setup)?
-        .trim()
-        .to_string();
+    let local = crate::procs::LocalCluster::start(
+        &cfg.stellar,
+        dir,
+        1,
+        workers,
+        &["--cpu-millis", "1000", "--memory-mib", "3072"],
+        0,
+    )
+    .map_err(TranscodeBenchError::Setup)?;
+    let gateway = local.gateways[0].clone();
+    let admin = local.admin_token().map_err(TranscodeBenchError::Setup)?;
     let rt = tokio::runtime::Runtime::new().map_err(setup)?;
     rt.block_on(async {
         let client = ClusterClient::new(std::slice::from_ref(&gateway))
@@ -230,7 +171,7 @@ fn job_on(
     })?;
     // Every worker fetches and unpacks the image's layer first (a function on each node).
     let stellar = |args: &[&str]| {
-        let mut c = Command::new(exe);
+        let mut c = Command::new(&cfg.stellar);
         c.args(args).args([
             "--endpoint",
             &gateway,
@@ -306,7 +247,7 @@ fn job_on(
         "stellar transcode",
     )?;
     let secs = t.elapsed().as_secs_f64();
-    drop(procs);
+    drop(local);
     Ok(secs)
 }
 

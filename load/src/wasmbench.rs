@@ -353,6 +353,7 @@ fn idle_rss(stellar: &Path, module: &Path) -> Result<u64, WasmBenchError> {
 }
 
 /// A child process killed when dropped (benchmark helpers never outlive the run).
+#[derive(Debug)]
 pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
 
 impl Drop for KillOnDrop {

@@ -337,7 +337,6 @@ impl JobDriver {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// A wave of `tasks` on `nodes`, each holding `ask`: the very amount the placer
     /// reserved on each node (so the leader's table gets back what it gave).
     #[allow(clippy::too_many_arguments)]

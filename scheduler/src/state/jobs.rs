@@ -849,6 +849,11 @@ mod tests {
             no_backup_tasks: no_backup,
             ..Default::default()
         };
+        submit_spec(m, spec)
+    }
+
+    /// Submits `spec` for acme; the job's id.
+    fn submit_spec(m: &mut StateMachine, spec: pb::JobSpec) -> u64 {
         let (r, fx) = apply(
             m,
             pb::command::Kind::SubmitJob(pb::SubmitJobCmd {
@@ -1028,6 +1033,116 @@ mod tests {
         // The whole state survives a snapshot.
         let back = StateMachine::from_snapshot(m.to_snapshot()).expect("snapshot");
         assert_eq!(back.digest(), m.digest());
+    }
+
+    /// Records each ask and places on nodes 1, 2, 3… (fresh nodes every call).
+    #[derive(Default)]
+    struct Asks(Vec<(u64, u32)>, u64);
+    impl TaskPlacer for Asks {
+        fn place_tasks(
+            &mut self,
+            need: &TaskNeed,
+            count: u32,
+            _: &[u64],
+        ) -> std::result::Result<Vec<u64>, String> {
+            self.0.push((need.bytes_in, count));
+            let first = self.1;
+            self.1 += u64::from(count);
+            Ok((first..first + u64::from(count))
+                .map(|n| n % 3 + 1)
+                .collect())
+        }
+    }
+
+    #[test]
+    fn a_wave_is_one_ask_sized_for_its_largest_task() {
+        let mut m = machine();
+        let jid = submit(&mut m, true);
+        let mut d = JobDriver::default();
+        let s = round(&mut m, &mut d, &[1, 2, 3], 1_000);
+        // Segments of different sizes: the wave asks once, for the largest.
+        let segs: Vec<pb::BlobRef> = (0..5u8)
+            .map(|i| pb::BlobRef {
+                size: (1 + u64::from(i)) << 20,
+                ..blob(&format!("s{i}.ts"), 50 + i)
+            })
+            .collect();
+        done(&mut m, s[0], 1, segs, 2_000);
+        let mut asks = Asks::default();
+        let r = d.round(&m, &mut asks, 3_000);
+        assert_eq!(asks.0, vec![(5 << 20, 5)], "one ask for the whole wave");
+        assert_eq!(r.waves.len(), 1);
+        assert_eq!(r.waves[0].command.starts.len(), 5);
+        assert_eq!(m.jobs()[&jid].stages.len(), 2);
+    }
+
+    #[test]
+    fn a_silent_attempt_is_lost_only_after_its_deadline_and_its_inputs_fetch() {
+        let mut m = machine();
+        // A one-stage job with a 1 GiB input and a 10 s timeout.
+        let mut st = stage(pb::Fanout::All);
+        st.limits.as_mut().expect("limits").timeout_ms = 10_000;
+        let spec = pb::JobSpec {
+            name: "big".into(),
+            inputs: vec![pb::BlobRef {
+                size: 1 << 30,
+                ..blob("in.mp4", 9)
+            }],
+            stages: vec![st],
+            no_backup_tasks: true,
+            ..Default::default()
+        };
+        submit_spec(&mut m, spec);
+        let mut d = JobDriver::default();
+        let s = round(&mut m, &mut d, &[1, 2, 3], 1_000);
+        assert_eq!(s.len(), 1);
+        // The deadline plus the grace, and the time 1 GiB takes at 1 Mbit/s (~2.4 h).
+        let fetch = (1u64 << 30) / crate::job_driver::FETCH_FLOOR_BYTES_PER_MS;
+        let limit = 1_000 + 10_000 + crate::job_driver::OVERRUN_GRACE_MS + fetch;
+        let r = d.round(&m, &mut FirstNodes::of(&m, &[1, 2, 3]), limit - 1_000);
+        assert!(
+            r.lost.is_empty(),
+            "lost while its input could still be arriving"
+        );
+        let r = d.round(&m, &mut FirstNodes::of(&m, &[1, 2, 3]), limit + 1);
+        assert_eq!(r.lost.len(), 1);
+        assert_eq!(r.lost[0].1, s[0]);
+        let why = &r.lost[0].0.result.as_ref().expect("result").error_message;
+        assert!(why.contains("past its deadline"), "{why}");
+    }
+
+    #[test]
+    fn final_outputs_with_the_same_name_fail_the_job() {
+        let mut m = machine();
+        // One stage of one task per input: two tasks that both write `out.txt`.
+        let spec = pb::JobSpec {
+            name: "clash".into(),
+            inputs: vec![blob("a.txt", 1), blob("b.txt", 2)],
+            stages: vec![stage(pb::Fanout::Each)],
+            no_backup_tasks: true,
+            ..Default::default()
+        };
+        let jid = submit_spec(&mut m, spec);
+        let mut d = JobDriver::default();
+        let s = round(&mut m, &mut d, &[1, 2, 3], 1_000);
+        assert_eq!(s.len(), 2);
+        done_here(&mut m, s[0], vec![blob("out.txt", 7)], 2_000);
+        assert_eq!(m.jobs()[&jid].state, pb::JobState::Running as i32);
+        done_here(&mut m, s[1], vec![blob("out.txt", 8)], 2_000);
+        let j = &m.jobs()[&jid];
+        assert_eq!(j.state, pb::JobState::Failed as i32);
+        assert!(j.error.contains("out.txt"), "{}", j.error);
+        assert!(j.outputs.is_empty());
+        // Both tasks ran: both are billed, and nothing stays reserved.
+        let billed: u64 = m.job_usage().values().map(|t| t.invocations).sum();
+        assert_eq!(billed, 2);
+        assert_eq!(
+            m.nodes()
+                .values()
+                .map(|n| n.task_reserved.cpu_millis)
+                .sum::<u32>(),
+            0
+        );
     }
 
     #[test]
