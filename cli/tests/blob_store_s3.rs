@@ -3,7 +3,7 @@
 //! object; an upload refused leaves no parts behind), then a whole cluster of real processes
 //! started with `--blob-store s3://…`: a two-stage job whose inputs, intermediate files and
 //! outputs all travel through the bucket, with the Raft leader killed mid-job; the replicas'
-//! disks hold no blob.
+//! disks hold no blob. A failing program then fails its job, and the CLI says so (exit 1).
 
 #![cfg(target_os = "linux")]
 #![allow(clippy::disallowed_methods)]
@@ -307,6 +307,57 @@ memory = 64
             "replica {id} keeps blobs on disk: {on_disk:?}"
         );
     }
+
+    // A program that fails fails its job: `job run` and `job status --watch` exit 1, and
+    // `job logs` shows the program's stderr.
+    std::fs::write(
+        job_dir.join("fails.toml"),
+        format!(
+            r#"
+name = "doomed"
+inputs = [{{ path = "a.txt" }}]
+
+[[stages]]
+image = "{image}"
+command = ["sh", "-c", "echo the tape is blank >&2; exit 3"]
+cpu = 500
+memory = 64
+"#,
+            image = image.display()
+        ),
+    )
+    .expect("job file");
+    let stellar = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stellar"))
+            .args(args)
+            .args([
+                "--endpoint",
+                &gateway.grpc,
+                "--token",
+                &admin,
+                "--tenant",
+                "acme",
+            ])
+            .output()
+            .expect("stellar runs")
+    };
+    let fails = job_dir.join("fails.toml");
+    let run = stellar(&[
+        "job",
+        "run",
+        &fails.to_string_lossy(),
+        "-o",
+        &out.to_string_lossy(),
+    ]);
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    let watch = stellar(&["job", "status", "doomed", "--watch"]);
+    assert_eq!(watch.status.code(), Some(1), "{watch:?}");
+    let logs = stellar(&["job", "logs", "doomed"]);
+    assert!(logs.status.success(), "{logs:?}");
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("the tape is blank"), "{text}");
+    let ok = stellar(&["job", "status", "shout", "--watch"]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
     for w in &mut workers {
         let _ = w.kill();
         let _ = w.wait();
