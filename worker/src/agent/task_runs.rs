@@ -148,8 +148,27 @@ fn node_fault(key: pb::TaskKey, code: &str, why: String) -> pb::TaskResult {
     }
 }
 
+/// Opens an output the sandbox wrote, refusing what is not a regular file: a symlink (which
+/// would make this root process read a host file of the sandbox's choosing), a FIFO (which
+/// would block the open), a device. Checked on the opened file, so a swap after a listing
+/// cannot slip one through.
+fn open_output(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
+    let mut f = open_output(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut n = 0u64;
@@ -657,7 +676,13 @@ async fn send_result(r: pb::TaskResult, out: PathBuf, tx: mpsc::Sender<pb::Worke
     let mut result = r;
     for b in result.outputs.clone() {
         let path = out.join(&b.name);
-        let mut f = match tokio::fs::File::open(&path).await {
+        let opened = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || open_output(&path)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        let mut f = match opened.map(tokio::fs::File::from_std) {
             Ok(f) => f,
             Err(e) => {
                 result.error_code = "OUTPUT_LOST".into();
@@ -705,4 +730,36 @@ async fn send_result(r: pb::TaskResult, out: PathBuf, tx: mpsc::Sender<pb::Worke
         }
     }
     let _ = tx.send(result_message(result)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_are_only_regular_files_never_followed_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        std::fs::write(out.join("b.txt"), b"bee").unwrap();
+        std::fs::write(out.join("a.txt"), b"ay").unwrap();
+        let refs = collect_outputs(out).unwrap();
+        let names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a.txt", "b.txt"]);
+        assert_eq!(refs[0].sha256, hex::encode(Sha256::digest(b"ay")));
+        assert_eq!(refs[1].size, 3);
+
+        // A link to a host file is refused by the listing and by the open itself (a swap
+        // after the listing), so the host file is never read.
+        let secret = dir.path().join("..").join("host-secret");
+        std::os::unix::fs::symlink(&secret, out.join("c.txt")).unwrap();
+        let e = collect_outputs(out).unwrap_err();
+        assert!(e.contains("c.txt"), "{e}");
+        assert!(open_output(&out.join("c.txt")).is_err());
+        std::fs::remove_file(out.join("c.txt")).unwrap();
+
+        // A FIFO neither hangs the worker nor passes.
+        nix::unistd::mkfifo(&out.join("d.txt"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(collect_outputs(out).is_err());
+        assert!(open_output(&out.join("d.txt")).is_err());
+    }
 }
