@@ -258,7 +258,9 @@ impl pb::agent_server::Agent for AgentService {
                 // control plane stores (gRPC flow control holds it back meanwhile).
                 let kind = match kind {
                     pb::worker_message::Kind::TaskOutput(o) => {
+                        edge.hub.storing(node, generation, true);
                         uploads.chunk((node, &edge.view, &edge.client), o).await;
+                        edge.hub.storing(node, generation, false);
                         continue;
                     }
                     pb::worker_message::Kind::TaskResult(r) => {

@@ -49,6 +49,9 @@ struct Link {
     foreign_results: u32,
     /// When the worker last said anything (a silent stream is closed).
     last_heard: Instant,
+    /// This gateway is storing one of the worker's output chunks: it is not reading the
+    /// stream meanwhile, so the worker's silence is ours, not the worker's.
+    storing: bool,
     /// Wakes the link's reconcile task when its node's assignments may have changed.
     wake: Arc<Notify>,
     /// The worker is draining: no new calls.
@@ -298,6 +301,7 @@ impl WorkerHub {
                     rtt_ms: 0.0,
                     foreign_results: 0,
                     last_heard: stellar_proto::clock::now(),
+                    storing: false,
                     wake: wake.clone(),
                     draining: false,
                 },
@@ -348,13 +352,26 @@ impl WorkerHub {
         }
     }
 
+    /// This gateway starts (`true`) or ends storing a chunk the worker on `node` sent: while
+    /// it does, it reads nothing more from the stream, so the worker is not judged silent
+    /// (a control plane slow to store, e.g. through an election, is not the worker's fault).
+    pub fn storing(&self, node: u64, generation: u64, busy: bool) {
+        if let Ok(mut links) = self.links.lock()
+            && let Some(l) = links.get_mut(&node)
+            && l.generation == generation
+        {
+            l.storing = busy;
+            l.last_heard = stellar_proto::clock::now();
+        }
+    }
+
     /// Ends the streams of workers silent for longer than `silent` (their keepalive
     /// stopped: a dead device, a cut line); the nodes they were on.
     pub fn close_silent(&self, silent: Duration) -> Vec<u64> {
         let quiet: Vec<(u64, u64)> = match self.links.lock() {
             Ok(links) => links
                 .iter()
-                .filter(|(_, l)| l.last_heard.elapsed() > silent)
+                .filter(|(_, l)| !l.storing && l.last_heard.elapsed() > silent)
                 .map(|(&n, l)| (n, l.generation))
                 .collect(),
             Err(_) => return Vec::new(),
@@ -784,6 +801,24 @@ mod tests {
         // Ids never repeat.
         let ids: HashSet<Vec<u8>> = (0..1000).map(|_| fresh_invocation().unwrap().0).collect();
         assert_eq!(ids.len(), 1000);
+    }
+
+    #[test]
+    fn a_worker_is_not_silent_while_the_gateway_stores_its_upload() {
+        let hub = WorkerHub::new();
+        let (tx, _rx) = mpsc::channel(4);
+        let (generation, _) = hub.attach(1, tx, "r".into(), "z".into());
+        let (tx2, _rx2) = mpsc::channel(4);
+        hub.attach(2, tx2, "r".into(), "z".into());
+        hub.storing(1, generation, true);
+        std::thread::sleep(Duration::from_millis(30));
+        // Node 1's chunk is being stored: not closed; node 2 said nothing: closed.
+        assert_eq!(hub.close_silent(Duration::from_millis(10)), vec![2]);
+        // Once stored, its silence counts again, from then on.
+        hub.storing(1, generation, false);
+        assert!(hub.close_silent(Duration::from_millis(20)).is_empty());
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(hub.close_silent(Duration::from_millis(20)), vec![1]);
     }
 
     #[test]
