@@ -20,6 +20,9 @@ use crate::state::{Effects, StateMachine, node_state_to_pb};
 pub const RING_CAPACITY: usize = 500_000;
 /// Objects per reset page.
 pub const PAGE: usize = 10_000;
+/// Encoded bytes past which a page ends, and past which a watcher's delta is sent as a
+/// (paged) reset instead: well under the 16 MiB a gateway takes in one message.
+pub const PAGE_BYTES: usize = 4 << 20;
 
 /// One changed object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,8 +42,10 @@ pub enum Key {
 /// Where a reset continues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
-    /// Tokens and functions (small), then allocations.
+    /// Tokens and functions (small), then running task attempts.
     Start,
+    /// Running task attempts after this one (None: from the first).
+    Tasks(Option<crate::state::AttemptKey>),
     /// Allocations after this id.
     Allocations(u64),
     /// Nodes after this id.
@@ -157,6 +162,11 @@ impl ChangeLog {
         for k in keys {
             add(&mut ev, k, state);
         }
+        // Too much changed for one message (a wave of thousands of tasks, say): the watcher
+        // gets the state again in pages.
+        if prost::Message::encoded_len(&ev) > PAGE_BYTES {
+            return Changes::TooOld;
+        }
         Changes::Since(ev)
     }
 }
@@ -257,14 +267,29 @@ pub fn reset_page(state: &StateMachine, page: Page) -> (pb::WatchEvent, Option<P
                     ev.functions.push(w);
                 }
             }
-            // Running attempts are bounded by the fleet's task slots: one page.
-            ev.tasks.extend(
-                state
-                    .running_attempts()
-                    .into_iter()
-                    .filter_map(|k| state.watched_task(k)),
-            );
-            Some(Page::Allocations(0))
+            Some(Page::Tasks(None))
+        }
+        Page::Tasks(after) => {
+            // Running attempts, in key order, until the page is full by count or bytes (a
+            // task names its inputs: an all-inputs task of a large job is large).
+            let mut keys = state.running_attempts();
+            keys.sort_unstable();
+            let mut bytes = 0;
+            let mut last = None;
+            for k in keys.into_iter().filter(|k| after.is_none_or(|a| *k > a)) {
+                if ev.tasks.len() == PAGE || bytes > PAGE_BYTES {
+                    break;
+                }
+                if let Some(w) = state.watched_task(k) {
+                    bytes += prost::Message::encoded_len(&w);
+                    ev.tasks.push(w);
+                }
+                last = Some(k);
+            }
+            Some(match last {
+                Some(k) if ev.tasks.len() == PAGE || bytes > PAGE_BYTES => Page::Tasks(Some(k)),
+                _ => Page::Allocations(0),
+            })
         }
         Page::Allocations(after) => {
             let mut last = None;
@@ -372,6 +397,119 @@ mod tests {
         assert!(matches!(log.since(0, &s), Changes::TooOld));
         log.restart(9);
         assert!(matches!(log.since(8, &s), Changes::TooOld));
+    }
+
+    #[test]
+    fn large_task_sets_are_paged_by_bytes_and_a_large_delta_becomes_a_reset() {
+        let mut s = StateMachine::new();
+        let mut log = ChangeLog::new(0);
+        let mut index = 0;
+        let mut run = |s: &mut StateMachine, log: &mut ChangeLog, kind| {
+            index += 1;
+            apply(s, log, index, cmd(kind));
+            index
+        };
+        run(
+            &mut s,
+            &mut log,
+            pb::command::Kind::CreateTenant(pb::CreateTenantCmd {
+                name: "acme".into(),
+                token_sha256: vec![],
+            }),
+        );
+        const JOBS: u64 = 60;
+        let nodes = (1..=JOBS)
+            .map(|id| {
+                let mut n = crate::fuzzing::node(id);
+                let a = n.attributes.as_mut().expect("attrs");
+                a.runtimes = vec!["container".into()];
+                a.capacity.as_mut().expect("capacity").disk_mib = 100_000;
+                n
+            })
+            .collect();
+        run(
+            &mut s,
+            &mut log,
+            pb::command::Kind::RegisterNodes(pb::RegisterNodesCmd { nodes }),
+        );
+        // Jobs of one task that takes 1,000 inputs with long names: ~0.3 MB each watched.
+        let mut stage = crate::fuzzing::job_stage(pb::Fanout::All);
+        stage.command = vec!["join".into()];
+        let mut before = 0;
+        for j in 0..JOBS {
+            let inputs = (0..1000u32)
+                .map(|i| pb::BlobRef {
+                    name: format!("{i:04}-{}", "x".repeat(200)),
+                    sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!("{j}/{i}"))),
+                    size: 1,
+                })
+                .collect();
+            before = run(
+                &mut s,
+                &mut log,
+                pb::command::Kind::SubmitJob(pb::SubmitJobCmd {
+                    tenant: "acme".into(),
+                    spec: Some(pb::JobSpec {
+                        name: format!("job{j}"),
+                        inputs,
+                        stages: vec![stage.clone()],
+                        ..Default::default()
+                    }),
+                    unix_ms: 1,
+                }),
+            );
+        }
+        let jobs: Vec<u64> = s.jobs().keys().copied().collect();
+        let starts = jobs
+            .iter()
+            .zip(1..=JOBS)
+            .map(|(&job, node)| pb::AttemptStart {
+                key: Some(pb::TaskKey {
+                    job,
+                    stage: 0,
+                    task: 0,
+                    attempt: 1,
+                }),
+                node,
+                backup: false,
+                reserve: Some(pb::Resources {
+                    cpu_millis: 1000,
+                    memory_mib: 256,
+                    disk_mib: 100,
+                }),
+            })
+            .collect();
+        run(
+            &mut s,
+            &mut log,
+            pb::command::Kind::StartAttempts(pb::StartAttemptsCmd { starts, unix_ms: 2 }),
+        );
+        assert_eq!(s.running_attempts().len(), JOBS as usize);
+        // Sixty such tasks do not fit one message: the watcher is told to reset.
+        assert!(matches!(log.since(before, &s), Changes::TooOld));
+        // The reset carries every running attempt once, over several pages of bounded size.
+        let mut page = Some(Page::Start);
+        let (mut tasks, mut task_pages) = (Vec::new(), 0);
+        while let Some(p) = page {
+            let (ev, next) = reset_page(&s, p);
+            assert!(
+                prost::Message::encoded_len(&ev) < 2 * PAGE_BYTES,
+                "a page of {} bytes",
+                prost::Message::encoded_len(&ev)
+            );
+            if !ev.tasks.is_empty() {
+                task_pages += 1;
+            }
+            tasks.extend(ev.tasks.into_iter().filter_map(|t| t.task?.key));
+            page = next;
+        }
+        assert_eq!(tasks.len(), JOBS as usize);
+        let unique: std::collections::HashSet<u64> = tasks.iter().map(|k| k.job).collect();
+        assert_eq!(unique.len(), JOBS as usize);
+        assert!(task_pages >= 4, "{task_pages} pages of tasks");
+        // A small change after that is sent as it is.
+        let after = run(&mut s, &mut log, token(7).kind.expect("kind"));
+        assert!(matches!(log.since(after - 1, &s), Changes::Since(_)));
     }
 
     #[test]

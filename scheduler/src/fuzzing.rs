@@ -7,6 +7,32 @@ use stellar_proto::v1 as pb;
 
 use crate::state::{Effects, StateMachine};
 
+/// A job stage of one core and 256 MiB in an x86-64 image of one layer (the state
+/// machine's job tests submit such stages).
+pub fn job_stage(fanout: pb::Fanout) -> pb::JobStage {
+    pb::JobStage {
+        name: String::new(),
+        image: Some(pb::ContainerImage {
+            layers: vec![pb::ImageLayer {
+                sha256: "cd".repeat(32),
+                size: 1 << 20,
+                gzip: true,
+            }],
+            cmd: vec!["sh".into()],
+            arch: "x86_64".into(),
+            ..Default::default()
+        }),
+        command: vec!["run".into()],
+        limits: Some(pb::FunctionLimits {
+            cpu_millis: 1000,
+            memory_mib: 256,
+            ..Default::default()
+        }),
+        fanout: fanout as i32,
+        env: vec![],
+    }
+}
+
 /// A ready, managed node in cn-east with 2 cores and 2 GiB (the fuzzer's commands and the
 /// state machine's unit tests place on such nodes).
 pub fn node(id: u64) -> pb::NodeRecord {

@@ -782,27 +782,7 @@ mod tests {
     }
 
     fn stage(fanout: pb::Fanout) -> pb::JobStage {
-        pb::JobStage {
-            name: String::new(),
-            image: Some(pb::ContainerImage {
-                layers: vec![pb::ImageLayer {
-                    sha256: "cd".repeat(32),
-                    size: 1 << 20,
-                    gzip: true,
-                }],
-                cmd: vec!["sh".into()],
-                arch: "x86_64".into(),
-                ..Default::default()
-            }),
-            command: vec!["run".into()],
-            limits: Some(pb::FunctionLimits {
-                cpu_millis: 1000,
-                memory_mib: 256,
-                ..Default::default()
-            }),
-            fanout: fanout as i32,
-            env: vec![],
-        }
+        crate::fuzzing::job_stage(fanout)
     }
 
     /// A tenant and three container nodes of 2 cores.
