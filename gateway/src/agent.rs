@@ -2,7 +2,9 @@
 //! the control plane never connects to them and never hears from them directly.
 //!
 //! ```text
-//!  worker ─Register(signed)──▶ join token + signature ─▶ session: joined ─▶ committed (ack)
+//!  worker ─Challenge─────────▶ a fresh nonce (challenge.rs: taken once, within a minute)
+//!  worker ─Register(signed)──▶ join token + signature over key, token, nonce ─▶ nonce taken
+//!                              ─▶ session: joined ─▶ committed (ack)
 //!         ◀─Registered──────── link in the hub (one per node; a newer stream wins)
 //!         ◀─Assignment──────── reconcile: the view's allocations on the node vs what the
 //!                              stream was told (woken by watch events, level-triggered)
@@ -93,6 +95,7 @@ pub struct AgentService {
     heartbeat_ms: u32,
     join_token: Option<Arc<str>>,
     closed: tokio::sync::watch::Receiver<bool>,
+    nonces: Arc<crate::challenge::Nonces>,
 }
 
 impl AgentService {
@@ -109,6 +112,7 @@ impl AgentService {
             heartbeat_ms,
             join_token: join_token.map(Into::into),
             closed,
+            nonces: Arc::default(),
         }
     }
 
@@ -127,13 +131,19 @@ impl AgentService {
             reg.node,
             &reg.public_key,
             &reg.join_token,
+            &reg.nonce,
             &reg.signature,
         ) {
             return Err(Status::unauthenticated(
-                "the registration signature does not match the node's public key and id",
+                "the registration signature does not match the node's public key, id and nonce",
             ));
         }
-        Ok(())
+        // Only a registration signed by the key holder takes its nonce: nobody else can
+        // spend a worker's nonce before it does.
+        self.nonces.redeem(&reg.nonce).map_err(|e| match e {
+            crate::challenge::NonceError::Unknown => Status::unauthenticated(e.to_string()),
+            crate::challenge::NonceError::Busy => Status::unavailable(e.to_string()),
+        })
     }
 
     /// `stream`, ended when the gateway shuts down.
@@ -165,6 +175,19 @@ impl pb::agent_server::Agent for AgentService {
         }
         Ok(Response::new(pb::PingReply {
             coordinate: Some(self.edge.coordinates.me_wire()),
+        }))
+    }
+
+    async fn challenge(
+        &self,
+        _: GrpcRequest<pb::ChallengeRequest>,
+    ) -> Result<Response<pb::ChallengeReply>, Status> {
+        let nonce = self
+            .nonces
+            .issue()
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::ChallengeReply {
+            nonce: nonce.to_vec(),
         }))
     }
 

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod balance;
 pub mod batching;
 pub mod blob_relay;
+pub mod challenge;
 pub mod control;
 pub mod coordinates;
 pub mod error;

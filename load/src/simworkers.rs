@@ -143,9 +143,13 @@ impl Sim {
         Ok(c)
     }
 
-    fn register(&self, w: &Worker) -> pb::WorkerMessage {
+    fn register(&self, w: &Worker, nonce: Vec<u8>) -> pb::WorkerMessage {
         let public_key = w.key.verifying_key().to_bytes();
-        let msg = stellar_proto::identity::registration_message(&public_key, &self.cfg.join_token);
+        let msg = stellar_proto::identity::registration_message(
+            &public_key,
+            &self.cfg.join_token,
+            &nonce,
+        );
         // Regions and zones spread like a fleet's: 8 regions of 4 zones.
         let (region, zone) = (w.index % 8, (w.index / 8) % 4);
         pb::WorkerMessage {
@@ -168,6 +172,7 @@ impl Sim {
                 }),
                 signature: w.key.sign(&msg).to_bytes().to_vec(),
                 join_token: self.cfg.join_token.clone(),
+                nonce,
             })),
         }
     }
@@ -210,9 +215,13 @@ async fn session(
     let Ok(channel) = sim.channel(gateway, w.index) else {
         return End::Lost;
     };
-    let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(32);
-    let _ = tx.try_send(sim.register(w));
     let mut client = pb::agent_client::AgentClient::new(channel);
+    let nonce = match client.challenge(pb::ChallengeRequest {}).await {
+        Ok(r) => r.into_inner().nonce,
+        Err(_) => return End::Lost,
+    };
+    let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(32);
+    let _ = tx.try_send(sim.register(w, nonce));
     let mut inbound = match client
         .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

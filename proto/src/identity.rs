@@ -11,20 +11,23 @@ pub fn node_id(public_key: &[u8]) -> u64 {
     u64::from_be_bytes(h[..8].try_into().expect("sha256 is 32 bytes"))
 }
 
-/// The bytes a registration signature covers.
-pub fn registration_message(public_key: &[u8], join_token: &str) -> Vec<u8> {
-    let mut m = b"stellar-register-v1".to_vec();
+/// The bytes a registration signature covers: the key, the join token's hash and the
+/// gateway's nonce (so the signature is good for that one registration only).
+pub fn registration_message(public_key: &[u8], join_token: &str, nonce: &[u8]) -> Vec<u8> {
+    let mut m = b"stellar-register-v2".to_vec();
     m.extend_from_slice(public_key);
     m.extend_from_slice(&Sha256::digest(join_token.as_bytes()));
+    m.extend_from_slice(&Sha256::digest(nonce));
     m
 }
 
 /// Whether `signature` proves that the holder of `public_key` (which must derive `node`)
-/// registered with `join_token`.
+/// registered with `join_token` in answer to `nonce`.
 pub fn verify_registration(
     node: u64,
     public_key: &[u8],
     join_token: &str,
+    nonce: &[u8],
     signature: &[u8],
 ) -> bool {
     let Ok(pk) = <[u8; 32]>::try_from(public_key) else {
@@ -39,7 +42,7 @@ pub fn verify_registration(
     node_id(&pk) == node
         && key
             .verify(
-                &registration_message(&pk, join_token),
+                &registration_message(&pk, join_token, nonce),
                 &Signature::from_bytes(&sig),
             )
             .is_ok()

@@ -360,14 +360,23 @@ impl Agent {
         let mut client = AgentClient::new(channel)
             .max_decoding_message_size(32 << 20)
             .max_encoding_message_size(32 << 20);
+        // A fresh nonce from this gateway, signed into the registration (no replay).
+        let nonce = match client.challenge(pb::ChallengeRequest {}).await {
+            Ok(r) => r.into_inner().nonce,
+            Err(s) => return (ended_by(s), false),
+        };
         let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(256);
         let register = pb::WorkerMessage {
             kind: Some(pb::worker_message::Kind::Register(pb::Register {
                 node: self.identity.node(),
                 public_key: self.identity.public_key().to_vec(),
                 attributes: Some(self.attributes.clone()),
-                signature: self.identity.sign_registration(&self.cfg.token).to_vec(),
+                signature: self
+                    .identity
+                    .sign_registration(&self.cfg.token, &nonce)
+                    .to_vec(),
                 join_token: self.cfg.token.clone(),
+                nonce,
             })),
         };
         let _ = tx.send(register).await;

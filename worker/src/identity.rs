@@ -43,9 +43,11 @@ impl Identity {
         &self.path
     }
 
-    /// Proves possession of the key when registering with `join_token`.
-    pub fn sign_registration(&self, join_token: &str) -> [u8; 64] {
-        let msg = stellar_proto::identity::registration_message(&self.public_key(), join_token);
+    /// Proves possession of the key when registering with `join_token`, answering the
+    /// gateway's `nonce`.
+    pub fn sign_registration(&self, join_token: &str, nonce: &[u8]) -> [u8; 64] {
+        let msg =
+            stellar_proto::identity::registration_message(&self.public_key(), join_token, nonce);
         self.key.sign(&msg).to_bytes()
     }
 }
@@ -67,19 +69,15 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let c = Identity::load_or_create(other.path()).unwrap();
         assert_ne!(a.node(), c.node(), "fresh data dirs make fresh identities");
-        let sig = a.sign_registration("join-token");
-        assert!(stellar_proto::identity::verify_registration(
-            a.node(),
-            &a.public_key(),
-            "join-token",
-            &sig
-        ));
-        assert!(!stellar_proto::identity::verify_registration(
-            c.node(),
-            &a.public_key(),
-            "join-token",
-            &sig
-        ));
+        let sig = a.sign_registration("join-token", b"nonce-1");
+        let verify = |node, token, nonce: &[u8]| {
+            stellar_proto::identity::verify_registration(node, &a.public_key(), token, nonce, &sig)
+        };
+        assert!(verify(a.node(), "join-token", b"nonce-1"));
+        // Another node's id, another token, another nonce (a replay): refused.
+        assert!(!verify(c.node(), "join-token", b"nonce-1"));
+        assert!(!verify(a.node(), "other-token", b"nonce-1"));
+        assert!(!verify(a.node(), "join-token", b"nonce-2"));
     }
 
     #[test]

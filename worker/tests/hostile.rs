@@ -151,29 +151,16 @@ impl Rogue {
         let mut client = AgentClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
+        let nonce = client
+            .challenge(pb::ChallengeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nonce;
         let (tx, rx) = mpsc::channel(64);
-        tx.send(msg(pb::worker_message::Kind::Register(pb::Register {
-            node: identity.node(),
-            public_key: identity.public_key().to_vec(),
-            attributes: Some(pb::NodeAttributes {
-                region: "cn-east".into(),
-                zone: "rogue".into(),
-                arch: "x86_64".into(),
-                runtimes: vec!["wasm".into()],
-                capacity: Some(pb::Resources {
-                    cpu_millis: 4000,
-                    memory_mib: 4096,
-                    disk_mib: 0,
-                }),
-                labels: vec![pb::Label {
-                    key: "rogue".into(),
-                    value: "yes".into(),
-                }],
-                ..Default::default()
-            }),
-            signature: identity.sign_registration(TOKEN).to_vec(),
-            join_token: TOKEN.into(),
-        })))
+        tx.send(msg(pb::worker_message::Kind::Register(registration(
+            &identity, nonce,
+        ))))
         .await
         .unwrap();
         let mut inbound = client
@@ -228,6 +215,104 @@ impl Rogue {
 
 fn msg(kind: pb::worker_message::Kind) -> pb::WorkerMessage {
     pb::WorkerMessage { kind: Some(kind) }
+}
+
+/// A registration of the node `identity` holds, labelled `rogue=yes`, answering `nonce`.
+fn registration(identity: &Identity, nonce: Vec<u8>) -> pb::Register {
+    pb::Register {
+        node: identity.node(),
+        public_key: identity.public_key().to_vec(),
+        attributes: Some(pb::NodeAttributes {
+            region: "cn-east".into(),
+            zone: "rogue".into(),
+            arch: "x86_64".into(),
+            runtimes: vec!["wasm".into()],
+            capacity: Some(pb::Resources {
+                cpu_millis: 4000,
+                memory_mib: 4096,
+                disk_mib: 0,
+            }),
+            labels: vec![pb::Label {
+                key: "rogue".into(),
+                value: "yes".into(),
+            }],
+            ..Default::default()
+        }),
+        signature: identity.sign_registration(TOKEN, &nonce).to_vec(),
+        join_token: TOKEN.into(),
+        nonce,
+    }
+}
+
+/// Attaches with `reg` as the first message; the gateway's first answer.
+async fn attach_with(addr: &str, reg: pb::Register) -> Result<pb::control_message::Kind, Status> {
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(msg(pb::worker_message::Kind::Register(reg)))
+        .await
+        .unwrap();
+    let mut inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = inbound.message().await?.and_then(|m| m.kind);
+    first.ok_or_else(|| Status::aborted("the stream ended"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_registration_cannot_be_replayed() {
+    let c = Cluster::start().await;
+    let me = Identity::load_or_create(&c.dir.path().join("me")).unwrap();
+    let other = Identity::load_or_create(&c.dir.path().join("other")).unwrap();
+    let mut client = AgentClient::connect(format!("http://{}", c.addr))
+        .await
+        .unwrap();
+    let fresh = || {
+        let mut client = client.clone();
+        async move {
+            client
+                .challenge(pb::ChallengeRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nonce
+        }
+    };
+    // The genuine registration, answering a fresh nonce, is accepted once.
+    let reg = registration(&me, fresh().await);
+    assert!(matches!(
+        attach_with(&c.addr, reg.clone()).await,
+        Ok(pb::control_message::Kind::Registered(_))
+    ));
+    // Captured and sent again: refused, its nonce is spent.
+    let e = attach_with(&c.addr, reg).await.expect_err("a replay");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("nonce"), "{e:?}");
+    // No nonce, or one this gateway never issued: refused.
+    let e = attach_with(&c.addr, registration(&me, Vec::new()))
+        .await
+        .expect_err("no nonce");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = attach_with(&c.addr, registration(&me, vec![9; 32]))
+        .await
+        .expect_err("made up");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // A valid nonce signed by another key for this node's id: refused, and the nonce stays
+    // good for the real node (a forger cannot spend it).
+    let nonce = fresh().await;
+    let mut forged = registration(&other, nonce.clone());
+    forged.node = me.node();
+    forged.public_key = me.public_key().to_vec();
+    let e = attach_with(&c.addr, forged).await.expect_err("forged");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(matches!(
+        attach_with(&c.addr, registration(&me, nonce)).await,
+        Ok(pb::control_message::Kind::Registered(_))
+    ));
+    let _ = client.ping(pb::PingRequest::default()).await;
+    c.stop().await;
 }
 
 fn error_code(s: &Status) -> &str {
