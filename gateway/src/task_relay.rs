@@ -143,9 +143,10 @@ impl TaskUploads {
         tokio::spawn(async move {
             let mut failed = String::new();
             let mut transient = false;
+            let mut stored: Vec<(String, u64)> = Vec::new();
             for (sha, up) in uploads {
                 match up.await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(r)) => stored.push((r.sha256, r.size)),
                     Ok(Err(s)) => {
                         transient |= stellar_proto::client::retryable(&s);
                         failed = format!("output {sha} was not stored: {}", s.message());
@@ -154,6 +155,21 @@ impl TaskUploads {
                 }
             }
             let mut result = r;
+            // A success may name only outputs this stream uploaded for this attempt, at the
+            // size stored: a worker cannot claim a blob it never sent (another tenant's,
+            // found by its sha256) as its output.
+            // (An upload that failed is handled below: asked for again, or not stored.)
+            if let Some(why) = failed
+                .is_empty()
+                .then(|| unproven_output(&result, &stored))
+                .flatten()
+            {
+                tracing::warn!(node = format!("{node:016x}"), ?id, reason = %why, "task result names an output it did not upload");
+                result.error_code = "OUTPUT_NOT_UPLOADED".into();
+                result.error_message = why;
+                result.node_fault = true;
+                result.outputs.clear();
+            }
             if !failed.is_empty() && result.error_code.is_empty() {
                 if transient && resend {
                     tokio::time::sleep(RESEND_AFTER).await;
@@ -201,6 +217,28 @@ impl TaskUploads {
     }
 }
 
+/// Why a successful `result` may not be reported as it is: an output it names that was not
+/// stored from this stream for the attempt (by sha256 and size); None when each was.
+fn unproven_output(result: &pb::TaskResult, stored: &[(String, u64)]) -> Option<String> {
+    if !result.error_code.is_empty() {
+        return None;
+    }
+    result
+        .outputs
+        .iter()
+        .find(|o| {
+            !stored
+                .iter()
+                .any(|(sha, size)| *sha == o.sha256 && *size == o.size)
+        })
+        .map(|o| {
+            format!(
+                "output `{}` ({}, {} bytes) was not uploaded by this attempt",
+                o.name, o.sha256, o.size
+            )
+        })
+}
+
 /// Reports one attempt's end to the leader, retried through elections for [`REPORT_FOR`];
 /// why it was refused (empty: taken).
 async fn report(
@@ -231,5 +269,40 @@ async fn report(
             }
             Err(s) => return Err(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_success_names_only_outputs_its_stream_uploaded() {
+        let out = |name: &str, sha: &str, size| pb::BlobRef {
+            name: name.into(),
+            sha256: sha.into(),
+            size,
+        };
+        let ok = |outputs| pb::TaskResult {
+            outputs,
+            ..Default::default()
+        };
+        let stored = vec![("aa".repeat(32), 10), ("bb".repeat(32), 0)];
+        let a = out("a.ts", &"aa".repeat(32), 10);
+        let b = out("b.ts", &"bb".repeat(32), 0);
+        assert_eq!(unproven_output(&ok(vec![a.clone(), b]), &stored), None);
+        // A blob it never sent (another tenant's, say), or one at another size: refused.
+        let theirs = out("c.ts", &"cc".repeat(32), 5);
+        let why = unproven_output(&ok(vec![a.clone(), theirs]), &stored).expect("refused");
+        assert!(why.contains("c.ts"), "{why}");
+        let resized = out("a.ts", &"aa".repeat(32), 11);
+        assert!(unproven_output(&ok(vec![resized]), &stored).is_some());
+        // A failure names no outputs that matter: passed on as it is.
+        let failed = pb::TaskResult {
+            error_code: "EXIT".into(),
+            outputs: vec![out("x", &"dd".repeat(32), 1)],
+            ..Default::default()
+        };
+        assert_eq!(unproven_output(&failed, &[]), None);
     }
 }
