@@ -147,10 +147,7 @@ impl BlobStore {
             file,
             tmp,
             dir: self.dir.clone(),
-            sha: sha.to_string(),
-            size,
-            written: 0,
-            hasher: Sha256::new(),
+            check: BlobCheck::new(sha, size),
             done: false,
         })
     }
@@ -210,22 +207,30 @@ impl BlobStore {
     }
 }
 
-/// A blob being written (see [`BlobStore::writer`]); dropped unfinished, it leaves nothing.
+/// The running check of a blob's bytes against its name and announced size, shared by every
+/// backend's sink: nothing is stored under a name its bytes do not hash to.
 #[derive(Debug)]
-pub struct BlobWriter {
-    file: File,
-    tmp: PathBuf,
-    dir: PathBuf,
+pub struct BlobCheck {
     sha: String,
     size: u64,
     written: u64,
     hasher: Sha256,
-    done: bool,
 }
 
-impl BlobWriter {
-    /// Appends `data`; refused past the announced size.
-    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+impl BlobCheck {
+    /// A check for blob `sha` of `size` bytes.
+    pub fn new(sha: &str, size: u64) -> BlobCheck {
+        BlobCheck {
+            sha: sha.to_string(),
+            size,
+            written: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Refuses `data` when it would pass the announced size; counts and hashes it otherwise
+    /// (call before storing the bytes).
+    pub fn feed(&mut self, data: &[u8]) -> Result<()> {
         let got = self.written.saturating_add(data.len() as u64);
         if got > self.size {
             return Err(BlobError::Size {
@@ -234,20 +239,23 @@ impl BlobWriter {
                 got,
             });
         }
-        self.file.write_all(data).map_err(io(&self.tmp))?;
         self.hasher.update(data);
         self.written = got;
         Ok(())
     }
 
-    /// Bytes written so far.
+    /// Bytes fed so far.
     pub fn written(&self) -> u64 {
         self.written
     }
 
-    /// Verifies the bytes against the name and size, makes them durable and puts the blob
-    /// in place. Blocking (fsync): call it off the async threads.
-    pub fn finish(mut self) -> Result<u64> {
+    /// The blob's name.
+    pub fn sha(&self) -> &str {
+        &self.sha
+    }
+
+    /// Ok with the size when every announced byte came and they hash to the name.
+    pub fn verify(&mut self) -> Result<u64> {
         if self.written != self.size {
             return Err(BlobError::Size {
                 name: self.sha.clone(),
@@ -262,14 +270,44 @@ impl BlobWriter {
                 actual,
             });
         }
+        Ok(self.written)
+    }
+}
+
+/// A blob being written (see [`BlobStore::writer`]); dropped unfinished, it leaves nothing.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: File,
+    tmp: PathBuf,
+    dir: PathBuf,
+    check: BlobCheck,
+    done: bool,
+}
+
+impl BlobWriter {
+    /// Appends `data`; refused past the announced size.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.check.feed(data)?;
+        self.file.write_all(data).map_err(io(&self.tmp))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.check.written()
+    }
+
+    /// Verifies the bytes against the name and size, makes them durable and puts the blob
+    /// in place. Blocking (fsync): call it off the async threads.
+    pub fn finish(mut self) -> Result<u64> {
+        let written = self.check.verify()?;
         self.file.sync_all().map_err(io(&self.tmp))?;
-        let target = self.dir.join(&self.sha);
+        let target = self.dir.join(self.check.sha());
         std::fs::rename(&self.tmp, &target).map_err(io(&target))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
         self.done = true;
-        Ok(self.written)
+        Ok(written)
     }
 }
 

@@ -23,10 +23,9 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, WriteMultipart};
-use sha2::{Digest, Sha256};
 
 use crate::blob_backend::{BlobBackend, BlobRead, BlobSink};
-use crate::blobs::{BlobError, MAX_BLOB_BYTES, Result, check_name};
+use crate::blobs::{BlobCheck, BlobError, MAX_BLOB_BYTES, Result, check_name};
 
 /// Bytes per part of a multipart upload (S3's smallest part is 5 MiB).
 const PART_BYTES: usize = 8 << 20;
@@ -142,10 +141,7 @@ impl BlobBackend for ObjectBlobs {
         Ok(Box::new(ObjectSink {
             upload: Some(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)),
             url: self.url.clone(),
-            sha: sha.to_string(),
-            size,
-            written: 0,
-            hasher: Sha256::new(),
+            check: BlobCheck::new(sha, size),
         }))
     }
 
@@ -229,66 +225,44 @@ impl BlobBackend for ObjectBlobs {
 struct ObjectSink {
     upload: Option<WriteMultipart>,
     url: String,
-    sha: String,
-    size: u64,
-    written: u64,
-    hasher: Sha256,
+    check: BlobCheck,
 }
 
 #[async_trait::async_trait]
 impl BlobSink for ObjectSink {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        let got = self.written.saturating_add(data.len() as u64);
-        if got > self.size {
-            return Err(BlobError::Size {
-                name: self.sha.clone(),
-                expected: self.size,
-                got,
-            });
-        }
+        self.check.feed(&data)?;
         let Some(upload) = self.upload.as_mut() else {
             return Err(BlobError::Store(format!("{}: upload ended", self.url)));
         };
         upload
             .wait_for_capacity(PARTS_IN_FLIGHT)
             .await
-            .map_err(|e| store_error(&self.url, &self.sha, e))?;
+            .map_err(|e| store_error(&self.url, self.check.sha(), e))?;
         upload.write(&data);
-        self.hasher.update(&data);
-        self.written = got;
         Ok(())
     }
 
     fn written(&self) -> u64 {
-        self.written
+        self.check.written()
     }
 
     async fn finish(mut self: Box<Self>) -> Result<u64> {
         let Some(upload) = self.upload.take() else {
             return Err(BlobError::Store(format!("{}: upload ended", self.url)));
         };
-        let refused = if self.written != self.size {
-            Some(BlobError::Size {
-                name: self.sha.clone(),
-                expected: self.size,
-                got: self.written,
-            })
-        } else {
-            let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
-            (actual != self.sha).then(|| BlobError::Corrupt {
-                name: self.sha.clone(),
-                actual,
-            })
+        let written = match self.check.verify() {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = upload.abort().await;
+                return Err(e);
+            }
         };
-        if let Some(e) = refused {
-            let _ = upload.abort().await;
-            return Err(e);
-        }
         upload
             .finish()
             .await
-            .map_err(|e| store_error(&self.url, &self.sha, e))?;
-        Ok(self.written)
+            .map_err(|e| store_error(&self.url, self.check.sha(), e))?;
+        Ok(written)
     }
 }
 
