@@ -224,6 +224,7 @@ impl pb::agent_server::Agent for AgentService {
             .ok_or_else(|| Status::invalid_argument("Register needs attributes"))?;
         let node = reg.node;
         let (region, zone) = (attrs.region.clone(), attrs.zone.clone());
+        let public_key = reg.public_key.clone();
         let record = pb::NodeRecord {
             id: node,
             public_key: reg.public_key,
@@ -292,7 +293,8 @@ impl pb::agent_server::Agent for AgentService {
                     }
                     k => k,
                 };
-                if let Err(e) = on_message(&edge, (node, generation), &tx, &mut reported, kind) {
+                let link = (node, generation, public_key.as_slice());
+                if let Err(e) = on_message(&edge, link, &tx, &mut reported, kind) {
                     tracing::warn!(node = format!("{node:016x}"), error = %e, "worker stream refused a message");
                     let _ = tx.try_send(Err(e));
                     break;
@@ -307,12 +309,44 @@ impl pb::agent_server::Agent for AgentService {
     }
 }
 
+/// Hands a result to the call waiting for it; too many results for calls this node was not
+/// sent end its stream.
+fn on_result(
+    edge: &Edge,
+    node: u64,
+    generation: u64,
+    r: pb::InvocationResult,
+) -> Result<(), Status> {
+    match edge.hub.complete(node, generation, r) {
+        Completion::Accepted => {}
+        Completion::Late => {
+            tracing::debug!(
+                node = format!("{node:016x}"),
+                "a result came after its caller stopped waiting"
+            );
+        }
+        Completion::Foreign { count } => {
+            tracing::warn!(
+                node = format!("{node:016x}"),
+                count,
+                "refused a result for a call this node was not sent"
+            );
+            if count >= MAX_FOREIGN_RESULTS {
+                return Err(Status::permission_denied(format!(
+                    "{count} results for calls this node was not sent; stream closed"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Handles one message from a worker. It never waits on the worker's outbound queue (acks
 /// are dropped when it is full, module transfers run in their own task): the worker may be
 /// waiting on us to read, and both sides blocking on each other would stall the stream.
 fn on_message(
     edge: &Edge,
-    (node, generation): (u64, u64),
+    (node, generation, public_key): (u64, u64, &[u8]),
     tx: &Outbox,
     reported: &mut Option<pb::Coordinate>,
     kind: pb::worker_message::Kind,
@@ -380,36 +414,43 @@ fn on_message(
                 }
             }
         }
-        Kind::Result(r) => match edge.hub.complete(node, generation, r) {
-            Completion::Accepted => {}
-            Completion::Late => {
-                tracing::debug!(
-                    node = format!("{node:016x}"),
-                    "a result came after its caller stopped waiting"
-                );
-            }
-            Completion::Foreign { count } => {
-                tracing::warn!(
-                    node = format!("{node:016x}"),
-                    count,
-                    "refused a result for a call this node was not sent"
-                );
-                if count >= MAX_FOREIGN_RESULTS {
-                    return Err(Status::permission_denied(format!(
-                        "{count} results for calls this node was not sent; stream closed"
-                    )));
+        Kind::Result(mut r) => {
+            // The receipt is checked here, in stream order, whether or not a caller still
+            // waits: the ledger needs each node's receipts in sequence.
+            if let Some(receipt) = r.receipt.take() {
+                match edge
+                    .hub
+                    .tickets
+                    .check(&receipt, node, public_key, Some(&r.stdout))
+                {
+                    Ok(record) => {
+                        edge.usage.record(record);
+                        r.receipt = Some(receipt);
+                    }
+                    Err(v) => {
+                        edge.usage.refuse(node, receipt.seq, v);
+                        // Its output is not what it signed for (or not signed at all): the
+                        // caller gets an error, not bytes this node would not stand by.
+                        r = pb::InvocationResult {
+                            invocation_id: r.invocation_id,
+                            error_code: "BAD_RECEIPT".into(),
+                            error_message: format!(
+                                "worker {node:016x} answered with a receipt refused as {}; \
+                                 the call's output was discarded",
+                                v.as_str_name()
+                            ),
+                            ..Default::default()
+                        };
+                    }
                 }
             }
-        },
+            on_result(edge, node, generation, r)?;
+        }
         Kind::Usage(report) => {
-            for mut r in report.records {
-                // A worker reports only its own usage.
-                r.node = node;
-                if !edge.usage.record(r) {
-                    tracing::warn!(
-                        node = format!("{node:016x}"),
-                        "usage queue full; record dropped"
-                    );
+            for receipt in report.receipts {
+                match edge.hub.tickets.check(&receipt, node, public_key, None) {
+                    Ok(record) => edge.usage.record(record),
+                    Err(v) => edge.usage.refuse(node, receipt.seq, v),
                 }
             }
         }

@@ -111,6 +111,10 @@ pub enum HubError {
     /// The OS gave no randomness for the invocation's id and seed (nothing was sent).
     #[error("no OS randomness for the invocation id: {0}")]
     NoRandomness(String),
+    /// No leader has given this gateway the ticket key yet, so it cannot issue the ticket
+    /// a worker's usage is billed by (nothing was sent).
+    #[error("no ticket key yet: this gateway has no session with the leader")]
+    NoTicketKey,
 }
 
 /// A ready instance as routing sees it.
@@ -208,6 +212,8 @@ pub struct WorkerHub {
     /// Results refused because they came from a node the call was not sent to, by node
     /// (kept across reconnects).
     refused: Mutex<HashMap<u64, u64>>,
+    /// Seals the tickets of calls sent from here and checks workers' receipts.
+    pub tickets: crate::receipts::TicketDesk,
 }
 
 /// A fresh invocation's secrets, drawn from the OS for each call: its id (128 random bits,
@@ -262,6 +268,7 @@ impl WorkerHub {
             invocations: AtomicU64::new(0),
             closed: tokio::sync::watch::Sender::new(false),
             refused: Mutex::default(),
+            tickets: Default::default(),
         })
     }
 
@@ -540,22 +547,22 @@ impl WorkerHub {
             .unwrap_or(0)
     }
 
-    /// Tells workers that these (node, invocation id) usage records are committed, so they
-    /// stop keeping them. Best effort: a worker whose queue is full reports them again, and
-    /// the ledger dedupes.
-    pub fn ack_usage(&self, records: Vec<(u64, Vec<u8>)>) {
-        let mut by_node: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
-        for (node, id) in records {
-            by_node.entry(node).or_default().push(id);
+    /// Tells workers that these (node, receipt seq) receipts are settled, so they stop
+    /// keeping them. Best effort: a worker whose queue is full sends them again, and the
+    /// ledger answers DUPLICATE.
+    pub fn ack_usage(&self, receipts: Vec<(u64, u64)>) {
+        let mut by_node: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (node, seq) in receipts {
+            by_node.entry(node).or_default().push(seq);
         }
         let Ok(links) = self.links.lock() else {
             return;
         };
-        for (node, invocation_ids) in by_node {
+        for (node, seqs) in by_node {
             if let Some(l) = links.get(&node) {
                 let _ =
                     l.tx.try_send(Ok(control(pb::control_message::Kind::UsageAck(
-                        pb::UsageAck { invocation_ids },
+                        pb::UsageAck { seqs },
                     ))));
             }
         }
@@ -634,7 +641,13 @@ impl WorkerHub {
         };
         // Unique (the ledger deduplicates usage by it) and unguessable: a result is matched
         // to its call by this id, and every caller sees the ids of its own calls.
-        let (id, seed) = match fresh_invocation() {
+        let fresh = fresh_invocation().and_then(|(id, seed)| {
+            self.tickets
+                .ready()
+                .then_some((id, seed))
+                .ok_or(HubError::NoTicketKey)
+        });
+        let (id, seed) = match fresh {
             Ok(fresh) => fresh,
             Err(e) => {
                 if let Ok(mut links) = self.links.lock()
@@ -648,6 +661,11 @@ impl WorkerHub {
         invocation.invocation_id = id.clone();
         invocation.random_seed = seed;
         invocation.allocation = allocation;
+        let mut ticket = invocation.ticket.take().unwrap_or_default();
+        // Checked ready above; a key that vanished meanwhile leaves the ticket unsealed and
+        // the worker's receipt is refused (never billed).
+        self.tickets.issue(&mut ticket, &invocation, node);
+        invocation.ticket = Some(ticket);
         let (reply, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending.lock() {
             p.insert(
@@ -699,6 +717,7 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_cancels_frees_its_pending_entry_and_outstanding_count() {
         let hub = WorkerHub::new();
+        hub.tickets.set_key(&[1; 32]);
         let (tx, mut rx) = mpsc::channel(8);
         let (generation, _) = hub.attach(1, tx, "r".into(), "z".into());
         hub.set_ready(1, 10, true);
@@ -741,6 +760,7 @@ mod tests {
     #[tokio::test]
     async fn results_are_accepted_only_from_the_node_and_stream_they_were_sent_to() {
         let hub = WorkerHub::new();
+        hub.tickets.set_key(&[1; 32]);
         let (a_tx, mut a_rx) = mpsc::channel(8);
         let (b_tx, _b_rx) = mpsc::channel(8);
         let (a_gen, _) = hub.attach(1, a_tx, "r".into(), "z".into());

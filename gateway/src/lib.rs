@@ -28,6 +28,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod modules;
+pub mod receipts;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -3,7 +3,8 @@
 //! (power of two choices), forwards a call to the gateway that holds an instance when none is
 //! here, places a first instance when a function has none (scale from zero), retries an
 //! idempotent call once on another instance when its worker vanishes, keeps recent
-//! invocations for `stellar logs`, and hands every usage record to the ledger. The replica
+//! invocations for `stellar logs`. Usage reaches the ledger from the worker's receipt, checked
+//! where it arrived (`agent.rs`); each call carries a ticket the hub seals. The replica
 //! thread is never on this path: routing reads the watched view.
 //!
 //! ```text
@@ -15,7 +16,7 @@
 //!    │     refused unrun (busy / not here) ─▶ another instance
 //!    ├─ ready only elsewhere ─▶ Control.Invoke on the gateway holding it (once, marked
 //!    │     forwarded: the peer never forwards again)
-//!    └─ answer + usage record ─▶ UsageWriter ─▶ leader;  log ring per function
+//!    └─ answer (usage from its checked receipt);  log ring per function
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -29,7 +30,6 @@ use stellar_proto::wire::FORWARDED_METADATA;
 
 use crate::error::GatewayError;
 use crate::hub::{HubError, Near, WorkerHub};
-use crate::usage::UsageWriter;
 use crate::view::{Route, View};
 
 /// Invocations kept per function for `stellar logs`.
@@ -101,7 +101,6 @@ pub struct CallContext {
 pub struct Router {
     hub: Arc<WorkerHub>,
     view: Arc<View>,
-    usage: UsageWriter,
     /// The gateway's own client (admin token) for the control plane.
     client: ClusterClient,
     /// This gateway's advertised address (a node held here is not forwarded).
@@ -119,7 +118,6 @@ impl Router {
     pub fn new(
         hub: Arc<WorkerHub>,
         view: Arc<View>,
-        usage: UsageWriter,
         client: ClusterClient,
         advertise: String,
         coordinates: Arc<crate::coordinates::Coordinates>,
@@ -127,7 +125,6 @@ impl Router {
         Router {
             hub,
             view,
-            usage,
             client,
             advertise,
             coordinates,
@@ -367,6 +364,14 @@ impl Router {
             args: req.args,
             env: req.env,
             random_seed: Vec::new(),
+            // The hub completes and seals it for the node it picks.
+            ticket: Some(pb::Ticket {
+                tenant: key.0.clone(),
+                function: key.1.clone(),
+                version: route.version,
+                code_sha256: route.code_sha256.clone(),
+                ..Default::default()
+            }),
         };
         let timeout = timeout_of(&route);
         let mut exclude: Vec<u64> = Vec::new();
@@ -442,6 +447,13 @@ impl Router {
                         key.1
                     )));
                 }
+                Err(HubError::NoTicketKey) => {
+                    return Err(GatewayError::Unavailable(format!(
+                        "`{}` was not called: this gateway has no session with the leader \
+                         yet, so it cannot issue the call's ticket; retry in a moment",
+                        key.1
+                    )));
+                }
                 Err(HubError::Timeout { node, ms }) => {
                     return Err(GatewayError::Timeout(format!(
                         "worker {node:016x} did not answer `{}` within {ms} ms",
@@ -461,17 +473,12 @@ impl Router {
         attempts: u32,
         scaled: bool,
     ) -> pb::InvokeResponse {
-        let mut usage = res.usage;
-        if let Some(u) = usage.as_mut() {
-            // The ledger books it for the instance the gateway chose, whatever the worker says.
-            u.node = node;
-            u.tenant = key.0.clone();
-            u.function = key.1.clone();
-            u.invocation_id = res.invocation_id.clone();
-            if !self.usage.record(u.clone()) {
-                tracing::warn!("usage queue full; the worker's own report will carry this record");
-            }
-        }
+        // Checked (and sent to the ledger) where it arrived; a receipt that failed was
+        // taken off the result there.
+        let usage = res
+            .receipt
+            .as_ref()
+            .map(stellar_proto::receipts::usage_record);
         let log = pb::InvocationLog {
             invocation_id: res.invocation_id.clone(),
             node,

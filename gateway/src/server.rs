@@ -87,7 +87,7 @@ pub async fn serve(
         hub: hub.clone(),
         view: view.clone(),
         session: session.clone(),
-        usage: usage.clone(),
+        usage,
         states: AllocationStateWriter::spawn(client.clone()),
         modules: Modules::new(client.clone()),
         client: client.clone(),
@@ -98,7 +98,6 @@ pub async fn serve(
     let router = Arc::new(Router::new(
         hub.clone(),
         view.clone(),
-        usage,
         client.clone(),
         cfg.advertise.clone(),
         coordinates.clone(),

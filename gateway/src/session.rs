@@ -220,6 +220,7 @@ impl Session {
             tokio::select! {
                 ack = acks.message() => match ack {
                     Ok(Some(a)) => {
+                        hub.tickets.set_key(&a.ticket_key);
                         if !a.error.is_empty() {
                             tracing::warn!(seq = a.seq, error = %a.error, "the leader refused part of a report");
                         }

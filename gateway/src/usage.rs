@@ -1,18 +1,20 @@
-//! Usage records on their way into the replicated ledger: the router hands over each
-//! invocation's record as its answer arrives, the worker's batched reports follow (the ledger
-//! deduplicates by invocation id, so the second copy counts nothing), and one writer task
-//! sends them to the leader (`Edge.RecordUsage`) in batches of up to [`USAGE_BATCH`].
+//! Usage on its way into the replicated ledger: every receipt a worker sends (with its
+//! result, or again in a `UsageReport` until settled) is checked where it arrives
+//! (`receipts.rs`); its usage record, or the refusal, is queued here, and one writer task
+//! sends them to the leader (`Edge.RecordUsage`) in batches of up to [`USAGE_BATCH`]. The
+//! ledger answers a verdict per record (it checks each node's chain).
 //!
 //! ```text
-//!  InvocationResult.usage ──┐
-//!  UsageReport (worker) ────┴─▶ bounded queue ─▶ writer: batch ≤ 1024 / 20 ms ─▶ leader ─▶ Raft
-//!                                     UsageAck(ids) to each node's worker ◀─ committed
+//!  checked receipt ─▶ usage record ─┐
+//!  refused receipt ─▶ refusal ──────┴─▶ bounded queue ─▶ writer: batch ≤ 1024 / 20 ms ─▶ leader
+//!     UsageAck(seqs) to each node's worker ◀─ settled: recorded, duplicate, refused for good
+//!                                              (a GAP is not: the worker sends it again)
 //! ```
 //!
-//! A worker keeps every record until it is acknowledged and reports it again when the
-//! acknowledgement is late, so a gateway or leader that fails between a result and its
-//! commit loses nothing: the record comes again from the worker, through whichever gateway
-//! it reaches next.
+//! A worker keeps every receipt until it is settled and sends it again when the settlement
+//! is late, so a gateway or leader that fails between a result and its commit loses
+//! nothing: the receipt comes again from the worker, through whichever gateway it reaches
+//! next.
 
 use std::time::Duration;
 
@@ -32,10 +34,17 @@ const QUEUE: usize = 65_536;
 /// How long the writer gathers a batch once the first record arrived.
 const LINGER: Duration = Duration::from_millis(20);
 
+/// One thing for the ledger: a checked receipt's usage, or a refused receipt.
+#[derive(Debug, Clone)]
+enum Entry {
+    Record(pb::UsageRecord),
+    Refusal(pb::ReceiptRefusal, u64),
+}
+
 /// The sending side of the usage queue.
 #[derive(Debug, Clone)]
 pub struct UsageWriter {
-    tx: mpsc::Sender<pb::UsageRecord>,
+    tx: mpsc::Sender<Entry>,
 }
 
 impl UsageWriter {
@@ -48,25 +57,66 @@ impl UsageWriter {
         UsageWriter { tx }
     }
 
-    /// Queues a record; false if the queue is full or the writer stopped.
-    pub fn record(&self, r: pb::UsageRecord) -> bool {
-        self.tx.try_send(r).is_ok()
+    /// Queues a checked receipt's usage. A full queue drops it here; the worker sends the
+    /// receipt again until it is settled.
+    pub fn record(&self, r: pb::UsageRecord) {
+        let node = r.node;
+        if self.tx.try_send(Entry::Record(r)).is_err() {
+            tracing::warn!(
+                node = format!("{node:016x}"),
+                "usage queue full; the worker will send the receipt again"
+            );
+        }
+    }
+
+    /// Queues a refusal of `node`'s receipt `seq` (counted against it in the ledger; the
+    /// worker is told to forget the receipt).
+    pub fn refuse(&self, node: u64, seq: u64, v: pb::ReceiptVerdict) {
+        let f = pb::ReceiptRefusal {
+            node,
+            verdict: v as i32,
+        };
+        let _ = self.tx.try_send(Entry::Refusal(f, seq));
     }
 }
 
 async fn write_loop(
     client: ClusterClient,
     hub: std::sync::Arc<WorkerHub>,
-    mut rx: mpsc::Receiver<pb::UsageRecord>,
+    mut rx: mpsc::Receiver<Entry>,
 ) {
     while let Some(first) = rx.recv().await {
-        let records = crate::batching::gather(&mut rx, first, USAGE_BATCH, LINGER).await;
-        let ids: Vec<(u64, Vec<u8>)> = records
-            .iter()
-            .map(|r| (r.node, r.invocation_id.clone()))
-            .collect();
-        if write_batch(&client, records).await {
-            hub.ack_usage(ids);
+        let entries = crate::batching::gather(&mut rx, first, USAGE_BATCH, LINGER).await;
+        let (mut records, mut refusals, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        for e in entries {
+            match e {
+                Entry::Record(r) => records.push(r),
+                Entry::Refusal(f, seq) => {
+                    refused.push((f.node, seq));
+                    refusals.push(f);
+                }
+            }
+        }
+        let keys: Vec<(u64, u64)> = records.iter().map(|r| (r.node, r.seq)).collect();
+        if let Some(verdicts) = write_batch(&client, records, refusals).await {
+            let mut settled = refused;
+            for (k, v) in keys.into_iter().zip(verdicts) {
+                match v {
+                    pb::ReceiptVerdict::Recorded | pb::ReceiptVerdict::Duplicate => settled.push(k),
+                    // An earlier receipt is still on its way: the worker sends this one again.
+                    pb::ReceiptVerdict::Gap => {}
+                    v => {
+                        tracing::warn!(
+                            node = format!("{:016x}", k.0),
+                            seq = k.1,
+                            verdict = v.as_str_name(),
+                            "the ledger refused a receipt"
+                        );
+                        settled.push(k);
+                    }
+                }
+            }
+            hub.ack_usage(settled);
         }
     }
 }
@@ -80,41 +130,40 @@ fn refused(s: &tonic::Status) -> bool {
     )
 }
 
-/// Records a batch; true when every record is now in the ledger (or refused for good, so
-/// the worker may forget it too).
-async fn write_batch(client: &ClusterClient, records: Vec<pb::UsageRecord>) -> bool {
-    match try_batch(client, records.clone()).await {
-        Ok(()) => true,
-        Err(e) if refused(&e) => {
-            // One bad record refuses its whole command: record the others one by one.
-            tracing::warn!(records = records.len(), error = %e.message(), "usage batch refused; recording its records one by one");
-            for r in records {
-                let id = String::from_utf8_lossy(&r.invocation_id).into_owned();
-                if let Err(e) = try_batch(client, vec![r]).await {
-                    tracing::warn!(invocation = %id, error = %e.message(), "usage record refused");
-                }
-            }
-            true
-        }
-        // Not recorded: the workers keep the records and report them again.
-        Err(e) => {
-            tracing::warn!(error = %e.message(), "usage batch not recorded; the workers will report it again");
-            false
-        }
-    }
-}
-
-async fn try_batch(
+/// Records a batch; the ledger's verdict per record, or None when it was not recorded (the
+/// workers send the receipts again).
+async fn write_batch(
     client: &ClusterClient,
     records: Vec<pb::UsageRecord>,
-) -> Result<(), tonic::Status> {
-    client
+    refusals: Vec<pb::ReceiptRefusal>,
+) -> Option<Vec<pb::ReceiptVerdict>> {
+    let n = records.len();
+    let req = pb::RecordUsageRequest { records, refusals };
+    let r = client
         .edge_call(RetryPolicy::Safe, |mut c| {
-            let req = pb::RecordUsageRequest {
-                records: records.clone(),
-            };
+            let req = req.clone();
             async move { c.record_usage(req).await }
         })
-        .await
-        .map(|_| ())
+        .await;
+    match r {
+        Ok(resp) => {
+            let verdicts = resp.verdicts;
+            (verdicts.len() == n).then(|| {
+                verdicts
+                    .into_iter()
+                    .map(|v| pb::ReceiptVerdict::try_from(v).unwrap_or(pb::ReceiptVerdict::Unknown))
+                    .collect()
+            })
+        }
+        Err(e) if refused(&e) => {
+            // A batch the ledger will never take (a bug here): settle it rather than have
+            // the workers send it forever.
+            tracing::error!(records = n, error = %e.message(), "usage batch refused");
+            Some(vec![pb::ReceiptVerdict::Unknown; n])
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.message(), "usage batch not recorded; the workers will send it again");
+            None
+        }
+    }
 }

@@ -28,6 +28,8 @@ pub fn task_id(k: &pb::TaskKey) -> TaskId {
 pub struct Route {
     /// The current version.
     pub version: u32,
+    /// What that version runs: its module's sha256 (hex) or its image's digest.
+    pub code_sha256: String,
     /// Safe to run twice (retried once elsewhere when a worker vanishes).
     pub idempotent: bool,
     /// The function's own per-call timeout, ms (0: the default).
@@ -277,6 +279,10 @@ impl View {
             .unwrap_or_default();
         Some(Route {
             version: f.version,
+            code_sha256: match &f.image {
+                Some(i) => stellar_proto::receipts::image_code(i),
+                None => f.module_sha256.clone(),
+            },
             idempotent: f.idempotent,
             timeout_ms: f.limits.map_or(0, |l| l.timeout_ms),
             allocations,

@@ -10,7 +10,8 @@
 //!  kill K worker connections ─▶ gateway ─hold─▶ report ─▶ committed DOWN   (detect p50/p99)
 //!  silence K workers (no FIN) ─▶ gateway keepalive timeout ─▶ DOWN          (detect p50/p99)
 //!  kill -9 one gateway ─▶ its workers re-attach elsewhere ─▶ committed moved (or DOWN) (p99)
-//!  stop usage ─▶ every acknowledged record is in the ledger?            (lost_acknowledged)
+//!  stop usage ─▶ every receipt settled, none billed? (simulated workers run nothing, so
+//!                their tickets are forgeries: the refusal path at scale)  (billed_unissued)
 //! ```
 
 #![allow(clippy::disallowed_methods)] // a benchmark's timers and timestamps read the clock
@@ -110,14 +111,14 @@ pub struct EdgeBenchReport {
     pub committed_node_transitions_per_sec: f64,
     /// The most node transitions committed in one second of the run.
     pub peak_committed_node_transitions_per_sec: u64,
-    /// Usage records the simulated workers sent (unique).
+    /// Receipts the simulated workers sent (unique; their tickets were never issued).
     pub usage_sent: u64,
-    /// Of them, acknowledged to the workers.
+    /// Of them, settled (refused for good) and acknowledged to the workers.
     pub usage_acknowledged: u64,
     /// Invocations the ledger holds for the bench's function.
     pub usage_recorded: u64,
-    /// Acknowledged records missing from the ledger.
-    pub lost_acknowledged: u64,
+    /// Of them, billed from receipts without an issued ticket (must be 0).
+    pub billed_unissued: u64,
 }
 
 /// Why the benchmark could not run.
@@ -785,7 +786,7 @@ async fn measure(
             w.per_second.values().copied().max().unwrap_or(0);
     }
 
-    // Usage: stop new records, let the outstanding ones be acknowledged, then count.
+    // Usage: stop new receipts, let the outstanding ones be settled, then count.
     sims.broadcast("stop-usage");
     let mut last = (u64::MAX, Instant::now());
     let settle = Instant::now();
@@ -821,10 +822,10 @@ async fn measure(
         .filter(|l| l.function == "meter")
         .map(|l| l.invocations)
         .sum();
-    r.lost_acknowledged = r.usage_acknowledged.saturating_sub(r.usage_recorded);
+    r.billed_unissued = r.usage_recorded;
     log(&format!(
-        "usage: {} sent, {} acknowledged, {} in the ledger, {} acknowledged and lost",
-        r.usage_sent, r.usage_acknowledged, r.usage_recorded, r.lost_acknowledged
+        "usage: {} forged receipts sent, {} settled as refused, {} billed",
+        r.usage_sent, r.usage_acknowledged, r.billed_unissued
     ));
     drop(sims);
     drop(gateways);

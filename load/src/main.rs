@@ -454,12 +454,12 @@ fn run_edge_bench(args: EdgeBenchArgs) -> ExitCode {
                     r.gateway_nodes_unresolved
                 );
                 println!(
-                    "commits     {:.2} node transitions/s steady, {} peak; usage {} acknowledged, {} recorded, {} lost",
+                    "commits     {:.2} node transitions/s steady, {} peak; forged receipts {} sent, {} settled, {} billed",
                     r.committed_node_transitions_per_sec,
                     r.peak_committed_node_transitions_per_sec,
+                    r.usage_sent,
                     r.usage_acknowledged,
-                    r.usage_recorded,
-                    r.lost_acknowledged
+                    r.billed_unissued
                 );
             }
             ExitCode::SUCCESS

@@ -58,7 +58,7 @@ pub struct SimWorkersConfig {
 enum Cmd {
     Kill,
     Silence,
-    Usage(pb::UsageRecord),
+    Usage(Box<pb::Receipt>),
 }
 
 /// How a worker's session ended.
@@ -200,8 +200,37 @@ fn heartbeat(w: &Worker, seq: u64) -> pb::WorkerMessage {
     }
 }
 
-/// Unacknowledged usage of one worker: resent on a new stream and every few seconds.
-type Unacked = HashMap<Vec<u8>, pb::UsageRecord>;
+/// One worker's receipt chain and its unsettled receipts (resent on a new stream and every
+/// few seconds). A simulated worker runs nothing, so its tickets carry no MAC: every receipt
+/// is a forgery the gateways must refuse and settle, never bill.
+#[derive(Default)]
+struct Unacked {
+    receipts: std::collections::BTreeMap<u64, pb::Receipt>,
+    seq: u64,
+    head: [u8; 32],
+}
+
+impl Unacked {
+    fn is_empty(&self) -> bool {
+        self.receipts.is_empty()
+    }
+    fn all(&self) -> Vec<pb::Receipt> {
+        self.receipts.values().cloned().collect()
+    }
+    /// Chains and signs `r` with the worker's key, as a real worker would.
+    fn sign(&mut self, key: &SigningKey, mut r: pb::Receipt) -> pb::Receipt {
+        self.seq += 1;
+        r.seq = self.seq;
+        r.prev_hash = self.head.to_vec();
+        r.signature = key
+            .sign(&stellar_proto::receipts::receipt_message(&r))
+            .to_bytes()
+            .to_vec();
+        self.head = stellar_proto::receipts::receipt_hash(&r);
+        self.receipts.insert(r.seq, r.clone());
+        r
+    }
+}
 
 const RESEND_EVERY: Duration = Duration::from_secs(3);
 
@@ -269,11 +298,13 @@ async fn attached(
     cmds: &mut mpsc::Receiver<Cmd>,
     unacked: &mut Unacked,
 ) -> End {
-    let report = |records: Vec<pb::UsageRecord>| pb::WorkerMessage {
-        kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport { records })),
+    let report = |receipts: Vec<pb::Receipt>| pb::WorkerMessage {
+        kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport {
+            receipts,
+        })),
     };
     if !unacked.is_empty() {
-        let _ = tx.try_send(report(unacked.values().cloned().collect()));
+        let _ = tx.try_send(report(unacked.all()));
     }
     // Keepalives spread over the interval, as independent devices' are.
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(w.node ^ unix_ms() as u64);
@@ -291,8 +322,8 @@ async fn attached(
         tokio::select! {
             m = inbound.message() => match m {
                 Ok(Some(pb::ControlMessage { kind: Some(pb::control_message::Kind::UsageAck(a)) })) => {
-                    for id in a.invocation_ids {
-                        if unacked.remove(&id).is_some() {
+                    for seq in a.seqs {
+                        if unacked.receipts.remove(&seq).is_some() {
                             sim.stats.usage_acked.fetch_add(1, Ordering::Relaxed);
                             sim.stats.usage_unacked.fetch_sub(1, Ordering::Relaxed);
                         }
@@ -306,7 +337,7 @@ async fn attached(
                 let _ = tx.try_send(heartbeat(w, seq));
             }
             _ = resend.tick(), if !silenced && !unacked.is_empty() => {
-                let _ = tx.try_send(report(unacked.values().cloned().collect()));
+                let _ = tx.try_send(report(unacked.all()));
             }
             c = cmds.recv() => match c {
                 None | Some(Cmd::Kill) => return End::Killed,
@@ -320,7 +351,7 @@ async fn attached(
                     }
                     sim.stats.usage_sent.fetch_add(1, Ordering::Relaxed);
                     sim.stats.usage_unacked.fetch_add(1, Ordering::Relaxed);
-                    unacked.insert(r.invocation_id.clone(), r.clone());
+                    let r = unacked.sign(&w.key, *r);
                     let _ = tx.try_send(report(vec![r]));
                 }
             }
@@ -332,7 +363,7 @@ async fn run_worker(sim: Arc<Sim>, w: Arc<Worker>, mut cmds: mpsc::Receiver<Cmd>
     let g = sim.cfg.gateways.len();
     let mut gateway = w.index % g;
     let mut backoff = Duration::from_millis(100);
-    let mut unacked = Unacked::new();
+    let mut unacked = Unacked::default();
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(w.node);
     loop {
         match session(&sim, &w, gateway, &mut cmds, &mut unacked).await {
@@ -434,20 +465,22 @@ pub async fn run(cfg: SimWorkersConfig) -> Result<(), String> {
                     n += 1;
                     let mut id = [0u8; 16];
                     rng.fill(&mut id);
-                    let record = pb::UsageRecord {
-                        invocation_id: hex::encode(id).into_bytes(),
-                        tenant: sim.cfg.tenant.clone(),
-                        function: sim.cfg.function.clone(),
-                        node: w.node,
+                    let record = pb::Receipt {
+                        ticket: Some(pb::Ticket {
+                            invocation_id: hex::encode(id).into_bytes(),
+                            tenant: sim.cfg.tenant.clone(),
+                            function: sim.cfg.function.clone(),
+                            node: w.node,
+                            ..Default::default()
+                        }),
                         fuel: 1_000 + n % 1_000,
                         wall_us: 500,
                         peak_memory_bytes: 1 << 20,
                         bytes_in: 5,
                         bytes_out: 12,
-                        exit_code: 0,
                         ..Default::default()
                     };
-                    let _ = w.cmds.try_send(Cmd::Usage(record));
+                    let _ = w.cmds.try_send(Cmd::Usage(Box::new(record)));
                 }
             }
         });

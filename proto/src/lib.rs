@@ -20,6 +20,7 @@ pub mod identity;
 pub mod job_spec;
 pub mod limits;
 pub mod module_check;
+pub mod receipts;
 pub mod text;
 pub mod tokens;
 pub mod transcode;

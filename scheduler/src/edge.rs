@@ -75,6 +75,17 @@ impl EdgeService {
     }
 
     async fn write(&self, request_id: Vec<u8>, kind: pb::command::Kind) -> Result<u64, Status> {
+        self.write_result(request_id, kind)
+            .await
+            .map(|_| self.replica.info().applied)
+    }
+
+    /// Writes a command and answers with what apply answered (once applied here).
+    async fn write_result(
+        &self,
+        request_id: Vec<u8>,
+        kind: pb::command::Kind,
+    ) -> Result<pb::CommandResult, Status> {
         if request_id.len() > crate::state::MAX_REQUEST_ID_BYTES {
             return Err(Status::invalid_argument(format!(
                 "request_id is {} bytes; at most {}",
@@ -93,7 +104,7 @@ impl EdgeService {
             .await
             .map_err(to_status)
             .and_then(|r| match r {
-                Reply::Applied(r) if r.error_code.is_empty() => Ok(self.replica.info().applied),
+                Reply::Applied(r) if r.error_code.is_empty() => Ok(r),
                 Reply::Applied(r) => Err(to_status(
                     crate::error::ApplyError::from_code(&r.error_code, &r.error_message).into(),
                 )),
@@ -188,6 +199,29 @@ async fn reset(
     first
 }
 
+/// The cluster's ticket key: drawn here and committed the first time a gateway needs it
+/// (the first write wins, so every gateway gets the same one).
+async fn ensure_ticket_key(replica: &ReplicaHandle) -> Result<Vec<u8>, Status> {
+    let mut key = vec![0u8; stellar_proto::receipts::HASH_LEN];
+    getrandom::fill(&mut key)
+        .map_err(|e| Status::unavailable(format!("no OS randomness for the ticket key: {e}")))?;
+    let cmd = pb::Command {
+        request_id: Vec::new(),
+        kind: Some(pb::command::Kind::TicketKey(pb::TicketKeyCmd { key })),
+    };
+    match replica
+        .write(Request::Command(cmd), WRITE_TIMEOUT)
+        .await
+        .map_err(to_status)?
+    {
+        Reply::Applied(r) if r.error_code.is_empty() => Ok(r.ticket_key),
+        Reply::Applied(r) => Err(to_status(
+            crate::error::ApplyError::from_code(&r.error_code, &r.error_message).into(),
+        )),
+        other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
 /// One gateway's session: reports in order, each acknowledged once what it asked for is
 /// committed; the session ends when the gateway goes quiet, hangs up, or this replica stops
 /// leading.
@@ -199,6 +233,7 @@ async fn session(
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut address: Option<String> = None;
+    let mut ticket_key = Vec::new();
     let end = loop {
         let next = tokio::select! {
             n = tokio::time::timeout(GATEWAY_SILENT, inbound.next()) => n,
@@ -218,6 +253,10 @@ async fn session(
             }
             tracing::info!(gateway = %report.gateway, session = id, "gateway session opened");
             address = Some(report.gateway.clone());
+            match ensure_ticket_key(&replica).await {
+                Ok(k) => ticket_key = k,
+                Err(e) => break Some(e),
+            }
         } else if address.as_deref() != Some(report.gateway.as_str()) {
             break Some(Status::invalid_argument(
                 "a session's reports must all name the same gateway",
@@ -259,6 +298,7 @@ async fn session(
             silent_ms: GATEWAY_SILENT.as_millis() as u32,
             error: crate::error::clip_message(error),
             gateways,
+            ticket_key: ticket_key.clone(),
         };
         if tx.send(Ok(ack)).await.is_err() {
             break None;
@@ -327,23 +367,39 @@ impl pb::edge_server::Edge for EdgeService {
         req: GrpcRequest<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::RecordUsageResponse>, Status> {
         self.admin(&req, "recording usage").await?;
-        let records = req.into_inner().records;
-        if records.len() > MAX_BATCH {
+        let pb::RecordUsageRequest { records, refusals } = req.into_inner();
+        if records.len() + refusals.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
-                "{} usage records; at most {MAX_BATCH} per call",
-                records.len()
+                "{} usage records and refusals; at most {MAX_BATCH} per call",
+                records.len() + refusals.len()
             )));
         }
-        let applied_index = self
-            .write(
+        // Usage only from receipts: a record a gateway did not take from a checked receipt
+        // is no usage at all.
+        if let Some(r) = records.iter().find(|r| r.receipt_hash.len() != 32) {
+            return Err(Status::invalid_argument(format!(
+                "usage record for invocation {} has no receipt hash; the ledger takes usage \
+                 only from checked receipts",
+                String::from_utf8_lossy(&r.invocation_id)
+            )));
+        }
+        if records.is_empty() && refusals.is_empty() {
+            return Ok(Response::new(pb::RecordUsageResponse::default()));
+        }
+        let result = self
+            .write_result(
                 Vec::new(),
                 pb::command::Kind::Usage(pb::UsageCmd {
                     records,
                     unix_ms: stellar_proto::clock::unix_ms(),
+                    refusals,
                 }),
             )
             .await?;
-        Ok(Response::new(pb::RecordUsageResponse { applied_index }))
+        Ok(Response::new(pb::RecordUsageResponse {
+            applied_index: self.replica.info().applied,
+            verdicts: result.verdicts,
+        }))
     }
 
     async fn report_allocations(

@@ -1656,6 +1656,7 @@ impl Replica {
                     }
                     out.total += 1;
                     if out.nodes.len() < *limit {
+                        let chain = self.state.receipts().chain(id);
                         out.nodes.push(pb::NodeInfo {
                             id,
                             attributes: Some(self.state.node_attributes_pb(n)),
@@ -1668,6 +1669,12 @@ impl Replica {
                             }),
                             allocations: n.allocations,
                             gateway: self.state.node_gateway(n).to_string(),
+                            receipts_recorded: chain.map_or(0, |c| c.recorded),
+                            receipt_seq: chain.map_or(0, |c| c.seq),
+                            receipts_refused: chain
+                                .filter(|c| c.refused.iter().any(|&n| n > 0))
+                                .map(|c| c.refused.to_vec())
+                                .unwrap_or_default(),
                         });
                     }
                 }

@@ -6,7 +6,7 @@
 //! the state it is applied to, and a refused command changes nothing. Maps are ordered so a
 //! snapshot's bytes depend only on the logical state (replicas compare digests of it).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -19,8 +19,10 @@ use crate::error::ApplyError;
 use crate::modules::ModuleStore;
 
 mod jobs;
+mod receipts;
 pub use crate::modules::{MAX_MODULES_TOTAL_BYTES, MAX_TENANT_MODULE_BYTES};
 pub use jobs::{AttemptKey, MAX_FINISHED_JOBS, attempt_key, job_blobs, task_key};
+pub use receipts::{ReceiptChain, ReceiptLedger};
 pub use stellar_proto::limits::MAX_MODULE_BYTES;
 /// Retried request ids remembered, oldest forgotten first.
 pub const DEDUPE_CAPACITY: usize = 200_000;
@@ -69,6 +71,7 @@ impl<'a> DedupeScope<'a> {
             Kind::StartAttempts(_) => ("start_attempts", ""),
             Kind::TaskReports(_) => ("task_reports", ""),
             Kind::CancelJob(c) => ("cancel_job", c.tenant.as_str()),
+            Kind::TicketKey(_) => ("ticket_key", ""),
         };
         DedupeScope { method, tenant }
     }
@@ -344,8 +347,7 @@ pub struct StateMachine {
     next_allocation_id: u64,
     /// Keyed by (function id, node, unix hour recorded).
     usage: BTreeMap<(u32, u64, u64), UsageTotals>,
-    seen_invocations: rustc_hash::FxHashSet<Vec<u8>>,
-    seen_order: VecDeque<Vec<u8>>,
+    receipts: ReceiptLedger,
     dedupe: rustc_hash::FxHashMap<Vec<u8>, (u64, pb::CommandResult)>,
     dedupe_order: VecDeque<Vec<u8>>,
     replicas: BTreeMap<u64, String>,
@@ -487,6 +489,11 @@ impl StateMachine {
     pub fn set_applied_index(&mut self, index: u64) {
         debug_assert!(index >= self.applied_index);
         self.applied_index = index;
+    }
+
+    /// Receipt chains and the ticket key.
+    pub fn receipts(&self) -> &ReceiptLedger {
+        &self.receipts
     }
 
     /// Committed nodes by id.
@@ -705,6 +712,7 @@ impl StateMachine {
             Kind::StartAttempts(c) => self.start_attempts(c, fx),
             Kind::TaskReports(c) => self.task_reports(c, fx),
             Kind::CancelJob(c) => self.cancel_job(c, fx),
+            Kind::TicketKey(c) => self.set_ticket_key(c),
         }
     }
 
@@ -1358,44 +1366,6 @@ impl StateMachine {
         Ok(result)
     }
 
-    fn record_usage(&mut self, c: pb::UsageCmd) -> Result<pb::CommandResult> {
-        let mut resolved = Vec::with_capacity(c.records.len());
-        let mut batch_ids = HashSet::new();
-        for r in &c.records {
-            if r.invocation_id.is_empty() || r.invocation_id.len() > 32 {
-                return Err(invalid("invocation id must be 1..=32 bytes"));
-            }
-            let fid = self
-                .function_id(&r.tenant, &r.function)
-                .ok_or_else(|| not_found("function", format!("{}/{}", r.tenant, r.function)))?;
-            if !self.nodes.contains_key(&r.node) {
-                return Err(not_found("node", format!("{:016x}", r.node)));
-            }
-            let fresh = !self.seen_invocations.contains(&r.invocation_id)
-                && batch_ids.insert(r.invocation_id.clone());
-            resolved.push((fid, fresh));
-        }
-        let mut counted = 0;
-        let hour = c.unix_ms / 3_600_000;
-        for (r, (fid, fresh)) in c.records.into_iter().zip(resolved) {
-            if !fresh {
-                continue;
-            }
-            counted += 1;
-            self.usage.entry((fid, r.node, hour)).or_default().count(&r);
-            if self.seen_order.len() >= SEEN_INVOCATIONS_CAPACITY
-                && let Some(old) = self.seen_order.pop_front()
-            {
-                self.seen_invocations.remove(&old);
-            }
-            self.seen_order.push_back(r.invocation_id.clone());
-            self.seen_invocations.insert(r.invocation_id);
-        }
-        let mut result = ok_result();
-        result.count = counted;
-        Ok(result)
-    }
-
     /// Workers' reports about their instances. An update whose allocation is gone, or is
     /// on another node than the reporter's, is skipped (reports race with re-placements;
     /// a node speaks only for itself); one with an unknown state refuses the batch.
@@ -1506,6 +1476,7 @@ impl StateMachine {
     /// The whole state in its canonical encoding (snapshot contents).
     pub fn to_snapshot(&self) -> pb::StateSnapshot {
         let (jobs, job_usage) = self.jobs_snapshot();
+        let (ticket_key, receipt_chains, seen_receipts) = self.receipts.snapshot();
         pb::StateSnapshot {
             applied_index: self.applied_index,
             tenants: self
@@ -1603,10 +1574,13 @@ impl StateMachine {
                 })
                 .collect(),
             next_allocation_id: self.next_allocation_id,
-            seen_invocations: self.seen_order.iter().cloned().collect(),
+            seen_invocations: Vec::new(),
             jobs,
             next_job_id: self.next_job_id,
             job_usage,
+            ticket_key,
+            receipt_chains,
+            seen_receipts,
         }
     }
 
@@ -1717,10 +1691,12 @@ impl StateMachine {
         }
         m.replicas = s.replicas.into_iter().map(|r| (r.id, r.address)).collect();
         m.next_allocation_id = s.next_allocation_id.max(1);
-        for id in s.seen_invocations {
-            m.seen_invocations.insert(id.clone());
-            m.seen_order.push_back(id);
-        }
+        m.receipts = ReceiptLedger::restore(
+            s.ticket_key,
+            s.receipt_chains,
+            s.seen_receipts,
+            s.seen_invocations,
+        )?;
         m.restore_jobs(s.jobs, s.next_job_id, s.job_usage)?;
         Ok(m)
     }
@@ -1911,7 +1887,8 @@ mod tests {
         )
     }
 
-    fn deploy(tenant: &str, name: &str, module: &[u8]) -> pb::command::Kind {
+    /// A deploy of `module` as `tenant/name` (shared with the ledger's tests).
+    pub(super) fn deploy(tenant: &str, name: &str, module: &[u8]) -> pb::command::Kind {
         pb::command::Kind::Deploy(pb::DeployCmd {
             tenant: tenant.into(),
             name: name.into(),

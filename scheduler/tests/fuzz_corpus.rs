@@ -67,9 +67,16 @@ fn command_seeds() -> Vec<Vec<u8>> {
             node: 1,
             fuel: 1000,
             wall_us: 50,
+            seq: 1,
+            prev_hash: vec![0; 32],
+            receipt_hash: vec![7; 32],
             ..Default::default()
         }],
         unix_ms: 1_800_000_000_000,
+        refusals: vec![pb::ReceiptRefusal {
+            node: 2,
+            verdict: pb::ReceiptVerdict::ForgedTicket as i32,
+        }],
     });
     let down = pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
         transitions: vec![

@@ -16,6 +16,7 @@
 //! ```
 
 mod container_instances;
+mod settlement;
 mod task_runs;
 
 use std::collections::HashMap;
@@ -123,59 +124,14 @@ struct Agent {
     probes: HashMap<String, tonic::transport::Channel>,
     rng: rand_pcg::Pcg64,
     slots: Arc<Semaphore>,
-    usage: Arc<Mutex<Unacked>>,
+    /// The receipt book and the receipts not yet settled.
+    settlement: Arc<Mutex<settlement::Settlement>>,
     /// None: this node does not run containers (switched off, or it cannot).
     containers: Option<Containers>,
     /// Job task attempts (None without containers).
     tasks: Option<task_runs::TaskRuns>,
     /// What task runs and input checks report (outlives each stream).
     task_events: mpsc::UnboundedReceiver<task_runs::TaskEvent>,
-}
-
-/// Usage records not yet acknowledged by the control plane, by invocation id, with the
-/// usage ticks each has waited. The gateway records usage from each result and acknowledges
-/// it within milliseconds; a record still here after [`RESEND_AFTER_TICKS`] is reported
-/// again (after a leader change, or on a new connection).
-#[derive(Default)]
-struct Unacked {
-    records: std::collections::BTreeMap<Vec<u8>, (pb::UsageRecord, u32)>,
-}
-
-/// Usage ticks (one a second) a record waits for its acknowledgement before it is resent.
-const RESEND_AFTER_TICKS: u32 = 2;
-/// Records kept for acknowledgement at most; past it the oldest are reported one last time.
-const MAX_UNACKED: usize = 200_000;
-
-impl Unacked {
-    fn add(&mut self, r: pb::UsageRecord) {
-        if self.records.len() >= MAX_UNACKED {
-            tracing::warn!(
-                kept = MAX_UNACKED,
-                "usage acknowledgements are not arriving; forgetting the oldest record"
-            );
-            let oldest = self
-                .records
-                .iter()
-                .max_by_key(|(_, (_, age))| *age)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.records.remove(&k);
-            }
-        }
-        self.records.insert(r.invocation_id.clone(), (r, 0));
-    }
-
-    /// The records to report now (all of them when `all`), ageing the rest.
-    fn due(&mut self, all: bool) -> Vec<pb::UsageRecord> {
-        let mut out = Vec::new();
-        for (r, age) in self.records.values_mut() {
-            *age += 1;
-            if all || *age > RESEND_AFTER_TICKS {
-                out.push(r.clone());
-            }
-        }
-        out
-    }
 }
 
 /// Runs the worker until `shutdown` resolves (then drains) or it is refused for good.
@@ -186,6 +142,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         ));
     }
     let identity = Identity::load_or_create(&cfg.data_dir)?;
+    let book =
+        crate::receipts::ReceiptBook::open(&cfg.data_dir.join("receipts"), identity.clone())?;
     let mut sandbox_cfg = cfg.sandbox.clone();
     sandbox_cfg.cache_dir = Some(cfg.data_dir.join("artefacts"));
     let slots = sandbox_cfg.slots as usize;
@@ -229,7 +187,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         attributes,
         instances: HashMap::new(),
         slots: Arc::new(Semaphore::new(slots)),
-        usage: Arc::new(Mutex::new(Unacked::default())),
+        settlement: Arc::new(Mutex::new(settlement::Settlement::new(book))),
         containers,
         tasks,
         task_events,
@@ -569,10 +527,8 @@ impl Agent {
             Kind::TaskAck(a) => self.task_acked(&a),
             Kind::Invocation(inv) => self.invoke(inv, tx).await,
             Kind::UsageAck(ack) => {
-                if let Ok(mut u) = self.usage.lock() {
-                    for id in ack.invocation_ids {
-                        u.records.remove(&id);
-                    }
+                if let Ok(mut s) = self.settlement.lock() {
+                    s.settled(&ack.seqs);
                 }
             }
             Kind::Cancel(_) => {
@@ -751,6 +707,20 @@ impl Agent {
             error_message: msg,
             ..Default::default()
         };
+        // A worker signs a receipt only for the call it ran: a ticket for another call,
+        // node, function or input is refused before anything runs.
+        if let Some(i) = self.instances.get(&inv.allocation)
+            && let Err(why) = settlement::ticket_matches(
+                inv.ticket.as_ref(),
+                &inv,
+                self.identity.node(),
+                (&i.tenant, &i.function),
+            )
+        {
+            let r = refuse("BAD_TICKET", format!("not run: {why}"));
+            let _ = tx.send(result_message(r)).await;
+            return;
+        }
         if self
             .instances
             .get(&inv.allocation)
@@ -805,13 +775,9 @@ impl Agent {
                 guest: "/scratch".into(),
             });
         }
-        let (tenant, name) = (i.tenant.clone(), i.function.clone());
-        let (sandbox, usage, tx, node) = (
-            self.sandbox.clone(),
-            self.usage.clone(),
-            tx.clone(),
-            self.identity.node(),
-        );
+        let name = i.function.clone();
+        let (sandbox, settlement, tx) = (self.sandbox.clone(), self.settlement.clone(), tx.clone());
+        let ticket = inv.ticket.clone();
         tokio::task::spawn_blocking(move || {
             let input = InvocationInput {
                 invocation_id: inv.invocation_id.clone(),
@@ -825,10 +791,10 @@ impl Agent {
             if let Some(dir) = &scratch {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            let r = finished(
-                &usage,
+            let r = settlement::finished(
+                &settlement,
+                ticket,
                 inv.invocation_id,
-                (tenant, name, node),
                 &out.metering,
                 &out.result,
                 (out.stdout, out.stderr),
@@ -875,24 +841,24 @@ impl Agent {
     /// Reports the records whose acknowledgement is overdue (every unacknowledged one when
     /// `all`); they stay kept until acknowledged.
     async fn flush_usage(&self, tx: &mpsc::Sender<pb::WorkerMessage>, all: bool) {
-        let records = match self.usage.lock() {
-            Ok(mut u) => {
-                let due = u.due(all);
+        let receipts = match self.settlement.lock() {
+            Ok(mut s) => {
+                let due = s.due(all);
                 if !due.is_empty() {
                     tracing::debug!(
-                        kept = u.records.len(),
+                        kept = s.unsettled(),
                         resent = due.len(),
-                        "usage records not acknowledged in time; reporting them again"
+                        "receipts not settled in time; sending them again"
                     );
                 }
                 due
             }
             Err(_) => return,
         };
-        for chunk in records.chunks(1024) {
+        for chunk in receipts.chunks(1024) {
             let msg = pb::WorkerMessage {
                 kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport {
-                    records: chunk.to_vec(),
+                    receipts: chunk.to_vec(),
                 })),
             };
             if tx.send(msg).await.is_err() {
@@ -937,46 +903,6 @@ impl Agent {
         // Give the stream a moment to carry the last messages out.
         tokio::time::sleep(Duration::from_millis(100)).await;
         tracing::info!("drained");
-    }
-}
-
-/// The result of a finished call, its usage record kept until acknowledged (both runtimes).
-fn finished(
-    usage: &Mutex<Unacked>,
-    invocation_id: Vec<u8>,
-    (tenant, function, node): (String, String, u64),
-    m: &crate::sandbox::Metering,
-    result: &std::result::Result<(), crate::sandbox::InvokeError>,
-    (stdout, stderr): (Vec<u8>, Vec<u8>),
-) -> pb::InvocationResult {
-    let record = pb::UsageRecord {
-        invocation_id: invocation_id.clone(),
-        tenant,
-        function,
-        node,
-        fuel: m.fuel,
-        wall_us: m.wall_us,
-        peak_memory_bytes: m.peak_memory_bytes,
-        bytes_in: m.bytes_in,
-        bytes_out: m.bytes_out,
-        exit_code: m.exit_code,
-        cpu_ns: m.cpu_ns,
-        pids_peak: m.pids_peak.min(u64::from(u32::MAX)) as u32,
-    };
-    if let Ok(mut u) = usage.lock() {
-        u.add(record.clone());
-    }
-    let (error_code, error_message) = match result {
-        Ok(()) => (String::new(), String::new()),
-        Err(e) => (e.code().to_string(), e.to_string()),
-    };
-    pb::InvocationResult {
-        invocation_id,
-        stdout,
-        stderr,
-        error_code,
-        error_message,
-        usage: Some(record),
     }
 }
 
@@ -1057,38 +983,4 @@ fn total_memory_mib() -> u64 {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(1024, |kb| kb / 1024)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(id: &str) -> pb::UsageRecord {
-        pb::UsageRecord {
-            invocation_id: id.as_bytes().to_vec(),
-            fuel: 7,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn usage_is_kept_until_acknowledged_and_resent_when_late() {
-        let mut u = Unacked::default();
-        u.add(record("a"));
-        u.add(record("b"));
-        // Fresh records wait for the gateway's acknowledgement.
-        assert!(u.due(false).is_empty());
-        assert!(u.due(false).is_empty());
-        // Late: reported again, and again each tick until acknowledged.
-        u.records.remove(b"a".as_slice());
-        let late: Vec<_> = u.due(false).into_iter().map(|r| r.invocation_id).collect();
-        assert_eq!(late, vec![b"b".to_vec()]);
-        assert_eq!(u.due(false).len(), 1);
-        // A new connection reports everything still unacknowledged at once.
-        u.add(record("c"));
-        assert_eq!(u.due(true).len(), 2);
-        u.records.remove(b"b".as_slice());
-        u.records.remove(b"c".as_slice());
-        assert!(u.due(true).is_empty());
-    }
 }

@@ -12,6 +12,7 @@ use crate::error::Result;
 const KEY_FILE: &str = "identity.key";
 
 /// This worker's key pair and the node id derived from it.
+#[derive(Clone)]
 pub struct Identity {
     key: SigningKey,
     node: u64,
@@ -49,6 +50,13 @@ impl Identity {
         let msg =
             stellar_proto::identity::registration_message(&self.public_key(), join_token, nonce);
         self.key.sign(&msg).to_bytes()
+    }
+
+    /// Signs a receipt (every field but the signature), vouching for its usage.
+    pub fn sign_receipt(&self, r: &stellar_proto::v1::Receipt) -> [u8; 64] {
+        self.key
+            .sign(&stellar_proto::receipts::receipt_message(r))
+            .to_bytes()
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod container;
 pub mod error;
 pub mod identity;
+pub mod receipts;
 pub mod sandbox;
 mod sleep_deadline;
 

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use stellar_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-use super::{Agent, Event, Instance, Progress, finished, result_message, update};
+use super::{Agent, Event, Instance, Progress, result_message, update};
 use crate::container::ContainerCall;
 
 /// Free disk (MiB) under which unused cached layers are removed.
@@ -256,8 +256,7 @@ impl Agent {
             i.image.clone().unwrap_or_default(),
             i.limits,
         );
-        let who = (i.tenant.clone(), i.function.clone(), self.identity.node());
-        let (usage, tx) = (self.usage.clone(), tx.clone());
+        let (settlement, tx, ticket) = (self.settlement.clone(), tx.clone(), inv.ticket.clone());
         tokio::spawn(async move {
             let call = ContainerCall {
                 args: inv.args,
@@ -267,10 +266,10 @@ impl Agent {
             };
             let out = crate::container::invocation::invoke(&runtime, &image, &limits, call).await;
             drop(permit);
-            let r = finished(
-                &usage,
+            let r = super::settlement::finished(
+                &settlement,
+                ticket,
                 inv.invocation_id,
-                who,
                 &out.outcome.metering,
                 &out.outcome.result,
                 (out.stdout, out.stderr),

@@ -59,7 +59,7 @@ enum RunState {
     /// In the sandbox.
     Running(tokio::task::AbortHandle),
     /// Ended: its result (its outputs are in its `out` dir) until acknowledged.
-    Done(pb::TaskResult),
+    Done(Box<pb::TaskResult>),
 }
 
 struct Run {
@@ -241,7 +241,7 @@ impl Agent {
         if let Some(run) = runs.runs.get(&id) {
             match &run.state {
                 RunState::Done(r) => {
-                    let (r, dir) = (r.clone(), run.dir.join("out"));
+                    let (r, dir) = ((**r).clone(), run.dir.join("out"));
                     tokio::spawn(send_result(r, dir, tx.clone()));
                 }
                 RunState::Waiting { layers, inputs } => {
@@ -473,7 +473,7 @@ impl Agent {
         let Some(run) = self.tasks.as_mut().and_then(|r| r.runs.get_mut(&id)) else {
             return;
         };
-        run.state = RunState::Done(result.clone());
+        run.state = RunState::Done(Box::new(result.clone()));
         tokio::spawn(send_result(result, run.dir.join("out"), tx.clone()));
     }
 
@@ -563,6 +563,7 @@ impl Agent {
                     exit_code: m.exit_code,
                     cpu_ns: m.cpu_ns,
                     pids_peak: m.pids_peak.min(u64::from(u32::MAX)) as u32,
+                    ..Default::default()
                 };
                 let mut result = pb::TaskResult {
                     key: Some(key),

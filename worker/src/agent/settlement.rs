@@ -1,0 +1,188 @@
+//! What a finished call leaves behind for the ledger: its receipt, signed into the node's
+//! chain, and kept until a gateway says it is settled (recorded, or refused for good).
+//!
+//! ```text
+//!  call ends ─▶ Receipt{ticket, output hash, usage} ─▶ book.sign (seq, prev, ed25519)
+//!           ─▶ result + receipt to the gateway; receipt kept by seq
+//!  every second: receipts unsettled for RESEND_AFTER_TICKS ─▶ UsageReport (in seq order)
+//!  UsageAck{seqs} ─▶ forgotten
+//! ```
+
+use sha2::{Digest, Sha256};
+use stellar_proto::v1 as pb;
+
+use crate::receipts::ReceiptBook;
+
+/// Usage ticks (one a second) a receipt waits for settlement before it is sent again.
+const RESEND_AFTER_TICKS: u32 = 2;
+/// Receipts kept for settlement at most; past it the oldest is dropped (it stays in the
+/// receipt book, where `stellar receipts verify` finds it).
+const MAX_UNSETTLED: usize = 200_000;
+
+/// The node's receipt book and the receipts not yet settled, by sequence number.
+pub(super) struct Settlement {
+    pub(super) book: ReceiptBook,
+    unsettled: std::collections::BTreeMap<u64, (pb::Receipt, u32)>,
+}
+
+impl Settlement {
+    pub(super) fn new(book: ReceiptBook) -> Settlement {
+        Settlement {
+            book,
+            unsettled: Default::default(),
+        }
+    }
+
+    fn keep(&mut self, r: pb::Receipt) {
+        if self.unsettled.len() >= MAX_UNSETTLED {
+            tracing::warn!(
+                kept = MAX_UNSETTLED,
+                "receipts are not being settled; dropping the oldest from the resend queue"
+            );
+            self.unsettled.pop_first();
+        }
+        self.unsettled.insert(r.seq, (r, 0));
+    }
+
+    /// Forgets receipts a gateway settled.
+    pub(super) fn settled(&mut self, seqs: &[u64]) {
+        for s in seqs {
+            self.unsettled.remove(s);
+        }
+    }
+
+    /// Receipts still unsettled.
+    pub(super) fn unsettled(&self) -> usize {
+        self.unsettled.len()
+    }
+
+    /// The receipts to send now (all of them when `all`), in sequence order, ageing the rest.
+    pub(super) fn due(&mut self, all: bool) -> Vec<pb::Receipt> {
+        let mut out = Vec::new();
+        for (r, age) in self.unsettled.values_mut() {
+            *age += 1;
+            if all || *age > RESEND_AFTER_TICKS {
+                out.push(r.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Whether `ticket` is the one for this call on this node: issued for this invocation id,
+/// node, function and input (a worker signs only what it ran).
+pub(super) fn ticket_matches(
+    ticket: Option<&pb::Ticket>,
+    inv: &pb::Invocation,
+    node: u64,
+    (tenant, function): (&str, &str),
+) -> Result<(), String> {
+    let Some(t) = ticket else {
+        return Err("the invocation carries no ticket".into());
+    };
+    let input =
+        stellar_proto::receipts::input_hash(&inv.stdin, &inv.args, &inv.env, &inv.random_seed);
+    if t.invocation_id != inv.invocation_id
+        || t.node != node
+        || t.tenant != tenant
+        || t.function != function
+        || t.input_sha256 != input
+    {
+        return Err("the invocation's ticket is for another call, node or input".into());
+    }
+    Ok(())
+}
+
+/// The result of a finished call, with its signed receipt (both runtimes). A receipt that
+/// cannot be kept (the data directory refused the write) is not sent: the node is paid
+/// only for what it can later prove.
+pub(super) fn finished(
+    settlement: &std::sync::Mutex<Settlement>,
+    ticket: Option<pb::Ticket>,
+    invocation_id: Vec<u8>,
+    m: &crate::sandbox::Metering,
+    result: &Result<(), crate::sandbox::InvokeError>,
+    (stdout, stderr): (Vec<u8>, Vec<u8>),
+) -> pb::InvocationResult {
+    let receipt = ticket.and_then(|t| {
+        let unsigned = pb::Receipt {
+            ticket: Some(t),
+            output_sha256: Sha256::digest(&stdout).to_vec(),
+            fuel: m.fuel,
+            wall_us: m.wall_us,
+            peak_memory_bytes: m.peak_memory_bytes,
+            bytes_in: m.bytes_in,
+            bytes_out: m.bytes_out,
+            exit_code: m.exit_code,
+            cpu_ns: m.cpu_ns,
+            pids_peak: m.pids_peak.min(u64::from(u32::MAX)) as u32,
+            ..Default::default()
+        };
+        let mut s = settlement.lock().ok()?;
+        match s.book.sign(unsigned) {
+            Ok(r) => {
+                s.keep(r.clone());
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not keep a receipt; its usage goes unbilled");
+                None
+            }
+        }
+    });
+    let (error_code, error_message) = match result {
+        Ok(()) => (String::new(), String::new()),
+        Err(e) => (e.code().to_string(), e.to_string()),
+    };
+    pb::InvocationResult {
+        invocation_id,
+        stdout,
+        stderr,
+        error_code,
+        error_message,
+        receipt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_are_kept_until_settled_and_resent_in_order_when_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::identity::Identity::load_or_create(dir.path()).unwrap();
+        let book = ReceiptBook::open(&dir.path().join("receipts"), id).unwrap();
+        let s = std::sync::Mutex::new(Settlement::new(book));
+        let m = crate::sandbox::Metering::default();
+        for _ in 0..3 {
+            let r = finished(
+                &s,
+                Some(pb::Ticket::default()),
+                vec![1],
+                &m,
+                &Ok(()),
+                (b"out".to_vec(), Vec::new()),
+            );
+            assert!(r.receipt.is_some());
+        }
+        let mut s = s.into_inner().unwrap();
+        // Fresh receipts wait for their settlement.
+        assert!(s.due(false).is_empty());
+        assert!(s.due(false).is_empty());
+        // Late: sent again in sequence order, each tick until settled.
+        s.settled(&[2]);
+        let late: Vec<u64> = s.due(false).iter().map(|r| r.seq).collect();
+        assert_eq!(late, vec![1, 3]);
+        // A new connection sends everything unsettled at once.
+        s.settled(&[1]);
+        assert_eq!(s.due(true).len(), 1);
+        s.settled(&[3]);
+        assert!(s.due(true).is_empty());
+        // A call without a ticket leaves no receipt.
+        let s = std::sync::Mutex::new(s);
+        let r = finished(&s, None, vec![1], &m, &Ok(()), (Vec::new(), Vec::new()));
+        assert!(r.receipt.is_none());
+        assert_eq!(s.lock().unwrap().book.seq(), 3);
+    }
+}

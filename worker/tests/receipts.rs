@@ -1,0 +1,194 @@
+//! Issue 15, usage only from issued work, tried as a modified worker would: against a real
+//! control plane (in-process, real gRPC on loopback), a rogue node with a real identity
+//! answers the call it was issued with a genuine signed receipt, then reports inflated
+//! fuel, another tenant's function, a made-up ticket, a replay, and a receipt signed by
+//! another key. Only the genuine receipt is billed; each forgery is refused with its verdict
+//! and counted against the rogue in the replicated ledger.
+
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+mod rogue;
+
+use common::{prebuilt, until};
+use rogue::{Cluster, Rogue, call, deploy_on, limits};
+use sha2::{Digest, Sha256};
+use stellar_proto::receipts::{GENESIS, receipt_hash, seal_ticket};
+use stellar_proto::v1 as pb;
+use stellar_proto::v1::ReceiptVerdict as V;
+use stellar_worker::Identity;
+
+/// The rogue's own receipt chain, signed with a real node key.
+struct Chain {
+    id: Identity,
+    seq: u64,
+    head: [u8; 32],
+}
+
+impl Chain {
+    fn sign(&mut self, mut r: pb::Receipt) -> pb::Receipt {
+        self.seq += 1;
+        r.seq = self.seq;
+        r.prev_hash = self.head.to_vec();
+        r.signature = self.id.sign_receipt(&r).to_vec();
+        self.head = receipt_hash(&r);
+        r
+    }
+}
+
+async fn bill(c: &Cluster, tenant: &str) -> Vec<pb::UsageLine> {
+    let tenant = tenant.to_string();
+    c.admin
+        .call(|mut cl| {
+            let tenant = tenant.clone();
+            async move {
+                cl.get_usage(pb::GetUsageRequest {
+                    tenant,
+                    ..Default::default()
+                })
+                .await
+            }
+        })
+        .await
+        .map(|u| u.bill)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_receipt_of_issued_work_is_billed_and_forgeries_count_against_the_node() {
+    let c = Cluster::start().await;
+    c.admin.create_tenant("globex").await.expect("tenant");
+    let dir = c.dir.path().join("rogue");
+    let mut rogue = Rogue::attach(&c.addr, &dir).await;
+    let id = Identity::load_or_create(&dir).unwrap();
+    let node = id.node();
+    c.admin
+        .deploy(deploy_on("probe", prebuilt("probe"), "rogue", limits(5000)))
+        .await
+        .expect("deploy");
+    let caller = {
+        let admin = c.admin.clone();
+        tokio::spawn(async move {
+            until("the call to be answered", || async {
+                admin.invoke(call("probe", &["echo"])).await.ok()
+            })
+            .await
+        })
+    };
+    let inv = rogue.serve_until_invoked().await.expect("an invocation");
+    let ticket = inv.ticket.clone().expect("every call carries a ticket");
+    assert_eq!(
+        (
+            ticket.node,
+            ticket.tenant.as_str(),
+            ticket.function.as_str()
+        ),
+        (node, "acme", "probe")
+    );
+    assert_eq!(ticket.invocation_id, inv.invocation_id);
+    assert_eq!(ticket.mac.len(), 32, "{ticket:?}");
+
+    // The genuine answer: billed as signed.
+    let mut chain = Chain {
+        id: Identity::load_or_create(&dir).unwrap(),
+        seq: 0,
+        head: GENESIS,
+    };
+    let stdout = b"hello".to_vec();
+    let genuine = chain.sign(pb::Receipt {
+        ticket: Some(ticket.clone()),
+        output_sha256: Sha256::digest(&stdout).to_vec(),
+        fuel: 1_000_000,
+        wall_us: 900,
+        ..Default::default()
+    });
+    rogue
+        .send(pb::worker_message::Kind::Result(pb::InvocationResult {
+            invocation_id: inv.invocation_id.clone(),
+            stdout: stdout.clone(),
+            receipt: Some(genuine.clone()),
+            ..Default::default()
+        }))
+        .await;
+    let answered = caller.await.unwrap();
+    assert_eq!(answered.stdout, stdout);
+    assert_eq!(answered.usage.as_ref().map(|u| u.fuel), Some(1_000_000));
+    until("the genuine receipt to be billed", || async {
+        bill(&c, "acme")
+            .await
+            .iter()
+            .any(|l| l.function == "probe" && l.invocations == 1)
+            .then_some(())
+    })
+    .await;
+
+    // Forgeries, each as a modified worker would send it.
+    let mut inflated = genuine.clone();
+    inflated.fuel += 100_000; // 10% more after signing
+    let mut other_tenant = genuine.clone();
+    if let Some(t) = other_tenant.ticket.as_mut() {
+        (t.tenant, t.function) = ("globex".into(), "other".into());
+        t.invocation_id = b"00000000000000000000000000000001".to_vec();
+    }
+    other_tenant.signature = id.sign_receipt(&other_tenant).to_vec();
+    let mut made_up = pb::Ticket {
+        invocation_id: b"00000000000000000000000000000002".to_vec(),
+        tenant: "acme".into(),
+        function: "probe".into(),
+        node,
+        ..Default::default()
+    };
+    seal_ticket(&[0x42; 32], &mut made_up); // a key it guessed
+    let mut guessed = genuine.clone();
+    guessed.ticket = Some(made_up);
+    guessed.signature = id.sign_receipt(&guessed).to_vec();
+    let duplicate = genuine.clone();
+    // The same call billed again as the next link of the chain.
+    let replay = chain.sign(pb::Receipt {
+        ticket: Some(ticket.clone()),
+        output_sha256: genuine.output_sha256.clone(),
+        fuel: 1_000_000,
+        ..Default::default()
+    });
+    let other_key = Identity::load_or_create(&c.dir.path().join("someone-else")).unwrap();
+    let mut borrowed = genuine.clone();
+    borrowed.signature = other_key.sign_receipt(&borrowed).to_vec();
+    rogue
+        .send(pb::worker_message::Kind::Usage(pb::UsageReport {
+            receipts: vec![inflated, other_tenant, guessed, duplicate, replay, borrowed],
+        }))
+        .await;
+
+    let info = until("the forgeries to be counted", || async {
+        let n = c
+            .admin
+            .nodes()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|n| n.id == node)?;
+        (n.receipts_refused.iter().sum::<u64>() >= 5).then_some(n)
+    })
+    .await;
+    let refused = |v: V| info.receipts_refused.get(v as usize).copied().unwrap_or(0);
+    assert_eq!(refused(V::BadSignature), 2, "{info:?}");
+    assert_eq!(refused(V::ForgedTicket), 2, "{info:?}");
+    assert_eq!(refused(V::Replay), 1, "{info:?}");
+    assert_eq!(
+        refused(V::Duplicate),
+        0,
+        "an exact duplicate is no fault: {info:?}"
+    );
+    assert_eq!(
+        (info.receipts_recorded, info.receipt_seq),
+        (1, 1),
+        "{info:?}"
+    );
+    // Nothing but the genuine receipt was billed, to anyone.
+    let acme = bill(&c, "acme").await;
+    let probe = acme.iter().find(|l| l.function == "probe").unwrap();
+    assert_eq!((probe.invocations, probe.fuel), (1, 1_000_000), "{acme:?}");
+    assert!(bill(&c, "globex").await.is_empty());
+    drop(rogue);
+    c.stop().await;
+}
