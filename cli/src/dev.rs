@@ -130,6 +130,7 @@ impl DevCluster {
             advertise: replica.clone(),
             tick: Duration::from_millis(20),
             blobs: Default::default(),
+            receipt_period_ms: 0,
         };
         let (stop_plane, mut plane_rx) = watch::channel(false);
         let plane = tokio::spawn(serve(cfg, async move {

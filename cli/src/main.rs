@@ -21,10 +21,12 @@ mod gateway;
 mod image_upload;
 mod job_files;
 mod jobs;
+mod receipts;
 mod run;
 mod scheduler;
 mod transcode;
 mod usage;
+mod usage_audit;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -81,6 +83,9 @@ enum Command {
     Nodes(admin::NodesArgs),
     /// Show the priced usage ledger: a bill per function, a credit per node.
     Usage(usage::UsageArgs),
+    /// A node owner's proof of what the ledger credited (`receipts verify --data-dir`).
+    #[command(subcommand)]
+    Receipts(receipts::ReceiptsCommand),
     /// Run and follow batch jobs: stages of container tasks over files (see `job run --help`).
     #[command(subcommand)]
     Job(jobs::JobCommand),
@@ -167,7 +172,8 @@ fn main() -> std::process::ExitCode {
             Command::Rm(args) => functions::rm(args).await.map(|()| 0),
             Command::Logs(args) => functions::logs(args).await.map(|()| 0),
             Command::Nodes(args) => admin::nodes(args).await.map(|()| 0),
-            Command::Usage(args) => usage::run(args).await.map(|()| 0),
+            Command::Usage(args) => usage::run(args).await,
+            Command::Receipts(cmd) => receipts::run(cmd).await,
             Command::Job(cmd) => jobs::run(cmd).await,
             Command::Transcode(args) => transcode::run(args).await,
             Command::Tenant(cmd) => admin::tenant(cmd).await.map(|()| 0),

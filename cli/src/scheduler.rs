@@ -48,6 +48,11 @@ pub struct SchedulerArgs {
     /// The logical clock period in milliseconds (elections after 10-20 ticks).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=1000))]
     tick_ms: u64,
+    /// Length of a receipt period in milliseconds: the usage recorded in each gets one Merkle
+    /// root in the ledger, which `stellar receipts verify` checks a node's receipts against.
+    /// Every replica should use the same (it is carried in each usage command).
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    receipt_period_ms: u64,
     /// Applied entries between state-machine snapshots (the log is compacted behind them).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..))]
     snapshot_every: u64,
@@ -116,6 +121,7 @@ pub async fn run(args: SchedulerArgs) -> Result<(), String> {
         listen,
         advertise,
         tick: Duration::from_millis(args.tick_ms),
+        receipt_period_ms: args.receipt_period_ms,
         blobs: stellar_scheduler::blob_backend::BlobStoreSpec {
             url: Some(args.blob_store),
             options: args.blob_store_opt,

@@ -4,7 +4,10 @@
 //! killed (its replica is placed elsewhere while calls keep succeeding), the leader is killed
 //! (deploy and invoke resume), a gateway is killed (its workers re-attach to the other one and
 //! calls resume), tenants are isolated, and after a worker restart the usage ledger equals
-//! the sum of the invocations' records: nothing lost, nothing billed twice.
+//! the sum of the invocations' records: nothing lost, nothing billed twice. After all those
+//! crashes `stellar usage --audit` balances to the micro-unit (bills = credits + fee, every
+//! node's cells = its receipts) and each worker's owner proves its credited receipts with
+//! `stellar receipts verify` against the period's committed Merkle root.
 
 #![allow(clippy::disallowed_methods)]
 
@@ -237,7 +240,14 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
     let mut cluster = cluster(
         dir.path(),
         3,
-        &["--tick-ms", "20", "--gateway-reattach-ms", "3000"],
+        &[
+            "--tick-ms",
+            "20",
+            "--gateway-reattach-ms",
+            "3000",
+            "--receipt-period-ms",
+            "1000",
+        ],
     );
     cluster.wait_leader(1000).await.expect("a leader");
     let admin = admin_token(&cluster);
@@ -552,5 +562,51 @@ async fn deploy_invoke_fail_over_isolate_and_bill() {
     // worker is on the survivor).
     let logs = cli_json(&gateways[1].grpc, &acme, &["logs", "wc", "--limit", "3"]);
     assert!(!logs.as_array().unwrap().is_empty(), "{logs}");
+
+    // The audit, after kill -9 of a worker, a gateway and the leader: balanced to the unit.
+    let audit = cli_json(&eps, &admin, &["usage", "--audit"]);
+    assert_eq!(audit["balanced"], true, "{audit}");
+    assert_eq!(audit["unbilled_micros"], 0, "{audit}");
+    assert!(audit["bills_micros"].as_u64().unwrap() > 0, "{audit}");
+    assert_eq!(
+        audit["bills_micros"].as_u64().unwrap(),
+        audit["credits_micros"].as_u64().unwrap() + audit["platform_fee_micros"].as_u64().unwrap(),
+        "{audit}"
+    );
+    // Each owner proves its node's last closed period from the receipts its worker kept,
+    // with no token (the request is signed by the node key). A call in a later period
+    // closes the one before.
+    std::thread::sleep(Duration::from_millis(1100));
+    invoke(&eps, &acme, "wc", "closes the period").expect("invoke");
+    let mut verified = 0;
+    for w in &workers {
+        let out = Command::new(BIN)
+            .args(["receipts", "verify", "--data-dir"])
+            .arg(&w.dir)
+            .args(["--endpoint", &eps, "-o", "json"])
+            .env("HOME", "/nonexistent")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stellar receipts verify");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        match out.status.code() {
+            Some(0) => {
+                let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+                assert_eq!(v["verified"], true, "{v}");
+                assert!(v["receipts"].as_u64().unwrap() > 0, "{v}");
+                verified += 1;
+            }
+            // A worker that ran nothing in a kept period has nothing to prove.
+            Some(2) if stderr.contains("no kept receipt period") => {}
+            other => panic!(
+                "receipts verify of {}: {other:?}\n{stdout}\n{stderr}",
+                w.dir.display()
+            ),
+        }
+    }
+    assert!(verified >= 1, "no worker proved its receipts");
     drop(workers);
 }

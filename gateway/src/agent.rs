@@ -428,7 +428,9 @@ fn on_message(
                         r.receipt = Some(receipt);
                     }
                     Err(v) => {
-                        edge.usage.refuse(node, receipt.seq, v);
+                        let signed =
+                            stellar_proto::receipts::signature_checks(public_key, &receipt);
+                        edge.usage.refuse(node, &receipt, v, signed);
                         // Its output is not what it signed for (or not signed at all): the
                         // caller gets an error, not bytes this node would not stand by.
                         r = pb::InvocationResult {
@@ -450,7 +452,11 @@ fn on_message(
             for receipt in report.receipts {
                 match edge.hub.tickets.check(&receipt, node, public_key, None) {
                     Ok(record) => edge.usage.record(record),
-                    Err(v) => edge.usage.refuse(node, receipt.seq, v),
+                    Err(v) => {
+                        let signed =
+                            stellar_proto::receipts::signature_checks(public_key, &receipt);
+                        edge.usage.refuse(node, &receipt, v, signed);
+                    }
                 }
             }
         }

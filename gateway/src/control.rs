@@ -304,6 +304,24 @@ impl pb::control_server::Control for GatewayControl {
             .map(Response::new)
     }
 
+    async fn get_receipt_proof(
+        &self,
+        req: Request<pb::GetReceiptProofRequest>,
+    ) -> Result<Response<pb::GetReceiptProofResponse>, Status> {
+        // A node owner asks with a signature and no token: forwarded with none (never with
+        // this gateway's own admin token), so the replica checks the signature.
+        let token = bearer(req.metadata()).unwrap_or_default().to_string();
+        let body = req.into_inner();
+        self.client
+            .with_token(&token)
+            .call(|mut c| {
+                let body = body.clone();
+                async move { c.get_receipt_proof(body).await }
+            })
+            .await
+            .map(Response::new)
+    }
+
     async fn set_node_state(
         &self,
         req: Request<pb::SetNodeStateRequest>,

@@ -60,6 +60,7 @@ fn http_target() -> &'static HttpTarget {
             advertise: grpc.to_string(),
             tick: Duration::from_millis(20),
             blobs: Default::default(),
+            receipt_period_ms: 0,
         };
         runtime.spawn(stellar_scheduler::server::serve(
             cfg,

@@ -69,14 +69,21 @@ impl UsageWriter {
         }
     }
 
-    /// Queues a refusal of `node`'s receipt `seq` (counted against it in the ledger; the
-    /// worker is told to forget the receipt).
-    pub fn refuse(&self, node: u64, seq: u64, v: pb::ReceiptVerdict) {
-        let f = pb::ReceiptRefusal {
+    /// Queues a refusal of `node`'s receipt `r` (counted against it in the ledger; the
+    /// worker is told to forget the receipt). `signed`: the node's signature on it checked,
+    /// so the ledger takes it as a void link of the node's chain.
+    pub fn refuse(&self, node: u64, r: &pb::Receipt, v: pb::ReceiptVerdict, signed: bool) {
+        let mut f = pb::ReceiptRefusal {
             node,
             verdict: v as i32,
+            ..Default::default()
         };
-        let _ = self.tx.try_send(Entry::Refusal(f, seq));
+        if signed {
+            f.seq = r.seq;
+            f.prev_hash = r.prev_hash.clone();
+            f.receipt_hash = stellar_proto::receipts::receipt_hash(r).to_vec();
+        }
+        let _ = self.tx.try_send(Entry::Refusal(f, r.seq));
     }
 }
 

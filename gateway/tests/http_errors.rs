@@ -73,6 +73,7 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
         advertise: addr.clone(),
         tick: Duration::from_millis(20),
         blobs: Default::default(),
+        receipt_period_ms: 0,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(cfg, async move {

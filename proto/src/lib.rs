@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod job_spec;
 pub mod limits;
+pub mod merkle;
 pub mod module_check;
 pub mod receipts;
 pub mod text;

@@ -125,17 +125,7 @@ pub fn receipt_hash(r: &pb::Receipt) -> [u8; 32] {
 
 /// Whether the holder of `public_key` signed `r`.
 pub fn signature_checks(public_key: &[u8], r: &pb::Receipt) -> bool {
-    let (Ok(pk), Ok(sig)) = (
-        <[u8; 32]>::try_from(public_key),
-        <[u8; 64]>::try_from(r.signature.as_slice()),
-    ) else {
-        return false;
-    };
-    let Ok(key) = VerifyingKey::from_bytes(&pk) else {
-        return false;
-    };
-    key.verify(&receipt_message(r), &Signature::from_bytes(&sig))
-        .is_ok()
+    signed_by(public_key, &receipt_message(r), &r.signature)
 }
 
 /// The usage record the ledger takes from a checked receipt: who is billed comes from the
@@ -159,6 +149,65 @@ pub fn usage_record(r: &pb::Receipt) -> pb::UsageRecord {
         prev_hash: r.prev_hash.clone(),
         receipt_hash: receipt_hash(r).to_vec(),
     }
+}
+
+/// The default receipt period: each period's leaves get one Merkle root in the ledger.
+pub const DEFAULT_PERIOD_MS: u64 = 300_000;
+
+/// A period leaf's bytes (what its Merkle leaf hash covers).
+pub fn leaf_message(l: &pb::PeriodLeaf) -> Vec<u8> {
+    let mut c = Canonical::new(b"stellar-period-leaf-v1");
+    c.u64(l.node)
+        .u64(l.period)
+        .u64(l.first_seq)
+        .u64(l.last_seq)
+        .bytes(&l.head)
+        .u64(l.receipts)
+        .u64(l.fuel)
+        .u64(l.wall_us)
+        .u64(l.bytes_in)
+        .u64(l.bytes_out)
+        .u64(l.cpu_ns);
+    c.0
+}
+
+/// A period leaf's Merkle leaf hash.
+pub fn leaf_hash(l: &pb::PeriodLeaf) -> [u8; 32] {
+    crate::merkle::leaf_hash(&leaf_message(l))
+}
+
+/// Adds one recorded receipt's usage to its node's leaf.
+pub fn add_to_leaf(l: &mut pb::PeriodLeaf, r: &pb::UsageRecord) {
+    if l.receipts == 0 {
+        l.first_seq = r.seq;
+    }
+    l.last_seq = r.seq;
+    l.head = r.receipt_hash.clone();
+    l.receipts += 1;
+    l.fuel = l.fuel.saturating_add(r.fuel);
+    l.wall_us = l.wall_us.saturating_add(r.wall_us);
+    l.bytes_in = l.bytes_in.saturating_add(r.bytes_in);
+    l.bytes_out = l.bytes_out.saturating_add(r.bytes_out);
+    l.cpu_ns = l.cpu_ns.saturating_add(r.cpu_ns);
+}
+
+/// What a node signs to ask for its own receipt proof.
+pub fn proof_request_message(node: u64, period: u64, unix_ms: u64) -> Vec<u8> {
+    let mut c = Canonical::new(b"stellar-receipt-proof-v1");
+    c.u64(node).u64(period).u64(unix_ms);
+    c.0
+}
+
+/// Whether the holder of `public_key` signed `message`.
+pub fn signed_by(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    let (Ok(pk), Ok(sig)) = (
+        <[u8; 32]>::try_from(public_key),
+        <[u8; 64]>::try_from(signature),
+    ) else {
+        return false;
+    };
+    VerifyingKey::from_bytes(&pk)
+        .is_ok_and(|k| k.verify(message, &Signature::from_bytes(&sig)).is_ok())
 }
 
 /// Why a receipt cannot be taken, checked where it arrives (the gateway); the chain is the

@@ -51,6 +51,8 @@ pub struct EdgeService {
     sessions: Arc<AtomicU64>,
     closed: tokio::sync::watch::Receiver<bool>,
     blobs: crate::blob_transfer::Blobs,
+    /// The receipt period's length carried in each usage command (0: the default).
+    receipt_period_ms: u64,
 }
 
 impl EdgeService {
@@ -60,6 +62,7 @@ impl EdgeService {
         auth: Arc<TokenCache>,
         closed: tokio::sync::watch::Receiver<bool>,
         blobs: crate::blob_transfer::Blobs,
+        receipt_period_ms: u64,
     ) -> Self {
         EdgeService {
             replica,
@@ -67,6 +70,7 @@ impl EdgeService {
             sessions: Arc::new(AtomicU64::new(0)),
             closed,
             blobs,
+            receipt_period_ms,
         }
     }
 
@@ -393,6 +397,7 @@ impl pb::edge_server::Edge for EdgeService {
                     records,
                     unix_ms: stellar_proto::clock::unix_ms(),
                     refusals,
+                    period_ms: self.receipt_period_ms,
                 }),
             )
             .await?;

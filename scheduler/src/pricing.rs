@@ -10,9 +10,11 @@
 //! | transfer | 100 micro-units per GiB in or out |
 //! | requests | 200 micro-units per 1,000 invocations |
 //!
-//! Totals are priced after aggregation (per function for the bill, per node for the
-//! credit), rounding down once, so splitting usage into more records never costs more. A
-//! node's owner is credited 70% of what its usage would bill.
+//! The ledger keeps usage in cells, one per (function, node, hour). Each cell is priced once
+//! (rounding down, so splitting usage into more records never costs more) and split into
+//! the node owner's credit, 70% rounded down, and the platform's fee, the rest: so the bills
+//! are exactly the credits plus the fee, which `stellar usage --audit` checks by repricing
+//! every cell.
 
 use crate::state::UsageTotals;
 
@@ -46,7 +48,20 @@ pub fn cost_micros(t: &UsageTotals) -> u64 {
 
 /// What an owner is credited for usage `t` on their node, in micro-units.
 pub fn credit_micros(t: &UsageTotals) -> u64 {
-    (u128::from(cost_micros(t)) * u128::from(OWNER_SHARE_PERCENT) / 100) as u64
+    split(cost_micros(t)).0
+}
+
+/// A cell's price split into (the owner's credit, the platform's fee); they add up to it.
+pub fn split(cost: u64) -> (u64, u64) {
+    let credit = (u128::from(cost) * u128::from(OWNER_SHARE_PERCENT) / 100) as u64;
+    (credit, cost - credit)
+}
+
+/// A cell's (cost, credit, fee), in micro-units.
+pub fn price_cell(t: &UsageTotals) -> (u64, u64, u64) {
+    let cost = cost_micros(t);
+    let (credit, fee) = split(cost);
+    (cost, credit, fee)
 }
 
 /// Adds `b` into `a`.

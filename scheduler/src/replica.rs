@@ -151,6 +151,15 @@ pub enum Query {
         /// Filter.
         tenant: Option<String>,
     },
+    /// A node's receipt proof: its leaf in a closed period and the audit path.
+    ReceiptProof {
+        /// The node.
+        node: u64,
+        /// The period (None: the node's latest closed one).
+        period: Option<u64>,
+        /// (unix ms, signature) by the node's key; None when an admin asks.
+        signed: Option<(u64, Vec<u8>)>,
+    },
     /// Nodes, filtered.
     Nodes {
         /// Region filter.
@@ -181,6 +190,8 @@ pub enum Query {
         tenant: Option<String>,
         /// Only usage recorded in this unix hour or later.
         since_hour: u64,
+        /// Also the cells and the receipt totals (admin, for the audit).
+        cells: bool,
     },
     /// Who a token belongs to, by its sha256.
     Token {
@@ -223,6 +234,8 @@ pub enum Reply {
     Functions(Vec<pb::FunctionStatus>),
     /// A node listing.
     Nodes(pb::ListNodesResponse),
+    /// A receipt proof, or why not.
+    ReceiptProof(Box<std::result::Result<pb::GetReceiptProofResponse, crate::state::ProofError>>),
     /// Membership after a change.
     Membership(Vec<pb::ReplicaInfo>),
     /// Changes for a watcher.
@@ -1638,6 +1651,30 @@ impl Replica {
                     .map(|(id, _)| self.function_status(id))
                     .collect(),
             )),
+            Query::ReceiptProof {
+                node,
+                period,
+                signed,
+            } => {
+                if let Some((unix_ms, signature)) = signed {
+                    let msg = stellar_proto::receipts::proof_request_message(
+                        *node,
+                        period.unwrap_or(0),
+                        *unix_ms,
+                    );
+                    let by_node = self.state.nodes().get(node).is_some_and(|n| {
+                        stellar_proto::receipts::signed_by(&n.public_key, &msg, signature)
+                    });
+                    if !by_node {
+                        return Ok(Reply::ReceiptProof(Box::new(Err(
+                            crate::state::ProofError::NotSigned { node: *node },
+                        ))));
+                    }
+                }
+                Ok(Reply::ReceiptProof(Box::new(
+                    self.state.receipts().proof(*node, *period),
+                )))
+            }
             Query::Nodes {
                 region,
                 state,
@@ -1688,9 +1725,15 @@ impl Replica {
                 Ok(Reply::WatchPage(Box::new(ev), next))
             }
             Query::Module { sha256 } => Ok(Reply::Module(self.state.module(sha256))),
-            Query::Usage { tenant, since_hour } => {
-                Ok(Reply::Usage(self.usage(tenant.as_deref(), *since_hour)))
-            }
+            Query::Usage {
+                tenant,
+                since_hour,
+                cells,
+            } => Ok(Reply::Usage(self.usage(
+                tenant.as_deref(),
+                *since_hour,
+                *cells,
+            ))),
             Query::Token { sha256 } => Ok(Reply::Token(
                 self.state.token(sha256).map(|(t, a)| (t.to_string(), a)),
             )),
@@ -1728,12 +1771,39 @@ impl Replica {
         }
     }
 
-    /// The bill per (tenant, function) and the credit per node, priced after aggregation.
-    fn usage(&self, tenant: Option<&str>, since_hour: u64) -> pb::GetUsageResponse {
+    /// The bill per (tenant, function) and the credit per node: each (function, node, hour)
+    /// cell priced once and split into credit and fee (see `pricing.rs`).
+    fn usage(
+        &self,
+        tenant: Option<&str>,
+        since_hour: u64,
+        with_cells: bool,
+    ) -> pb::GetUsageResponse {
         use crate::pricing;
         use crate::state::UsageTotals;
-        let mut bill: BTreeMap<(String, String), UsageTotals> = BTreeMap::new();
-        let mut credits: BTreeMap<u64, UsageTotals> = BTreeMap::new();
+        #[derive(Default)]
+        struct Line {
+            t: UsageTotals,
+            micros: u64,
+        }
+        let mut bill: BTreeMap<(String, String), Line> = BTreeMap::new();
+        let mut credits: BTreeMap<u64, Line> = BTreeMap::new();
+        let mut out = pb::GetUsageResponse::default();
+        let mut cell = |tenant: &str, function: String, node: u64, hour: u64, t: &UsageTotals| {
+            let (cost, credit, fee) = pricing::price_cell(t);
+            let b = bill
+                .entry((tenant.to_string(), function.clone()))
+                .or_default();
+            pricing::add(&mut b.t, t);
+            b.micros += cost;
+            let c = credits.entry(node).or_default();
+            pricing::add(&mut c.t, t);
+            c.micros += credit;
+            out.platform_fee_micros += fee;
+            if with_cells {
+                out.cells.push(t.record((tenant, &function), node, hour));
+            }
+        };
         for (&(fid, node, hour), t) in self.state.usage() {
             if hour < since_hour {
                 continue;
@@ -1744,53 +1814,53 @@ impl Replica {
             if tenant.is_some_and(|want| want != f.tenant) {
                 continue;
             }
-            pricing::add(
-                bill.entry((f.tenant.clone(), f.name.clone())).or_default(),
-                t,
-            );
-            pricing::add(credits.entry(node).or_default(), t);
+            cell(&f.tenant, f.name.clone(), node, hour, t);
         }
         // Jobs' tasks bill as `job/NAME` lines (the winning attempt of each task only).
         for ((t_name, job, node, hour), t) in self.state.job_usage() {
             if *hour < since_hour || tenant.is_some_and(|want| want != t_name) {
                 continue;
             }
-            pricing::add(
-                bill.entry((t_name.clone(), format!("job/{job}")))
-                    .or_default(),
-                t,
-            );
-            pricing::add(credits.entry(*node).or_default(), t);
+            cell(t_name, format!("job/{job}"), *node, *hour, t);
         }
-        let bill: Vec<pb::UsageLine> = bill
+        out.bill = bill
             .into_iter()
-            .map(|((tenant, function), t)| pb::UsageLine {
+            .map(|((tenant, function), l)| pb::UsageLine {
                 tenant,
                 function,
-                invocations: t.invocations,
-                fuel: t.fuel,
-                wall_us: t.wall_us,
-                memory_mib_ms: t.memory_mib_ms,
-                bytes_in: t.bytes_in,
-                bytes_out: t.bytes_out,
-                cost_micros: pricing::cost_micros(&t),
-                cpu_ns: t.cpu_ns,
+                invocations: l.t.invocations,
+                fuel: l.t.fuel,
+                wall_us: l.t.wall_us,
+                memory_mib_ms: l.t.memory_mib_ms,
+                bytes_in: l.t.bytes_in,
+                bytes_out: l.t.bytes_out,
+                cost_micros: l.micros,
+                cpu_ns: l.t.cpu_ns,
             })
             .collect();
-        pb::GetUsageResponse {
-            total_micros: bill.iter().map(|l| l.cost_micros).sum(),
-            bill,
-            credits: credits
-                .into_iter()
-                .map(|(node, t)| pb::NodeCredit {
-                    node,
-                    invocations: t.invocations,
-                    fuel: t.fuel,
-                    credit_micros: pricing::credit_micros(&t),
-                    cpu_ns: t.cpu_ns,
+        out.total_micros = out.bill.iter().map(|l| l.cost_micros).sum();
+        out.credits = credits
+            .into_iter()
+            .map(|(node, l)| pb::NodeCredit {
+                node,
+                invocations: l.t.invocations,
+                fuel: l.t.fuel,
+                credit_micros: l.micros,
+                cpu_ns: l.t.cpu_ns,
+            })
+            .collect();
+        if with_cells {
+            out.receipts = self
+                .state
+                .nodes()
+                .keys()
+                .filter_map(|&n| {
+                    let c = self.state.receipts().chain(n)?;
+                    Some(c.usage.record(("", ""), n, 0))
                 })
-                .collect(),
+                .collect();
         }
+        out
     }
 
     fn function_status(&self, fid: u32) -> pb::FunctionStatus {

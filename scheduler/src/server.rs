@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub tick: Duration,
     /// Where blob bytes live (this replica's disk unless an object store is named).
     pub blobs: crate::blob_backend::BlobStoreSpec,
+    /// The receipt period's length in ms (one Merkle root each); 0 = 5 minutes.
+    pub receipt_period_ms: u64,
 }
 
 /// How long a shutdown waits for open calls before closing them.
@@ -133,9 +135,15 @@ pub async fn serve(
                 .max_encoding_message_size(64 << 20),
         )
         .add_service(
-            EdgeServer::new(EdgeService::new(handle, auth, closed, blobs))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            EdgeServer::new(EdgeService::new(
+                handle,
+                auth,
+                closed,
+                blobs,
+                cfg.receipt_period_ms,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         // TCP_NODELAY on every accepted connection (the builder's own setting applies only
         // to listeners it binds): peers' and gateways' streams carry small messages both

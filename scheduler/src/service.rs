@@ -28,6 +28,8 @@ use stellar_proto::wire::LEADER_METADATA;
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_ATTEMPTS: u32 = 3;
+/// How far a signed receipt-proof request's time may be from this replica's clock.
+const PROOF_CLOCK_SKEW_MS: u64 = 300_000;
 
 /// Maps a control-plane error to a gRPC status a client can act on.
 pub fn to_status(e: Error) -> Status {
@@ -376,12 +378,17 @@ impl pb::control_server::Control for ControlService {
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
+        if r.cells {
+            caller.require_admin("reading the ledger's cells (usage --audit)")?;
+        }
         let tenant = caller.filter(&r.tenant)?;
         let since_hour = r.since_unix_ms / 3_600_000;
-        match self
-            .read(Query::Usage { tenant, since_hour }, r.read)
-            .await?
-        {
+        let query = Query::Usage {
+            tenant,
+            since_hour,
+            cells: r.cells,
+        };
+        match self.read(query, r.read).await? {
             Reply::Usage(u) => Ok(Response::new(u)),
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
@@ -502,6 +509,52 @@ impl pb::control_server::Control for ControlService {
         };
         match self.read(query, r.read).await? {
             Reply::Nodes(n) => Ok(Response::new(n)),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn get_receipt_proof(
+        &self,
+        req: GrpcRequest<pb::GetReceiptProofRequest>,
+    ) -> Result<Response<pb::GetReceiptProofResponse>, Status> {
+        let admin = match self.auth.caller(req.metadata()).await {
+            Ok(c) => c.admin,
+            Err(_) => false,
+        };
+        let r = req.into_inner();
+        let signed = if admin {
+            None
+        } else if r.signature.is_empty() {
+            return Err(Status::unauthenticated(
+                "a receipt proof needs an admin token, or a request signed by the node's key \
+                 (stellar receipts verify --data-dir WORKER_DIR)",
+            ));
+        } else if stellar_proto::clock::unix_ms().abs_diff(r.unix_ms) > PROOF_CLOCK_SKEW_MS {
+            return Err(Status::unauthenticated(
+                "the request was signed more than 5 minutes from this replica's clock; \
+                 check the clock of the machine asking",
+            ));
+        } else {
+            Some((r.unix_ms, r.signature))
+        };
+        let query = Query::ReceiptProof {
+            node: r.node,
+            period: (r.period != 0).then_some(r.period),
+            signed,
+        };
+        match self.read(query, r.read).await? {
+            Reply::ReceiptProof(p) => match *p {
+                Ok(p) => Ok(Response::new(p)),
+                Err(e @ crate::state::ProofError::Open { .. }) => {
+                    Err(Status::failed_precondition(e.to_string()))
+                }
+                Err(e @ crate::state::ProofError::NotFound { .. }) => {
+                    Err(Status::not_found(e.to_string()))
+                }
+                Err(e @ crate::state::ProofError::NotSigned { .. }) => {
+                    Err(Status::unauthenticated(e.to_string()))
+                }
+            },
             other => Err(Status::internal(format!("unexpected reply {other:?}"))),
         }
     }

@@ -22,7 +22,7 @@ mod jobs;
 mod receipts;
 pub use crate::modules::{MAX_MODULES_TOTAL_BYTES, MAX_TENANT_MODULE_BYTES};
 pub use jobs::{AttemptKey, MAX_FINISHED_JOBS, attempt_key, job_blobs, task_key};
-pub use receipts::{ReceiptChain, ReceiptLedger};
+pub use receipts::{KEPT_PERIODS, ProofError, ReceiptChain, ReceiptLedger};
 pub use stellar_proto::limits::MAX_MODULE_BYTES;
 /// Retried request ids remembered, oldest forgotten first.
 pub const DEDUPE_CAPACITY: usize = 200_000;
@@ -1477,6 +1477,7 @@ impl StateMachine {
     pub fn to_snapshot(&self) -> pb::StateSnapshot {
         let (jobs, job_usage) = self.jobs_snapshot();
         let (ticket_key, receipt_chains, seen_receipts) = self.receipts.snapshot();
+        let (open_period, closed_periods) = self.receipts.period_snapshot();
         pb::StateSnapshot {
             applied_index: self.applied_index,
             tenants: self
@@ -1581,6 +1582,8 @@ impl StateMachine {
             ticket_key,
             receipt_chains,
             seen_receipts,
+            open_period,
+            closed_periods,
         }
     }
 
@@ -1697,6 +1700,8 @@ impl StateMachine {
             s.seen_receipts,
             s.seen_invocations,
         )?;
+        m.receipts
+            .restore_periods(s.open_period, s.closed_periods)?;
         m.restore_jobs(s.jobs, s.next_job_id, s.job_usage)?;
         Ok(m)
     }

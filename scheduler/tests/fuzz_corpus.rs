@@ -76,7 +76,9 @@ fn command_seeds() -> Vec<Vec<u8>> {
         refusals: vec![pb::ReceiptRefusal {
             node: 2,
             verdict: pb::ReceiptVerdict::ForgedTicket as i32,
+            ..Default::default()
         }],
+        period_ms: 60_000,
     });
     let down = pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
         transitions: vec![

@@ -187,7 +187,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         attributes,
         instances: HashMap::new(),
         slots: Arc::new(Semaphore::new(slots)),
-        settlement: Arc::new(Mutex::new(settlement::Settlement::new(book))),
+        settlement: Arc::new(Mutex::new(settlement::Settlement::open(book)?)),
         containers,
         tasks,
         task_events,
@@ -843,6 +843,7 @@ impl Agent {
     async fn flush_usage(&self, tx: &mpsc::Sender<pb::WorkerMessage>, all: bool) {
         let receipts = match self.settlement.lock() {
             Ok(mut s) => {
+                s.save_watermark();
                 let due = s.due(all);
                 if !due.is_empty() {
                     tracing::debug!(

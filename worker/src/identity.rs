@@ -52,6 +52,26 @@ impl Identity {
         self.key.sign(&msg).to_bytes()
     }
 
+    /// Loads an existing identity only (never makes one): for tools that act as this node.
+    pub fn load(data_dir: &Path) -> Result<Identity> {
+        let path = data_dir.join(KEY_FILE);
+        if !path.exists() {
+            return Err(crate::Error::Identity {
+                path,
+                reason:
+                    "no such file: is this a worker's data dir (--data-dir of `stellar worker`)?"
+                        .into(),
+            });
+        }
+        Identity::load_or_create(data_dir)
+    }
+
+    /// Signs a request for this node's receipt proof of `period` at `unix_ms`.
+    pub fn sign_proof_request(&self, period: u64, unix_ms: u64) -> [u8; 64] {
+        let msg = stellar_proto::receipts::proof_request_message(self.node, period, unix_ms);
+        self.key.sign(&msg).to_bytes()
+    }
+
     /// Signs a receipt (every field but the signature), vouching for its usage.
     pub fn sign_receipt(&self, r: &stellar_proto::v1::Receipt) -> [u8; 64] {
         self.key

@@ -74,6 +74,11 @@ impl ReceiptBook {
         self.seq
     }
 
+    /// Where the book is kept.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Chains, signs and keeps `r` (its `seq`, `prev_hash` and `signature` are set here).
     pub fn sign(&mut self, mut r: pb::Receipt) -> Result<pb::Receipt> {
         r.seq = self.seq + 1;
@@ -126,6 +131,126 @@ pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<Vec<pb::Receipt>> {
         );
     }
     Ok(out)
+}
+
+/// What a node's own receipts say about one period, once checked against the ledger's proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeriodCheck {
+    /// The period's leaf, as the ledger committed it and the receipts recompute it.
+    pub leaf: pb::PeriodLeaf,
+    /// The period's Merkle root.
+    pub root: [u8; 32],
+    /// Leaves in the period's tree.
+    pub tree_size: u64,
+}
+
+/// Why a node's receipts and the ledger's proof disagree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofMismatch {
+    /// The proof is malformed (no leaf, a root or path hash not 32 bytes).
+    #[error("the proof is malformed: {0}")]
+    Malformed(String),
+    /// The leaf does not hash up to the committed root.
+    #[error("the ledger's leaf for this node is not in the period's committed root")]
+    NotInRoot,
+    /// The book lacks receipts the ledger recorded.
+    #[error(
+        "this data dir keeps {kept} of the {wanted} receipts {first}..={last} the ledger recorded (another data dir, or removed)"
+    )]
+    Missing {
+        /// Receipts found.
+        kept: u64,
+        /// Receipts the leaf covers.
+        wanted: u64,
+        /// Its first sequence number.
+        first: u64,
+        /// Its last.
+        last: u64,
+    },
+    /// A kept receipt is not signed by this node's key or does not chain to the one before.
+    #[error("receipt {seq} in the book is not signed by this node or breaks the chain")]
+    Broken {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// The receipts add up to another leaf than the ledger's.
+    #[error(
+        "the ledger's leaf differs from what the receipts add up to: ledger {ledger:?}, receipts {receipts:?}"
+    )]
+    Differs {
+        /// As committed.
+        ledger: Box<pb::PeriodLeaf>,
+        /// As the receipts recompute it.
+        receipts: Box<pb::PeriodLeaf>,
+    },
+}
+
+/// Checks the ledger's proof for one period against the receipts kept in `dir`, signed by
+/// `public_key`: the leaf is in the committed root, and the kept receipts (every one in
+/// the leaf's range, signed and chained) add up to exactly that leaf.
+pub fn verify_period(
+    dir: &Path,
+    public_key: &[u8],
+    proof: &pb::GetReceiptProofResponse,
+) -> std::result::Result<PeriodCheck, ProofMismatch> {
+    use stellar_proto::receipts as r;
+    let malformed = |what: &str| ProofMismatch::Malformed(what.to_string());
+    let leaf = proof.leaf.clone().ok_or_else(|| malformed("no leaf"))?;
+    let root: [u8; 32] = proof
+        .root
+        .as_slice()
+        .try_into()
+        .map_err(|_| malformed("root is not 32 bytes"))?;
+    let path = proof
+        .audit_path
+        .iter()
+        .map(|h| <[u8; 32]>::try_from(h.as_slice()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| malformed("an audit path hash is not 32 bytes"))?;
+    if !stellar_proto::merkle::verify(
+        proof.index,
+        proof.tree_size,
+        &r::leaf_hash(&leaf),
+        &path,
+        &root,
+    ) {
+        return Err(ProofMismatch::NotInRoot);
+    }
+    let (first, last) = (leaf.first_seq, leaf.last_seq);
+    let kept = read_range(dir, first, last)
+        .map_err(|e| ProofMismatch::Malformed(format!("reading the receipt book: {e}")))?;
+    let wanted = last.saturating_sub(first) + 1;
+    if kept.len() as u64 != wanted || first == 0 {
+        return Err(ProofMismatch::Missing {
+            kept: kept.len() as u64,
+            wanted,
+            first,
+            last,
+        });
+    }
+    let mut mine = pb::PeriodLeaf {
+        node: leaf.node,
+        period: leaf.period,
+        ..Default::default()
+    };
+    for (i, rc) in kept.iter().enumerate() {
+        let chained = i == 0 || rc.prev_hash == receipt_hash(&kept[i - 1]).to_vec();
+        if !chained || !r::signature_checks(public_key, rc) {
+            return Err(ProofMismatch::Broken { seq: rc.seq });
+        }
+        r::add_to_leaf(&mut mine, &r::usage_record(rc));
+    }
+    if r::leaf_message(&mine) != r::leaf_message(&leaf) {
+        return Err(ProofMismatch::Differs {
+            ledger: Box::new(leaf),
+            receipts: Box::new(mine),
+        });
+    }
+    Ok(PeriodCheck {
+        leaf,
+        root,
+        tree_size: proof.tree_size,
+    })
 }
 
 /// Receipt files by their first sequence number, oldest first.

@@ -192,3 +192,102 @@ async fn only_the_receipt_of_issued_work_is_billed_and_forgeries_count_against_t
     drop(rogue);
     c.stop().await;
 }
+
+/// A receipt proof for `node`, asked as its owner would: no token, signed by the node key.
+async fn proof_signed_by(
+    addr: &str,
+    id: &Identity,
+    node: u64,
+    period: u64,
+) -> Result<pb::GetReceiptProofResponse, tonic::Status> {
+    let unix_ms = stellar_proto::clock::unix_ms();
+    let req = pb::GetReceiptProofRequest {
+        node,
+        period,
+        unix_ms,
+        signature: id.sign_proof_request(period, unix_ms).to_vec(),
+        read: None,
+    };
+    stellar_proto::client::ClusterClient::new(&[addr.to_string()])
+        .unwrap()
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.get_receipt_proof(req).await }
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_proves_from_the_kept_receipts_what_a_closed_period_credited() {
+    let mut c = Cluster::start().await;
+    let node = c.worker("honest").await;
+    let dir = c.dir.path().join("honest");
+    c.admin
+        .deploy(deploy_on("probe", prebuilt("probe"), "tier", limits(2000)))
+        .await
+        .expect("deploy");
+    let mut fuel = 0;
+    for _ in 0..5 {
+        let r = until("the probe answers", || async {
+            c.admin.invoke(call("probe", &["echo"])).await.ok()
+        })
+        .await;
+        fuel += r.usage.expect("usage from the receipt").fuel;
+    }
+    // The test plane's periods are 2 s: wait for a later one, and record usage in it
+    // (that closes the period the calls were recorded in).
+    let owner = Identity::load(&dir).unwrap();
+    let proof = until("a closed period with this node's receipts", || async {
+        let _ = c.admin.invoke(call("probe", &["echo"])).await;
+        proof_signed_by(&c.addr, &owner, node, 0).await.ok()
+    })
+    .await;
+    let check =
+        stellar_worker::receipts::verify_period(&dir.join("receipts"), &owner.public_key(), &proof)
+            .expect("the kept receipts match the committed leaf");
+    assert_eq!(check.leaf.node, node);
+    assert!(
+        check.leaf.receipts >= 1 && check.leaf.fuel > 0,
+        "{:?}",
+        check.leaf
+    );
+    // Every call was billed from its receipt (the probe's echo costs the same each time).
+    assert!(
+        fuel > 0 && check.leaf.fuel.is_multiple_of(fuel / 5),
+        "{:?} vs {fuel}",
+        check.leaf
+    );
+
+    // Someone else's key cannot ask for this node's proof.
+    let stranger = Identity::load_or_create(&c.dir.path().join("stranger")).unwrap();
+    let denied = proof_signed_by(&c.addr, &stranger, node, proof.period)
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::Unauthenticated, "{denied:?}");
+    // A ledger that claimed more than the receipts say is caught, and so is a root that
+    // does not hold the leaf.
+    let mut inflated = proof.clone();
+    if let Some(l) = inflated.leaf.as_mut() {
+        l.fuel += 1;
+    }
+    let err = stellar_worker::receipts::verify_period(
+        &dir.join("receipts"),
+        &owner.public_key(),
+        &inflated,
+    )
+    .unwrap_err();
+    assert_eq!(err, stellar_worker::receipts::ProofMismatch::NotInRoot);
+    // A book missing receipts the ledger recorded cannot prove them.
+    let empty = c.dir.path().join("empty-book");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err =
+        stellar_worker::receipts::verify_period(&empty, &owner.public_key(), &proof).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            stellar_worker::receipts::ProofMismatch::Missing { kept: 0, .. }
+        ),
+        "{err:?}"
+    );
+    c.stop().await;
+}

@@ -18,13 +18,48 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use stellar_proto::receipts::{GENESIS, HASH_LEN};
+use stellar_proto::receipts::{DEFAULT_PERIOD_MS, GENESIS, HASH_LEN};
 use stellar_proto::v1 as pb;
 
-use super::{Result, SEEN_INVOCATIONS_CAPACITY, StateMachine, invalid, not_found, ok_result};
+use super::{
+    Result, SEEN_INVOCATIONS_CAPACITY, StateMachine, UsageTotals, invalid, not_found, ok_result,
+};
 
 /// Kinds of verdict a chain counts (the `ReceiptVerdict` numbers).
 const VERDICTS: usize = 10;
+/// Closed receipt periods kept with their leaves, for proofs (a day of 5-minute periods).
+pub const KEPT_PERIODS: usize = 288;
+
+/// Why a receipt proof cannot be given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    /// The period is still being filled: its root is committed when it closes.
+    #[error(
+        "period {period} is still open; its root is committed with the first usage recorded after it ends (unix ms {ends_ms})"
+    )]
+    Open {
+        /// The open period.
+        period: u64,
+        /// When it ends.
+        ends_ms: u64,
+    },
+    /// The request was neither an admin's nor signed by the node's own key.
+    #[error(
+        "the request is not signed by node {node:016x}'s key (or that node is unknown); sign it with the worker's data dir (stellar receipts verify --data-dir) or use an admin token"
+    )]
+    NotSigned {
+        /// The node asked about.
+        node: u64,
+    },
+    /// No kept period has a leaf for the node.
+    #[error("no kept receipt period has receipts of node {node:016x}{}", .period.map(|p| format!(" in period {p}")).unwrap_or_default())]
+    NotFound {
+        /// The node asked about.
+        node: u64,
+        /// The period asked for (None: the latest).
+        period: Option<u64>,
+    },
+}
 
 /// One node's receipt chain: its head and what it had refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +72,8 @@ pub struct ReceiptChain {
     pub recorded: u64,
     /// Receipts refused, by verdict number.
     pub refused: [u64; VERDICTS],
+    /// What the recorded receipts add up to (the audit's check on the ledger's cells).
+    pub usage: UsageTotals,
 }
 
 impl Default for ReceiptChain {
@@ -46,11 +83,20 @@ impl Default for ReceiptChain {
             head: GENESIS,
             recorded: 0,
             refused: [0; VERDICTS],
+            usage: UsageTotals::default(),
         }
     }
 }
 
 impl ReceiptChain {
+    /// Moves past a signed receipt that bills nothing, when it is this chain's next link.
+    fn void_link(&mut self, seq: u64, prev: &[u8], hash: &[u8]) {
+        if seq == self.seq + 1 && prev == self.head && hash.len() == HASH_LEN {
+            self.seq = seq;
+            self.head.copy_from_slice(hash);
+        }
+    }
+
     /// Receipts refused for the node's own fault (every verdict but DUPLICATE).
     pub fn faults(&self) -> u64 {
         self.refused
@@ -70,6 +116,11 @@ pub struct ReceiptLedger {
     /// Invocation id to the hash of the receipt it was recorded from (empty: before receipts).
     seen: rustc_hash::FxHashMap<Vec<u8>, Vec<u8>>,
     seen_order: VecDeque<Vec<u8>>,
+    /// The period being filled: one leaf per node with receipts recorded in it.
+    open: Option<pb::ReceiptPeriod>,
+    open_leaves: BTreeMap<u64, pb::PeriodLeaf>,
+    /// Closed periods by their start (unix ms), with their roots and leaves.
+    closed: BTreeMap<u64, pb::ReceiptPeriod>,
 }
 
 impl ReceiptLedger {
@@ -93,12 +144,142 @@ impl ReceiptLedger {
         self.seen.insert(id, hash);
     }
 
+    /// Moves to the period of `unix_ms`, closing the open one when that is later: its leaves
+    /// (by node) get their Merkle root. A clock that went back stays in the open period.
+    fn roll(&mut self, unix_ms: u64, period_ms: u64) {
+        let period = unix_ms / period_ms;
+        if let Some(o) = &self.open
+            && o.period_ms == period_ms
+            && period <= o.period
+        {
+            return;
+        }
+        if let Some(mut o) = self.open.take() {
+            let leaves: Vec<pb::PeriodLeaf> = std::mem::take(&mut self.open_leaves)
+                .into_values()
+                .collect();
+            if !leaves.is_empty() {
+                let hashes: Vec<[u8; 32]> = leaves
+                    .iter()
+                    .map(stellar_proto::receipts::leaf_hash)
+                    .collect();
+                o.root = stellar_proto::merkle::root(&hashes).to_vec();
+                o.leaves = leaves;
+                self.closed.insert(o.period * o.period_ms, o);
+                while self.closed.len() > KEPT_PERIODS {
+                    self.closed.pop_first();
+                }
+            }
+        }
+        self.open = Some(pb::ReceiptPeriod {
+            period,
+            period_ms,
+            ..Default::default()
+        });
+    }
+
+    fn add_to_period(&mut self, r: &pb::UsageRecord) {
+        let period = self.open.as_ref().map_or(0, |o| o.period);
+        let leaf = self
+            .open_leaves
+            .entry(r.node)
+            .or_insert_with(|| pb::PeriodLeaf {
+                node: r.node,
+                period,
+                ..Default::default()
+            });
+        stellar_proto::receipts::add_to_leaf(leaf, r);
+    }
+
+    /// `node`'s leaf in closed `period` (None: its latest) with the audit path to the root.
+    pub fn proof(
+        &self,
+        node: u64,
+        period: Option<u64>,
+    ) -> std::result::Result<pb::GetReceiptProofResponse, ProofError> {
+        if let (Some(p), Some(o)) = (period, &self.open)
+            && p == o.period
+            && self.open_leaves.contains_key(&node)
+        {
+            return Err(ProofError::Open {
+                period: p,
+                ends_ms: (p + 1) * o.period_ms,
+            });
+        }
+        let found = self
+            .closed
+            .values()
+            .rev()
+            .filter(|c| period.is_none_or(|p| c.period == p))
+            .find_map(|c| {
+                let i = c.leaves.binary_search_by_key(&node, |l| l.node).ok()?;
+                Some((c, i))
+            });
+        let Some((c, i)) = found else {
+            return Err(ProofError::NotFound { node, period });
+        };
+        let hashes: Vec<[u8; 32]> = c
+            .leaves
+            .iter()
+            .map(stellar_proto::receipts::leaf_hash)
+            .collect();
+        Ok(pb::GetReceiptProofResponse {
+            period: c.period,
+            period_ms: c.period_ms,
+            root: c.root.clone(),
+            tree_size: c.leaves.len() as u64,
+            index: i as u64,
+            leaf: Some(c.leaves[i].clone()),
+            audit_path: stellar_proto::merkle::audit_path(i, &hashes)
+                .into_iter()
+                .map(|h| h.to_vec())
+                .collect(),
+        })
+    }
+
+    /// Closed periods' roots, oldest first.
+    pub fn roots(&self) -> impl Iterator<Item = &pb::ReceiptPeriod> {
+        self.closed.values()
+    }
+
     fn refuse(&mut self, node: u64, v: pb::ReceiptVerdict) {
         if let Some(c) = self.chains.get_mut(&node)
             && let Some(n) = c.refused.get_mut(v as usize)
         {
             *n += 1;
         }
+    }
+
+    /// The receipt periods' part of the snapshot: the open one (its leaves so far) and the
+    /// closed ones.
+    pub fn period_snapshot(&self) -> (Option<pb::ReceiptPeriod>, Vec<pb::ReceiptPeriod>) {
+        let open = self.open.clone().map(|mut o| {
+            o.leaves = self.open_leaves.values().cloned().collect();
+            o
+        });
+        (open, self.closed.values().cloned().collect())
+    }
+
+    /// Restores the periods from a snapshot.
+    pub fn restore_periods(
+        &mut self,
+        open: Option<pb::ReceiptPeriod>,
+        closed: Vec<pb::ReceiptPeriod>,
+    ) -> Result<()> {
+        if let Some(mut o) = open {
+            if o.period_ms == 0 {
+                return Err(invalid("snapshot receipt period has no length"));
+            }
+            self.open_leaves = std::mem::take(&mut o.leaves)
+                .into_iter()
+                .map(|l| (l.node, l))
+                .collect();
+            self.open = Some(o);
+        }
+        for c in closed {
+            self.closed.insert(c.period * c.period_ms, c);
+        }
+        Ok(())
     }
 
     /// The ledger's part of the snapshot.
@@ -112,6 +293,7 @@ impl ReceiptLedger {
                 head: c.head.to_vec(),
                 recorded: c.recorded,
                 refused: c.refused.to_vec(),
+                usage: Some(c.usage.record(("", ""), node, 0)),
             })
             .collect();
         let seen = self
@@ -150,6 +332,7 @@ impl ReceiptLedger {
                     head,
                     recorded: c.recorded,
                     refused,
+                    usage: c.usage.as_ref().map(UsageTotals::of).unwrap_or_default(),
                 },
             );
         }
@@ -182,19 +365,44 @@ impl StateMachine {
             return self.record_legacy_usage(c);
         }
         let hour = c.unix_ms / 3_600_000;
-        for f in &c.refusals {
-            let v = pb::ReceiptVerdict::try_from(f.verdict).unwrap_or(pb::ReceiptVerdict::Unknown);
-            if self.nodes.contains_key(&f.node) {
-                self.receipts.chains.entry(f.node).or_default();
-                self.receipts.refuse(f.node, v);
-            }
-        }
-        // Each node's receipts in sequence order: a batch may carry them out of order.
-        let mut order: Vec<usize> = (0..c.records.len()).collect();
-        order.sort_by_key(|&i| (c.records[i].node, c.records[i].seq));
+        let period_ms = if c.period_ms == 0 {
+            DEFAULT_PERIOD_MS
+        } else {
+            c.period_ms
+        };
+        self.receipts.roll(c.unix_ms, period_ms);
+        // Each node's records and signed refusals in sequence order: a batch may carry them
+        // out of order, and a void link must come before the link after it.
+        let mut order: Vec<(u64, u64, std::result::Result<usize, usize>)> = c
+            .records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.node, r.seq, Ok(i)))
+            .chain(
+                c.refusals
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (f.node, f.seq, Err(i))),
+            )
+            .collect();
+        order.sort_by_key(|&(node, seq, _)| (node, seq));
         let mut verdicts = vec![pb::ReceiptVerdict::Recorded; c.records.len()];
         let mut counted = 0;
-        for i in order {
+        for (_, _, item) in order {
+            let i = match item {
+                Ok(i) => i,
+                Err(i) => {
+                    let f = &c.refusals[i];
+                    let v = pb::ReceiptVerdict::try_from(f.verdict)
+                        .unwrap_or(pb::ReceiptVerdict::Unknown);
+                    if self.nodes.contains_key(&f.node) {
+                        let chain = self.receipts.chains.entry(f.node).or_default();
+                        chain.void_link(f.seq, &f.prev_hash, &f.receipt_hash);
+                        self.receipts.refuse(f.node, v);
+                    }
+                    continue;
+                }
+            };
             let r = &c.records[i];
             let v = self.judge(r);
             if v == pb::ReceiptVerdict::Recorded {
@@ -206,10 +414,19 @@ impl StateMachine {
                 chain.seq = r.seq;
                 chain.head.copy_from_slice(&r.receipt_hash);
                 chain.recorded += 1;
+                chain.usage.count(r);
                 self.receipts
                     .remember(r.invocation_id.clone(), r.receipt_hash.clone());
+                self.receipts.add_to_period(r);
                 counted += 1;
-            } else if v != pb::ReceiptVerdict::Duplicate && v != pb::ReceiptVerdict::Unknown {
+            } else if v == pb::ReceiptVerdict::Unknown {
+                // The function went away after the call (or the node): bill nothing, but
+                // the node's chain moves on past it.
+                if self.nodes.contains_key(&r.node) {
+                    let chain = self.receipts.chains.entry(r.node).or_default();
+                    chain.void_link(r.seq, &r.prev_hash, &r.receipt_hash);
+                }
+            } else if v != pb::ReceiptVerdict::Duplicate {
                 self.receipts.refuse(r.node, v);
             }
             verdicts[i] = v;
@@ -358,14 +575,25 @@ mod tests {
         }
     }
 
+    const T0: u64 = 1_800_000_000_000;
+
     fn usage(
         records: Vec<pb::UsageRecord>,
         refusals: Vec<pb::ReceiptRefusal>,
     ) -> pb::command::Kind {
+        usage_at(records, refusals, T0)
+    }
+
+    fn usage_at(
+        records: Vec<pb::UsageRecord>,
+        refusals: Vec<pb::ReceiptRefusal>,
+        unix_ms: u64,
+    ) -> pb::command::Kind {
         pb::command::Kind::Usage(pb::UsageCmd {
             records,
-            unix_ms: 1_800_000_000_000,
+            unix_ms,
             refusals,
+            period_ms: 0,
         })
     }
 
@@ -460,6 +688,7 @@ mod tests {
         let f = |node, v: V| pb::ReceiptRefusal {
             node,
             verdict: v as i32,
+            ..Default::default()
         };
         let r = apply(
             &mut m,
@@ -479,6 +708,96 @@ mod tests {
         let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
         assert_eq!(back.digest(), m.digest());
         assert_eq!(back.receipts().chain(1), m.receipts().chain(1));
+    }
+
+    #[test]
+    fn a_refused_but_signed_receipt_is_a_void_link_and_the_chain_goes_on() {
+        let mut m = ledger();
+        let mut c = Chain::new(1);
+        let (a, b, d) = (c.next("a", 100), c.next("b", 200), c.next("d", 300));
+        // b was refused at the gateway (say its output did not match), signed by the node.
+        let void = pb::ReceiptRefusal {
+            node: 1,
+            verdict: V::WrongOutput as i32,
+            seq: b.seq,
+            prev_hash: b.prev_hash.clone(),
+            receipt_hash: b.receipt_hash.clone(),
+        };
+        // In one batch, out of order: a, the void b, then d all go in; only a and d bill.
+        let r = apply(&mut m, usage(vec![d, a], vec![void]));
+        assert_eq!(verdicts(&r), vec![V::Recorded, V::Recorded]);
+        assert_eq!(fuel(&m), 400);
+        let chain = m.receipts().chain(1).unwrap();
+        assert_eq!((chain.seq, chain.recorded, chain.faults()), (3, 2, 1));
+        // A receipt of a function deleted since is billed to no one, and links too.
+        let mut gone = c.next("e", 5);
+        gone.function = "deleted".into();
+        let next = c.next("f", 7);
+        let r = apply(&mut m, usage(vec![gone, next], vec![]));
+        assert_eq!(verdicts(&r), vec![V::Unknown, V::Recorded]);
+        assert_eq!(fuel(&m), 407);
+    }
+
+    #[test]
+    fn a_closed_period_proves_each_node_s_leaf_under_one_root() {
+        let mut m = ledger();
+        let (mut a, mut b) = (Chain::new(1), Chain::new(2));
+        let p0 = T0 / DEFAULT_PERIOD_MS;
+        let first = vec![a.next("a1", 10), a.next("a2", 20), b.next("b1", 5)];
+        apply(&mut m, usage(first, vec![]));
+        assert!(matches!(
+            m.receipts().proof(1, Some(p0)),
+            Err(ProofError::Open { .. })
+        ));
+        assert!(matches!(
+            m.receipts().proof(1, None),
+            Err(ProofError::NotFound { .. })
+        ));
+        // The next period's first record closes it: its root is committed.
+        let later = vec![a.next("a3", 7)];
+        apply(&mut m, usage_at(later, vec![], T0 + DEFAULT_PERIOD_MS));
+        let p = m.receipts().proof(1, Some(p0)).unwrap();
+        let leaf = p.leaf.clone().unwrap();
+        assert_eq!(
+            (leaf.receipts, leaf.fuel, leaf.first_seq, leaf.last_seq),
+            (2, 30, 1, 2)
+        );
+        assert_eq!((p.tree_size, p.index), (2, 0));
+        let root: [u8; 32] = p.root.as_slice().try_into().unwrap();
+        let path: Vec<[u8; 32]> = p
+            .audit_path
+            .iter()
+            .map(|h| h.as_slice().try_into().unwrap())
+            .collect();
+        let hash = stellar_proto::receipts::leaf_hash(&leaf);
+        assert!(stellar_proto::merkle::verify(
+            p.index,
+            p.tree_size,
+            &hash,
+            &path,
+            &root
+        ));
+        // Another node's leaf is under the same root; a leaf with more fuel is not.
+        let q = m.receipts().proof(2, None).unwrap();
+        assert_eq!((q.period, q.root.clone(), q.index), (p0, p.root.clone(), 1));
+        let mut richer = leaf.clone();
+        richer.fuel += 1;
+        let hash = stellar_proto::receipts::leaf_hash(&richer);
+        assert!(!stellar_proto::merkle::verify(
+            p.index,
+            p.tree_size,
+            &hash,
+            &path,
+            &root
+        ));
+        // Node 2 had nothing in the open period: its latest closed one is p0.
+        assert!(matches!(
+            m.receipts().proof(2, Some(p0 + 1)),
+            Err(ProofError::NotFound { .. })
+        ));
+        let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
+        assert_eq!(back.digest(), m.digest());
+        assert_eq!(back.receipts().proof(1, Some(p0)), Ok(p));
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //!  call ends ─▶ Receipt{ticket, output hash, usage} ─▶ book.sign (seq, prev, ed25519)
 //!           ─▶ result + receipt to the gateway; receipt kept by seq
 //!  every second: receipts unsettled for RESEND_AFTER_TICKS ─▶ UsageReport (in seq order)
-//!  UsageAck{seqs} ─▶ forgotten
+//!  UsageAck{seqs} ─▶ forgotten; every receipt up to the first unsettled one is settled:
+//!                   that watermark goes to receipts/settled (each tick it moved)
+//!  start ─▶ the book's receipts past the watermark are unsettled again (a crash between
+//!           signing and settling loses no usage, and leaves no gap in the chain)
 //! ```
 
 use sha2::{Digest, Sha256};
@@ -19,17 +22,68 @@ const RESEND_AFTER_TICKS: u32 = 2;
 /// receipt book, where `stellar receipts verify` finds it).
 const MAX_UNSETTLED: usize = 200_000;
 
+/// The file holding the settled watermark, in the book's directory.
+const WATERMARK: &str = "settled";
+
 /// The node's receipt book and the receipts not yet settled, by sequence number.
 pub(super) struct Settlement {
     pub(super) book: ReceiptBook,
     unsettled: std::collections::BTreeMap<u64, (pb::Receipt, u32)>,
+    /// The watermark last written to disk.
+    saved: u64,
 }
 
 impl Settlement {
-    pub(super) fn new(book: ReceiptBook) -> Settlement {
-        Settlement {
-            book,
+    /// Opens settlement over `book`: the receipts after the saved watermark are unsettled.
+    pub(super) fn open(book: ReceiptBook) -> crate::Result<Settlement> {
+        let path = book.dir().join(WATERMARK);
+        let saved = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(book.seq());
+        let mut s = Settlement {
             unsettled: Default::default(),
+            saved,
+            book,
+        };
+        if saved < s.book.seq() {
+            let last = s.book.seq().min(saved + MAX_UNSETTLED as u64);
+            let pending = crate::receipts::read_range(s.book.dir(), saved + 1, last)?;
+            tracing::info!(
+                receipts = pending.len(),
+                from = saved + 1,
+                "receipts signed before the restart are sent again until settled"
+            );
+            for r in pending {
+                s.unsettled.insert(r.seq, (r, 0));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Every receipt up to this one is settled.
+    fn watermark(&self) -> u64 {
+        self.unsettled
+            .keys()
+            .next()
+            .map_or(self.book.seq(), |first| first - 1)
+    }
+
+    /// Writes the watermark when it moved (each resend tick): best effort, a stale one only
+    /// means receipts sent again after a restart (the ledger answers DUPLICATE).
+    pub(super) fn save_watermark(&mut self) {
+        let w = self.watermark();
+        if w == self.saved {
+            return;
+        }
+        let dir = self.book.dir();
+        let tmp = dir.join(format!("{WATERMARK}.tmp"));
+        let written = std::fs::write(&tmp, w.to_string())
+            .and_then(|()| std::fs::rename(&tmp, dir.join(WATERMARK)));
+        match written {
+            Ok(()) => self.saved = w,
+            Err(e) => tracing::warn!(error = %e, "could not save the receipts' settled watermark"),
         }
     }
 
@@ -152,8 +206,8 @@ mod tests {
     fn receipts_are_kept_until_settled_and_resent_in_order_when_late() {
         let dir = tempfile::tempdir().unwrap();
         let id = crate::identity::Identity::load_or_create(dir.path()).unwrap();
-        let book = ReceiptBook::open(&dir.path().join("receipts"), id).unwrap();
-        let s = std::sync::Mutex::new(Settlement::new(book));
+        let book = ReceiptBook::open(&dir.path().join("receipts"), id.clone()).unwrap();
+        let s = std::sync::Mutex::new(Settlement::open(book).unwrap());
         let m = crate::sandbox::Metering::default();
         for _ in 0..3 {
             let r = finished(
@@ -184,5 +238,41 @@ mod tests {
         let r = finished(&s, None, vec![1], &m, &Ok(()), (Vec::new(), Vec::new()));
         assert!(r.receipt.is_none());
         assert_eq!(s.lock().unwrap().book.seq(), 3);
+    }
+
+    #[test]
+    fn receipts_unsettled_at_a_crash_are_sent_again_after_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::identity::Identity::load_or_create(dir.path()).unwrap();
+        let open = || {
+            let book = ReceiptBook::open(&dir.path().join("receipts"), id.clone()).unwrap();
+            std::sync::Mutex::new(Settlement::open(book).unwrap())
+        };
+        let m = crate::sandbox::Metering::default();
+        let s = open();
+        for _ in 0..4 {
+            finished(
+                &s,
+                Some(pb::Ticket::default()),
+                vec![1],
+                &m,
+                &Ok(()),
+                (Vec::new(), Vec::new()),
+            );
+        }
+        {
+            let mut s = s.lock().unwrap();
+            s.settled(&[1, 2, 4]);
+            s.save_watermark();
+        }
+        drop(s); // a crash: 3 and 4 were never settled as far as the disk knows (4 was, but 3 not)
+        let mut s = open().into_inner().unwrap();
+        let again: Vec<u64> = s.due(true).iter().map(|r| r.seq).collect();
+        assert_eq!(again, vec![3, 4]);
+        s.settled(&[3, 4]);
+        s.save_watermark();
+        let mut s = open().into_inner().unwrap();
+        assert!(s.due(true).is_empty());
+        assert_eq!(s.book.seq(), 4);
     }
 }

@@ -58,6 +58,8 @@ impl Plane {
             advertise: replica.clone(),
             tick: Duration::from_millis(20),
             blobs: Default::default(),
+            // Short receipt periods, so a test sees one close (and its root committed).
+            receipt_period_ms: 2_000,
         };
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(cfg, async move {
