@@ -7,6 +7,13 @@ use crate::connect::{Endpoint, node_id};
 
 /// Arguments of `stellar nodes`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Reputation is a beta reputation with decay (scheduler/src/state/reputation.rs): a new node
+starts at 0.80; recorded receipts and matching re-execution checks raise it; a mismatching
+check, a refused receipt (forged, replayed, forked, badly signed, wrong output), timeouts and
+streams lost mid-call lower it; evidence fades by 2% per receipt period. Placement scores by
+it and skips nodes below 0.5; below 0.3 a node is quarantined (its instances re-placed) until
+an admin returns it.")]
 pub struct NodesArgs {
     /// Only nodes in this region.
     #[arg(long)]
@@ -17,8 +24,74 @@ pub struct NodesArgs {
     /// Most nodes listed.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
+    /// Show each node's reputation and what it is made of: receipts recorded and refused
+    /// (by reason), re-execution checks matched and mismatched, timeouts, lost streams.
+    #[arg(long)]
+    reputation: bool,
     #[command(flatten)]
     conn: Endpoint,
+}
+
+/// The refusal reasons counted in `refused` (by `ReceiptVerdict` number), as "REASON×N".
+fn refusals(refused: &[u64]) -> String {
+    let parts: Vec<String> = refused
+        .iter()
+        .enumerate()
+        .filter(|&(v, &n)| n > 0 && v != pb::ReceiptVerdict::Duplicate as usize)
+        .map(|(v, n)| {
+            let name = pb::ReceiptVerdict::try_from(v as i32)
+                .map(|v| {
+                    v.as_str_name()
+                        .trim_start_matches("RECEIPT_VERDICT_")
+                        .to_lowercase()
+                })
+                .unwrap_or_else(|_| v.to_string());
+            format!("{name}×{n}")
+        })
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn print_reputations(r: &pb::ListNodesResponse, json: bool) {
+    if json {
+        let v: Vec<_> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "id": node_id(n.id), "state": state_name(n.state), "reputation": n.reputation,
+                    "receipts_recorded": n.receipts_recorded, "receipt_seq": n.receipt_seq,
+                    "receipts_refused": refusals(&n.receipts_refused),
+                    "checks_matched": n.checks_matched, "checks_mismatched": n.checks_mismatched,
+                    "timeouts": n.timeouts, "lost_streams": n.lost_streams,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({"nodes": v, "total": r.total}));
+        return;
+    }
+    println!(
+        "{:<18} {:<11} {:>6} {:>9} {:>8} {:>8} {:>8} {:>6}  REFUSED",
+        "NODE", "STATE", "REPUTE", "RECEIPTS", "CHECK OK", "CHECK X", "TIMEOUTS", "LOST"
+    );
+    for n in &r.nodes {
+        println!(
+            "{:<18} {:<11} {:>6.2} {:>9} {:>8} {:>8} {:>8} {:>6}  {}",
+            node_id(n.id),
+            state_name(n.state),
+            n.reputation,
+            n.receipts_recorded,
+            n.checks_matched,
+            n.checks_mismatched,
+            n.timeouts,
+            n.lost_streams,
+            refusals(&n.receipts_refused)
+        );
+    }
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -55,6 +128,10 @@ pub async fn nodes(a: NodesArgs) -> Result<(), String> {
         })
         .await
         .map_err(|s| a.conn.explain("listing nodes", &s))?;
+    if a.reputation {
+        print_reputations(&r, a.conn.json());
+        return Ok(());
+    }
     if a.conn.json() {
         let v: Vec<_> = r
             .nodes

@@ -165,6 +165,7 @@ impl DevCluster {
             join_token: Some(join_token.clone()),
             heartbeat: Duration::from_secs(1),
             balance_slack: stellar_gateway::balance::DEFAULT_SLACK,
+            checks: Default::default(),
         };
         let mut gateway_rx = stop_plane.subscribe();
         let gateway = tokio::spawn(stellar_gateway::serve(gateway_cfg, async move {

@@ -63,10 +63,25 @@ pub struct GatewayArgs {
     /// handful of workers)
     #[arg(long, default_value_t = stellar_gateway::balance::DEFAULT_SLACK)]
     balance_slack: usize,
+    /// Matching re-execution checks a node needs before its WebAssembly calls are only
+    /// sampled: until then every successful call is run again on another node in good
+    /// standing and compared (output, fuel, exit code), at the platform's cost.
+    #[arg(long, default_value_t = 100)]
+    check_probation: u64,
+    /// The lowest share of a node's calls re-executed once its record is long (the share
+    /// falls from 1 as probation / matching checks).
+    #[arg(long, default_value_t = 0.01)]
+    check_rate: f64,
 }
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), String> {
+    if !(0.0..=1.0).contains(&args.check_rate) {
+        return Err(format!(
+            "--check-rate is a share of calls in [0, 1], got {}",
+            args.check_rate
+        ));
+    }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.trim().to_string(),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -99,6 +114,11 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
         join_token: args.join_token,
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         balance_slack: args.balance_slack,
+        checks: stellar_gateway::checks::CheckPolicy {
+            probation: args.check_probation,
+            rate: args.check_rate,
+            ..Default::default()
+        },
     };
     serve(cfg, crate::shutdown_signal())
         .await

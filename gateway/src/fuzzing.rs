@@ -80,6 +80,7 @@ fn http_target() -> &'static HttpTarget {
                 join_token: None,
                 heartbeat: Duration::from_secs(5),
                 balance_slack: crate::balance::DEFAULT_SLACK,
+                checks: Default::default(),
             };
             runtime.spawn(crate::serve(gw, std::future::pending()));
         }

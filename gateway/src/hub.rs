@@ -117,6 +117,19 @@ pub enum HubError {
     NoTicketKey,
 }
 
+/// An invocation's answer and where it ran.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    /// The node that ran it.
+    pub node: u64,
+    /// Its allocation there.
+    pub allocation: u64,
+    /// The worker's result.
+    pub result: pb::InvocationResult,
+    /// The random seed the call ran with (a re-execution check repeats it).
+    pub seed: Vec<u8>,
+}
+
 /// A ready instance as routing sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouteCandidate {
@@ -620,7 +633,7 @@ impl WorkerHub {
         exclude: &[u64],
         mut invocation: pb::Invocation,
         timeout: Duration,
-    ) -> Result<(u64, u64, pb::InvocationResult), HubError> {
+    ) -> Result<Answered, HubError> {
         let n = self.invocations.fetch_add(1, Ordering::Relaxed);
         let (allocation, node, generation, tx) = {
             let cands = self.candidates(allocations, near, exclude);
@@ -659,7 +672,11 @@ impl WorkerHub {
             }
         };
         invocation.invocation_id = id.clone();
-        invocation.random_seed = seed;
+        // A re-execution check brings the seed of the call it repeats.
+        if invocation.random_seed.is_empty() {
+            invocation.random_seed = seed;
+        }
+        let seed = invocation.random_seed.clone();
         invocation.allocation = allocation;
         let mut ticket = invocation.ticket.take().unwrap_or_default();
         // Checked ready above; a key that vanished meanwhile leaves the ticket unsealed and
@@ -691,7 +708,12 @@ impl WorkerHub {
             return Err(HubError::WorkerLost { node });
         }
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r.map(|r| (node, allocation, r)),
+            Ok(Ok(r)) => r.map(|result| Answered {
+                node,
+                allocation,
+                result,
+                seed,
+            }),
             Ok(Err(_)) => Err(HubError::WorkerLost { node }),
             Err(_) => Err(HubError::Timeout {
                 node,
@@ -811,7 +833,12 @@ mod tests {
             hub.complete(1, a_gen, forged(b"real")),
             Completion::Accepted
         );
-        let (node, allocation, r) = call.await.unwrap().unwrap();
+        let Answered {
+            node,
+            allocation,
+            result: r,
+            ..
+        } = call.await.unwrap().unwrap();
         assert_eq!(
             (node, allocation, r.stdout.as_slice()),
             (1, 10, b"real".as_slice())

@@ -19,6 +19,7 @@ pub mod balance;
 pub mod batching;
 pub mod blob_relay;
 pub mod challenge;
+pub mod checks;
 pub mod control;
 pub mod coordinates;
 pub mod error;

@@ -101,6 +101,10 @@ pub struct CallContext {
 pub struct Router {
     hub: Arc<WorkerHub>,
     view: Arc<View>,
+    /// Evidence for nodes' reputations (timeouts, lost streams) on its way to the ledger.
+    usage: crate::usage::UsageWriter,
+    /// Re-executes a share of successful WebAssembly calls elsewhere to check them.
+    checks: Arc<crate::checks::Checks>,
     /// The gateway's own client (admin token) for the control plane.
     client: ClusterClient,
     /// This gateway's advertised address (a node held here is not forwarded).
@@ -118,13 +122,17 @@ impl Router {
     pub fn new(
         hub: Arc<WorkerHub>,
         view: Arc<View>,
+        usage: crate::usage::UsageWriter,
         client: ClusterClient,
         advertise: String,
         coordinates: Arc<crate::coordinates::Coordinates>,
+        checks: Arc<crate::checks::Checks>,
     ) -> Self {
         Router {
             hub,
             view,
+            usage,
+            checks,
             client,
             advertise,
             coordinates,
@@ -379,7 +387,7 @@ impl Router {
         let mut lost_once = false;
         loop {
             attempts += 1;
-            match self
+            let outcome = self
                 .hub
                 .invoke(
                     &route.allocations,
@@ -388,9 +396,25 @@ impl Router {
                     invocation.clone(),
                     timeout,
                 )
-                .await
-            {
-                Ok((node, allocation, res)) => {
+                .await;
+            // Evidence for the node's reputation (committed with the next usage batch).
+            match &outcome {
+                Err(HubError::WorkerLost { node }) => {
+                    self.usage.incident(*node, pb::Incident::LostStream);
+                }
+                Err(HubError::Timeout { node, .. }) => {
+                    self.usage.incident(*node, pb::Incident::Timeout);
+                }
+                _ => {}
+            }
+            match outcome {
+                Ok(answered) => {
+                    let crate::hub::Answered {
+                        node,
+                        allocation,
+                        result: ref res,
+                        ..
+                    } = answered;
                     let unrun = matches!(
                         res.error_code.as_str(),
                         "UNAVAILABLE" | "RESOURCE_EXHAUSTED"
@@ -408,7 +432,34 @@ impl Router {
                         }
                         continue;
                     }
-                    return Ok(self.finish(key, node, allocation, res, attempts, scaled));
+                    let check = (!route.container
+                        && res.error_code.is_empty()
+                        && res.receipt.is_some()
+                        && self
+                            .checks
+                            .wanted(node, self.view.reputation(node).unwrap_or(0.0)))
+                    .then(|| crate::checks::Checkable {
+                        allocations: route.allocations.clone(),
+                        invocation: invocation.clone(),
+                        answered: answered.clone(),
+                        timeout,
+                    });
+                    let response =
+                        self.finish(key, node, allocation, answered.result, attempts, scaled);
+                    if let Some(c) = check {
+                        // After the caller has its answer: the check adds no latency.
+                        let (checks, hub, usage, view) = (
+                            self.checks.clone(),
+                            self.hub.clone(),
+                            self.usage.clone(),
+                            self.view.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let reputation = |n| view.reputation(n).unwrap_or(0.0);
+                            checks.run(&hub, &usage, reputation, c).await;
+                        });
+                    }
+                    return Ok(response);
                 }
                 Err(HubError::WorkerLost { node }) if route.idempotent && !lost_once => {
                     tracing::info!(tenant = %key.0, function = %key.1, node = format!("{node:016x}"), "worker vanished mid-call; retrying the idempotent call elsewhere");

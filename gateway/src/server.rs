@@ -45,6 +45,8 @@ pub struct GatewayConfig {
     /// idle workers to a less loaded peer (`balance::DEFAULT_SLACK`; 0 balances even tiny
     /// fleets).
     pub balance_slack: usize,
+    /// How often successful WebAssembly calls are re-executed elsewhere to check them.
+    pub checks: crate::checks::CheckPolicy,
 }
 
 /// The HTTP default for a gRPC address: the same host, port + 1000.
@@ -87,7 +89,7 @@ pub async fn serve(
         hub: hub.clone(),
         view: view.clone(),
         session: session.clone(),
-        usage,
+        usage: usage.clone(),
         states: AllocationStateWriter::spawn(client.clone()),
         modules: Modules::new(client.clone()),
         client: client.clone(),
@@ -98,9 +100,11 @@ pub async fn serve(
     let router = Arc::new(Router::new(
         hub.clone(),
         view.clone(),
+        usage,
         client.clone(),
         cfg.advertise.clone(),
         coordinates.clone(),
+        Arc::new(crate::checks::Checks::new(cfg.checks)),
     ));
     let known = {
         let (view, session) = (view.clone(), session.clone());

@@ -39,6 +39,7 @@ const LINGER: Duration = Duration::from_millis(20);
 enum Entry {
     Record(pb::UsageRecord),
     Refusal(pb::ReceiptRefusal, u64),
+    Incident(pb::NodeIncident),
 }
 
 /// The sending side of the usage queue.
@@ -69,6 +70,15 @@ impl UsageWriter {
         }
     }
 
+    /// Queues evidence about `node` for its reputation (best effort: a full queue drops it).
+    pub fn incident(&self, node: u64, kind: pb::Incident) {
+        let i = pb::NodeIncident {
+            node,
+            kind: kind as i32,
+        };
+        let _ = self.tx.try_send(Entry::Incident(i));
+    }
+
     /// Queues a refusal of `node`'s receipt `r` (counted against it in the ledger; the
     /// worker is told to forget the receipt). `signed`: the node's signature on it checked,
     /// so the ledger takes it as a void link of the node's chain.
@@ -95,6 +105,7 @@ async fn write_loop(
     while let Some(first) = rx.recv().await {
         let entries = crate::batching::gather(&mut rx, first, USAGE_BATCH, LINGER).await;
         let (mut records, mut refusals, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        let mut incidents = Vec::new();
         for e in entries {
             match e {
                 Entry::Record(r) => records.push(r),
@@ -102,10 +113,16 @@ async fn write_loop(
                     refused.push((f.node, seq));
                     refusals.push(f);
                 }
+                Entry::Incident(i) => incidents.push(i),
             }
         }
         let keys: Vec<(u64, u64)> = records.iter().map(|r| (r.node, r.seq)).collect();
-        if let Some(verdicts) = write_batch(&client, records, refusals).await {
+        let req = pb::RecordUsageRequest {
+            records,
+            refusals,
+            incidents,
+        };
+        if let Some(verdicts) = write_batch(&client, req).await {
             let mut settled = refused;
             for (k, v) in keys.into_iter().zip(verdicts) {
                 match v {
@@ -141,11 +158,9 @@ fn refused(s: &tonic::Status) -> bool {
 /// workers send the receipts again).
 async fn write_batch(
     client: &ClusterClient,
-    records: Vec<pb::UsageRecord>,
-    refusals: Vec<pb::ReceiptRefusal>,
+    req: pb::RecordUsageRequest,
 ) -> Option<Vec<pb::ReceiptVerdict>> {
-    let n = records.len();
-    let req = pb::RecordUsageRequest { records, refusals };
+    let n = req.records.len();
     let r = client
         .edge_call(RetryPolicy::Safe, |mut c| {
             let req = req.clone();

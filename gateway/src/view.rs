@@ -30,6 +30,8 @@ pub struct Route {
     pub version: u32,
     /// What that version runs: its module's sha256 (hex) or its image's digest.
     pub code_sha256: String,
+    /// A container function (its usage is not deterministic: never re-executed to check).
+    pub container: bool,
     /// Safe to run twice (retried once elsewhere when a worker vanishes).
     pub idempotent: bool,
     /// The function's own per-call timeout, ms (0: the default).
@@ -59,7 +61,8 @@ struct State {
     by_function: HashMap<FunctionKey, BTreeSet<u64>>,
     by_node: HashMap<u64, BTreeSet<u64>>,
     /// Node → (state, gateway symbol).
-    nodes: HashMap<u64, (i32, u32)>,
+    /// (state, gateway symbol, reputation) by node.
+    nodes: HashMap<u64, (i32, u32, f32)>,
     gateways: Vec<Arc<str>>,
     gateway_ids: HashMap<Arc<str>, u32>,
     /// Ready nodes per gateway symbol (how loaded each gateway is).
@@ -230,7 +233,7 @@ impl View {
         let ready = pb::NodeState::Ready as i32;
         for n in ev.nodes {
             let g = s.gateway_id(&n.gateway);
-            if let Some((old, og)) = s.nodes.insert(n.id, (n.state, g))
+            if let Some((old, og, _)) = s.nodes.insert(n.id, (n.state, g, n.reputation))
                 && old == ready
             {
                 s.ready_on[og as usize] -= 1;
@@ -279,6 +282,7 @@ impl View {
             .unwrap_or_default();
         Some(Route {
             version: f.version,
+            container: f.image.is_some(),
             code_sha256: match &f.image {
                 Some(i) => stellar_proto::receipts::image_code(i),
                 None => f.module_sha256.clone(),
@@ -349,7 +353,7 @@ impl View {
     /// The gateway holding `node`'s stream, by its advertised address ("" when none).
     pub fn gateway_of(&self, node: u64) -> Option<Arc<str>> {
         let s = self.state.read().ok()?;
-        let &(_, g) = s.nodes.get(&node)?;
+        let &(_, g, _) = s.nodes.get(&node)?;
         s.gateways.get(g as usize).cloned()
     }
 
@@ -371,6 +375,11 @@ impl View {
     /// The gateways holding ready nodes, by advertised address.
     pub fn gateways(&self) -> Vec<Arc<str>> {
         self.gateway_loads().into_iter().map(|(g, _)| g).collect()
+    }
+
+    /// A node's committed reputation, if known.
+    pub fn reputation(&self, node: u64) -> Option<f32> {
+        self.state.read().ok()?.nodes.get(&node).map(|n| n.2)
     }
 
     /// A node's committed state (as the wire enum's number), if known.

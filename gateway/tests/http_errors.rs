@@ -89,6 +89,7 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
         join_token: None,
         heartbeat: Duration::from_secs(1),
         balance_slack: stellar_gateway::balance::DEFAULT_SLACK,
+        checks: Default::default(),
     };
     let (stop_gw, gw_stopped) = tokio::sync::oneshot::channel::<()>();
     let gw_task = tokio::spawn(stellar_gateway::serve(gw, async move {

@@ -98,8 +98,10 @@ struct EdgeBenchArgs {
     /// Keep every gateway up (skip the failover phase).
     #[arg(long)]
     no_gateway_kill: bool,
-    /// Usage records per second over the fleet.
-    #[arg(long, default_value_t = 200.0)]
+    /// Receipts per second over the fleet (0 = none). Simulated workers run nothing, so
+    /// their receipts are for tickets no gateway issued: each is refused and counts against
+    /// its node, which is quarantined (and then no longer judged down when killed).
+    #[arg(long, default_value_t = 0.0)]
     usage_per_sec: f64,
     /// Simulated workers per process.
     #[arg(long, default_value_t = 5_000)]

@@ -167,9 +167,9 @@ fn invoke_bench_prints_one_json_object_and_no_errors() {
 
 /// `edge-bench` end to end, small: the shipped `stellar` binary for 3 replicas and 2
 /// gateways, 300 simulated workers; every killed worker and every node of the killed gateway
-/// is resolved, and no receipt without an issued ticket is billed.
+/// is resolved, and nothing is billed that no gateway issued.
 #[test]
-fn edge_bench_resolves_every_failure_and_bills_no_unissued_receipt() {
+fn edge_bench_resolves_every_failure_and_bills_nothing_unissued() {
     let v = json_of(&[
         "edge-bench",
         "--workers",
@@ -190,11 +190,10 @@ fn edge_bench_resolves_every_failure_and_bills_no_unissued_receipt() {
     assert_eq!(v["detect_worker_count"], 10, "{v}");
     assert!(v["gateway_nodes"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["gateway_nodes_unresolved"], 0, "{v}");
-    // Simulated workers run nothing: their receipts' tickets were never issued, so every
-    // one is refused and settled, and none is billed.
+    // Simulated workers send no receipts by default (theirs would be forgeries: see
+    // worker/tests/receipts.rs for those refused and never billed).
     assert_eq!(v["billed_unissued"], 0, "{v}");
     assert_eq!(v["usage_recorded"], 0, "{v}");
-    assert!(v["usage_acknowledged"].as_u64().unwrap() > 0, "{v}");
     for k in [
         "leader_cpu_pct",
         "gateway_cpu_pct_per_10k_workers",

@@ -75,7 +75,8 @@ fn ticket_message(c: &mut Canonical, t: &pb::Ticket) {
         .bytes(t.code_sha256.as_bytes())
         .bytes(&t.input_sha256)
         .u64(t.node)
-        .u64(t.issued_unix_ms);
+        .u64(t.issued_unix_ms)
+        .u64(u64::from(t.check));
 }
 
 fn ticket_hmac(key: &[u8], t: &pb::Ticket) -> Hmac<Sha256> {
@@ -132,6 +133,7 @@ pub fn signature_checks(public_key: &[u8], r: &pb::Receipt) -> bool {
 /// ticket, never from anything else the worker says.
 pub fn usage_record(r: &pb::Receipt) -> pb::UsageRecord {
     let t = r.ticket.clone().unwrap_or_default();
+    let check = t.check;
     pb::UsageRecord {
         invocation_id: t.invocation_id,
         tenant: t.tenant,
@@ -148,6 +150,7 @@ pub fn usage_record(r: &pb::Receipt) -> pb::UsageRecord {
         seq: r.seq,
         prev_hash: r.prev_hash.clone(),
         receipt_hash: receipt_hash(r).to_vec(),
+        check,
     }
 }
 
@@ -249,6 +252,7 @@ mod tests {
             node,
             issued_unix_ms: 1_700_000_000_000,
             mac: Vec::new(),
+            check: false,
         };
         seal_ticket(ticket_key, &mut t);
         let mut r = pb::Receipt {

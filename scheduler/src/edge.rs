@@ -371,8 +371,12 @@ impl pb::edge_server::Edge for EdgeService {
         req: GrpcRequest<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::RecordUsageResponse>, Status> {
         self.admin(&req, "recording usage").await?;
-        let pb::RecordUsageRequest { records, refusals } = req.into_inner();
-        if records.len() + refusals.len() > MAX_BATCH {
+        let pb::RecordUsageRequest {
+            records,
+            refusals,
+            incidents,
+        } = req.into_inner();
+        if records.len() + refusals.len() + incidents.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
                 "{} usage records and refusals; at most {MAX_BATCH} per call",
                 records.len() + refusals.len()
@@ -387,7 +391,7 @@ impl pb::edge_server::Edge for EdgeService {
                 String::from_utf8_lossy(&r.invocation_id)
             )));
         }
-        if records.is_empty() && refusals.is_empty() {
+        if records.is_empty() && refusals.is_empty() && incidents.is_empty() {
             return Ok(Response::new(pb::RecordUsageResponse::default()));
         }
         let result = self
@@ -398,6 +402,7 @@ impl pb::edge_server::Edge for EdgeService {
                     unix_ms: stellar_proto::clock::unix_ms(),
                     refusals,
                     period_ms: self.receipt_period_ms,
+                    incidents,
                 }),
             )
             .await?;

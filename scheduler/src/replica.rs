@@ -1712,6 +1712,10 @@ impl Replica {
                                 .filter(|c| c.refused.iter().any(|&n| n > 0))
                                 .map(|c| c.refused.to_vec())
                                 .unwrap_or_default(),
+                            checks_matched: chain.map_or(0, |c| c.standing.checks_matched),
+                            checks_mismatched: chain.map_or(0, |c| c.standing.checks_mismatched),
+                            timeouts: chain.map_or(0, |c| c.standing.timeouts),
+                            lost_streams: chain.map_or(0, |c| c.standing.lost_streams),
                         });
                     }
                 }
@@ -1815,6 +1819,14 @@ impl Replica {
                 continue;
             }
             cell(&f.tenant, f.name.clone(), node, hour, t);
+        }
+        // Re-execution checks bill the platform (tenant ""), and credit the checking nodes.
+        if tenant.is_none() {
+            for (&(node, hour), t) in self.state.receipts().check_usage() {
+                if hour >= since_hour {
+                    cell("", crate::state::CHECKS_FUNCTION.to_string(), node, hour, t);
+                }
+            }
         }
         // Jobs' tasks bill as `job/NAME` lines (the winning attempt of each task only).
         for ((t_name, job, node, hour), t) in self.state.job_usage() {

@@ -20,9 +20,11 @@ use crate::modules::ModuleStore;
 
 mod jobs;
 mod receipts;
+mod reputation;
 pub use crate::modules::{MAX_MODULES_TOTAL_BYTES, MAX_TENANT_MODULE_BYTES};
 pub use jobs::{AttemptKey, MAX_FINISHED_JOBS, attempt_key, job_blobs, task_key};
-pub use receipts::{KEPT_PERIODS, ProofError, ReceiptChain, ReceiptLedger};
+pub use receipts::{CHECKS_FUNCTION, KEPT_PERIODS, ProofError, ReceiptChain, ReceiptLedger};
+pub use reputation::{QUARANTINE_BELOW, Standing};
 pub use stellar_proto::limits::MAX_MODULE_BYTES;
 /// Retried request ids remembered, oldest forgotten first.
 pub const DEDUPE_CAPACITY: usize = 200_000;
@@ -698,7 +700,7 @@ impl StateMachine {
             Kind::NodeTransitions(c) => self.node_transitions(c, fx),
             Kind::Reputations(c) => self.reputations(c, fx),
             Kind::Plan(c) => self.plan(c, fx),
-            Kind::Usage(c) => self.record_usage(c),
+            Kind::Usage(c) => self.record_usage(c, fx),
             Kind::ReplicaAddress(c) => {
                 if c.id == 0 {
                     return Err(invalid("replica id 0 is reserved"));
@@ -1265,11 +1267,17 @@ impl StateMachine {
                 fx.nodes_changed.push(id);
                 continue;
             }
+            let was = n.state;
             n.state = state;
             result.count += 1;
             fx.nodes_changed.push(id);
             if matches!(state, NodeState::Down | NodeState::Quarantined) && n.allocations > 0 {
                 fx.nodes_down.push(id);
+            }
+            // An admin returning a quarantined node gives it a fresh start (a new node's
+            // prior): otherwise its next evidence would quarantine it again at once.
+            if was == NodeState::Quarantined && state == NodeState::Ready {
+                n.reputation = self.receipts.reset_standing(id);
             }
         }
         Ok(result)
@@ -1478,6 +1486,7 @@ impl StateMachine {
         let (jobs, job_usage) = self.jobs_snapshot();
         let (ticket_key, receipt_chains, seen_receipts) = self.receipts.snapshot();
         let (open_period, closed_periods) = self.receipts.period_snapshot();
+        let check_usage = self.receipts.check_snapshot();
         pb::StateSnapshot {
             applied_index: self.applied_index,
             tenants: self
@@ -1584,6 +1593,7 @@ impl StateMachine {
             seen_receipts,
             open_period,
             closed_periods,
+            check_usage,
         }
     }
 
@@ -1702,6 +1712,7 @@ impl StateMachine {
         )?;
         m.receipts
             .restore_periods(s.open_period, s.closed_periods)?;
+        m.receipts.restore_checks(s.check_usage);
         m.restore_jobs(s.jobs, s.next_job_id, s.job_usage)?;
         Ok(m)
     }

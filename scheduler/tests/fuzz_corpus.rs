@@ -79,6 +79,10 @@ fn command_seeds() -> Vec<Vec<u8>> {
             ..Default::default()
         }],
         period_ms: 60_000,
+        incidents: vec![pb::NodeIncident {
+            node: 1,
+            kind: pb::Incident::CheckMatch as i32,
+        }],
     });
     let down = pb::command::Kind::NodeTransitions(pb::NodeTransitionsCmd {
         transitions: vec![

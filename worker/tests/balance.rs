@@ -66,6 +66,7 @@ async fn a_gateway_that_comes_back_is_sent_idle_workers_by_the_busy_one() {
             join_token: Some(TOKEN.into()),
             heartbeat: Duration::from_secs(1),
             balance_slack: 0,
+            checks: Default::default(),
         },
         async move {
             let _ = b_stopped.await;

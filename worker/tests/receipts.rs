@@ -36,6 +36,16 @@ impl Chain {
     }
 }
 
+/// `node` as `ListNodes` shows it.
+async fn node_info(c: &Cluster, node: u64) -> Option<pb::NodeInfo> {
+    c.admin
+        .nodes()
+        .await
+        .ok()?
+        .into_iter()
+        .find(|n| n.id == node)
+}
+
 async fn bill(c: &Cluster, tenant: &str) -> Vec<pb::UsageLine> {
     let tenant = tenant.to_string();
     c.admin
@@ -160,13 +170,7 @@ async fn only_the_receipt_of_issued_work_is_billed_and_forgeries_count_against_t
         .await;
 
     let info = until("the forgeries to be counted", || async {
-        let n = c
-            .admin
-            .nodes()
-            .await
-            .ok()?
-            .into_iter()
-            .find(|n| n.id == node)?;
+        let n = node_info(&c, node).await?;
         (n.receipts_refused.iter().sum::<u64>() >= 5).then_some(n)
     })
     .await;
@@ -289,5 +293,100 @@ async fn an_owner_proves_from_the_kept_receipts_what_a_closed_period_credited() 
         ),
         "{err:?}"
     );
+    c.stop().await;
+}
+
+/// Serves every call the rogue gets with a wrong output and a receipt that is otherwise
+/// genuine (signed, chained, its output hash that of the wrong output): only re-execution
+/// elsewhere can tell.
+async fn serve_wrong_outputs(mut rogue: Rogue, mut chain: Chain) {
+    use pb::control_message::Kind;
+    while let Some(k) = rogue.next().await {
+        match k {
+            Kind::Assignment(a) if a.start => {
+                rogue
+                    .send(pb::worker_message::Kind::Allocation(pb::AllocationUpdate {
+                        allocation: a.allocation,
+                        state: pb::AllocationState::Running as i32,
+                        message: String::new(),
+                    }))
+                    .await;
+            }
+            Kind::Invocation(inv) => {
+                let stdout = b"not what the function says".to_vec();
+                let receipt = chain.sign(pb::Receipt {
+                    ticket: inv.ticket.clone(),
+                    output_sha256: Sha256::digest(&stdout).to_vec(),
+                    fuel: 4_242,
+                    ..Default::default()
+                });
+                rogue
+                    .send(pb::worker_message::Kind::Result(pb::InvocationResult {
+                        invocation_id: inv.invocation_id,
+                        stdout,
+                        receipt: Some(receipt),
+                        ..Default::default()
+                    }))
+                    .await;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_returning_wrong_outputs_is_caught_by_re_execution_and_quarantined() {
+    let mut c = Cluster::start().await;
+    let honest = [c.worker("honest-1").await, c.worker("honest-2").await];
+    let dir = c.dir.path().join("rogue");
+    let rogue = Rogue::attach(&c.addr, &dir).await;
+    let id = Identity::load_or_create(&dir).unwrap();
+    let node = id.node();
+    tokio::spawn(serve_wrong_outputs(
+        rogue,
+        Chain {
+            id,
+            seq: 0,
+            head: GENESIS,
+        },
+    ));
+    c.admin
+        .deploy(pb::DeployRequest {
+            name: "probe".into(),
+            module: prebuilt("probe"),
+            limits: Some(limits(5000)),
+            replicas: 3,
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+    let caught = until("the rogue to be quarantined", || async {
+        let _ = c.admin.invoke(call("probe", &["echo"])).await;
+        let n = node_info(&c, node).await?;
+        (n.state == pb::NodeState::Quarantined as i32).then_some(n)
+    })
+    .await;
+    assert!(caught.checks_mismatched >= 1, "{caught:?}");
+    assert!(caught.reputation < 0.3, "{caught:?}");
+    // The honest nodes are in good standing, and their checks agreed.
+    let nodes = c.admin.nodes().await.unwrap();
+    for h in honest {
+        let n = nodes.iter().find(|n| n.id == h).unwrap();
+        assert_eq!(n.state, pb::NodeState::Ready as i32, "{n:?}");
+        assert_eq!(n.checks_mismatched, 0, "{n:?}");
+    }
+    // The re-runs are the platform's cost: a `checks` line with no tenant.
+    let platform = bill(&c, "").await;
+    let checks = platform
+        .iter()
+        .find(|l| l.tenant.is_empty() && l.function == "checks");
+    assert!(checks.is_some_and(|l| l.invocations >= 1), "{platform:?}");
+    // Once quarantined, no call goes to the rogue again.
+    for _ in 0..10 {
+        if let Ok(r) = c.admin.invoke(call("probe", &["echo"])).await {
+            assert_ne!(r.node, node, "a call went to the quarantined node");
+        }
+    }
     c.stop().await;
 }

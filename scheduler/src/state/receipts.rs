@@ -21,12 +21,16 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use stellar_proto::receipts::{DEFAULT_PERIOD_MS, GENESIS, HASH_LEN};
 use stellar_proto::v1 as pb;
 
+use super::reputation::{Evidence, PUBLISH_STEP, QUARANTINE_BELOW, Standing};
 use super::{
-    Result, SEEN_INVOCATIONS_CAPACITY, StateMachine, UsageTotals, invalid, not_found, ok_result,
+    Effects, Result, SEEN_INVOCATIONS_CAPACITY, StateMachine, UsageTotals, invalid, not_found,
+    ok_result,
 };
 
 /// Kinds of verdict a chain counts (the `ReceiptVerdict` numbers).
 const VERDICTS: usize = 10;
+/// The usage line re-execution checks are billed on (tenant "": the platform).
+pub const CHECKS_FUNCTION: &str = "checks";
 /// Closed receipt periods kept with their leaves, for proofs (a day of 5-minute periods).
 pub const KEPT_PERIODS: usize = 288;
 
@@ -62,7 +66,7 @@ pub enum ProofError {
 }
 
 /// One node's receipt chain: its head and what it had refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReceiptChain {
     /// The last recorded receipt's sequence number (0 = none yet).
     pub seq: u64,
@@ -74,6 +78,8 @@ pub struct ReceiptChain {
     pub refused: [u64; VERDICTS],
     /// What the recorded receipts add up to (the audit's check on the ledger's cells).
     pub usage: UsageTotals,
+    /// The node's reputation evidence.
+    pub standing: Standing,
 }
 
 impl Default for ReceiptChain {
@@ -84,6 +90,7 @@ impl Default for ReceiptChain {
             recorded: 0,
             refused: [0; VERDICTS],
             usage: UsageTotals::default(),
+            standing: Standing::default(),
         }
     }
 }
@@ -121,6 +128,8 @@ pub struct ReceiptLedger {
     open_leaves: BTreeMap<u64, pb::PeriodLeaf>,
     /// Closed periods by their start (unix ms), with their roots and leaves.
     closed: BTreeMap<u64, pb::ReceiptPeriod>,
+    /// Re-execution checks' usage by (node, unix hour): billed to the platform.
+    checks: BTreeMap<(u64, u64), UsageTotals>,
 }
 
 impl ReceiptLedger {
@@ -237,17 +246,64 @@ impl ReceiptLedger {
         })
     }
 
+    /// Re-execution checks' usage by (node, unix hour): the platform's cost.
+    pub fn check_usage(&self) -> &BTreeMap<(u64, u64), UsageTotals> {
+        &self.checks
+    }
+
+    /// The checks' part of the snapshot.
+    pub fn check_snapshot(&self) -> Vec<pb::UsageTotal> {
+        self.checks
+            .iter()
+            .map(|(&(node, hour), t)| t.record(("", CHECKS_FUNCTION), node, hour))
+            .collect()
+    }
+
+    /// Restores the checks' usage from a snapshot.
+    pub fn restore_checks(&mut self, totals: Vec<pb::UsageTotal>) {
+        for t in totals {
+            self.checks.insert((t.node, t.hour), UsageTotals::of(&t));
+        }
+    }
+
     /// Closed periods' roots, oldest first.
     pub fn roots(&self) -> impl Iterator<Item = &pb::ReceiptPeriod> {
         self.closed.values()
     }
 
     fn refuse(&mut self, node: u64, v: pb::ReceiptVerdict) {
+        let period = self.period();
         if let Some(c) = self.chains.get_mut(&node)
             && let Some(n) = c.refused.get_mut(v as usize)
         {
             *n += 1;
+            if !matches!(
+                v,
+                pb::ReceiptVerdict::Gap
+                    | pb::ReceiptVerdict::Duplicate
+                    | pb::ReceiptVerdict::Unknown
+            ) {
+                c.standing.add(Evidence::Refused, period);
+            }
         }
+    }
+
+    /// Forgets a node's reputation evidence (an admin returned it from quarantine); the
+    /// score it starts again from.
+    pub fn reset_standing(&mut self, node: u64) -> f32 {
+        let fresh = Standing::default();
+        if let Some(c) = self.chains.get_mut(&node) {
+            c.standing = Standing {
+                as_of_period: c.standing.as_of_period,
+                ..fresh.clone()
+            };
+        }
+        fresh.score()
+    }
+
+    /// The open receipt period (evidence is decayed to it).
+    fn period(&self) -> u64 {
+        self.open.as_ref().map_or(0, |o| o.period)
     }
 
     /// The receipt periods' part of the snapshot: the open one (its leaves so far) and the
@@ -294,6 +350,13 @@ impl ReceiptLedger {
                 recorded: c.recorded,
                 refused: c.refused.to_vec(),
                 usage: Some(c.usage.record(("", ""), node, 0)),
+                good: c.standing.good,
+                bad: c.standing.bad,
+                as_of_period: c.standing.as_of_period,
+                checks_matched: c.standing.checks_matched,
+                checks_mismatched: c.standing.checks_mismatched,
+                timeouts: c.standing.timeouts,
+                lost_streams: c.standing.lost_streams,
             })
             .collect();
         let seen = self
@@ -333,6 +396,15 @@ impl ReceiptLedger {
                     recorded: c.recorded,
                     refused,
                     usage: c.usage.as_ref().map(UsageTotals::of).unwrap_or_default(),
+                    standing: Standing {
+                        good: c.good,
+                        bad: c.bad,
+                        as_of_period: c.as_of_period,
+                        checks_matched: c.checks_matched,
+                        checks_mismatched: c.checks_mismatched,
+                        timeouts: c.timeouts,
+                        lost_streams: c.lost_streams,
+                    },
                 },
             );
         }
@@ -360,8 +432,15 @@ impl StateMachine {
         Ok(r)
     }
 
-    pub(super) fn record_usage(&mut self, c: pb::UsageCmd) -> Result<pb::CommandResult> {
-        if c.refusals.is_empty() && c.records.iter().all(|r| r.receipt_hash.is_empty()) {
+    pub(super) fn record_usage(
+        &mut self,
+        c: pb::UsageCmd,
+        fx: &mut Effects,
+    ) -> Result<pb::CommandResult> {
+        if c.refusals.is_empty()
+            && c.incidents.is_empty()
+            && c.records.iter().all(|r| r.receipt_hash.is_empty())
+        {
             return self.record_legacy_usage(c);
         }
         let hour = c.unix_ms / 3_600_000;
@@ -371,6 +450,7 @@ impl StateMachine {
             c.period_ms
         };
         self.receipts.roll(c.unix_ms, period_ms);
+        let period = self.receipts.period();
         // Each node's records and signed refusals in sequence order: a batch may carry them
         // out of order, and a void link must come before the link after it.
         let mut order: Vec<(u64, u64, std::result::Result<usize, usize>)> = c
@@ -406,15 +486,25 @@ impl StateMachine {
             let r = &c.records[i];
             let v = self.judge(r);
             if v == pb::ReceiptVerdict::Recorded {
-                let fid = self
-                    .function_id(&r.tenant, &r.function)
-                    .expect("judged known");
-                self.usage.entry((fid, r.node, hour)).or_default().count(r);
+                if r.check {
+                    // A re-execution check: the platform pays, the checking node is credited.
+                    self.receipts
+                        .checks
+                        .entry((r.node, hour))
+                        .or_default()
+                        .count(r);
+                } else {
+                    let fid = self
+                        .function_id(&r.tenant, &r.function)
+                        .expect("judged known");
+                    self.usage.entry((fid, r.node, hour)).or_default().count(r);
+                }
                 let chain = self.receipts.chains.entry(r.node).or_default();
                 chain.seq = r.seq;
                 chain.head.copy_from_slice(&r.receipt_hash);
                 chain.recorded += 1;
                 chain.usage.count(r);
+                chain.standing.add(Evidence::Receipt, period);
                 self.receipts
                     .remember(r.invocation_id.clone(), r.receipt_hash.clone());
                 self.receipts.add_to_period(r);
@@ -431,10 +521,63 @@ impl StateMachine {
             }
             verdicts[i] = v;
         }
+        for i in &c.incidents {
+            let e = match pb::Incident::try_from(i.kind) {
+                Ok(pb::Incident::CheckMatch) => Evidence::CheckMatch,
+                Ok(pb::Incident::CheckMismatch) => Evidence::CheckMismatch,
+                Ok(pb::Incident::Timeout) => Evidence::Timeout,
+                Ok(pb::Incident::LostStream) => Evidence::LostStream,
+                _ => continue,
+            };
+            if self.nodes.contains_key(&i.node) {
+                let chain = self.receipts.chains.entry(i.node).or_default();
+                chain.standing.add(e, period);
+            }
+        }
+        let mut touched: Vec<u64> = c
+            .records
+            .iter()
+            .map(|r| r.node)
+            .chain(c.refusals.iter().map(|f| f.node))
+            .chain(c.incidents.iter().map(|i| i.node))
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for node in touched {
+            self.publish_reputation(node, fx);
+        }
         let mut result = ok_result();
         result.count = counted;
         result.verdicts = verdicts.into_iter().map(|v| v as i32).collect();
         Ok(result)
+    }
+
+    /// Moves a node's published reputation to its standing's score when it moved enough,
+    /// and quarantines a node that fell below the line (its allocations are re-placed).
+    fn publish_reputation(&mut self, node: u64, fx: &mut Effects) {
+        let Some(score) = self.receipts.chains.get(&node).map(|c| c.standing.score()) else {
+            return;
+        };
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let crossed = (score < QUARANTINE_BELOW) != (n.reputation < QUARANTINE_BELOW);
+        if (score - n.reputation).abs() >= PUBLISH_STEP || crossed {
+            n.reputation = score;
+            fx.nodes_changed.push(node);
+        }
+        if score < QUARANTINE_BELOW
+            && matches!(
+                n.state,
+                stellar_placement::NodeState::Ready | stellar_placement::NodeState::Draining
+            )
+        {
+            n.state = stellar_placement::NodeState::Quarantined;
+            fx.nodes_changed.push(node);
+            if n.allocations > 0 {
+                fx.nodes_down.push(node);
+            }
+        }
     }
 
     /// What the ledger makes of one record from a checked receipt.
@@ -594,6 +737,7 @@ mod tests {
             unix_ms,
             refusals,
             period_ms: 0,
+            incidents: Vec::new(),
         })
     }
 
@@ -798,6 +942,61 @@ mod tests {
         let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
         assert_eq!(back.digest(), m.digest());
         assert_eq!(back.receipts().proof(1, Some(p0)), Ok(p));
+    }
+
+    #[test]
+    fn evidence_moves_reputation_in_steps_and_a_mismatch_quarantines() {
+        let mut m = ledger();
+        let incident = |node, kind: pb::Incident| pb::NodeIncident {
+            node,
+            kind: kind as i32,
+        };
+        let cmd = |m: &mut StateMachine, incidents| {
+            let mut fx = Effects::default();
+            let index = m.applied_index() + 1;
+            let kind = pb::command::Kind::Usage(pb::UsageCmd {
+                unix_ms: T0,
+                incidents,
+                ..Default::default()
+            });
+            let r = m.apply(
+                index,
+                pb::Command {
+                    request_id: Vec::new(),
+                    kind: Some(kind),
+                },
+                &mut fx,
+            );
+            assert!(r.error_code.is_empty(), "{r:?}");
+            fx
+        };
+        // Node 2's checks agree: its score rises, published as it moves.
+        let fx = cmd(
+            &mut m,
+            (0..20)
+                .map(|_| incident(2, pb::Incident::CheckMatch))
+                .collect(),
+        );
+        assert!(fx.nodes_changed.contains(&2));
+        let n2 = m.nodes()[&2].reputation;
+        assert!(n2 > 0.9, "{n2}");
+        // One timeout moves the score less than a publishing step: nothing is published.
+        let fx = cmd(&mut m, vec![incident(2, pb::Incident::Timeout)]);
+        assert!(fx.nodes_changed.is_empty(), "{fx:?}");
+        assert_eq!(m.nodes()[&2].reputation, n2);
+        // Node 1's check disagrees: quarantined at once.
+        let fx = cmd(&mut m, vec![incident(1, pb::Incident::CheckMismatch)]);
+        assert!(fx.nodes_changed.contains(&1));
+        assert_eq!(
+            m.nodes()[&1].state,
+            stellar_placement::NodeState::Quarantined
+        );
+        assert!(m.nodes()[&1].reputation < QUARANTINE_BELOW);
+        assert_eq!(m.nodes()[&2].state, stellar_placement::NodeState::Ready);
+        let s = &m.receipts().chain(1).unwrap().standing;
+        assert_eq!((s.checks_mismatched, s.checks_matched), (1, 0));
+        let back = StateMachine::from_snapshot(m.to_snapshot()).unwrap();
+        assert_eq!(back.digest(), m.digest());
     }
 
     #[test]

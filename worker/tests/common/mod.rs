@@ -76,6 +76,7 @@ impl Plane {
             join_token: Some(TOKEN.into()),
             heartbeat: Duration::from_secs(1),
             balance_slack: slack,
+            checks: Default::default(),
         };
         let (stop_gateway, grx) = oneshot::channel::<()>();
         let gateway = tokio::spawn(stellar_gateway::serve(gw, async move {
