@@ -11,7 +11,8 @@
 //!  receipt recorded          0.05
 //!  check matched             1
 //!  check mismatched                  100     (one quarantines a new node)
-//!  receipt refused (fault)           25      (forged, replayed, forked, signature, output)
+//!  receipt refused (fault)           1000    (forged, replayed, forked, signature, output:
+//!                                            signed proof of cheating, whatever the record)
 //!  timeout                           0.25
 //!  stream lost mid-call              0.5
 //!  score < 0.3 ─▶ QUARANTINED (its allocations re-placed; an admin returns it)
@@ -55,7 +56,7 @@ impl Evidence {
             Evidence::Receipt => (0.05, 0.0),
             Evidence::CheckMatch => (1.0, 0.0),
             Evidence::CheckMismatch => (0.0, 100.0),
-            Evidence::Refused => (0.0, 25.0),
+            Evidence::Refused => (0.0, 1_000.0),
             Evidence::Timeout => (0.0, 0.25),
             Evidence::LostStream => (0.0, 0.5),
         }

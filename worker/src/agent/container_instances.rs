@@ -257,6 +257,7 @@ impl Agent {
             i.limits,
         );
         let (settlement, tx, ticket) = (self.settlement.clone(), tx.clone(), inv.ticket.clone());
+        let cheat = self.cheat.clone();
         tokio::spawn(async move {
             let call = ContainerCall {
                 args: inv.args,
@@ -267,7 +268,7 @@ impl Agent {
             let out = crate::container::invocation::invoke(&runtime, &image, &limits, call).await;
             drop(permit);
             let r = super::settlement::finished(
-                &settlement,
+                (&settlement, &cheat),
                 ticket,
                 inv.invocation_id,
                 &out.outcome.metering,

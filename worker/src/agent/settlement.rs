@@ -31,6 +31,8 @@ pub(super) struct Settlement {
     unsettled: std::collections::BTreeMap<u64, (pb::Receipt, u32)>,
     /// The watermark last written to disk.
     saved: u64,
+    /// The last receipt signed (what a cheating test build replays).
+    pub(super) last: Option<pb::Receipt>,
 }
 
 impl Settlement {
@@ -46,6 +48,7 @@ impl Settlement {
             unsettled: Default::default(),
             saved,
             book,
+            last: None,
         };
         if saved < s.book.seq() {
             let last = s.book.seq().min(saved + MAX_UNSETTLED as u64);
@@ -95,6 +98,7 @@ impl Settlement {
             );
             self.unsettled.pop_first();
         }
+        self.last = Some(r.clone());
         self.unsettled.insert(r.seq, (r, 0));
     }
 
@@ -151,18 +155,20 @@ pub(super) fn ticket_matches(
 /// cannot be kept (the data directory refused the write) is not sent: the node is paid
 /// only for what it can later prove.
 pub(super) fn finished(
-    settlement: &std::sync::Mutex<Settlement>,
+    (settlement, cheat): (&std::sync::Mutex<Settlement>, &super::cheats::Cheater),
     ticket: Option<pb::Ticket>,
     invocation_id: Vec<u8>,
     m: &crate::sandbox::Metering,
     result: &Result<(), crate::sandbox::InvokeError>,
-    (stdout, stderr): (Vec<u8>, Vec<u8>),
+    (mut stdout, stderr): (Vec<u8>, Vec<u8>),
 ) -> pb::InvocationResult {
+    let mut fuel = m.fuel;
+    cheat.tamper(&mut stdout, &mut fuel);
     let receipt = ticket.and_then(|t| {
         let unsigned = pb::Receipt {
             ticket: Some(t),
             output_sha256: Sha256::digest(&stdout).to_vec(),
-            fuel: m.fuel,
+            fuel,
             wall_us: m.wall_us,
             peak_memory_bytes: m.peak_memory_bytes,
             bytes_in: m.bytes_in,
@@ -211,7 +217,7 @@ mod tests {
         let m = crate::sandbox::Metering::default();
         for _ in 0..3 {
             let r = finished(
-                &s,
+                (&s, &super::super::cheats::Cheater::default()),
                 Some(pb::Ticket::default()),
                 vec![1],
                 &m,
@@ -235,7 +241,14 @@ mod tests {
         assert!(s.due(true).is_empty());
         // A call without a ticket leaves no receipt.
         let s = std::sync::Mutex::new(s);
-        let r = finished(&s, None, vec![1], &m, &Ok(()), (Vec::new(), Vec::new()));
+        let r = finished(
+            (&s, &super::super::cheats::Cheater::default()),
+            None,
+            vec![1],
+            &m,
+            &Ok(()),
+            (Vec::new(), Vec::new()),
+        );
         assert!(r.receipt.is_none());
         assert_eq!(s.lock().unwrap().book.seq(), 3);
     }
@@ -252,7 +265,7 @@ mod tests {
         let s = open();
         for _ in 0..4 {
             finished(
-                &s,
+                (&s, &super::super::cheats::Cheater::default()),
                 Some(pb::Ticket::default()),
                 vec![1],
                 &m,
