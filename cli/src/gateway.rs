@@ -69,7 +69,7 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = 100)]
     check_probation: u64,
     /// The lowest share of a node's calls re-executed once its record is long (the share
-    /// falls from 1 as probation / matching checks).
+    /// falls from 1 as (probation / matching checks)³).
     #[arg(long, default_value_t = 0.01)]
     check_rate: f64,
 }

@@ -12,7 +12,7 @@
 //!  another ready instance on B (reputation ≥ floor, past probation if any) ─▶ same call
 //!  A's receipt = B's receipt (output, fuel, exit)? ─▶ CHECK_MATCH(A)    A's record + 1
 //!                                                 └▶ CHECK_MISMATCH(A) A's record = 0
-//!  p(A) = 1 while A's record < probation, then max(rate, probation / record)
+//!  p(A) = 1 while A's record < probation, then max(rate, (probation / record)³)
 //! ```
 //!
 //! A node's record is this gateway's soft state: one it has not seen starts in probation
@@ -59,7 +59,9 @@ impl CheckPolicy {
         if record < self.probation {
             return 1.0;
         }
-        (self.probation as f64 / record.max(1) as f64).clamp(self.rate.min(1.0), 1.0)
+        (self.probation as f64 / record.max(1) as f64)
+            .powi(3)
+            .clamp(self.rate.min(1.0), 1.0)
     }
 }
 
@@ -248,7 +250,7 @@ mod tests {
         let p = CheckPolicy::default();
         assert_eq!(p.probability(0), 1.0);
         assert_eq!(p.probability(99), 1.0);
-        assert_eq!(p.probability(200), 0.5);
+        assert_eq!(p.probability(200), 0.125);
         assert_eq!(p.probability(1_000_000), 0.01);
         let checks = Checks::new(p);
         assert!(

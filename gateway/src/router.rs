@@ -433,6 +433,7 @@ impl Router {
                         continue;
                     }
                     let check = (!route.container
+                        && route.allocations.len() > 1
                         && res.error_code.is_empty()
                         && res.receipt.is_some()
                         && self

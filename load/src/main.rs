@@ -29,6 +29,11 @@ enum Command {
     ///
     /// Prints a table, or with --json exactly one JSON object on stdout. Progress goes to stderr.
     Sim(SimArgs),
+    /// Simulate the trust policy over a fleet (default a million nodes, 1% cheaters): the
+    /// gateways' re-execution checks and the ledger's reputation, the cluster's own code.
+    /// Prints invocations to detection per cheat kind, re-execution overhead and false
+    /// quarantines (a table, or one JSON object with --json).
+    TrustSim(TrustSimArgs),
     /// Measure the Raft control plane on real processes (fsync on, loopback): committed
     /// allocations/s and commit latency against a 3-member etcd in the same run; or
     /// `--failover --kills K`; or `--nodes N` (resident memory of a replica holding N nodes).
@@ -349,6 +354,92 @@ struct SimArgs {
     latency_scale_ms: Option<f32>,
 }
 
+#[derive(clap::Args)]
+struct TrustSimArgs {
+    /// Nodes in the fleet.
+    #[arg(long, default_value_t = 1_000_000)]
+    nodes: usize,
+    /// The share of nodes that cheat (split evenly over the cheat kinds).
+    #[arg(long, default_value_t = 0.01)]
+    cheater_share: f64,
+    /// Mean calls a node serves in the simulated time (uniform in [C/2, 3C/2]).
+    #[arg(long, default_value_t = 10_000)]
+    calls_per_node: u64,
+    /// The share of an honest node's calls that time out.
+    #[arg(long, default_value_t = 0.02)]
+    timeout_rate: f64,
+    /// Matching checks before a node's calls are only sampled (`stellar gateway
+    /// --check-probation`).
+    #[arg(long, default_value_t = 100)]
+    check_probation: u64,
+    /// The lowest share of calls checked (`stellar gateway --check-rate`).
+    #[arg(long, default_value_t = 0.01)]
+    check_rate: f64,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_trust_sim(a: TrustSimArgs) -> ExitCode {
+    use stellar_load::trustsim::{TrustSimConfig, run};
+    if !(0.0..=1.0).contains(&a.cheater_share)
+        || !(0.0..=1.0).contains(&a.timeout_rate)
+        || !(0.0..=1.0).contains(&a.check_rate)
+        || a.calls_per_node < 2
+    {
+        eprintln!(
+            "trust-sim: --cheater-share, --timeout-rate and --check-rate are shares in [0, 1]; \
+             --calls-per-node at least 2"
+        );
+        return ExitCode::FAILURE;
+    }
+    let cfg = TrustSimConfig {
+        nodes: a.nodes,
+        cheater_share: a.cheater_share,
+        calls_per_node: a.calls_per_node,
+        timeout_rate: a.timeout_rate,
+        policy: stellar_gateway::checks::CheckPolicy {
+            probation: a.check_probation,
+            rate: a.check_rate,
+            ..Default::default()
+        },
+        seed: a.seed,
+        ..Default::default()
+    };
+    let r = run(&cfg);
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{} nodes, {} billed calls, re-execution overhead {:.2}%, false quarantines {}, {} ms",
+        r.nodes,
+        r.billed_calls,
+        r.reexecution_overhead * 100.0,
+        r.false_quarantines,
+        r.elapsed_ms
+    );
+    println!(
+        "{:<20} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "CHEAT", "CHEATERS", "CAUGHT", "DETECT P50", "DETECT P99", "WITHIN 100"
+    );
+    for k in &r.kinds {
+        println!(
+            "{:<20} {:>8} {:>8} {:>10} {:>10} {:>11.2}%",
+            k.kind,
+            k.cheaters,
+            k.caught,
+            k.invocations_to_detection_p50,
+            k.invocations_to_detection_p99,
+            k.caught_within_100 * 100.0
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 fn parse_weights(s: &str) -> Result<Weights, String> {
     let mut w = Weights::default();
     for part in s.split(',').filter(|p| !p.is_empty()) {
@@ -381,6 +472,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Sim(args) => run_sim(args),
+        Command::TrustSim(args) => run_trust_sim(args),
         Command::RaftBench(args) => run_raft_bench(args),
         Command::WasmBench(args) => run_wasm_bench(args),
         Command::ContainerBench(args) => run_container_bench(args),

@@ -24,7 +24,7 @@ mod reputation;
 pub use crate::modules::{MAX_MODULES_TOTAL_BYTES, MAX_TENANT_MODULE_BYTES};
 pub use jobs::{AttemptKey, MAX_FINISHED_JOBS, attempt_key, job_blobs, task_key};
 pub use receipts::{CHECKS_FUNCTION, KEPT_PERIODS, ProofError, ReceiptChain, ReceiptLedger};
-pub use reputation::{QUARANTINE_BELOW, Standing};
+pub use reputation::{Evidence, QUARANTINE_BELOW, Standing};
 pub use stellar_proto::limits::MAX_MODULE_BYTES;
 /// Retried request ids remembered, oldest forgotten first.
 pub const DEDUPE_CAPACITY: usize = 200_000;

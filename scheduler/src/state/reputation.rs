@@ -10,7 +10,7 @@
 //!  evidence                  good    bad
 //!  receipt recorded          0.05
 //!  check matched             1
-//!  check mismatched                  100     (one quarantines a new node)
+//!  check mismatched                  300     (one quarantines a node of < 125 matches)
 //!  receipt refused (fault)           1000    (forged, replayed, forked, signature, output:
 //!                                            signed proof of cheating, whatever the record)
 //!  timeout                           0.25
@@ -55,7 +55,7 @@ impl Evidence {
         match self {
             Evidence::Receipt => (0.05, 0.0),
             Evidence::CheckMatch => (1.0, 0.0),
-            Evidence::CheckMismatch => (0.0, 100.0),
+            Evidence::CheckMismatch => (0.0, 300.0),
             Evidence::Refused => (0.0, 1_000.0),
             Evidence::Timeout => (0.0, 0.25),
             Evidence::LostStream => (0.0, 0.5),
