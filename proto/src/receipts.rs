@@ -101,8 +101,9 @@ pub fn ticket_is_genuine(key: &[u8], t: &pb::Ticket) -> bool {
 /// the signature.
 pub fn receipt_message(r: &pb::Receipt) -> Vec<u8> {
     let mut c = Canonical::new(b"stellar-receipt-v1");
-    let t = r.ticket.clone().unwrap_or_default();
-    ticket_message(&mut c, &t);
+    let none = pb::Ticket::default();
+    let t = r.ticket.as_ref().unwrap_or(&none);
+    ticket_message(&mut c, t);
     c.bytes(&t.mac)
         .bytes(&r.output_sha256)
         .u64(r.fuel)

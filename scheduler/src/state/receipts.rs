@@ -266,11 +266,6 @@ impl ReceiptLedger {
         }
     }
 
-    /// Closed periods' roots, oldest first.
-    pub fn roots(&self) -> impl Iterator<Item = &pb::ReceiptPeriod> {
-        self.closed.values()
-    }
-
     fn refuse(&mut self, node: u64, v: pb::ReceiptVerdict) {
         let period = self.period();
         if let Some(c) = self.chains.get_mut(&node)
