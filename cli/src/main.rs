@@ -26,7 +26,6 @@ mod run;
 mod scheduler;
 mod transcode;
 mod usage;
-mod usage_audit;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -36,11 +35,22 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The version `--version` prints; a build whose workers can cheat says so, so benchmarks can
+/// tell a test build from a shipped one (`stellar-load trust-bench`).
+const VERSION: &str = if stellar_worker::CAN_CHEAT {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (test build: workers can cheat)"
+    )
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// StellarCloud: edge function computing on home nodes.
 #[derive(Debug, Parser)]
 #[command(
     name = "stellar",
-    version,
+    version = VERSION,
     about,
     long_about = None,
     after_help = "\

@@ -51,7 +51,7 @@ pub async fn run(args: UsageArgs) -> Result<u8, String> {
         .await
         .map_err(|s| args.endpoint.explain("reading usage", &s))?;
     if args.audit {
-        let a = crate::usage_audit::audit(&u);
+        let a = stellar_scheduler::usage_audit::audit(&u);
         print_audit(&a, args.endpoint.json());
         return Ok(if a.balanced() { 0 } else { 1 });
     }
@@ -62,7 +62,7 @@ pub async fn run(args: UsageArgs) -> Result<u8, String> {
     Ok(0)
 }
 
-fn print_audit(a: &crate::usage_audit::Audit, json: bool) {
+fn print_audit(a: &stellar_scheduler::usage_audit::Audit, json: bool) {
     if json {
         let out = serde_json::json!({
             "balanced": a.balanced(), "cells": a.cells, "nodes": a.nodes,

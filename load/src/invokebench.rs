@@ -113,10 +113,12 @@ fn start_cluster(cfg: &InvokeBenchConfig) -> Result<Cluster, InvokeBenchError> {
     let local = crate::procs::LocalCluster::start(
         &cfg.stellar,
         dir.path(),
-        cfg.gateways,
-        cfg.workers,
-        &[],
-        cfg.runtime_threads,
+        &crate::procs::LocalClusterConfig {
+            gateways: cfg.gateways,
+            workers: cfg.workers,
+            runtime_threads: cfg.runtime_threads,
+            ..Default::default()
+        },
     )
     .map_err(InvokeBenchError::Setup)?;
     let (gateways, plane) = (local.gateways.clone(), local.plane.clone());

@@ -13,6 +13,7 @@ pub mod raftbench;
 pub mod sim;
 pub mod simworkers;
 pub mod transcodebench;
+pub mod trustbench;
 pub mod trustsim;
 pub mod wasmbench;
 pub mod workload;

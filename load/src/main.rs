@@ -34,6 +34,13 @@ enum Command {
     /// Prints invocations to detection per cheat kind, re-execution overhead and false
     /// quarantines (a table, or one JSON object with --json).
     TrustSim(TrustSimArgs),
+    /// Measure the trust policy on a real cluster: one replica, one gateway and --honest
+    /// workers of the shipped `stellar` binary, --cheaters workers of a test build that can
+    /// cheat (--cheat-stellar), `hello` called for --seconds. Invocations to detection per
+    /// cheat kind, re-execution overhead, false quarantines and the audit's residue.
+    ///
+    /// Prints a summary, or with --json exactly one JSON object on stdout.
+    TrustBench(TrustBenchArgs),
     /// Measure the Raft control plane on real processes (fsync on, loopback): committed
     /// allocations/s and commit latency against a 3-member etcd in the same run; or
     /// `--failover --kills K`; or `--nodes N` (resident memory of a replica holding N nodes).
@@ -383,6 +390,144 @@ struct TrustSimArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct TrustBenchArgs {
+    /// Honest workers (the shipped binary); at least 2.
+    #[arg(long, default_value_t = 6)]
+    honest: usize,
+    /// Cheating workers, given --kinds round-robin.
+    #[arg(long, default_value_t = 5)]
+    cheaters: usize,
+    /// Seconds of calls.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Stop calling once every cheater is quarantined (--seconds is then the longest run).
+    #[arg(long)]
+    until_caught: bool,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// The cheats played (STELLAR_WORKER_CHEAT kinds).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "inflate-fuel,wrong-output,replay,other-tenant,other-node"
+    )]
+    kinds: Vec<String>,
+    /// The share of calls `inflate-fuel` and `wrong-output` cheat on.
+    #[arg(long, default_value_t = 0.05)]
+    cheat_rate: f64,
+    /// Matching checks before a node's calls are only sampled (the gateway's
+    /// --check-probation).
+    #[arg(long, default_value_t = 100)]
+    check_probation: u64,
+    /// The lowest share of calls checked (the gateway's --check-rate).
+    #[arg(long, default_value_t = 0.01)]
+    check_rate: f64,
+    /// The shipped `stellar` binary [default: next to this one].
+    #[arg(long)]
+    stellar: Option<std::path::PathBuf>,
+    /// A `stellar` built with the test-only cheat feature, apart from the shipped one:
+    /// `cargo build --release -p stellar-cli --features cheat --target-dir target/cheat`.
+    #[arg(long, env = "STELLAR_CHEAT_BIN")]
+    cheat_stellar: Option<std::path::PathBuf>,
+    /// The module (default: the committed build of examples/wasm/hello).
+    #[arg(long)]
+    module: Option<std::path::PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_trust_bench(a: TrustBenchArgs) -> ExitCode {
+    let Some(stellar) = stellar_binary(a.stellar) else {
+        eprintln!("trust-bench: cannot find the `stellar` binary; pass --stellar PATH");
+        return ExitCode::FAILURE;
+    };
+    let cfg = stellar_load::trustbench::TrustBenchConfig {
+        honest: a.honest,
+        cheaters: a.cheaters,
+        seconds: a.seconds,
+        until_caught: a.until_caught,
+        concurrency: a.concurrency,
+        kinds: a.kinds,
+        cheat_rate: a.cheat_rate,
+        check_probation: a.check_probation,
+        check_rate: a.check_rate,
+        stellar,
+        cheat_stellar: a.cheat_stellar,
+        module: a
+            .module
+            .unwrap_or_else(stellar_load::wasmbench::default_module),
+    };
+    let mut log = |m: &str| eprintln!("[trust-bench] {m}");
+    let r = match stellar_load::trustbench::run(&cfg, &mut log) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trust-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{} honest + {} cheaters, {:.1} s: {} calls ({} errors), billed {} executions, {} checks: \
+         re-execution overhead {:.2}% ({} in the second half)",
+        r.honest,
+        r.cheaters,
+        r.elapsed_seconds,
+        r.calls,
+        r.errors,
+        r.billed_executions,
+        r.check_executions,
+        r.reexecution_overhead * 100.0,
+        r.reexecution_overhead_second_half
+            .map(|o| format!("{:.2}%", o * 100.0))
+            .unwrap_or_else(|| "not measured".into())
+    );
+    println!(
+        "false quarantines {}, honest nodes blamed {}, wrong outputs delivered {}, receipts \
+         refused {}, billed from forgeries {} µ, audit {} (residue {} µ)",
+        r.false_quarantines,
+        r.honest_blamed,
+        r.wrong_outputs_delivered,
+        r.receipts_refused,
+        r.billed_from_forgeries_microunits,
+        if r.audit_balanced {
+            "balanced"
+        } else {
+            "UNBALANCED"
+        },
+        r.unbilled_microunits
+    );
+    for f in &r.audit_faults {
+        println!("  audit: {f}");
+    }
+    print_detections(&r.kinds);
+    ExitCode::SUCCESS
+}
+
+/// The per-kind detection table of trust-sim and trust-bench.
+fn print_detections(kinds: &[stellar_load::trustsim::KindReport]) {
+    println!(
+        "{:<20} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "CHEAT", "CHEATERS", "CAUGHT", "DETECT P50", "DETECT P99", "WITHIN 100"
+    );
+    for k in kinds {
+        println!(
+            "{:<20} {:>8} {:>8} {:>10} {:>10} {:>11.2}%",
+            k.kind,
+            k.cheaters,
+            k.caught,
+            k.invocations_to_detection_p50,
+            k.invocations_to_detection_p99,
+            k.caught_within_100 * 100.0
+        );
+    }
+}
+
 fn run_trust_sim(a: TrustSimArgs) -> ExitCode {
     use stellar_load::trustsim::{TrustSimConfig, run};
     if !(0.0..=1.0).contains(&a.cheater_share)
@@ -422,21 +567,7 @@ fn run_trust_sim(a: TrustSimArgs) -> ExitCode {
         r.false_quarantines,
         r.elapsed_ms
     );
-    println!(
-        "{:<20} {:>8} {:>8} {:>10} {:>10} {:>12}",
-        "CHEAT", "CHEATERS", "CAUGHT", "DETECT P50", "DETECT P99", "WITHIN 100"
-    );
-    for k in &r.kinds {
-        println!(
-            "{:<20} {:>8} {:>8} {:>10} {:>10} {:>11.2}%",
-            k.kind,
-            k.cheaters,
-            k.caught,
-            k.invocations_to_detection_p50,
-            k.invocations_to_detection_p99,
-            k.caught_within_100 * 100.0
-        );
-    }
+    print_detections(&r.kinds);
     ExitCode::SUCCESS
 }
 
@@ -473,6 +604,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Sim(args) => run_sim(args),
         Command::TrustSim(args) => run_trust_sim(args),
+        Command::TrustBench(args) => run_trust_bench(args),
         Command::RaftBench(args) => run_raft_bench(args),
         Command::WasmBench(args) => run_wasm_bench(args),
         Command::ContainerBench(args) => run_container_bench(args),

@@ -434,11 +434,13 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
-/// Starts one role of the shipped `stellar` binary (`exe args…`), its stderr to `log`, at
-/// `STELLAR_LOG` or warn; `runtime_threads` > 0 sets `TOKIO_WORKER_THREADS`. Killed on drop.
+/// Starts one role of the shipped `stellar` binary (`exe args…`) with `env` set, its stderr to
+/// `log`, at `STELLAR_LOG` or warn; `runtime_threads` > 0 sets `TOKIO_WORKER_THREADS`.
+/// Killed on drop.
 pub(crate) fn spawn_role(
     exe: &Path,
     args: &[&str],
+    env: &[(&str, &str)],
     log: &Path,
     runtime_threads: usize,
 ) -> Result<crate::wasmbench::KillOnDrop, String> {
@@ -452,12 +454,29 @@ pub(crate) fn spawn_role(
             "STELLAR_LOG",
             std::env::var("STELLAR_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .env_remove("STELLAR_WORKER_CHEAT") // honest unless `env` says otherwise
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .map(crate::wasmbench::KillOnDrop)
         .map_err(|e| format!("{}: {e}", exe.display()))
+}
+
+/// What a [`LocalCluster`] runs besides its one replica.
+#[derive(Debug, Clone, Default)]
+pub struct LocalClusterConfig {
+    /// Gateways (at least one is started).
+    pub gateways: usize,
+    /// Workers joined to the gateways round-robin.
+    pub workers: usize,
+    /// Extra flags of every worker.
+    pub worker_args: Vec<String>,
+    /// Extra flags of every gateway.
+    pub gateway_args: Vec<String>,
+    /// > 0 caps each process's tokio threads.
+    pub runtime_threads: usize,
 }
 
 /// A one-replica cluster of the shipped `stellar` binary on loopback: a scheduler, gateways
@@ -473,6 +492,9 @@ pub struct LocalCluster {
     pub plane: PathBuf,
     /// The admin token's file.
     pub token_file: PathBuf,
+    dir: PathBuf,
+    runtime_threads: usize,
+    workers: usize,
     procs: Vec<crate::wasmbench::KillOnDrop>,
 }
 
@@ -480,24 +502,15 @@ pub struct LocalCluster {
 const LOCAL_JOIN_TOKEN: &str = "local-cluster-join";
 
 impl LocalCluster {
-    /// Starts it under `dir` (data and logs): `gateways` gateways (at least one) and
-    /// `workers` workers given `worker_args` as well; `runtime_threads` > 0 caps each
-    /// process's tokio threads.
-    pub fn start(
-        exe: &Path,
-        dir: &Path,
-        gateways: usize,
-        workers: usize,
-        worker_args: &[&str],
-        runtime_threads: usize,
-    ) -> Result<LocalCluster, String> {
+    /// Starts it under `dir` (data and logs) with `exe` for every role.
+    pub fn start(exe: &Path, dir: &Path, cfg: &LocalClusterConfig) -> Result<LocalCluster, String> {
         if !exe.is_file() {
             return Err(format!(
                 "the `stellar` binary is not at {} (build it: cargo build --release -p stellar-cli, or pass --stellar PATH)",
                 exe.display()
             ));
         }
-        let g = gateways.max(1);
+        let g = cfg.gateways.max(1);
         let ports = free_ports(1 + g).map_err(|e| e.to_string())?;
         let replica = format!("127.0.0.1:{}", ports[0]);
         let gateways: Vec<String> = ports[1..]
@@ -507,7 +520,7 @@ impl LocalCluster {
         let plane = dir.join("plane");
         let plane_s = plane.to_string_lossy().into_owned();
         let peers = format!("1={replica}");
-        let mut procs = vec![spawn_role(
+        let procs = vec![spawn_role(
             exe,
             &[
                 "scheduler",
@@ -518,60 +531,85 @@ impl LocalCluster {
                 "--data-dir",
                 &plane_s,
             ],
+            &[],
             &dir.join("plane.log"),
-            runtime_threads,
+            cfg.runtime_threads,
         )?];
         let token_file = wait_for_admin_token(&plane, Duration::from_secs(30))?;
-        let token_s = token_file.to_string_lossy().into_owned();
-        for (i, addr) in gateways.iter().enumerate() {
-            procs.push(spawn_role(
-                exe,
-                &[
-                    "gateway",
-                    "--control",
-                    &replica,
-                    "--listen",
-                    addr,
-                    "--http-listen",
-                    "off",
-                    "--token-file",
-                    &token_s,
-                    "--join-token",
-                    LOCAL_JOIN_TOKEN,
-                ],
-                &dir.join(format!("gateway-{i}.log")),
-                runtime_threads,
-            )?);
-        }
-        for i in 0..workers {
-            let wdir = dir
-                .join(format!("worker-{i}"))
-                .to_string_lossy()
-                .into_owned();
-            let mut args = vec![
-                "worker",
-                "--join",
-                &gateways[i % g],
-                "--token",
-                LOCAL_JOIN_TOKEN,
-                "--data-dir",
-                &wdir,
-            ];
-            args.extend_from_slice(worker_args);
-            procs.push(spawn_role(
-                exe,
-                &args,
-                &dir.join(format!("worker-{i}.log")),
-                runtime_threads,
-            )?);
-        }
-        Ok(LocalCluster {
+        let mut c = LocalCluster {
             replica,
             gateways,
             plane,
             token_file,
+            dir: dir.to_path_buf(),
+            runtime_threads: cfg.runtime_threads,
+            workers: 0,
             procs,
-        })
+        };
+        let token_s = c.token_file.to_string_lossy().into_owned();
+        for (i, addr) in c.gateways.clone().iter().enumerate() {
+            let mut args = vec![
+                "gateway",
+                "--control",
+                &c.replica,
+                "--listen",
+                addr,
+                "--http-listen",
+                "off",
+                "--token-file",
+                &token_s,
+                "--join-token",
+                LOCAL_JOIN_TOKEN,
+            ];
+            args.extend(cfg.gateway_args.iter().map(String::as_str));
+            let gw = spawn_role(
+                exe,
+                &args,
+                &[],
+                &dir.join(format!("gateway-{i}.log")),
+                cfg.runtime_threads,
+            )?;
+            c.procs.push(gw);
+        }
+        let worker_args: Vec<&str> = cfg.worker_args.iter().map(String::as_str).collect();
+        for _ in 0..cfg.workers {
+            c.add_worker(exe, &worker_args, &[])?;
+        }
+        Ok(c)
+    }
+
+    /// Starts one more worker (`exe worker …` with `args` and `env`), joined to the next
+    /// gateway round-robin; returns its data dir (its identity is there once it registers).
+    pub fn add_worker(
+        &mut self,
+        exe: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<PathBuf, String> {
+        let i = self.workers;
+        let data = self.dir.join(format!("worker-{i}"));
+        let data_s = data.to_string_lossy().into_owned();
+        let gateway = self.gateways[i % self.gateways.len()].clone();
+        let mut all = vec![
+            "worker",
+            "--join",
+            &gateway,
+            "--token",
+            LOCAL_JOIN_TOKEN,
+            "--data-dir",
+            &data_s,
+        ];
+        all.extend_from_slice(args);
+        let p = spawn_role(
+            exe,
+            &all,
+            env,
+            &self.dir.join(format!("worker-{i}.log")),
+            self.runtime_threads,
+        )?;
+        self.procs.push(p);
+        self.workers += 1;
+        Ok(data)
     }
 
     /// The admin token the replica wrote.

@@ -144,10 +144,14 @@ fn job_on(
     let local = crate::procs::LocalCluster::start(
         &cfg.stellar,
         dir,
-        1,
-        workers,
-        &["--cpu-millis", "1000", "--memory-mib", "3072"],
-        0,
+        &crate::procs::LocalClusterConfig {
+            gateways: 1,
+            workers,
+            worker_args: ["--cpu-millis", "1000", "--memory-mib", "3072"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        },
     )
     .map_err(TranscodeBenchError::Setup)?;
     let gateway = local.gateways[0].clone();

@@ -208,7 +208,8 @@ fn simulate_node(
     }
 }
 
-fn percentile(sorted: &[u64], q: f64) -> u64 {
+/// The `q` quantile of sorted counts (0 when empty).
+pub(crate) fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

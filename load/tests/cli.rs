@@ -264,3 +264,65 @@ fn container_bench_times_stellar_and_crun_on_equal_terms() {
         "the sandbox is part of the whole command: {v}"
     );
 }
+
+/// Issue 15's adversaries as real processes, through `trust-bench`: one cheater of each kind
+/// (the workspace's `stellar` built with the test-only cheat feature, switched on per process)
+/// among three honest workers of the same binary. Every cheater is quarantined with evidence
+/// against it, no honest node is quarantined or blamed, nothing is billed from forgeries and
+/// the ledger's audit balances to the micro-unit.
+#[test]
+#[cfg_attr(
+    not(feature = "cheat"),
+    ignore = "needs the cheat build: cargo test -p stellar-load --features cheat"
+)]
+fn trust_bench_quarantines_every_cheater_and_no_honest_node() {
+    let stellar =
+        std::path::Path::new(env!("CARGO_BIN_EXE_stellar-load")).with_file_name("stellar");
+    let v = json_of(&[
+        "trust-bench",
+        "--honest",
+        "3",
+        "--cheaters",
+        "5",
+        "--seconds",
+        "180",
+        "--until-caught",
+        "--concurrency",
+        "4",
+        "--cheat-stellar",
+        stellar.to_str().unwrap(),
+        "--json",
+    ]);
+    for k in v["kinds"].as_array().unwrap() {
+        assert_eq!(k["caught"], k["cheaters"], "{k} in {v}");
+    }
+    assert_eq!(v["kinds"].as_array().unwrap().len(), 5, "{v}");
+    for c in v["cheater_nodes"].as_array().unwrap() {
+        assert!(
+            c["checks_mismatched"].as_u64().unwrap() > 0
+                || c["receipts_refused"].as_u64().unwrap() > 0,
+            "quarantined without evidence: {c}"
+        );
+    }
+    assert_eq!(v["false_quarantines"], 0, "{v}");
+    assert_eq!(v["honest_blamed"], 0, "{v}");
+    assert_eq!(v["billed_from_forgeries_microunits"], 0, "{v}");
+    assert_eq!(v["audit_balanced"], true, "{v}");
+    assert_eq!(v["unbilled_microunits"], 0, "{v}");
+    assert!(v["billed_executions"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["check_executions"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// A cheat build is required for cheaters, and `--version` tells the builds apart.
+#[test]
+fn trust_bench_refuses_cheaters_without_a_cheat_build() {
+    let out = Command::new(env!("CARGO_BIN_EXE_stellar-load"))
+        .args(["trust-bench", "--cheaters", "1", "--json"])
+        .env_remove("STELLAR_CHEAT_BIN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cheat-stellar"), "{err}");
+    assert!(out.stdout.is_empty());
+}

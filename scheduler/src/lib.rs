@@ -34,6 +34,7 @@ pub mod service;
 pub mod state;
 pub mod storage;
 pub mod transport;
+pub mod usage_audit;
 
 pub use error::{ApplyError, Error, Result};
 pub use replica::{Output, Query, Replica, ReplicaConfig, Reply, Request};

@@ -17,6 +17,11 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 pub use agent::{AgentConfig, run};
+
+/// Whether this build's workers can cheat (the test-only `cheat` feature, switched on per
+/// process by `STELLAR_WORKER_CHEAT`): `stellar --version` says so, so a benchmark can tell a
+/// test build from a shipped one.
+pub const CAN_CHEAT: bool = cfg!(feature = "cheat");
 pub use error::{Error, Result};
 pub use identity::Identity;
 pub use sandbox::{

@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::pricing;
+use crate::state::UsageTotals;
 use stellar_proto::v1 as pb;
-use stellar_scheduler::pricing;
-use stellar_scheduler::state::UsageTotals;
 
 /// What the audit found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
