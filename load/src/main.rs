@@ -505,6 +505,15 @@ fn run_trust_bench(a: TrustBenchArgs) -> ExitCode {
     for f in &r.audit_faults {
         println!("  audit: {f}");
     }
+    for b in &r.blamed_nodes {
+        println!(
+            "  honest node {} blamed: {} mismatched checks, refused {:?}{}",
+            b.node,
+            b.checks_mismatched,
+            b.receipts_refused,
+            if b.quarantined { ", QUARANTINED" } else { "" }
+        );
+    }
     print_detections(&r.kinds);
     ExitCode::SUCCESS
 }

@@ -94,6 +94,19 @@ pub struct CheaterReport {
     pub receipts_refused: u64,
 }
 
+/// An honest node with evidence against it, and what.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlamedNode {
+    /// Its node id (hex).
+    pub node: String,
+    /// Whether it was quarantined during the run.
+    pub quarantined: bool,
+    /// Re-execution checks that disagreed with it.
+    pub checks_mismatched: u64,
+    /// Its refused receipts per verdict.
+    pub receipts_refused: BTreeMap<String, u64>,
+}
+
 /// What was measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrustBenchReport {
@@ -128,6 +141,8 @@ pub struct TrustBenchReport {
     pub false_quarantines: usize,
     /// Honest nodes with a mismatched check or a refused receipt against them.
     pub honest_blamed: usize,
+    /// Those nodes, and the evidence.
+    pub blamed_nodes: Vec<BlamedNode>,
     /// Answers whose output was not the function's (a cheater's, before it was caught).
     pub wrong_outputs_delivered: u64,
     /// Receipts refused, fleet-wide.
@@ -587,6 +602,29 @@ fn report(
 ) -> TrustBenchReport {
     let info = |id: u64| nodes.iter().find(|n| n.id == id);
     let refused = |n: &pb::NodeInfo| n.receipts_refused.iter().sum::<u64>();
+    let blamed_nodes: Vec<BlamedNode> = honest
+        .iter()
+        .filter_map(|h| info(*h))
+        .filter(|n| n.checks_mismatched > 0 || refused(n) > 0)
+        .map(|n| BlamedNode {
+            node: format!("{:016x}", n.id),
+            quarantined: quarantined.contains_key(&n.id),
+            checks_mismatched: n.checks_mismatched,
+            receipts_refused: n
+                .receipts_refused
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(v, c)| {
+                    let name = i32::try_from(v)
+                        .ok()
+                        .and_then(|v| pb::ReceiptVerdict::try_from(v).ok())
+                        .map_or_else(|| v.to_string(), |v| v.as_str_name().to_string());
+                    (name, *c)
+                })
+                .collect(),
+        })
+        .collect();
     let cheater_nodes: Vec<CheaterReport> = cheaters
         .iter()
         .map(|(id, cheat)| {
@@ -660,11 +698,8 @@ fn report(
             .iter()
             .filter(|h| quarantined.contains_key(h))
             .count(),
-        honest_blamed: honest
-            .iter()
-            .filter_map(|h| info(*h))
-            .filter(|n| n.checks_mismatched > 0 || refused(n) > 0)
-            .count(),
+        honest_blamed: blamed_nodes.len(),
+        blamed_nodes,
         wrong_outputs_delivered: tally.wrong,
         receipts_refused: nodes.iter().map(refused).sum(),
         billed_from_forgeries_microunits: end

@@ -796,15 +796,25 @@ impl Agent {
             if let Some(dir) = &scratch {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            let r = settlement::finished(
+            // A slot on the stream first, so the result goes out under the receipt book's
+            // lock, in chain order (see `settlement::finished`).
+            let slot = tokio::runtime::Handle::current().block_on(tx.reserve());
+            settlement::finished(
                 (&settlement, &cheat),
                 ticket,
                 inv.invocation_id,
                 &out.metering,
                 &out.result,
                 (out.stdout, out.stderr),
+                |r| {
+                    if let Ok(slot) = slot {
+                        slot.send(result_message(r));
+                    }
+                },
             );
-            let _ = tx.blocking_send(result_message(r));
+            if let Some(m) = cheat.forged(&settlement) {
+                let _ = tx.blocking_send(m);
+            }
         });
     }
 
@@ -849,9 +859,7 @@ impl Agent {
         let receipts = match self.settlement.lock() {
             Ok(mut s) => {
                 s.save_watermark();
-                let mut due = s.due(all);
-                let s = &mut *s;
-                due.extend(self.cheat.extra(&mut s.book, s.last.as_ref()));
+                let due = s.due(all);
                 if !due.is_empty() {
                     tracing::debug!(
                         kept = s.unsettled(),

@@ -7,9 +7,11 @@
 //! |---|---|
 //! | `inflate-fuel[:R]` | signs 10% more fuel than it metered, on a share R of calls (default 1) |
 //! | `wrong-output[:R]` | returns made-up output (its receipt hashes it) on a share R (default 0.05) |
-//! | `replay` | each second, bills its last call again as the next link of its chain |
-//! | `other-tenant` | each second, reports its last call as another tenant's function |
-//! | `other-node` | each second, reports its last call signed by another node's key |
+//! | `replay[:R]` | after a share R of calls (default 0.05), bills that call again as the next link of its chain |
+//! | `other-tenant[:R]` | after a share R, reports that call again as another tenant's function |
+//! | `other-node[:R]` | after a share R, reports that call again signed by another node's key |
+//!
+//! A forged report leaves right after the call's result, as a usage report of its own.
 //!
 //! Without the feature, [`Cheater`] is a no-op with the same API.
 
@@ -46,9 +48,9 @@ impl Cheater {
             let (kind, default_rate) = match name {
                 "inflate-fuel" => (Kind::InflateFuel, 1.0),
                 "wrong-output" => (Kind::WrongOutput, 0.05),
-                "replay" => (Kind::Replay, 1.0),
-                "other-tenant" => (Kind::OtherTenant, 1.0),
-                "other-node" => (Kind::OtherNode, 1.0),
+                "replay" => (Kind::Replay, 0.05),
+                "other-tenant" => (Kind::OtherTenant, 0.05),
+                "other-node" => (Kind::OtherNode, 0.05),
                 other => {
                     tracing::error!(cheat = other, "unknown STELLAR_WORKER_CHEAT; playing fair");
                     return Cheater::default();
@@ -94,24 +96,28 @@ impl Cheater {
         let _ = (stdout, fuel);
     }
 
-    /// Reports to slip into the next usage report, made from the last receipt.
-    pub(super) fn extra(
+    /// A forged usage report to send after this call's result, made from its receipt, when
+    /// the cheat picks this call.
+    pub(super) fn forged(
         &self,
-        book: &mut crate::receipts::ReceiptBook,
-        last: Option<&pb::Receipt>,
-    ) -> Vec<pb::Receipt> {
+        settlement: &std::sync::Mutex<super::settlement::Settlement>,
+    ) -> Option<pb::WorkerMessage> {
         #[cfg(feature = "cheat")]
         {
             use ed25519_dalek::Signer;
-            let (Some((kind, _)), Some(last)) = (self.kind, last) else {
-                return Vec::new();
-            };
-            let mut r = last.clone();
-            match kind {
+            let (kind, _) = self.kind?;
+            if !matches!(kind, Kind::Replay | Kind::OtherTenant | Kind::OtherNode)
+                || !self.picks(kind)
+            {
+                return None;
+            }
+            let mut s = settlement.lock().ok()?;
+            let mut r = s.last.clone()?;
+            let forged = match kind {
                 Kind::Replay => {
                     // The same ticket billed again, properly chained and signed.
                     r.signature.clear();
-                    return book.sign(r).map(|r| vec![r]).unwrap_or_default();
+                    s.book.sign(r).ok()?
                 }
                 Kind::OtherTenant => {
                     if let Some(t) = r.ticket.as_mut() {
@@ -119,7 +125,7 @@ impl Cheater {
                         t.function = "theirs".into();
                     }
                     r.signature.clear();
-                    return book.sign(r).map(|r| vec![r]).unwrap_or_default();
+                    s.book.sign(r).ok()?
                 }
                 Kind::OtherNode => {
                     let other = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
@@ -127,12 +133,20 @@ impl Cheater {
                         .sign(&stellar_proto::receipts::receipt_message(&r))
                         .to_bytes()
                         .to_vec();
-                    return vec![r];
+                    r
                 }
-                Kind::InflateFuel | Kind::WrongOutput => {}
-            }
+                Kind::InflateFuel | Kind::WrongOutput => return None,
+            };
+            Some(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Usage(pb::UsageReport {
+                    receipts: vec![forged],
+                })),
+            })
         }
-        let _ = (book, last);
-        Vec::new()
+        #[cfg(not(feature = "cheat"))]
+        {
+            let _ = settlement;
+            None
+        }
     }
 }

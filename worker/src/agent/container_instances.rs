@@ -267,15 +267,25 @@ impl Agent {
             };
             let out = crate::container::invocation::invoke(&runtime, &image, &limits, call).await;
             drop(permit);
-            let r = super::settlement::finished(
+            // A slot on the stream first, so the result goes out under the receipt book's
+            // lock, in chain order (see `settlement::finished`).
+            let slot = tx.reserve().await;
+            super::settlement::finished(
                 (&settlement, &cheat),
                 ticket,
                 inv.invocation_id,
                 &out.outcome.metering,
                 &out.outcome.result,
                 (out.stdout, out.stderr),
+                |r| {
+                    if let Ok(slot) = slot {
+                        slot.send(result_message(r));
+                    }
+                },
             );
-            let _ = tx.send(result_message(r)).await;
+            if let Some(m) = cheat.forged(&settlement) {
+                let _ = tx.send(m).await;
+            }
         });
     }
 }

@@ -151,9 +151,11 @@ pub(super) fn ticket_matches(
     Ok(())
 }
 
-/// The result of a finished call, with its signed receipt (both runtimes). A receipt that
-/// cannot be kept (the data directory refused the write) is not sent: the node is paid
-/// only for what it can later prove.
+/// Hands a finished call's result (both runtimes), with its signed receipt, to `send`. A
+/// receipt that cannot be kept (the data directory refused the write) is not sent: the node
+/// is paid only for what it can later prove. `send` runs while the receipt book is held, so
+/// results leave in the order their receipts were chained (the ledger takes a chain in
+/// order; concurrent calls finishing out of order would otherwise arrive as GAPs).
 pub(super) fn finished(
     (settlement, cheat): (&std::sync::Mutex<Settlement>, &super::cheats::Cheater),
     ticket: Option<pb::Ticket>,
@@ -161,52 +163,78 @@ pub(super) fn finished(
     m: &crate::sandbox::Metering,
     result: &Result<(), crate::sandbox::InvokeError>,
     (mut stdout, stderr): (Vec<u8>, Vec<u8>),
-) -> pb::InvocationResult {
+    send: impl FnOnce(pb::InvocationResult),
+) {
     let mut fuel = m.fuel;
     cheat.tamper(&mut stdout, &mut fuel);
-    let receipt = ticket.and_then(|t| {
-        let unsigned = pb::Receipt {
-            ticket: Some(t),
-            output_sha256: Sha256::digest(&stdout).to_vec(),
-            fuel,
-            wall_us: m.wall_us,
-            peak_memory_bytes: m.peak_memory_bytes,
-            bytes_in: m.bytes_in,
-            bytes_out: m.bytes_out,
-            exit_code: m.exit_code,
-            cpu_ns: m.cpu_ns,
-            pids_peak: m.pids_peak.min(u64::from(u32::MAX)) as u32,
-            ..Default::default()
-        };
-        let mut s = settlement.lock().ok()?;
-        match s.book.sign(unsigned) {
-            Ok(r) => {
-                s.keep(r.clone());
-                Some(r)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not keep a receipt; its usage goes unbilled");
-                None
-            }
-        }
-    });
     let (error_code, error_message) = match result {
         Ok(()) => (String::new(), String::new()),
         Err(e) => (e.code().to_string(), e.to_string()),
     };
-    pb::InvocationResult {
+    let output_sha256 = Sha256::digest(&stdout).to_vec();
+    let mut r = pb::InvocationResult {
         invocation_id,
         stdout,
         stderr,
         error_code,
         error_message,
-        receipt,
+        receipt: None,
+    };
+    let Some(t) = ticket else {
+        send(r);
+        return;
+    };
+    let unsigned = pb::Receipt {
+        ticket: Some(t),
+        output_sha256,
+        fuel,
+        wall_us: m.wall_us,
+        peak_memory_bytes: m.peak_memory_bytes,
+        bytes_in: m.bytes_in,
+        bytes_out: m.bytes_out,
+        exit_code: m.exit_code,
+        cpu_ns: m.cpu_ns,
+        pids_peak: m.pids_peak.min(u64::from(u32::MAX)) as u32,
+        ..Default::default()
+    };
+    let Ok(mut s) = settlement.lock() else {
+        send(r);
+        return;
+    };
+    match s.book.sign(unsigned) {
+        Ok(receipt) => {
+            s.keep(receipt.clone());
+            r.receipt = Some(receipt);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not keep a receipt; its usage goes unbilled");
+        }
     }
+    send(r);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `finished` with an honest worker, returning what it sends.
+    fn finish(
+        s: &std::sync::Mutex<Settlement>,
+        ticket: Option<pb::Ticket>,
+        stdout: &[u8],
+    ) -> pb::InvocationResult {
+        let mut sent = None;
+        finished(
+            (s, &super::super::cheats::Cheater::default()),
+            ticket,
+            vec![1],
+            &crate::sandbox::Metering::default(),
+            &Ok(()),
+            (stdout.to_vec(), Vec::new()),
+            |r| sent = Some(r),
+        );
+        sent.expect("a result is always sent")
+    }
 
     #[test]
     fn receipts_are_kept_until_settled_and_resent_in_order_when_late() {
@@ -214,16 +242,8 @@ mod tests {
         let id = crate::identity::Identity::load_or_create(dir.path()).unwrap();
         let book = ReceiptBook::open(&dir.path().join("receipts"), id.clone()).unwrap();
         let s = std::sync::Mutex::new(Settlement::open(book).unwrap());
-        let m = crate::sandbox::Metering::default();
         for _ in 0..3 {
-            let r = finished(
-                (&s, &super::super::cheats::Cheater::default()),
-                Some(pb::Ticket::default()),
-                vec![1],
-                &m,
-                &Ok(()),
-                (b"out".to_vec(), Vec::new()),
-            );
+            let r = finish(&s, Some(pb::Ticket::default()), b"out");
             assert!(r.receipt.is_some());
         }
         let mut s = s.into_inner().unwrap();
@@ -241,14 +261,7 @@ mod tests {
         assert!(s.due(true).is_empty());
         // A call without a ticket leaves no receipt.
         let s = std::sync::Mutex::new(s);
-        let r = finished(
-            (&s, &super::super::cheats::Cheater::default()),
-            None,
-            vec![1],
-            &m,
-            &Ok(()),
-            (Vec::new(), Vec::new()),
-        );
+        let r = finish(&s, None, b"");
         assert!(r.receipt.is_none());
         assert_eq!(s.lock().unwrap().book.seq(), 3);
     }
@@ -261,17 +274,9 @@ mod tests {
             let book = ReceiptBook::open(&dir.path().join("receipts"), id.clone()).unwrap();
             std::sync::Mutex::new(Settlement::open(book).unwrap())
         };
-        let m = crate::sandbox::Metering::default();
         let s = open();
         for _ in 0..4 {
-            finished(
-                (&s, &super::super::cheats::Cheater::default()),
-                Some(pb::Ticket::default()),
-                vec![1],
-                &m,
-                &Ok(()),
-                (Vec::new(), Vec::new()),
-            );
+            finish(&s, Some(pb::Ticket::default()), b"");
         }
         {
             let mut s = s.lock().unwrap();
