@@ -23,6 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-env-changed=PROTOC");
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
+    // The descriptors with their comments (protoc's source info), for the check that every
+    // element of the API is documented (tests/proto_docs.rs).
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is unset")?);
+    config.file_descriptor_set_path(out.join("stellar_descriptors.bin"));
     tonic_prost_build::configure()
         // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
         .codec_path("crate::codec::Codec")
