@@ -93,16 +93,7 @@ impl GatewayError {
 
 /// The HTTP status for a gateway error code (also for codes read back from gRPC metadata).
 pub fn http_status_of(code: &str) -> u16 {
-    match code {
-        "NOT_FOUND" => 404,
-        "INVALID_ARGUMENT" => 400,
-        "WORKER_LOST" => 502,
-        "DEADLINE_EXCEEDED" => 504,
-        "MODULE_LOAD_FAILED" => 500,
-        "PERMISSION_DENIED" => 403,
-        "UNAUTHENTICATED" => 401,
-        _ => 503,
-    }
+    stellar_proto::wire::gateway_error(code).map_or(503, |c| c.http)
 }
 
 impl GatewayError {
@@ -122,6 +113,7 @@ impl GatewayError {
             Some("WORKER_LOST") => GatewayError::WorkerLost(msg),
             Some("DEADLINE_EXCEEDED") => GatewayError::Timeout(msg),
             Some("MODULE_LOAD_FAILED") => GatewayError::ModuleLoadFailed(msg),
+            Some("PERMISSION_DENIED") => GatewayError::Denied(msg),
             Some(_) => GatewayError::Unavailable(msg),
             None => match s.code() {
                 Code::NotFound => GatewayError::NotFound(msg),
@@ -132,6 +124,27 @@ impl GatewayError {
                 _ => GatewayError::Unavailable(msg),
             },
         }
+    }
+}
+
+impl GatewayError {
+    /// The failure of a call forwarded to the gateway holding the instance: the peer's own
+    /// answer when it gave one (its refusals carry a stable code); a transport failure after
+    /// the request left may have run the call (WORKER_LOST, never retried as "did not run"),
+    /// one before any connection was made did not.
+    pub fn from_forwarded(s: &Status) -> GatewayError {
+        let stable = s.metadata().get(ERROR_METADATA).is_some();
+        let broke = matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+        );
+        if !stable && broke && !stellar_proto::client::never_connected(s) {
+            return GatewayError::WorkerLost(format!(
+                "the gateway holding the instance gave no answer ({}); the call may have run",
+                s.message()
+            ));
+        }
+        GatewayError::from_status(s)
     }
 }
 
@@ -159,5 +172,46 @@ mod tests {
             GatewayError::from_status(&Status::not_found("function `f` not found")).code(),
             "NOT_FOUND"
         );
+    }
+
+    #[test]
+    fn a_forward_that_broke_after_sending_may_have_run_and_is_not_retried() {
+        // A connection that broke mid-call: no stable code.
+        let broke = GatewayError::from_forwarded(&Status::unknown("h2 protocol error"));
+        assert_eq!(broke.code(), "WORKER_LOST");
+        assert!(!stellar_proto::client::did_not_run(&broke.into_status()));
+        // The peer's own refusals keep their meaning.
+        let peer = GatewayError::NoReadyInstance("none".into()).into_status();
+        assert_eq!(
+            GatewayError::from_forwarded(&peer).code(),
+            "NO_READY_INSTANCE"
+        );
+        let denied = GatewayError::Denied("revoked".into()).into_status();
+        assert_eq!(
+            GatewayError::from_forwarded(&denied).code(),
+            "PERMISSION_DENIED"
+        );
+    }
+
+    #[test]
+    fn every_refusal_is_in_the_one_list_of_stable_codes_and_survives_a_hop() {
+        let all = [
+            GatewayError::NotFound(String::new()),
+            GatewayError::InvalidArgument(String::new()),
+            GatewayError::NoReadyInstance(String::new()),
+            GatewayError::NoCapacity(String::new()),
+            GatewayError::WorkerLost(String::new()),
+            GatewayError::Timeout(String::new()),
+            GatewayError::Unavailable(String::new()),
+            GatewayError::ModuleLoadFailed(String::new()),
+            GatewayError::Denied(String::new()),
+        ];
+        for e in all {
+            let listed = stellar_proto::wire::gateway_error(e.code())
+                .unwrap_or_else(|| panic!("{} is not in GATEWAY_ERROR_CODES", e.code()));
+            assert_eq!(e.http_status(), listed.http, "{}", e.code());
+            let code = e.code();
+            assert_eq!(GatewayError::from_status(&e.into_status()).code(), code);
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! The HTTP face of the gateway, so `curl` works:
 //! `POST /v1/functions/{name}/invoke` with the request body as the function's stdin and its
 //! stdout as the response body. Errors are JSON with a stable code:
-//! `{"error": {"code": "NO_READY_INSTANCE", "message": "..."}}`.
+//! `{"error": {"code": "NO_READY_INSTANCE", "message": "..."}}`. The OpenAPI document
+//! (`gateway/api/openapi.json`, served at `GET /openapi.json`) describes it all; the tests
+//! below hold it to the routes, the health fields and the lists of stable codes.
 //!
 //! ```text
 //!  curl -H 'authorization: Bearer …' --data-binary @in.txt
@@ -54,13 +56,46 @@ impl HttpState {
 /// Longest request target (path and query) served, bytes; longer gets a JSON 414.
 pub const MAX_URI_BYTES: usize = 8 << 10;
 
+/// The invocation route (POST).
+pub const ROUTE_INVOKE: &str = "/v1/functions/{name}/invoke";
+/// The health route (GET).
+pub const ROUTE_HEALTH: &str = "/v1/health";
+/// The OpenAPI document's route (GET).
+pub const ROUTE_OPENAPI: &str = "/openapi.json";
+
+/// The OpenAPI 3 document of this API, served as is at [`ROUTE_OPENAPI`] so a client can be
+/// generated from it.
+pub const OPENAPI: &str = include_str!("../api/openapi.json");
+
+/// What `GET /v1/health` answers: whether this gateway can route calls.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Health {
+    /// Always true: tells a gateway from other servers on the port.
+    pub gateway: bool,
+    /// Whether its copy of the cluster state is complete (calls are routed only then).
+    pub state_loaded: bool,
+    /// Whether its session with the control plane's leader is up.
+    pub leader_session: bool,
+    /// The last committed change it applied.
+    pub applied_index: u64,
+    /// Workers with a stream to it.
+    pub workers_attached: usize,
+    /// Functions it knows.
+    pub functions: usize,
+    /// Instances it knows (every gateway's).
+    pub allocations: usize,
+    /// Nodes it knows.
+    pub nodes: usize,
+}
+
 /// The HTTP routes. Every answer that is not a function's own output is the JSON error
 /// shape, including the framework's own refusals (unknown route, wrong method, a body over
 /// the limit, a path that is not UTF-8, a target too long).
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/v1/functions/{name}/invoke", post(invoke))
-        .route("/v1/health", get(health))
+        .route(ROUTE_INVOKE, post(invoke))
+        .route(ROUTE_HEALTH, get(health))
+        .route(ROUTE_OPENAPI, get(openapi))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_INVOKE_INPUT))
@@ -73,14 +108,15 @@ async fn unknown_route(uri: axum::http::Uri) -> Response {
         404,
         "NOT_FOUND",
         &format!(
-            "no route {}; the API is POST /v1/functions/{{name}}/invoke and GET /v1/health",
+            "no route {}; the API is POST /v1/functions/{{name}}/invoke and GET /v1/health, \
+             described by GET /openapi.json",
             shown(uri.path())
         ),
     )
 }
 
 async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    let allowed = if uri.path() == "/v1/health" {
+    let allowed = if uri.path() == ROUTE_HEALTH || uri.path() == ROUTE_OPENAPI {
         "GET"
     } else {
         "POST"
@@ -168,19 +204,27 @@ fn status_error(s: &tonic::Status) -> Response {
 async fn health(State(s): State<HttpState>) -> Response {
     let view = s.router.view();
     let (functions, allocations, nodes) = view.counts();
-    let body = serde_json::json!({
-        "gateway": true,
-        "state_loaded": view.complete(),
-        "leader_session": s.session.connected(),
-        "applied_index": view.applied(),
-        "workers_attached": s.router.hub().attached(),
-        "functions": functions,
-        "allocations": allocations,
-        "nodes": nodes,
-    });
+    let body = Health {
+        gateway: true,
+        state_loaded: view.complete(),
+        leader_session: s.session.connected(),
+        applied_index: view.applied(),
+        workers_attached: s.router.hub().attached(),
+        functions,
+        allocations,
+        nodes,
+    };
     (
         [("content-type", HeaderValue::from_static("application/json"))],
-        body.to_string(),
+        serde_json::to_string(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [("content-type", HeaderValue::from_static("application/json"))],
+        OPENAPI,
     )
         .into_response()
 }
@@ -283,4 +327,91 @@ fn answer(res: pb::InvokeResponse) -> Response {
         HeaderValue::from_static("application/octet-stream"),
     );
     (StatusCode::OK, headers, res.stdout).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn doc() -> serde_json::Value {
+        serde_json::from_str(OPENAPI).expect("openapi.json is JSON")
+    }
+
+    fn strings(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_array()
+            .expect("an array")
+            .iter()
+            .map(|s| s.as_str().expect("a string").to_string())
+            .collect()
+    }
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_object().expect("an object").keys().cloned().collect()
+    }
+
+    #[test]
+    fn the_openapi_document_names_exactly_the_routes_served() {
+        let d = doc();
+        assert!(
+            d["openapi"].as_str().unwrap().starts_with("3."),
+            "{}",
+            d["openapi"]
+        );
+        let paths = &d["paths"];
+        assert_eq!(
+            keys(paths),
+            [ROUTE_INVOKE, ROUTE_HEALTH, ROUTE_OPENAPI]
+                .map(String::from)
+                .into()
+        );
+        assert_eq!(keys(&paths[ROUTE_INVOKE]), ["post".to_string()].into());
+        assert_eq!(keys(&paths[ROUTE_HEALTH]), ["get".to_string()].into());
+        assert_eq!(keys(&paths[ROUTE_OPENAPI]), ["get".to_string()].into());
+        let body =
+            &paths[ROUTE_INVOKE]["post"]["requestBody"]["content"]["application/octet-stream"];
+        assert_eq!(
+            body["schema"]["maxLength"].as_u64(),
+            Some(MAX_INVOKE_INPUT as u64)
+        );
+    }
+
+    #[test]
+    fn the_openapi_document_lists_every_stable_code_and_its_status() {
+        let d = doc();
+        let schemas = &d["components"]["schemas"];
+        let listed = |l: &[stellar_proto::wire::StableCode]| -> BTreeSet<String> {
+            l.iter().map(|c| c.code.to_string()).collect()
+        };
+        assert_eq!(
+            strings(&schemas["ErrorCode"]["enum"]),
+            listed(stellar_proto::wire::GATEWAY_ERROR_CODES)
+        );
+        assert_eq!(
+            strings(&schemas["CallErrorCode"]["enum"]),
+            listed(stellar_proto::wire::CALL_ERROR_CODES)
+        );
+        // Each refusal is documented under the HTTP status the gateway answers it with.
+        let responses = &d["paths"][ROUTE_INVOKE]["post"]["responses"];
+        for c in stellar_proto::wire::GATEWAY_ERROR_CODES {
+            let r = &responses[c.http.to_string()];
+            let text = r["description"].as_str().unwrap_or_default();
+            assert!(
+                text.contains(c.code),
+                "{} is not under {}: {r}",
+                c.code,
+                c.http
+            );
+        }
+    }
+
+    #[test]
+    fn the_openapi_health_schema_is_what_health_answers() {
+        let d = doc();
+        let schema = &d["components"]["schemas"]["Health"];
+        let fields = keys(&serde_json::to_value(Health::default()).unwrap());
+        assert_eq!(keys(&schema["properties"]), fields);
+        assert_eq!(strings(&schema["required"]), fields);
+    }
 }

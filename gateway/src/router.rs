@@ -297,7 +297,7 @@ impl Router {
         c.invoke(r)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| GatewayError::from_status(&s))
+            .map_err(|s| GatewayError::from_forwarded(&s))
     }
 
     /// Runs `tenant`'s function once and returns its output and usage.

@@ -58,7 +58,12 @@ fn code(body: &[u8]) -> String {
             .is_some_and(|m| !m.is_empty()),
         "{v}"
     );
-    v["error"]["code"].as_str().unwrap().to_string()
+    let code = v["error"]["code"].as_str().unwrap().to_string();
+    assert!(
+        stellar_proto::wire::gateway_error(&code).is_some(),
+        "{code} is not in the one list of stable codes (GATEWAY_ERROR_CODES)"
+    );
+    code
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,6 +146,14 @@ async fn every_refusal_is_a_json_error_with_a_stable_code() {
         // No token.
         let (status, body) = raw(&h, b"POST /v1/functions/hello/invoke HTTP/1.1", b"");
         assert_eq!((status, code(&body).as_str()), (401, "UNAUTHENTICATED"));
+        // The API's own description, for anyone, exactly the document the tests check.
+        let (status, body) = raw(&h, b"GET /openapi.json HTTP/1.1", b"");
+        assert_eq!(status, 200);
+        let served: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(stellar_gateway::http::OPENAPI).unwrap();
+        assert_eq!(served, doc);
+        let (status, body) = raw(&h, b"POST /openapi.json HTTP/1.1", b"");
+        assert_eq!((status, code(&body).as_str()), (405, "METHOD_NOT_ALLOWED"));
     })
     .await
     .unwrap();

@@ -715,3 +715,40 @@ fn trap_message(e: &wasmtime::Error) -> String {
         format!("{head}\n{}", frames.join("\n"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::InvokeError;
+
+    #[test]
+    fn every_call_error_is_in_the_one_list_of_stable_codes() {
+        let all = [
+            InvokeError::OutOfFuel { budget: 1 },
+            InvokeError::DeadlineExceeded { timeout_ms: 1 },
+            InvokeError::MemoryLimit {
+                wanted: 2,
+                limit: 1,
+            },
+            InvokeError::OutputTooLarge {
+                stream: "stdout",
+                limit: 1,
+            },
+            InvokeError::Trap(String::new()),
+            InvokeError::Exit(1),
+            InvokeError::Instantiate(String::new()),
+            InvokeError::PidsLimit { limit: 1 },
+            InvokeError::Signalled(9),
+            InvokeError::ImageInvalid(String::new()),
+            InvokeError::Sandbox(String::new()),
+        ];
+        for e in all {
+            assert!(
+                stellar_proto::wire::CALL_ERROR_CODES
+                    .iter()
+                    .any(|c| c.code == e.code()),
+                "{} is not in CALL_ERROR_CODES",
+                e.code()
+            );
+        }
+    }
+}
