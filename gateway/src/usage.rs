@@ -117,10 +117,19 @@ async fn write_loop(
             }
         }
         let keys: Vec<(u64, u64)> = records.iter().map(|r| (r.node, r.seq)).collect();
+        // One id for the batch and all its retries: a batch the ledger applied before its
+        // answer was lost is answered again, not applied twice (refusals and incidents
+        // would count twice against their nodes).
+        let mut request_id = vec![0u8; 16];
+        if let Err(e) = getrandom::fill(&mut request_id) {
+            tracing::warn!(error = %e, "no OS randomness for a usage batch id; sent without one");
+            request_id.clear();
+        }
         let req = pb::RecordUsageRequest {
             records,
             refusals,
             incidents,
+            request_id,
         };
         if let Some(verdicts) = write_batch(&client, req).await {
             let mut settled = refused;

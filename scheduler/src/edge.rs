@@ -375,6 +375,7 @@ impl pb::edge_server::Edge for EdgeService {
             records,
             refusals,
             incidents,
+            request_id,
         } = req.into_inner();
         if records.len() + refusals.len() + incidents.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -396,7 +397,7 @@ impl pb::edge_server::Edge for EdgeService {
         }
         let result = self
             .write_result(
-                Vec::new(),
+                request_id,
                 pb::command::Kind::Usage(pb::UsageCmd {
                     records,
                     unix_ms: stellar_proto::clock::unix_ms(),

@@ -995,6 +995,36 @@ mod tests {
     }
 
     #[test]
+    fn a_retried_usage_batch_is_applied_once() {
+        let mut m = ledger();
+        let batch = |m: &mut StateMachine, index: u64| {
+            let kind = pb::command::Kind::Usage(pb::UsageCmd {
+                unix_ms: T0,
+                incidents: vec![pb::NodeIncident {
+                    node: 2,
+                    kind: pb::Incident::Timeout as i32,
+                }],
+                ..Default::default()
+            });
+            let r = m.apply(
+                index,
+                pb::Command {
+                    request_id: b"batch-1".to_vec(),
+                    kind: Some(kind),
+                },
+                &mut Effects::default(),
+            );
+            assert!(r.error_code.is_empty(), "{r:?}");
+        };
+        let index = m.applied_index() + 1;
+        batch(&mut m, index);
+        // The gateway's answer was lost and it sends the batch again: the same answer, no
+        // second piece of evidence.
+        batch(&mut m, index + 1);
+        assert_eq!(m.receipts().chain(2).unwrap().standing.timeouts, 1);
+    }
+
+    #[test]
     fn the_ticket_key_is_set_once() {
         let mut m = ledger();
         let set = |m: &mut StateMachine, key: Vec<u8>| {
