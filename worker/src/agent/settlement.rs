@@ -267,6 +267,40 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_calls_send_their_results_in_chain_order() {
+        // Calls finish on many threads at once; the stream must carry their receipts in the
+        // order they were chained, or the ledger sees GAPs (trust-bench's first run).
+        let dir = tempfile::tempdir().unwrap();
+        let id = crate::identity::Identity::load_or_create(dir.path()).unwrap();
+        let book = ReceiptBook::open(&dir.path().join("receipts"), id).unwrap();
+        let s = std::sync::Mutex::new(Settlement::open(book).unwrap());
+        let stream = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        finished(
+                            (&s, &super::super::cheats::Cheater::default()),
+                            Some(pb::Ticket::default()),
+                            vec![1],
+                            &crate::sandbox::Metering::default(),
+                            &Ok(()),
+                            (Vec::new(), Vec::new()),
+                            |r| {
+                                // Whatever runs between the lock and the stream.
+                                std::thread::yield_now();
+                                stream.lock().unwrap().push(r.receipt.unwrap().seq);
+                            },
+                        );
+                    }
+                });
+            }
+        });
+        let sent = stream.into_inner().unwrap();
+        assert_eq!(sent, (1..=800).collect::<Vec<u64>>());
+    }
+
+    #[test]
     fn receipts_unsettled_at_a_crash_are_sent_again_after_the_restart() {
         let dir = tempfile::tempdir().unwrap();
         let id = crate::identity::Identity::load_or_create(dir.path()).unwrap();
